@@ -1,0 +1,274 @@
+"""Quantized GEMMs the hook sites call: operands fake-quantized, one plain GEMM, straight-through backward."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from megaquant.errors import ValueNameError
+from megaquant.formats import fake_quant
+
+__all__ = [
+    "QUANT_VALUES",
+    "ROLES",
+    "QuantConfig",
+    "quant_baddbmm",
+    "quant_bmm",
+    "quant_config",
+    "quant_linear",
+    "quant_matmul",
+]
+
+QUANT_VALUES = ("mxfp8", "mxfp4", "hifp8", "none")
+_ALIASES = {"bf16": "none"}
+ROLES = ("linear_fwd", "linear_bwd", "qk", "pv")
+_FORWARD_FORMAT = {"mxfp8": "mxfp8_e4m3", "mxfp4": "mxfp4_e2m1", "hifp8": "hifp8"}
+_GRADIENT_FORMAT = {"mxfp8": "mxfp8_e5m2", "mxfp4": "mxfp4_e2m1", "hifp8": "hifp8"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantConfig:
+    """What one quantized GEMM does, resolved from the value name and keywords."""
+
+    value: str
+    """Canonical value name (one of QUANT_VALUES)."""
+    fmt: str | None
+    """Element format of both operands of this GEMM (None for "none")."""
+    grad_fmt: str | None
+    """Element format of both operands of each backward GEMM when quantize_grads (else unused)."""
+    quantize_grads: bool
+    block_size: int
+    scale: str
+    rounding: str
+    preset: str | None
+    tensor_scale: bool
+
+
+def quant_config(
+    value: str,
+    *,
+    grad: bool = False,
+    preset: str | None = None,
+    role: str | None = None,
+    quantize_grads: bool = False,
+    block_size: int = 32,
+    scale: str = "floor",
+    rounding: str = "even",
+    tensor_scale: bool = False,
+) -> QuantConfig:
+    """Resolve a hook site's value name into formats.
+
+    mxfp8 -> E4M3 (E5M2 when grad=True, i.e. the GEMM is a gradient GEMM), mxfp4 -> E2M1, hifp8 -> HiF8.
+    Backward GEMMs (quantize_grads=True) use the gradient format: E5M2 / E2M1 / HiF8. preset="fork" with
+    role="qk" uses E5M2 for mxfp8 and mxfp4 (as the fork did), and passes preset="fork" to fake_quant
+    (MX: FLOOR + ties away; HiF8: clamp to [2^-22, 0.95*2^15]).
+    """
+    canonical = _ALIASES.get(value, value)
+    if canonical not in QUANT_VALUES:
+        raise ValueNameError(
+            f"unknown quantization value {value!r}; expected one of {', '.join(QUANT_VALUES)} (or 'bf16')"
+        )
+    if role is not None and role not in ROLES:
+        raise ValueNameError(f"unknown GEMM role {role!r}; expected one of {', '.join(ROLES)}")
+    fmt = grad_fmt = None
+    if canonical != "none":
+        fmt = (_GRADIENT_FORMAT if grad else _FORWARD_FORMAT)[canonical]
+        grad_fmt = _GRADIENT_FORMAT[canonical]
+        if preset == "fork" and role == "qk" and canonical in ("mxfp8", "mxfp4"):
+            fmt = grad_fmt = "mxfp8_e5m2"
+    return QuantConfig(
+        value=canonical,
+        fmt=fmt,
+        grad_fmt=grad_fmt,
+        quantize_grads=quantize_grads,
+        block_size=block_size,
+        scale=scale,
+        rounding=rounding,
+        preset=preset,
+        tensor_scale=tensor_scale,
+    )
+
+
+def _quant(t: torch.Tensor, fmt: str, axis: int, cfg: QuantConfig) -> torch.Tensor:
+    """fake_quant `t` along `axis` (-1 or -2) once, in whichever of t / t.mT is contiguous, so a
+    transposed view (e.g. K^T) is quantized without a copy and the GEMM reads it as a transposed operand."""
+    kw: dict[str, Any] = dict(
+        block_size=cfg.block_size, scale=cfg.scale, rounding=cfg.rounding, preset=cfg.preset,
+        tensor_scale=cfg.tensor_scale,
+    )  # fmt: skip
+    if t.dim() >= 2 and not t.is_contiguous() and t.mT.is_contiguous():
+        return fake_quant(t.mT, fmt, axis=-3 - axis, **kw).mT
+    if t.is_cuda and not t.is_contiguous():
+        t = t.contiguous()
+    return fake_quant(t, fmt, axis=axis, **kw)
+
+
+def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Reduce a broadcast gradient back to `shape`."""
+    if t.shape == shape:
+        return t
+    lead = t.dim() - len(shape)
+    if lead:
+        t = t.sum(dim=tuple(range(lead)))
+    dims = tuple(i for i, n in enumerate(shape) if n == 1 and t.shape[i] != 1)
+    return t.sum(dim=dims, keepdim=True) if dims else t
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
+    """a @ b for a backward GEMM: plain (straight-through) or with both operands in the gradient format."""
+    if not cfg.quantize_grads or cfg.grad_fmt is None:
+        return torch.matmul(a, b)
+    return torch.matmul(_quant(a, cfg.grad_fmt, -1, cfg), _quant(b, cfg.grad_fmt, -2, cfg))
+
+
+class _QuantMatmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
+        assert cfg.fmt is not None
+        ctx.save_for_backward(a, b)  # the unquantized inputs: the same memory a plain matmul keeps
+        ctx.cfg = cfg
+        return torch.matmul(_quant(a, cfg.fmt, -1, cfg), _quant(b, cfg.fmt, -2, cfg))
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        a, b = ctx.saved_tensors
+        cfg: QuantConfig = ctx.cfg
+        grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_a = _sum_to(_mm(g, b.mT, cfg), a.shape)
+        if ctx.needs_input_grad[1]:
+            if b.dim() == 2:  # fold the batch into the reduction: one GEMM, like torch.matmul's backward
+                grad_b = _mm(a.reshape(-1, a.shape[-1]).mT, g.reshape(-1, g.shape[-1]), cfg)
+            else:
+                grad_b = _sum_to(_mm(a.mT, g, cfg), b.shape)
+        return grad_a, grad_b, None
+
+
+class _QuantBaddbmm(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any,
+        inp: torch.Tensor,
+        b1: torch.Tensor,
+        b2: torch.Tensor,
+        beta: float,
+        alpha: float,
+        cfg: QuantConfig,
+    ) -> torch.Tensor:
+        assert cfg.fmt is not None
+        ctx.save_for_backward(b1, b2)
+        ctx.cfg, ctx.beta, ctx.alpha, ctx.inp_shape = cfg, beta, alpha, inp.shape
+        q1, q2 = _quant(b1, cfg.fmt, -1, cfg), _quant(b2, cfg.fmt, -2, cfg)
+        return torch.baddbmm(inp, q1, q2, beta=beta, alpha=alpha)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        b1, b2 = ctx.saved_tensors
+        cfg: QuantConfig = ctx.cfg
+        grads: list[torch.Tensor | None] = [None, None, None]
+        if ctx.needs_input_grad[0]:
+            grads[0] = _sum_to(g if ctx.beta == 1 else g * ctx.beta, ctx.inp_shape)
+        if ctx.needs_input_grad[1]:
+            grads[1] = _mm(g, b2.mT, cfg)
+            grads[1] = grads[1] if ctx.alpha == 1 else grads[1] * ctx.alpha
+        if ctx.needs_input_grad[2]:
+            grads[2] = _mm(b1.mT, g, cfg)
+            grads[2] = grads[2] if ctx.alpha == 1 else grads[2] * ctx.alpha
+        return (*grads, None, None, None)
+
+
+class _QuantLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cfg: QuantConfig
+    ) -> torch.Tensor:
+        assert cfg.fmt is not None
+        ctx.save_for_backward(x, weight)
+        ctx.cfg, ctx.has_bias = cfg, bias is not None
+        return F.linear(_quant(x, cfg.fmt, -1, cfg), _quant(weight, cfg.fmt, -1, cfg), bias)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        cfg: QuantConfig = ctx.cfg
+        grad_x = grad_w = grad_bias = None
+        g2 = g.reshape(-1, g.shape[-1])
+        if ctx.needs_input_grad[0]:
+            grad_x = _mm(g, weight, cfg)
+        if ctx.needs_input_grad[1]:
+            grad_w = _mm(g2.mT, x.reshape(-1, x.shape[-1]), cfg)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = g2.sum(0)
+        return grad_x, grad_w, grad_bias, None
+
+
+def quant_matmul(a: torch.Tensor, b: torch.Tensor, value: str, **kw: Any) -> torch.Tensor:
+    """a @ b with a quantized along its last axis and b along its second-to-last (the reduction axis).
+
+    Keywords: grad, preset, role, quantize_grads, block_size, scale, rounding, tensor_scale (see
+    quant_config). The GEMM runs in the operands' dtype on the dequantized values (bf16 in training,
+    fp32 accumulation on GPUs). Backward is straight-through: plain matmuls on the unquantized inputs,
+    or quantized gradient GEMMs when quantize_grads=True. value "none"/"bf16" is exactly torch.matmul.
+    1-D operands follow torch.matmul (promoted to a matrix and the extra dim removed).
+    """
+    cfg = quant_config(value, **kw)
+    if cfg.fmt is None:
+        return torch.matmul(a, b)
+    if a.dim() == 1:
+        return quant_matmul(a.unsqueeze(0), b, value, **kw).squeeze(-2)
+    if b.dim() == 1:
+        return quant_matmul(a, b.unsqueeze(-1), value, **kw).squeeze(-1)
+    out: torch.Tensor = _QuantMatmul.apply(a, b, cfg)
+    return out
+
+
+def _check_3d(name: str, **tensors: torch.Tensor) -> None:
+    for arg, t in tensors.items():
+        if t.dim() != 3:
+            shape = tuple(t.shape)
+            raise ValueNameError(f"{name}: {arg} must be a 3-D tensor (batch, rows, cols), got {shape}")
+
+
+def quant_bmm(a: torch.Tensor, b: torch.Tensor, value: str, **kw: Any) -> torch.Tensor:
+    """Batched a @ b for 3-D tensors (torch.bmm), quantized like quant_matmul."""
+    cfg = quant_config(value, **kw)
+    if cfg.fmt is None:
+        return torch.bmm(a, b)
+    _check_3d("quant_bmm", a=a, b=b)
+    out: torch.Tensor = _QuantMatmul.apply(a, b, cfg)
+    return out
+
+
+def quant_baddbmm(
+    input: torch.Tensor,
+    batch1: torch.Tensor,
+    batch2: torch.Tensor,
+    value: str,
+    *,
+    beta: float = 1.0,
+    alpha: float = 1.0,
+    **kw: Any,
+) -> torch.Tensor:
+    """beta * input + alpha * (batch1 @ batch2) (torch.baddbmm) with batch1/batch2 quantized along the
+    reduction axis; `input` is not quantized. Gradients follow torch.baddbmm's formulas (straight-through)."""
+    cfg = quant_config(value, **kw)
+    if cfg.fmt is None:
+        return torch.baddbmm(input, batch1, batch2, beta=beta, alpha=alpha)
+    _check_3d("quant_baddbmm", batch1=batch1, batch2=batch2)
+    out: torch.Tensor = _QuantBaddbmm.apply(input, batch1, batch2, beta, alpha, cfg)
+    return out
+
+
+def quant_linear(
+    x: torch.Tensor, weight: torch.Tensor, value: str, *, bias: torch.Tensor | None = None, **kw: Any
+) -> torch.Tensor:
+    """x @ weight.T (+ bias), the Megatron linear forward: x and weight both quantized along the input
+    features (their last axis); bias is added unquantized. value "none" is exactly F.linear."""
+    cfg = quant_config(value, **kw)
+    if cfg.fmt is None:
+        return F.linear(x, weight, bias)
+    out: torch.Tensor = _QuantLinear.apply(x, weight, bias, cfg)
+    return out
