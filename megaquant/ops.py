@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,17 +94,35 @@ def quant_config(
 
 
 def _quant(t: torch.Tensor, fmt: str, axis: int, cfg: QuantConfig) -> torch.Tensor:
-    """fake_quant `t` along `axis` (-1 or -2) once, in whichever of t / t.mT is contiguous, so a
-    transposed view (e.g. K^T) is quantized without a copy and the GEMM reads it as a transposed operand."""
+    """fake_quant `t` along `axis` in one pass over its storage, without a layout copy.
+
+    A strided view (weight.t(), query.transpose(0, 1), key.transpose(0, 1).transpose(1, 2)) is quantized
+    in its memory order: permute to the dense base tensor, view that as (rows, n) with the blocks along
+    the last axis or (batch, n, inner) with the blocks along axis -2 (the two layouts the kernels take),
+    quantize, and return the same view of the result. The blocks cover the same elements as in `t`, so the
+    values equal fake_quant(t, fmt, axis=axis); the GEMM then reads the result as the strided operand it
+    would have read anyway.
+    """
     kw: dict[str, Any] = dict(
         block_size=cfg.block_size, scale=cfg.scale, rounding=cfg.rounding, preset=cfg.preset,
         tensor_scale=cfg.tensor_scale,
     )  # fmt: skip
-    if t.dim() >= 2 and not t.is_contiguous() and t.mT.is_contiguous():
-        return fake_quant(t.mT, fmt, axis=-3 - axis, **kw).mT
-    if t.is_cuda and not t.is_contiguous():
-        t = t.contiguous()
-    return fake_quant(t, fmt, axis=axis, **kw)
+    if t.dim() < 2:
+        return fake_quant(t, fmt, axis=axis, **kw)
+    ax = axis % t.dim()
+    perm = sorted(range(t.dim()), key=lambda d: (-t.stride()[d], d))
+    base = t.permute(perm)
+    if not base.is_contiguous():  # overlapping or gapped storage: one copy is unavoidable
+        base = base.contiguous()
+    a = perm.index(ax)
+    shape = base.shape
+    n, inner = shape[a], math.prod(shape[a + 1 :])
+    if inner == 1:
+        q = fake_quant(base.reshape(-1, n), fmt, axis=-1, **kw)
+    else:
+        q = fake_quant(base.reshape(-1, n, inner), fmt, axis=-2, **kw)
+    inverse = [perm.index(d) for d in range(t.dim())]
+    return q.reshape(shape).permute(inverse)
 
 
 def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:

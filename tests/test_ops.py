@@ -69,6 +69,27 @@ def test_forward_is_fake_quant_then_one_gemm(value: str, dtype: torch.dtype) -> 
     assert not bt.is_contiguous() and torch.equal(quant_matmul(a, bt, value), expected)
 
 
+@pytest.mark.parametrize("value", QUANTIZED)
+def test_megatron_strided_views_quantize_like_their_copies(value: str) -> None:
+    """QK/PV operands as Megatron passes them: [s, b*np, hn] tensors transposed inside the call."""
+    query, key, val = _rand(40, 6, 64), _rand(48, 6, 64, seed=1), _rand(48, 6, 64, seed=2)
+    q1, k2 = query.transpose(0, 1), key.transpose(0, 1).transpose(1, 2)
+    buf = torch.empty(6, 40, 48)
+    out = quant_baddbmm(buf, q1, k2, value, beta=0.0, alpha=0.125)
+    fmt = FMT[value]
+    q_ref, k_ref = fake_quant(q1.contiguous(), fmt), fake_quant(k2.contiguous(), fmt, axis=-2)
+    ref = torch.baddbmm(buf, q_ref, k_ref, beta=0.0, alpha=0.125)
+    assert torch.equal(out, ref)
+    probs = torch.softmax(out, dim=-1)
+    v1 = val.transpose(0, 1)
+    ref_pv = torch.bmm(fake_quant(probs, fmt), fake_quant(v1.contiguous(), fmt, axis=-2))
+    assert torch.equal(quant_bmm(probs, v1, value), ref_pv)
+    grad_out = _rand(64, 40)  # the linear wgrad GEMM: grad_output.t() @ total_input
+    total_input = _rand(64, 96, seed=3)
+    ref_w = fake_quant(grad_out.t().contiguous(), fmt) @ fake_quant(total_input, fmt, axis=-2)
+    assert torch.equal(quant_matmul(grad_out.t(), total_input, value), ref_w)
+
+
 def test_grad_gemm_and_fork_qk_formats() -> None:
     assert quant_config("mxfp8").fmt == "mxfp8_e4m3"
     assert quant_config("mxfp8", grad=True).fmt == "mxfp8_e5m2"
