@@ -12,6 +12,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+from megaquant.errors import ValueNameError  # noqa: E402
 from megaquant.formats import decode, element_format, encode, fake_quant  # noqa: E402
 
 MX = ("mxfp8_e4m3", "mxfp8_e5m2", "mxfp4_e2m1")
@@ -196,3 +197,43 @@ def test_hif8_sqnr_and_tensor_scale(gaussian: torch.Tensor) -> None:
     small = gaussian * 1e-3
     assert abs(_sqnr(small, fake_quant(small, "hifp8")) - 19.7) < 0.15
     assert abs(_sqnr(small, fake_quant(small, "hifp8", tensor_scale=True)) - 31.5) < 0.15
+
+
+def _special_mix(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    g = torch.Generator().manual_seed(rows * cols)
+    exponents = torch.randint(-40, 40, (rows, cols), generator=g).float()
+    x = torch.randn(rows, cols, generator=g) * torch.exp2(exponents)
+    x[0, 1], x[1, 2], x[2, 3], x[3] = float("nan"), float("inf"), -float("inf"), 0.0
+    x[4, :40] = 2.0**-130
+    return x.to(dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fmt", [*MX, "hifp8"])
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+def test_cuda_reference_and_dispatch_equal_cpu_reference(fmt: str, dtype: str) -> None:
+    """The reference is device-independent, and the auto-dispatched CUDA path (Triton when it covers
+    the call) equals it bit for bit, codes and scales included."""
+    x = _special_mix(67, 101, DTYPES[dtype])
+    for axis in (-1, 0):
+        for scale in ("floor", "rceil"):
+            for rounding in ("even", "away"):
+                kw = dict(axis=axis, scale=scale, rounding=rounding)
+                ref = fake_quant(x, fmt, backend="reference", **kw)  # type: ignore[arg-type]
+                enc = encode(x, fmt, backend="reference", **kw)  # type: ignore[arg-type]
+                for backend in ("reference", "auto"):
+                    y = fake_quant(x.cuda(), fmt, backend=backend, **kw).cpu()  # type: ignore[arg-type]
+                    _assert_same(y.float(), ref.float())
+                    enc_cuda = encode(x.cuda(), fmt, backend=backend, **kw)  # type: ignore[arg-type]
+                    assert torch.equal(enc_cuda.codes.cpu(), enc.codes)
+                    if enc.scales is not None:
+                        assert enc_cuda.scales is not None and torch.equal(enc_cuda.scales.cpu(), enc.scales)
+
+
+def test_backend_choice_is_checked() -> None:
+    x = torch.ones(4)
+    with pytest.raises(ValueNameError, match="auto, reference, triton"):
+        fake_quant(x, "mxfp8_e4m3", backend="cuda")
+    with pytest.raises(ValueNameError, match="backend='auto'|cannot load"):
+        fake_quant(x, "mxfp8_e4m3", backend="triton")  # CPU tensors are never served by the kernels

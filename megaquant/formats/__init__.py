@@ -56,7 +56,12 @@ def _checked(x: torch.Tensor, opts: Options) -> Options:
 
 
 def _triton_module(x: torch.Tensor, fmt: str, backend: str, opts: dict[str, object]) -> ModuleType | None:
-    """The Triton module when it should serve this call, else None (reference)."""
+    """The Triton module when it should serve this call, else None (reference).
+
+    `opts` are the contract keywords (axis, block_size, scale, rounding, saturate, preset, plus
+    tensor_scale=True when asked); `_triton.supports(x, fmt, **opts)` decides, so the kernels only ever
+    serve what they cover and everything else gets the reference.
+    """
     if backend not in BACKENDS:
         raise ValueNameError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     if backend == "reference" or (backend == "auto" and not x.is_cuda):
@@ -102,8 +107,9 @@ def fake_quant(
     """
     kw: dict[str, object] = dict(
         axis=axis, block_size=block_size, scale=scale, rounding=rounding, saturate=saturate, preset=preset,
-        tensor_scale=tensor_scale,
     )  # fmt: skip
+    if tensor_scale:  # an extension keyword: only passed to the kernels when used
+        kw["tensor_scale"] = True
     opts = _checked(
         x,
         resolve_options(
@@ -135,8 +141,9 @@ def encode(
     """The real bits of `fake_quant(x, fmt, ...)` with the same keywords: decode(encode(x)) equals it."""
     kw: dict[str, object] = dict(
         axis=axis, block_size=block_size, scale=scale, rounding=rounding, saturate=saturate, preset=preset,
-        tensor_scale=tensor_scale,
     )  # fmt: skip
+    if tensor_scale:  # an extension keyword: only passed to the kernels when used
+        kw["tensor_scale"] = True
     opts = _checked(
         x,
         resolve_options(
