@@ -4,8 +4,7 @@ straight-through backward (gradcheck), optional quantized gradient GEMMs, shapes
 from __future__ import annotations
 
 import pytest
-
-torch = pytest.importorskip("torch")
+import torch
 
 from megaquant.errors import ValueNameError  # noqa: E402
 from megaquant.formats import fake_quant  # noqa: E402
@@ -31,7 +30,9 @@ def _grads(fn, *inputs: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]
     leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
     out = fn(*leaves)
     out.backward(_rand(*out.shape, dtype=out.dtype, seed=7))
-    return out.detach(), [t.grad for t in leaves]
+    grads = [t.grad for t in leaves]
+    assert all(g is not None for g in grads)
+    return out.detach(), grads  # type: ignore[return-value]
 
 
 @pytest.mark.parametrize("value", ["none", "bf16"])
@@ -100,8 +101,9 @@ def test_grad_gemm_and_fork_qk_formats() -> None:
     assert quant_config("hifp8", preset="fork", role="qk").fmt == "hifp8"
     a, b = _rand(4, 64), _rand(64, 8)
     fork = quant_matmul(a, b, "mxfp4", preset="fork", role="qk")
-    kw = {"preset": "fork"}
-    expected = fake_quant(a, "mxfp8_e5m2", axis=-1, **kw) @ fake_quant(b, "mxfp8_e5m2", axis=-2, **kw)
+    expected = fake_quant(a, "mxfp8_e5m2", preset="fork") @ fake_quant(
+        b, "mxfp8_e5m2", axis=-2, preset="fork"
+    )
     assert torch.equal(fork, expected)
 
 
@@ -176,7 +178,12 @@ def test_backward_keeps_only_the_unquantized_inputs(op: str) -> None:
     a, b = _rand(2, 4, 64).requires_grad_(True), _rand(2, 64, 8).requires_grad_(True)
     w = _rand(8, 64).requires_grad_(True)
     saved: list[torch.Tensor] = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         if op == "matmul":
             quant_matmul(a, b, "mxfp8")
         elif op == "linear":
