@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,12 +12,13 @@ import torch
 import torch.nn.functional as F
 
 from megaquant.errors import ValueNameError
-from megaquant.formats import fake_quant
+from megaquant.formats import PRESETS, fake_quant
 
 __all__ = [
     "QUANT_VALUES",
     "ROLES",
     "QuantConfig",
+    "configure",
     "quant_baddbmm",
     "quant_bmm",
     "quant_config",
@@ -28,6 +31,10 @@ _ALIASES = {"bf16": "none"}
 ROLES = ("linear_fwd", "linear_bwd", "qk", "pv")
 _FORWARD_FORMAT = {"mxfp8": "mxfp8_e4m3", "mxfp4": "mxfp4_e2m1", "hifp8": "hifp8"}
 _GRADIENT_FORMAT = {"mxfp8": "mxfp8_e5m2", "mxfp4": "mxfp4_e2m1", "hifp8": "hifp8"}
+_PLAIN = frozenset(("none", "bf16"))
+PRESET_ENV = "MEGAQUANT_PRESET"
+"""Environment variable read at import: its value becomes the default `preset` of every op call."""
+_DEFAULTS: dict[str, Any] = {"preset": os.environ[PRESET_ENV]} if os.environ.get(PRESET_ENV) else {}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,7 +55,25 @@ class QuantConfig:
     tensor_scale: bool
 
 
-def quant_config(
+def configure(**defaults: Any) -> None:
+    """Process-wide defaults for the keywords hook sites do not pass (grad, preset, role, quantize_grads,
+    block_size, scale, rounding, tensor_scale), e.g. configure(preset="fork") in a training process.
+    Replaces earlier defaults (including MEGAQUANT_PRESET); keywords given at a call still win."""
+    quant_config("mxfp8", **defaults)  # validate now, with a message naming the bad keyword
+    _DEFAULTS.clear()
+    _DEFAULTS.update(defaults)
+
+
+def quant_config(value: str, **kw: Any) -> QuantConfig:
+    """Resolve a hook site's value name and keywords (over the configure() defaults) into formats."""
+    try:
+        return _resolve(value, **{**_DEFAULTS, **kw})
+    except TypeError as err:
+        raise ValueNameError(f"bad keyword for a quantized op: {err}") from None
+
+
+@functools.lru_cache(maxsize=256)
+def _resolve(
     value: str,
     *,
     grad: bool = False,
@@ -74,6 +99,8 @@ def quant_config(
         )
     if role is not None and role not in ROLES:
         raise ValueNameError(f"unknown GEMM role {role!r}; expected one of {', '.join(ROLES)}")
+    if preset not in (None, *PRESETS):
+        raise ValueNameError(f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
     fmt = grad_fmt = None
     if canonical != "none":
         fmt = (_GRADIENT_FORMAT if grad else _FORWARD_FORMAT)[canonical]
@@ -233,9 +260,9 @@ def quant_matmul(a: torch.Tensor, b: torch.Tensor, value: str, **kw: Any) -> tor
     or quantized gradient GEMMs when quantize_grads=True. value "none"/"bf16" is exactly torch.matmul.
     1-D operands follow torch.matmul (promoted to a matrix and the extra dim removed).
     """
-    cfg = quant_config(value, **kw)
-    if cfg.fmt is None:
+    if value in _PLAIN:
         return torch.matmul(a, b)
+    cfg = quant_config(value, **kw)
     if a.dim() == 1:
         return quant_matmul(a.unsqueeze(0), b, value, **kw).squeeze(-2)
     if b.dim() == 1:
@@ -253,9 +280,9 @@ def _check_3d(name: str, **tensors: torch.Tensor) -> None:
 
 def quant_bmm(a: torch.Tensor, b: torch.Tensor, value: str, **kw: Any) -> torch.Tensor:
     """Batched a @ b for 3-D tensors (torch.bmm), quantized like quant_matmul."""
-    cfg = quant_config(value, **kw)
-    if cfg.fmt is None:
+    if value in _PLAIN:
         return torch.bmm(a, b)
+    cfg = quant_config(value, **kw)
     _check_3d("quant_bmm", a=a, b=b)
     out: torch.Tensor = _QuantMatmul.apply(a, b, cfg)
     return out
@@ -273,9 +300,9 @@ def quant_baddbmm(
 ) -> torch.Tensor:
     """beta * input + alpha * (batch1 @ batch2) (torch.baddbmm) with batch1/batch2 quantized along the
     reduction axis; `input` is not quantized. Gradients follow torch.baddbmm's formulas (straight-through)."""
-    cfg = quant_config(value, **kw)
-    if cfg.fmt is None:
+    if value in _PLAIN:
         return torch.baddbmm(input, batch1, batch2, beta=beta, alpha=alpha)
+    cfg = quant_config(value, **kw)
     _check_3d("quant_baddbmm", batch1=batch1, batch2=batch2)
     out: torch.Tensor = _QuantBaddbmm.apply(input, batch1, batch2, beta, alpha, cfg)
     return out
@@ -286,8 +313,8 @@ def quant_linear(
 ) -> torch.Tensor:
     """x @ weight.T (+ bias), the Megatron linear forward: x and weight both quantized along the input
     features (their last axis); bias is added unquantized. value "none" is exactly F.linear."""
-    cfg = quant_config(value, **kw)
-    if cfg.fmt is None:
+    if value in _PLAIN:
         return F.linear(x, weight, bias)
+    cfg = quant_config(value, **kw)
     out: torch.Tensor = _QuantLinear.apply(x, weight, bias, cfg)
     return out

@@ -10,6 +10,7 @@ from megaquant.errors import ValueNameError  # noqa: E402
 from megaquant.formats import fake_quant  # noqa: E402
 from megaquant.ops import (  # noqa: E402
     QUANT_VALUES,
+    configure,
     quant_baddbmm,
     quant_bmm,
     quant_config,
@@ -105,6 +106,23 @@ def test_grad_gemm_and_fork_qk_formats() -> None:
         b, "mxfp8_e5m2", axis=-2, preset="fork"
     )
     assert torch.equal(fork, expected)
+
+
+def test_configure_sets_process_defaults() -> None:
+    a, b = _rand(4, 64), _rand(64, 8)
+    fork_qk = quant_matmul(a, b, "mxfp4", preset="fork", role="qk")
+    try:
+        configure(preset="fork")
+        assert quant_config("mxfp4", role="qk").fmt == "mxfp8_e5m2"
+        assert torch.equal(quant_matmul(a, b, "mxfp4", role="qk"), fork_qk)
+        assert quant_config("mxfp4", role="qk", preset="spec").fmt == "mxfp4_e2m1"  # a call's keyword wins
+        with pytest.raises(ValueNameError, match="keyword"):
+            configure(presets="fork")
+        with pytest.raises(ValueNameError, match="spec, fork"):
+            configure(preset="forked")
+    finally:
+        configure()
+    assert quant_config("mxfp4", role="qk").fmt == "mxfp4_e2m1"
 
 
 def test_unknown_names_raise() -> None:
