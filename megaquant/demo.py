@@ -57,10 +57,9 @@ def mode_values(mode: str) -> dict[str, str]:
         "qk_pv": ("qk", "pv"),
     }.get(prefix)
     if roles is None or fmt not in FORMATS:
-        examples = "bf16, FA_mxfp8, linear_hifp8, FA_linear_mxfp4, qk_pv_mxfp8"
+        shape = f"<FA|linear|FA_linear|qk|pv|qk_pv>_<{'|'.join(FORMATS)}>"
         raise ValueNameError(
-            f"unknown mode {mode!r}; expected bf16 or <FA|linear|FA_linear|qk|pv|qk_pv>_<{'|'.join(FORMATS)}> "
-            f"(e.g. {examples})"
+            f"unknown mode {mode!r}; expected bf16 or {shape} (e.g. FA_mxfp8, linear_hifp8, FA_linear_mxfp4)"
         )
     return {**values, **dict.fromkeys(roles, fmt)}
 

@@ -229,8 +229,9 @@ PROBE = textwrap.dedent(
     ctx.backward(torch.randn(ctx.shape, generator=g))
     res["attn"], res["dq"], res["dv"] = ctx.detach(), q.grad, v.grad
     if "k_channels" in inspect.signature(DotProductAttention.__init__).parameters:  # MLA head dims
-        mla_config = TransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=4, kv_channels=16,
-            use_cpu_initialization=True, masked_softmax_fusion=False, attention_dropout=0.0, hidden_dropout=0.0)
+        mla_config = TransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=4,
+            kv_channels=16, use_cpu_initialization=True, masked_softmax_fusion=False,
+            attention_dropout=0.0, hidden_dropout=0.0)
         mla = DotProductAttention(mla_config, 1, AttnMaskType.causal, "self", k_channels=24, v_channels=8)
         qm, km = torch.randn(32, 2, 4, 24, generator=g), torch.randn(32, 2, 4, 24, generator=g)
         res["mla"] = mla(qm, km, torch.randn(32, 2, 4, 8, generator=g), mask).detach()
@@ -242,7 +243,7 @@ VALUES = ("none", "mxfp8", "mxfp4", "hifp8")
 
 
 def _tree_with_value(instrumented: Path, dest: Path, value: str) -> Path:
-    """A copy of an instrumented tree with every site set to `value` (the tests of `megaquant set` are core-git's)."""
+    """A copy of an instrumented tree with every site set to `value` (core-git tests `megaquant set`)."""
     shutil.copytree(
         instrumented / "megatron", dest / "megatron", ignore=shutil.ignore_patterns("__pycache__")
     )
