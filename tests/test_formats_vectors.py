@@ -71,6 +71,14 @@ def test_e8m0_bytes() -> None:
     assert _scales(enc) == [252]
 
 
+def test_e8m0_decode_vectors() -> None:
+    """Scale bytes 127, 0, 254, 255 over the E4M3 code for 1.0 (0x38) -> 1, 2^-127, 2^127, NaN."""
+    codes = torch.full((4,), 0x38, dtype=torch.uint8)
+    scales = torch.tensor([127, 0, 254, 255], dtype=torch.uint8)
+    enc = Encoded(codes=codes, scales=scales, shape=(4,), axis=0, fmt="mxfp8_e4m3", block_size=1)
+    _same(decode(enc), [1.0, 2.0**-127, 2.0**127, NAN])
+
+
 # §8.2 MX blocks
 def _block(lanes: list[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
     x = torch.zeros(32, dtype=dtype)
