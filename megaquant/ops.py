@@ -143,11 +143,11 @@ def _quant(t: torch.Tensor, fmt: str, axis: int, cfg: QuantConfig) -> torch.Tens
         base = base.contiguous()
     a = perm.index(ax)
     shape = base.shape
-    n, inner = shape[a], math.prod(shape[a + 1 :])
+    lead, n, inner = math.prod(shape[:a]), shape[a], math.prod(shape[a + 1 :])
     if inner == 1:
-        q = fake_quant(base.reshape(-1, n), fmt, axis=-1, **kw)
+        q = fake_quant(base.reshape(lead, n), fmt, axis=-1, **kw)
     else:
-        q = fake_quant(base.reshape(-1, n, inner), fmt, axis=-2, **kw)
+        q = fake_quant(base.reshape(lead, n, inner), fmt, axis=-2, **kw)
     inverse = [perm.index(d) for d in range(t.dim())]
     return q.reshape(shape).permute(inverse)
 

@@ -219,3 +219,16 @@ def test_bad_options_raise_actionable_errors() -> None:
         fake_quant(x, "mxfp8_e4m3", axis=1)
     with pytest.raises(ValueNameError, match="floating-point"):
         fake_quant(torch.ones(4, dtype=torch.int32), "hifp8")
+
+
+@pytest.mark.parametrize("fmt", ["mxfp8_e4m3", "mxfp4_e2m1", "hifp8"])
+@pytest.mark.parametrize("shape", [(0,), (3, 0), (2, 0, 5)])
+def test_empty_tensors_keep_their_shape(fmt: str, shape: tuple[int, ...]) -> None:
+    x = torch.zeros(shape)
+    assert fake_quant(x, fmt, axis=-1).shape == x.shape
+    assert decode(encode(x, fmt, axis=0)).shape == x.shape
+
+
+def test_fake_quant_has_no_autograd_history() -> None:
+    x = torch.randn(4, 32, requires_grad=True)
+    assert not fake_quant(x, "mxfp8_e4m3").requires_grad

@@ -103,6 +103,7 @@ def fake_quant(
     HiF8: per element, ties away, optional power-of-two `tensor_scale`; axis/block_size/scale ignored.
     `preset="fork"` reproduces the fork (MX: FLOOR + ties-away; HiF8: clamp to [2^-22, 0.95*2^15]).
     `backend`: "auto" (Triton on CUDA when it covers the call), "reference" or "triton".
+    The result carries no autograd history (megaquant.ops gives straight-through gradients).
     Exact semantics: docs/formats.md.
     """
     kw: dict[str, object] = dict(
@@ -118,11 +119,12 @@ def fake_quant(
         ),
     )  # fmt: skip
     kernels = _triton_module(x, fmt, backend, kw)
-    if kernels is not None:
-        return kernels.fake_quant(x, fmt, **kw)
-    if opts.fmt.block_scaled:
-        return fake_quant_mx(x, opts)
-    return fake_quant_hif8(x, opts)
+    with torch.no_grad():
+        if kernels is not None:
+            return kernels.fake_quant(x, fmt, **kw)
+        if opts.fmt.block_scaled:
+            return fake_quant_mx(x, opts)
+        return fake_quant_hif8(x, opts)
 
 
 def encode(
@@ -152,11 +154,12 @@ def encode(
         ),
     )  # fmt: skip
     kernels = _triton_module(x, fmt, backend, kw)
-    if kernels is not None:
-        return kernels.encode(x, fmt, **kw)
-    if opts.fmt.block_scaled:
-        return encode_mx(x, opts)
-    return encode_hif8(x, opts)
+    with torch.no_grad():
+        if kernels is not None:
+            return kernels.encode(x, fmt, **kw)
+        if opts.fmt.block_scaled:
+            return encode_mx(x, opts)
+        return encode_hif8(x, opts)
 
 
 def decode(enc: Encoded, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -39,7 +39,7 @@ def _to_blocks(x: torch.Tensor, axis: int, block_size: int) -> tuple[torch.Tenso
 
 
 def _from_blocks(blocks: torch.Tensor, n: int, axis: int) -> torch.Tensor:
-    flat = blocks.reshape(*blocks.shape[:-2], -1)[..., :n]
+    flat = blocks.flatten(-2)[..., :n]
     return flat.movedim(-1, axis)
 
 
@@ -153,7 +153,7 @@ def _pack_e2m1(codes: torch.Tensor) -> torch.Tensor:
 def _unpack_e2m1(packed: torch.Tensor, n: int) -> torch.Tensor:
     low = packed & 0xF
     high = packed >> 4
-    return torch.stack((low, high), dim=-1).reshape(*packed.shape[:-1], -1)[..., :n]
+    return torch.stack((low, high), dim=-1).flatten(-2)[..., :n]
 
 
 def encode_mx(x: torch.Tensor, opts: Options) -> Encoded:
@@ -161,7 +161,7 @@ def encode_mx(x: torch.Tensor, opts: Options) -> Encoded:
     q, e, n = _quantize_blocks(x, opts)
     codes = element_codes(q, opts.fmt).to(torch.int32)
     codes = torch.where((e == 128).unsqueeze(-1), NAN_BLOCK_CODE[opts.fmt.name], codes).to(torch.uint8)
-    codes = codes.reshape(*codes.shape[:-2], -1)[..., :n]
+    codes = codes.flatten(-2)[..., :n]
     if opts.fmt.bits == 4:
         codes = _pack_e2m1(codes)
     axis = opts.axis % x.dim()
