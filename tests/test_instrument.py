@@ -173,7 +173,7 @@ def test_instrument_repo_commits_on_a_branch(tmp_path: Path) -> None:
     result = instrument_repo(workspace)
     assert result.commit is not None and result.branch == "instrumented"
     assert repo.active_branch.name == "instrumented" and repo.head.commit.parents[0].hexsha == stock_head
-    assert sorted(repo.head.commit.stats.files) == sorted([ATTENTION, GPT, LAYERS])
+    assert sorted(str(f) for f in repo.head.commit.stats.files) == sorted([ATTENTION, GPT, LAYERS])
     assert "Megaquant-Instrument-LM-Head: excluded" in str(repo.head.commit.message)
     assert not repo.is_dirty()
     again = instrument_repo(workspace)

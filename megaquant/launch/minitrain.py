@@ -97,9 +97,14 @@ def run_minitrain(
     done = subprocess.run(build_argv(config), env=env, timeout=timeout_s, check=False)
     metrics = read_metrics(config.out / "metrics.jsonl")
     if done.returncode != 0:
-        raise LaunchError(
-            f"minitrain failed (exit {done.returncode}); see {config.out / 'train.log'} and the output above"
+        log = config.out / "train.log"
+        errors = (
+            [line for line in log.read_text().splitlines() if line.startswith("error:")]
+            if log.is_file()
+            else []
         )
+        cause = errors[-1] if errors else f"see {log} and the output above"
+        raise LaunchError(f"minitrain failed (exit {done.returncode}): {cause}")
     return MinitrainResult(config.out, done.returncode, metrics)
 
 
@@ -397,6 +402,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return train(config)
     except LaunchError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        config.out.mkdir(parents=True, exist_ok=True)
+        with (config.out / "train.log").open("a") as log:
+            log.write(f"error: {exc}\n")
         return 1
 
 
