@@ -154,6 +154,17 @@ def test_floor_fake_quant_is_idempotent(x: torch.Tensor, fmt: str, axis: int) ->
     _assert_same(fake_quant(y, fmt, axis=axis), y)
 
 
+@settings(max_examples=200, deadline=None)
+@given(x=tensors(), fmt=st.sampled_from([*MX, "hifp8"]), scale=st.sampled_from(["floor", "rceil"]))
+def test_output_cast_is_exact(x: torch.Tensor, fmt: str, scale: str) -> None:
+    """Dequantized values of a bf16/fp16 input are representable in its dtype (only overflow rounds)."""
+    y32 = fake_quant(x.float(), fmt, scale=scale)
+    y = fake_quant(x, fmt, scale=scale).float()
+    in_range = y32.abs() <= torch.finfo(x.dtype).max
+    _assert_same(y[in_range], y32[in_range])
+    assert torch.isinf(y[~in_range & ~torch.isnan(y32)]).all()
+
+
 @settings(max_examples=100, deadline=None)
 @given(x=tensors(specials=False))
 def test_hif8_tensor_scale_roundtrip(x: torch.Tensor) -> None:
