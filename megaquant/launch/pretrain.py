@@ -1,0 +1,293 @@
+"""megaquant's own GPT pretrain entry on `megatron.training.pretrain`, for trees without pretrain_gpt.py.
+
+Run `torchrun ... -m megaquant.launch.pretrain <megatron args> [--mq-metrics FILE]` with the Megatron tree
+first on PYTHONPATH, so an instrumented tree is the code that trains. Megatron is imported in main() only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from megaquant.errors import LaunchError
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "REFUSED_FLAGS",
+    "StepRecord",
+    "add_megaquant_args",
+    "loss_from_reduced",
+    "main",
+    "masked_lm_loss",
+    "prepare_argv",
+    "step_record",
+]
+
+REFUSED_FLAGS: Mapping[str, str] = {
+    "--sequence-parallel": "the local implementation's RMSNorm rejects sequence parallelism",
+    "--apply-layernorm-1p": "the local implementation's RMSNorm has no 1p variant",
+    "--fp8-format": "Transformer Engine FP8 is a different mechanism; fake-quant modes run with --bf16 only",
+    "--fp8-recipe": "Transformer Engine FP8 is a different mechanism; fake-quant modes run with --bf16 only",
+}
+"""Megatron flags that would make the hooked GEMMs not run (or fail) on the local implementation."""
+
+_FORCED_OFF = (
+    "--no-gradient-accumulation-fusion",  # the wgrad GEMM must be the hooked matmul, not a fused CUDA kernel
+    "--no-masked-softmax-fusion",  # no compiled Megatron fused kernels on a pip install
+    "--no-rope-fusion",  # the fused RoPE kernel needs Transformer Engine
+    "--no-persist-layer-norm",
+)
+
+
+def prepare_argv(argv: Sequence[str]) -> list[str]:
+    """The Megatron argv this entry trains with: local transformer implementation, fusions that bypass
+    the hooked GEMMs (or need Transformer Engine / apex) turned off. Pure.
+
+    Raises LaunchError for `--transformer-impl transformer_engine` (the hooks live in the local modules:
+    a TE run would silently quantize nothing) and for the flags in REFUSED_FLAGS.
+    """
+    out = list(argv)
+    for i, arg in enumerate(out):
+        flag, _, inline = arg.partition("=")
+        if flag in REFUSED_FLAGS:
+            raise LaunchError(f"argv[{i}] {arg!r}: refused, {REFUSED_FLAGS[flag]}; remove it")
+        if flag == "--transformer-impl":
+            value = inline or (out[i + 1] if i + 1 < len(out) else "")
+            if value != "local":
+                raise LaunchError(
+                    f"argv[{i}] --transformer-impl {value or '(missing)'}: megaquant's hooks live in the "
+                    "local (non-Transformer-Engine) modules; a TE run would quantize nothing. "
+                    "Use --transformer-impl local"
+                )
+    if not any(a.partition("=")[0] == "--transformer-impl" for a in out):
+        out += ["--transformer-impl", "local"]
+    out += [flag for flag in _FORCED_OFF if flag not in out]
+    return out
+
+
+def add_megaquant_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Megatron's `extra_args_provider`: megaquant's own options (kept out of Megatron's namespace clash)."""
+    group = parser.add_argument_group("megaquant")
+    group.add_argument(
+        "--mq-metrics",
+        type=Path,
+        default=None,
+        help="Write one JSON object per step (step, loss, step_time_s, peak_mem_bytes) here (rank 0).",
+    )
+    return parser
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One line of metrics.jsonl."""
+
+    step: int
+    loss: float
+    step_time_s: float
+    peak_mem_bytes: int
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "step": self.step,
+                "loss": self.loss,
+                "step_time_s": self.step_time_s,
+                "peak_mem_bytes": self.peak_mem_bytes,
+            }
+        )
+
+
+def loss_from_reduced(loss_dict: Mapping[str, Any], key: str = "lm loss") -> float | None:
+    """The scalar loss of a step from `train_step`'s reduced loss dict (tensor or float); None if absent."""
+    value = loss_dict.get(key)
+    if value is None:
+        return None
+    if hasattr(value, "detach"):
+        value = value.detach().float()
+        if value.numel() == 2:  # [sum, count] (per-token reporting not reduced yet)
+            return float(value[0] / value[1].clamp(min=1))
+        return float(value.mean())
+    return float(value)
+
+
+def step_record(
+    step: int, loss_dict: Mapping[str, Any], elapsed_s: float, peak_bytes: int
+) -> StepRecord | None:
+    loss = loss_from_reduced(loss_dict)
+    return None if loss is None else StepRecord(step, loss, elapsed_s, peak_bytes)
+
+
+def masked_lm_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor) -> tuple[Any, Any, dict[str, Any]]:
+    """Megatron's loss_func contract (3 values: summed loss, token count, reporting [sum, count])."""
+    import torch
+
+    losses = output_tensor.float().reshape(-1)
+    mask = loss_mask.reshape(-1).float()
+    total = torch.sum(losses * mask)
+    tokens = mask.sum().to(torch.int)
+    report = torch.cat([total.detach().view(1), tokens.float().view(1)])
+    return total, tokens, {"lm loss": report}
+
+
+# ---------------------------------------------------------------- inside torchrun (needs megatron + CUDA)
+
+
+def _model_provider(
+    pre_process: bool = True,
+    post_process: bool = True,
+    vp_stage: int | None = None,
+    config: Any = None,
+    pg_collection: Any = None,
+) -> Any:
+    """A GPTModel on megatron-core's local (non-TE) layer spec, so the hooked GEMMs are the ones that run."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.training import get_args
+    from megatron.training.argument_utils import core_transformer_config_from_args
+
+    args = get_args()
+    tconfig = core_transformer_config_from_args(args)
+    spec = get_gpt_layer_local_spec(
+        num_experts=args.num_experts,
+        moe_grouped_gemm=args.moe_grouped_gemm,
+        qk_layernorm=args.qk_layernorm,
+        multi_latent_attention=args.multi_latent_attention,
+        normalization=args.normalization,
+    )
+    return GPTModel(
+        config=tconfig,
+        transformer_layer_spec=spec,
+        vocab_size=args.padded_vocab_size,
+        max_sequence_length=args.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        fp16_lm_cross_entropy=args.fp16_lm_cross_entropy,
+        parallel_output=True,
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        position_embedding_type=args.position_embedding_type,
+        rotary_percent=args.rotary_percent,
+        rotary_base=args.rotary_base,
+        rope_scaling=args.use_rope_scaling,
+        rope_scaling_factor=args.rope_scaling_factor,
+        vp_stage=vp_stage,
+        pg_collection=pg_collection,
+    )
+
+
+def _datasets_provider(train_val_test_num_samples: Sequence[int], vp_stage: int | None = None) -> Any:
+    """GPTDataset (or MockGPTDataset with --mock-data) over Megatron indexed data, built on every rank."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+    from megatron.training import get_args, get_tokenizer
+    from megatron.training.utils.common_utils import get_blend_and_blend_per_split
+
+    args = get_args()
+    blend, blend_per_split = get_blend_and_blend_per_split(args)
+    config = GPTDatasetConfig(
+        random_seed=args.seed,
+        sequence_length=args.seq_length,
+        blend=blend,
+        blend_per_split=blend_per_split,
+        split=args.split,
+        path_to_cache=args.data_cache_path,
+        tokenizer=get_tokenizer(),
+        reset_position_ids=args.reset_position_ids,
+        reset_attention_mask=args.reset_attention_mask,
+        eod_mask_loss=args.eod_mask_loss,
+        create_attention_mask=args.create_attention_mask_in_dataloader,
+        mmap_bin_files=args.mmap_bin_files,
+    )
+    kind = MockGPTDataset if args.mock_data else GPTDataset
+    return BlendedMegatronDatasetBuilder(kind, train_val_test_num_samples, lambda: True, config).build()
+
+
+_datasets_provider.is_distributed = True  # type: ignore[attr-defined]  # every rank reads its own loader
+
+
+def _forward_step(data_iterator: Any, model: Any, return_schedule_plan: bool = False) -> Any:
+    import functools
+
+    import torch
+
+    batch = next(data_iterator)
+    device = torch.cuda.current_device()
+    tokens = batch["tokens"].to(device, non_blocking=True)
+    labels = batch["labels"].to(device, non_blocking=True)
+    loss_mask = batch["loss_mask"].to(device, non_blocking=True)
+    positions = batch["position_ids"].to(device, non_blocking=True)
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        mask = mask.to(device, non_blocking=True)
+    output = model(tokens, positions, mask, labels=labels)
+    return output, functools.partial(masked_lm_loss, loss_mask)
+
+
+def _timed_train_step(original: Callable[..., Any], sink: IO[str] | None) -> Callable[..., Any]:
+    """Wrap megatron.training.training.train_step: per-step wall time (synchronized) and peak memory."""
+    import torch
+
+    state = {"step": 0}
+
+    def train_step(*args: Any, **kwargs: Any) -> Any:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        result = original(*args, **kwargs)
+        torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        state["step"] += 1
+        record = step_record(state["step"], result[0], elapsed, torch.cuda.max_memory_allocated())
+        if sink is not None and record is not None:
+            sink.write(record.to_json() + "\n")
+            sink.flush()
+        return result
+
+    return train_step
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import torch
+
+    argv = prepare_argv(sys.argv[1:] if argv is None else argv)
+    sys.argv = [sys.argv[0], *argv]  # Megatron's parser reads sys.argv
+
+    from megatron.core.enums import ModelType
+    from megatron.training import training
+    from megatron.training.argument_utils import pretrain_cfg_container_from_args
+    from megatron.training.arguments import parse_and_validate_args
+
+    args = parse_and_validate_args(extra_args_provider=add_megaquant_args)
+    cfg = pretrain_cfg_container_from_args(args, None)
+    rank0 = int(__import__("os").environ.get("RANK", "0")) == 0
+    sink = None
+    if args.mq_metrics is not None and rank0:
+        args.mq_metrics.parent.mkdir(parents=True, exist_ok=True)
+        sink = args.mq_metrics.open("w")
+    training.train_step = _timed_train_step(training.train_step, sink)
+    torch.backends.cuda.matmul.allow_tf32 = False  # bf16 GEMMs either way; keep fp32 paths exact
+    training.pretrain(
+        cfg,
+        _datasets_provider,
+        ModelType.encoder_or_decoder,
+        _forward_step,
+        model_provider=_model_provider,
+    )
+    if sink is not None:
+        sink.close()
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except LaunchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,211 @@
+"""megaquant compare on hand-made run directories, and the CPU-testable parts of megaquant.launch.pretrain."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from megaquant.errors import LaunchError
+from megaquant.launch import pretrain
+from megaquant.report import (
+    ReportError,
+    compare,
+    load_run,
+    markdown_table,
+    parse_megatron_log,
+    plot_losses,
+    register,
+)
+
+MEGATRON_LINE = (
+    " [2026-11-28 15:00:00] iteration {it:8d}/{total:8d} | consumed samples: {s:12d} | "
+    "elapsed time per iteration (ms): {ms:.1f} | learning rate: 1.000000E-04 | global batch size:     4 | "
+    "lm loss: {loss:.6E} | loss scale: 1.0 | grad norm: 1.234 | number of skipped iterations:   0 |"
+)
+
+
+def write_metrics_run(
+    root: Path, mode: str, losses: list[float], times: list[float], peak: int, manifest: bool = True
+) -> Path:
+    run = root / mode
+    run.mkdir(parents=True)
+    lines = [
+        json.dumps({"step": i + 1, "loss": loss, "step_time_s": t, "peak_mem_bytes": peak})
+        for i, (loss, t) in enumerate(zip(losses, times, strict=True))
+    ]
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    if manifest:
+        values = {"linear_fwd": "none", "linear_bwd": "none", "qk": "none", "pv": "none"}
+        (run / "manifest.json").write_text(json.dumps({"mode": mode, "values": values}))
+    return run
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> list[Path]:
+    bf16 = write_metrics_run(
+        tmp_path, "bf16", [5.0, 4.0, 3.0, 2.5, 2.0], [9.0, 0.10, 0.12, 0.11, 0.10], 10 * 2**30
+    )
+    quant = write_metrics_run(
+        tmp_path, "FA_linear_mxfp8", [5.0, 4.1, 3.2, 2.7, 2.3], [20.0, 0.25, 0.20, 0.22, 0.30], 12 * 2**30
+    )
+    return [bf16, quant]
+
+
+def test_compare_gaps_and_ratios_against_bf16(runs: list[Path]) -> None:
+    rows = compare([load_run(p) for p in runs], tail=2)
+    base, quant = rows
+    assert base.mode == "bf16" and base.loss_gap == pytest.approx(0.0)
+    assert base.final_loss == pytest.approx((2.5 + 2.0) / 2)
+    assert quant.final_loss == pytest.approx((2.7 + 2.3) / 2)
+    assert quant.loss_gap == pytest.approx(0.25)
+    # the first step (compilation, warm-up) is left out of the median: 0.11 and 0.225
+    assert base.step_time_s == pytest.approx(0.105)
+    assert quant.step_time_s == pytest.approx(0.235)
+    assert quant.time_ratio == pytest.approx(0.235 / 0.105)
+    assert quant.mem_ratio == pytest.approx(1.2)
+    assert quant.steps == 5
+
+
+def test_compare_without_bf16_has_no_gaps(tmp_path: Path) -> None:
+    run = write_metrics_run(tmp_path, "linear_hifp8", [3.0, 2.0, 1.0], [1.0, 1.0, 1.0], 0)
+    (row,) = compare([load_run(run)])
+    assert row.loss_gap is None and row.time_ratio is None
+    assert "—" in markdown_table([row])
+
+
+def test_mode_falls_back_to_directory_name(tmp_path: Path) -> None:
+    run = write_metrics_run(tmp_path, "FA_mxfp4", [1.0], [1.0], 0, manifest=False)
+    assert load_run(run).mode == "FA_mxfp4"
+
+
+def test_megatron_log_parsed(tmp_path: Path) -> None:
+    run = tmp_path / "bf16"
+    run.mkdir()
+    lines = ["building GPT model ...", "[Rank 0] (after 1 iterations) memory (MB) | allocated: 10.0 | "]
+    lines[-1] += "max allocated: 2048.0 | reserved: 3000.0 | max reserved: 3000.0"
+    for it, (loss, ms) in enumerate([(6.5, 900.0), (5.25, 101.0), (4.0, 99.0)], 1):
+        lines.append(MEGATRON_LINE.format(it=it, total=3, s=it * 4, ms=ms, loss=loss))
+    (run / "train.log").write_text("\n".join(lines) + "\n")
+    loaded = load_run(run)
+    assert loaded.source == "train.log"
+    assert loaded.steps == (1, 2, 3)
+    assert loaded.losses == (6.5, 5.25, 4.0)
+    assert loaded.step_times_s == pytest.approx((0.9, 0.101, 0.099))
+    assert loaded.peak_mem_bytes == 2048 * 2**20
+    assert parse_megatron_log("iteration 1/2 | no loss here") == []
+
+
+def test_bad_inputs_raise_actionable_errors(tmp_path: Path) -> None:
+    with pytest.raises(ReportError, match="not a directory"):
+        load_run(tmp_path / "missing")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ReportError, match="neither metrics.jsonl nor train.log"):
+        load_run(empty)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0, "step_time_s": 0.1}\n{"step": 2}\n')
+    with pytest.raises(ReportError, match=r"metrics.jsonl:2: expected a JSON object"):
+        load_run(broken)
+    with pytest.raises(ReportError, match="no runs"):
+        compare([])
+
+
+def test_markdown_table_shape(runs: list[Path]) -> None:
+    text = markdown_table(compare([load_run(p) for p in runs], tail=2))
+    lines = text.strip().splitlines()
+    assert lines[0].startswith("| mode | steps | final loss | gap vs bf16 |")
+    assert len(lines) == 4
+    assert "| FA_linear_mxfp8 | 5 | 2.5000 | +0.2500 | 235.0 | 2.24× | 12.00 | 1.20× |" in lines
+
+
+def test_plot_writes_png(runs: list[Path], tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    png = plot_losses([load_run(p) for p in runs], tmp_path / "out" / "curves.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_command(runs: list[Path], tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    app = typer.Typer()
+    register(app)
+
+    @app.command("noop")
+    def _noop() -> None:  # a second command keeps typer from collapsing the app into `compare` alone
+        pass
+
+    out = tmp_path / "report"
+    result = CliRunner().invoke(
+        app, ["compare", *map(str, runs), "--out", str(out), "--tail", "2"], env={"COLUMNS": "200"}
+    )
+    assert result.exit_code == 0, result.output
+    assert "FA_linear_mxfp8" in result.output and "+0.2500" in result.output
+    assert (out / "compare.md").read_text().count("\n") == 4
+    assert (out / "loss_curves.png").is_file()
+
+
+# ---------------------------------------------------------------- megaquant.launch.pretrain (pure parts)
+
+
+def test_prepare_argv_forces_local_and_unfused() -> None:
+    argv = pretrain.prepare_argv(["--num-layers", "2", "--bf16"])
+    assert argv[:3] == ["--num-layers", "2", "--bf16"]
+    assert argv[argv.index("--transformer-impl") + 1] == "local"
+    assert "--no-gradient-accumulation-fusion" in argv and "--no-rope-fusion" in argv
+    again = pretrain.prepare_argv(argv)
+    assert again == argv  # idempotent: nothing doubled
+    assert pretrain.prepare_argv(["--transformer-impl=local"]).count("--transformer-impl=local") == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["--transformer-impl", "transformer_engine"], "quantize nothing"),
+        (["--transformer-impl=transformer_engine"], "quantize nothing"),
+        (["--sequence-parallel"], r"argv\[0\] '--sequence-parallel': refused"),
+        (["--bf16", "--fp8-format", "e4m3"], "fake-quant modes run with --bf16"),
+    ],
+)
+def test_prepare_argv_refuses_paths_that_skip_the_hooks(argv: list[str], match: str) -> None:
+    with pytest.raises(LaunchError, match=match):
+        pretrain.prepare_argv(argv)
+
+
+def test_megaquant_args_parse(tmp_path: Path) -> None:
+    parser = pretrain.add_megaquant_args(argparse.ArgumentParser())
+    ns = parser.parse_args(["--mq-metrics", str(tmp_path / "m.jsonl")])
+    assert ns.mq_metrics == tmp_path / "m.jsonl"
+    assert parser.parse_args([]).mq_metrics is None
+
+
+def test_step_records_from_reduced_losses() -> None:
+    assert pretrain.loss_from_reduced({}) is None
+    assert pretrain.loss_from_reduced({"lm loss": 2.5}) == 2.5
+    record = pretrain.step_record(3, {"lm loss": 1.75}, 0.5, 1024)
+    assert record is not None
+    assert json.loads(record.to_json()) == {
+        "step": 3,
+        "loss": 1.75,
+        "step_time_s": 0.5,
+        "peak_mem_bytes": 1024,
+    }
+    assert pretrain.step_record(1, {"other": 1.0}, 0.1, 0) is None
+
+
+def test_masked_lm_loss_matches_megatron_contract() -> None:
+    torch = pytest.importorskip("torch")
+    per_token = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 1]])
+    total, tokens, report = pretrain.masked_lm_loss(mask, per_token)
+    assert float(total) == 1 + 2 + 4 + 6
+    assert int(tokens) == 4
+    assert report["lm loss"].tolist() == [13.0, 4.0]
+    # what train_step reduces: [sum, count] -> mean loss per token
+    assert pretrain.loss_from_reduced(report) == pytest.approx(13 / 4)
+    assert math.isclose(pretrain.loss_from_reduced({"lm loss": torch.tensor([2.0])}) or 0.0, 2.0)
