@@ -9,11 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
+import typer
+
 from megaquant.errors import LaunchError, ValueNameError
 
 if TYPE_CHECKING:
-    import typer
-
     from megaquant.launch.minitrain import MinitrainConfig
 
 __all__ = ["DemoRow", "Corpus", "demo_config", "mode_values", "prepare_corpus", "register", "run_demo"]

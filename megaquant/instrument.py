@@ -11,15 +11,13 @@ import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import libcst as cst
+import typer
 from libcst.metadata import MetadataWrapper, PositionProvider
 
 from megaquant.errors import GitStateError, SourceError
-
-if TYPE_CHECKING:
-    import typer
 
 __all__ = [
     "DEFAULT_BRANCH",
@@ -627,8 +625,6 @@ def instrument_repo(
 
 
 def register(app: typer.Typer) -> None:
-    import typer
-
     @app.command("instrument")
     def instrument_command(
         repo: Annotated[
