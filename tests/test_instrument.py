@@ -363,3 +363,24 @@ def test_mla_channel_keywords_build_and_run(probes: dict[str, dict[str, object]]
     mla = probes["none"]["mla"]
     assert isinstance(mla, torch.Tensor) and mla.shape == (32, 2, 4 * 8)
     assert "mla" not in probes["stock"]  # stock DotProductAttention rejects k_channels / v_channels
+
+
+@needs_megatron
+def test_cli_instrument_from_installed_then_repo(tmp_path: Path) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from megaquant.instrument import register
+
+    app = typer.Typer()
+    register(app)
+    app.command("noop")(lambda: None)  # two commands, so `instrument` is addressed by name as in the real CLI
+    runner = CliRunner()
+    first = runner.invoke(app, ["instrument", "--from-installed", str(tmp_path / "ws")])
+    assert first.exit_code == 0, first.output
+    assert "committed" in first.output and "on branch instrumented" in first.output
+    assert f"added    {LAYERS}:" in first.output and "linear_bwd" in first.output
+    again = runner.invoke(app, ["instrument", "--repo", str(tmp_path / "ws")])
+    assert again.exit_code == 0 and "already instrumented" in again.output
+    both = runner.invoke(app, ["instrument", "--repo", "a", "--from-installed", "b"])
+    assert both.exit_code == 2 and "exactly one of" in both.output
