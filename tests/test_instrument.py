@@ -235,6 +235,32 @@ PROBE = textwrap.dedent(
         mla = DotProductAttention(mla_config, 1, AttnMaskType.causal, "self", k_channels=24, v_channels=8)
         qm, km = torch.randn(32, 2, 4, 24, generator=g), torch.randn(32, 2, 4, 24, generator=g)
         res["mla"] = mla(qm, km, torch.randn(32, 2, 4, 8, generator=g), mask).detach()
+    # DeepSeek-V2-Lite-shaped (MLA, qk layernorm) GPT on the local spec: builds only with the channel keywords
+    import torch.nn.functional as F
+    import megatron.core.transformer.multi_latent_attention as mla_module
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_config import MLATransformerConfig
+    if not isinstance(mla_module.TELinear, type):  # no TE: megatron-core puts a MagicMock here
+        mla_module.TELinear = type("NoTransformerEngine", (), {})
+    mla_gpt_config = MLATransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4,
+        ffn_hidden_size=128, q_lora_rank=None, kv_lora_rank=32, qk_head_dim=16, qk_pos_emb_head_dim=8,
+        v_head_dim=16, qk_layernorm=True, normalization="RMSNorm", gated_linear_unit=True,
+        activation_func=F.silu, add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
+        use_cpu_initialization=True, masked_softmax_fusion=False, bias_activation_fusion=False,
+        bias_dropout_fusion=False, apply_rope_fusion=False, persist_layer_norm=False, rope_type="rope",
+        gradient_accumulation_fusion=False)
+    spec = get_gpt_layer_local_spec(multi_latent_attention=True, qk_layernorm=True, normalization="RMSNorm")
+    try:
+        torch.manual_seed(0)
+        gpt = GPTModel(config=mla_gpt_config, transformer_layer_spec=spec, vocab_size=100,
+            max_sequence_length=32, position_embedding_type="rope")
+        ids = torch.randint(0, 100, (2, 32), generator=g)
+        loss = gpt(ids, torch.arange(32)[None].expand(2, -1), mask, labels=ids).mean()
+        loss.backward()
+        res["mla_gpt_loss"] = float(loss)
+    except TypeError as exc:
+        res["mla_gpt_error"] = str(exc)
     torch.save(res, out)
     """
 )
@@ -384,3 +410,11 @@ def test_cli_instrument_from_installed_then_repo(tmp_path: Path) -> None:
     assert again.exit_code == 0 and "already instrumented" in again.output
     both = runner.invoke(app, ["instrument", "--repo", "a", "--from-installed", "b"])
     assert both.exit_code == 2 and "exactly one of" in both.output
+
+
+@needs_megatron
+def test_mla_gpt_builds_and_trains_only_when_instrumented(probes: dict[str, dict[str, object]]) -> None:
+    assert "unexpected keyword argument 'k_channels'" in str(probes["stock"]["mla_gpt_error"])
+    losses = {value: probes[value]["mla_gpt_loss"] for value in VALUES}
+    assert all(isinstance(loss, float) and 3.0 < loss < 6.0 for loss in losses.values()), losses
+    assert losses["mxfp4"] != losses["none"]  # the MLA attention and linears go through the quantized ops
