@@ -36,6 +36,7 @@ __all__ = [
 
 DEFAULT_BRANCH = "instrumented"
 RULES_NAME = "megatron-core.instrument.toml"
+SPEC_NAME = "megatron-core"  # rewrites/megatron-core.toml: the spec `status`/`set` use on instrumented trees
 
 
 class InstrumentError(SourceError):
@@ -618,6 +619,8 @@ def instrument_repo(
         f"Megaquant-Instrument-LM-Head: {'included' if include_lm_head else 'excluded'}\n"
     )
     commit = repo.index.commit(message)
+    with repo.config_writer() as cfg:  # names the spec that finds these sites (a hint for `status`/`set`)
+        cfg.set_value("megaquant", "spec", SPEC_NAME)
     return InstrumentResult(str(root), branch, commit.hexsha, plan.edits)
 
 

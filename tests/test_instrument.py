@@ -176,6 +176,7 @@ def test_instrument_repo_commits_on_a_branch(tmp_path: Path) -> None:
     assert sorted(str(f) for f in repo.head.commit.stats.files) == sorted([ATTENTION, GPT, LAYERS])
     assert "Megaquant-Instrument-LM-Head: excluded" in str(repo.head.commit.message)
     assert not repo.is_dirty()
+    assert repo.config_reader().get_value("megaquant", "spec") == "megatron-core"
     again = instrument_repo(workspace)
     assert again.commit is None and repo.head.commit.hexsha == result.commit
     # a dirty stock checkout is refused before anything is written
