@@ -1,0 +1,279 @@
+"""The library API: `status`, `apply`, `restore`, `diff`, returning frozen dataclasses (no printing).
+
+`apply` plans every edit in memory (pure engine), then hands the bytes to `branch` for the git lifecycle.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from megaquant import branch as _branch
+from megaquant.branch import Base
+from megaquant.errors import GitStateError, MegaquantError, ValueNameError
+
+if TYPE_CHECKING:
+    import git
+
+    from megaquant.codemod import Change, RewritePlan
+    from megaquant.sites import Site
+    from megaquant.spec import Spec
+
+__all__ = ["ApplyResult", "Base", "RestoreResult", "Status", "apply", "diff", "restore", "status"]
+
+
+@dataclass(frozen=True)
+class Status:
+    repo: str
+    branch: str | None
+    head: str
+    base: Base | None
+    sites: tuple[Site, ...]
+    warnings: tuple[str, ...]
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "repo": self.repo,
+            "branch": self.branch,
+            "head": self.head,
+            "base": None if self.base is None else {"branch": self.base.branch, "commit": self.base.commit},
+            "sites": [site.to_json() for site in self.sites],
+            "warnings": list(self.warnings),
+        }
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    repo: str
+    branch: str
+    base: Base
+    commit: str | None
+    changes: tuple[Change, ...]
+    values: dict[str, str]
+    warnings: tuple[str, ...]
+    diff: str
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "repo": self.repo,
+            "branch": self.branch,
+            "base": {"branch": self.base.branch, "commit": self.base.commit},
+            "commit": self.commit,
+            "changes": [
+                {
+                    "file": c.file,
+                    "scope": c.scope,
+                    "line": c.line,
+                    "role": c.role,
+                    "old": c.old,
+                    "new": c.new,
+                    "kind": c.kind,
+                }
+                for c in self.changes
+            ],
+            "values": dict(self.values),
+            "warnings": list(self.warnings),
+            "diff": self.diff,
+        }
+
+
+@dataclass(frozen=True)
+class RestoreResult:
+    restored: bool
+    branch: str | None
+    message: str
+
+    def to_json(self) -> dict[str, object]:
+        return {"restored": self.restored, "branch": self.branch, "message": self.message}
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _read_sources(root: Path, spec: Spec) -> dict[str, bytes]:
+    from megaquant.sites import candidate_paths
+
+    return {rel: (root / rel).read_bytes() for rel in candidate_paths(root, spec)}
+
+
+def _throwaway_base(repo: git.Repo) -> tuple[Base | None, str | None]:
+    """(base, throwaway branch) when HEAD is on a megaquant branch, else (None, None)."""
+    on = _branch.head_branch(repo)
+    if not (on and on.startswith(_branch.BRANCH_PREFIX)):
+        return None, None
+    journal = _branch.read_journal(repo)
+    return (journal.base if journal else _branch.recorded_base(repo, on)), on
+
+
+def _targets(
+    spec: Spec, values: Mapping[str, str] | None, linear: str | None, **roles: str | None
+) -> dict[str, str]:
+    from megaquant.spec import canonical_value
+
+    asked: dict[str, str] = dict(values or {})
+    if linear is not None:
+        asked.update(linear_fwd=linear, linear_bwd=linear)
+    asked.update({role: value for role, value in roles.items() if value is not None})
+    known = spec.roles()
+    for role in asked:
+        if role not in known:
+            raise ValueNameError(f"unknown role {role!r}; spec {spec.name!r} has roles {', '.join(known)}")
+    if not asked:
+        raise MegaquantError(
+            "nothing to set: give at least one of --linear, --linear-fwd, --linear-bwd, --qk, --pv"
+        )
+    return {role: canonical_value(value) for role, value in asked.items()}
+
+
+def _role_values(sources: Mapping[str, bytes], targets: Mapping[str, str], spec: Spec) -> dict[str, str]:
+    """role -> canonical value for every role: the target, else what the (non-override) sites hold now."""
+    from megaquant.sites import scan_sources
+    from megaquant.spec import canonical_value
+
+    untouched = [role for role in spec.roles() if role not in targets]
+    current: dict[str, set[str]] = {role: set() for role in untouched}
+    if untouched:
+        for site in scan_sources(sources, spec).sites:
+            for role in site.roles:
+                if role in current and not site.override:
+                    try:
+                        current[role].add(
+                            canonical_value(site.value) if site.value is not None else site.expr
+                        )
+                    except ValueNameError:
+                        current[role].add(str(site.value))
+    values = {}
+    for role in spec.roles():
+        if role in targets:
+            values[role] = targets[role]
+        else:
+            found = current[role]
+            values[role] = next(iter(found)) if len(found) == 1 else ("mixed" if found else "absent")
+    return values
+
+
+def unified_diff(before: Mapping[str, bytes], after: Mapping[str, bytes]) -> str:
+    chunks: list[str] = []
+    for rel in sorted(after):
+        old = before.get(rel, b"").decode("utf-8", errors="replace").splitlines(keepends=True)
+        new = after[rel].decode("utf-8", errors="replace").splitlines(keepends=True)
+        chunks.extend(difflib.unified_diff(old, new, f"a/{rel}", f"b/{rel}"))
+    return "".join(chunks)
+
+
+def _commit_text(plan: RewritePlan, base: Base, values: Mapping[str, str]) -> str:
+    subject = "megaquant set " + " ".join(f"{role}={value}" for role, value in values.items())
+    body = "\n".join(
+        f"{c.file}:{c.line} {c.scope} [{c.role}] {c.old} -> {c.new} ({c.kind})" for c in plan.changes
+    )
+    return _branch.commit_message(subject, body, base, values)
+
+
+# ---------------------------------------------------------------- API
+
+
+def status(repo: str | Path = ".", *, spec: str = "fork") -> Status:
+    """Where the repository stands: every site of the spec's variable, the base if on a throwaway branch,
+    and warnings that explain interrupted or unusual states."""
+    from megaquant.sites import scan_tree
+    from megaquant.spec import load_spec
+
+    rep = _branch.open_repo(repo)
+    root = _branch.worktree_root(rep)
+    base, _ = _throwaway_base(rep)
+    scan = scan_tree(root, load_spec(spec))
+    warnings = (*scan.warnings, *_branch.describe_state(rep))
+    head = _branch.head_commit(rep) or ""
+    return Status(str(root), _branch.head_branch(rep), head, base, scan.sites, tuple(warnings))
+
+
+def apply(
+    repo: str | Path = ".",
+    *,
+    linear: str | None = None,
+    linear_fwd: str | None = None,
+    linear_bwd: str | None = None,
+    qk: str | None = None,
+    pv: str | None = None,
+    values: Mapping[str, str] | None = None,
+    dry_run: bool = False,
+    worktree: str | Path | None = None,
+    spec: str = "fork",
+) -> ApplyResult:
+    """Set role values on the throwaway branch `megaquant/<base>` (or a new worktree) with one commit."""
+    from megaquant.codemod import plan_rewrite
+    from megaquant.spec import load_spec
+
+    spec_obj = load_spec(spec)
+    targets = _targets(spec_obj, values, linear, linear_fwd=linear_fwd, linear_bwd=linear_bwd, qk=qk, pv=pv)
+    rep = _branch.open_repo(repo)
+    journal = _branch.read_journal(rep)
+    if journal is not None:
+        raise GitStateError(
+            f"an interrupted megaquant {journal.op} (step {journal.step!r}) left {journal.branch} half done; "
+            "run `megaquant restore` first"
+        )
+    base, name = _throwaway_base(rep)
+    if base is None or name is None:
+        if name is not None:
+            raise GitStateError(f"{name}: no recorded base; check out the base branch and run set there")
+        base = _branch.current_base(rep)
+        name = _branch.throwaway_branch(base)
+    elif worktree is not None:
+        raise GitStateError(f"already on {name}; run `megaquant restore` before creating a worktree")
+
+    def plan_in(root: Path) -> tuple[dict[str, bytes], RewritePlan, dict[str, str]]:
+        sources = _read_sources(root, spec_obj)
+        plan = plan_rewrite(sources, targets, spec_obj)
+        return sources, plan, _role_values(sources, targets, spec_obj)
+
+    root = _branch.worktree_root(rep)
+    if dry_run or worktree is None:
+        sources, plan, role_values = plan_in(root)
+        text = unified_diff(sources, plan.new_sources)
+        if dry_run or not plan.new_sources:
+            return ApplyResult(str(root), name, base, None, plan.changes, role_values, plan.warnings, text)
+        with _branch.repo_lock(rep, "set"):
+            done = _branch.commit_files(
+                rep,
+                plan.new_sources,
+                sources,
+                base=base,
+                branch=name,
+                message=_commit_text(plan, base, role_values),
+            )
+        return ApplyResult(done.repo, name, base, done.commit, plan.changes, role_values, plan.warnings, text)
+    with _branch.repo_lock(rep, "set"):
+        wt = _branch.add_worktree(rep, Path(worktree).absolute(), base)
+        wt_root = _branch.worktree_root(wt)
+        wt_name = _branch.head_branch(wt)
+        assert wt_name is not None
+        sources, plan, role_values = plan_in(wt_root)
+        text = unified_diff(sources, plan.new_sources)
+        commit = None
+        if plan.new_sources:
+            message = _commit_text(plan, base, role_values)
+            commit = _branch.commit_files(
+                wt, plan.new_sources, sources, base=base, branch=wt_name, message=message
+            ).commit
+    return ApplyResult(str(wt_root), wt_name, base, commit, plan.changes, role_values, plan.warnings, text)
+
+
+def restore(repo: str | Path = ".", *, keep: bool = False) -> RestoreResult:
+    """Back to the recorded base; deletes the throwaway branch unless `keep`. Nothing to restore: no error."""
+    done = _branch.restore(_branch.open_repo(repo), keep=keep)
+    return RestoreResult(done.restored, done.branch, done.message)
+
+
+def diff(repo: str | Path = ".") -> str:
+    """What megaquant committed on the throwaway branch, as a diff against its base ('' elsewhere)."""
+    rep = _branch.open_repo(repo)
+    base, _ = _throwaway_base(rep)
+    if base is None:
+        return ""
+    with _branch.git_errors("diffing against the base"):
+        out: str = rep.git.diff(base.commit, "HEAD")
+    return out + "\n" if out else ""

@@ -1,0 +1,191 @@
+"""The `megaquant` command line: parse options, call `megaquant.api`, print (rich, or `--json`).
+
+Other modules add sub-commands: list the module in `_COMMAND_MODULES`; it exposes `register(app) -> None`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from typer.core import TyperGroup
+
+from megaquant.errors import MegaquantError
+
+if TYPE_CHECKING:
+    from megaquant.api import ApplyResult, Status
+
+__all__ = ["app", "main"]
+
+# Modules that contribute sub-commands (each exposes `register(app: typer.Typer) -> None`).
+_COMMAND_MODULES: tuple[str, ...] = ("megaquant.instrument", "megaquant.demo", "megaquant.report")
+
+
+def _git_error_text(exc: Exception) -> str | None:
+    """A GitPython error (only if GitPython is loaded) as one line, else None."""
+    gitmod = sys.modules.get("git")
+    if gitmod is None or not isinstance(exc, gitmod.exc.GitError):
+        return None
+    stderr = getattr(exc, "stderr", "") or ""
+    return f"git: {str(stderr).strip() or exc}".replace("\n", " ")
+
+
+class _Group(TyperGroup):
+    """Turns megaquant's and git's errors into `error: ...` on stderr and exit 1 (no traceback)."""
+
+    def invoke(self, ctx: Any) -> Any:  # typer vendors click: its Context type is private
+        try:
+            return super().invoke(ctx)
+        except MegaquantError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from None
+        except Exception as exc:
+            text = _git_error_text(exc)
+            if text is None:
+                raise
+            typer.echo(f"error: {text}", err=True)
+            raise typer.Exit(1) from None
+
+
+RepoOpt = Annotated[Path, typer.Option("--repo", help="A path inside the git checkout to act on.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")]
+ValueOpt = "mxfp8 | mxfp4 | hifp8 | none (bf16 = none)"
+
+
+def _print_json(data: object) -> None:
+    typer.echo(json.dumps(data, indent=2))
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+def _warn(warnings: tuple[str, ...]) -> None:
+    for warning in warnings:
+        typer.echo(f"warning: {warning}", err=True)
+
+
+def _show_status(result: Status) -> None:
+    from rich.table import Table
+
+    console = _console()
+    where = result.branch or f"detached at {result.head[:12]}"
+    console.print(f"[bold]{result.repo}[/] on {where}")
+    if result.base is not None:
+        console.print(f"throwaway branch of {result.base.branch or 'detached'} @ {result.base.commit[:12]}")
+    table = Table(show_edge=False)
+    for column in ("site", "scope", "value", "roles", "notes"):
+        table.add_column(column)
+    for site in result.sites:
+        value = repr(site.value) if site.value is not None else site.expr
+        notes = ", ".join(
+            n for n, on in (("conditional", site.conditional), ("override", site.override)) if on
+        )
+        table.add_row(f"{site.file}:{site.line}", site.scope, value, ", ".join(site.roles) or "-", notes)
+    console.print(table if result.sites else "no sites found")
+    _warn(result.warnings)
+
+
+def _show_apply(result: ApplyResult, dry_run: bool) -> None:
+    console = _console()
+    if dry_run:
+        sys.stdout.write(result.diff)
+    for change in result.changes:
+        console.print(
+            f"{change.file}:{change.line} {change.scope} [{change.role}] {change.old} -> {change.new}"
+        )
+    values = " ".join(f"{role}={value}" for role, value in result.values.items())
+    if dry_run:
+        console.print(f"dry run: nothing written ({values})")
+    elif result.commit is None:
+        console.print(f"nothing to change: already {values}")
+    else:
+        console.print(f"committed {result.commit[:12]} on {result.branch} in {result.repo} ({values})")
+    _warn(result.warnings)
+
+
+def _add_core_commands(app: typer.Typer) -> None:
+    @app.command("status")
+    def status_command(repo: RepoOpt = Path("."), as_json: JsonOpt = False) -> None:
+        """Show every quantization site, the branch and its base, and warnings about interrupted work."""
+        from megaquant import api
+
+        result = api.status(repo)
+        _print_json(result.to_json()) if as_json else _show_status(result)
+
+    @app.command("set")
+    def set_command(
+        repo: RepoOpt = Path("."),
+        linear: Annotated[str | None, typer.Option(help=f"Both linear roles: {ValueOpt}.")] = None,
+        linear_fwd: Annotated[str | None, typer.Option(help="Linear forward GEMM.")] = None,
+        linear_bwd: Annotated[str | None, typer.Option(help="Linear backward (gradient) GEMMs.")] = None,
+        qk: Annotated[str | None, typer.Option(help="Attention Q·K^T GEMM.")] = None,
+        pv: Annotated[str | None, typer.Option(help="Attention P·V GEMM.")] = None,
+        dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the diff; write nothing.")] = False,
+        as_json: JsonOpt = False,
+        worktree: Annotated[
+            Path | None, typer.Option(help="Make the change in a new git worktree DIR; the checkout stays.")
+        ] = None,
+    ) -> None:
+        """Set role values on the throwaway branch megaquant/<base> (one commit; restore undoes it)."""
+        if all(v is None for v in (linear, linear_fwd, linear_bwd, qk, pv)):
+            raise typer.BadParameter("give at least one of --linear, --linear-fwd, --linear-bwd, --qk, --pv")
+        from megaquant import api
+
+        result = api.apply(
+            repo,
+            linear=linear,
+            linear_fwd=linear_fwd,
+            linear_bwd=linear_bwd,
+            qk=qk,
+            pv=pv,
+            dry_run=dry_run,
+            worktree=worktree,
+        )
+        _print_json(result.to_json()) if as_json else _show_apply(result, dry_run)
+
+    @app.command("restore")
+    def restore_command(
+        repo: RepoOpt = Path("."),
+        keep: Annotated[bool, typer.Option("--keep", help="Keep the throwaway branch.")] = False,
+    ) -> None:
+        """Return to the base (undoing an interrupted set); exits 0 when there is nothing to restore."""
+        from megaquant import api
+
+        typer.echo(api.restore(repo, keep=keep).message)
+
+    @app.command("diff")
+    def diff_command(repo: RepoOpt = Path(".")) -> None:
+        """Print what megaquant committed on the throwaway branch, against its base."""
+        from megaquant import api
+
+        sys.stdout.write(api.diff(repo))
+
+
+def build_app(modules: tuple[str, ...] | None = None) -> typer.Typer:
+    """The typer app with the core commands and every registered module's commands."""
+    new_app = typer.Typer(
+        cls=_Group,
+        name="megaquant",
+        help="Exact, safe low-precision training experiments on Megatron-LM.",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+    )
+    _add_core_commands(new_app)
+    for name in dict.fromkeys(_COMMAND_MODULES if modules is None else modules):
+        importlib.import_module(name).register(new_app)
+    return new_app
+
+
+app = build_app()
+
+
+def main() -> None:
+    app(prog_name="megaquant")
