@@ -99,6 +99,13 @@ def _read_sources(root: Path, spec: Spec) -> dict[str, bytes]:
     return {rel: (root / rel).read_bytes() for rel in candidate_paths(root, spec)}
 
 
+def _spec_name(repo: git.Repo, spec: str | None) -> str:
+    """The spec asked for, else git config `megaquant.spec` (set by `instrument`), else fork."""
+    if spec is not None:
+        return spec
+    return _branch.config_value(repo, "megaquant.spec") or "fork"
+
+
 def _throwaway_base(repo: git.Repo) -> tuple[Base | None, str | None]:
     """(base, throwaway branch) when HEAD is on a megaquant branch, else (None, None)."""
     on = _branch.head_branch(repo)
@@ -175,7 +182,7 @@ def _commit_text(plan: RewritePlan, base: Base, values: Mapping[str, str]) -> st
 # ---------------------------------------------------------------- API
 
 
-def status(repo: str | Path = ".", *, spec: str = "fork") -> Status:
+def status(repo: str | Path = ".", *, spec: str | None = None) -> Status:
     """Where the repository stands: every site of the spec's variable, the base if on a throwaway branch,
     and warnings that explain interrupted or unusual states."""
     from megaquant.sites import scan_tree
@@ -184,7 +191,7 @@ def status(repo: str | Path = ".", *, spec: str = "fork") -> Status:
     rep = _branch.open_repo(repo)
     root = _branch.worktree_root(rep)
     base, _ = _throwaway_base(rep)
-    scan = scan_tree(root, load_spec(spec))
+    scan = scan_tree(root, load_spec(_spec_name(rep, spec)))
     warnings = (*scan.warnings, *_branch.describe_state(rep))
     head = _branch.head_commit(rep) or ""
     return Status(str(root), _branch.head_branch(rep), head, base, scan.sites, tuple(warnings))
@@ -201,15 +208,15 @@ def apply(
     values: Mapping[str, str] | None = None,
     dry_run: bool = False,
     worktree: str | Path | None = None,
-    spec: str = "fork",
+    spec: str | None = None,
 ) -> ApplyResult:
     """Set role values on the throwaway branch `megaquant/<base>` (or a new worktree) with one commit."""
     from megaquant.codemod import plan_rewrite
     from megaquant.spec import load_spec
 
-    spec_obj = load_spec(spec)
-    targets = _targets(spec_obj, values, linear, linear_fwd=linear_fwd, linear_bwd=linear_bwd, qk=qk, pv=pv)
     rep = _branch.open_repo(repo)
+    spec_obj = load_spec(_spec_name(rep, spec))
+    targets = _targets(spec_obj, values, linear, linear_fwd=linear_fwd, linear_bwd=linear_bwd, qk=qk, pv=pv)
     journal = _branch.read_journal(rep)
     if journal is not None:
         raise GitStateError(

@@ -32,6 +32,7 @@ __all__ = [
     "Restored",
     "blob_hash",
     "commit_files",
+    "config_value",
     "current_base",
     "describe_state",
     "dirty_paths",
@@ -190,6 +191,13 @@ def head_commit(repo: git.Repo) -> str | None:
         return None
 
 
+def config_value(repo: git.Repo, key: str) -> str | None:
+    try:
+        return str(repo.git.config("--get", key)).strip() or None
+    except git.GitCommandError:
+        return None
+
+
 def current_base(repo: git.Repo) -> Base:
     commit = head_commit(repo)
     if commit is None:
@@ -339,8 +347,9 @@ def dirty_paths(repo: git.Repo, paths: Sequence[str] = ()) -> dict[str, str]:
 
 def recorded_base(repo: git.Repo, branch: str) -> Base | None:
     """The base recorded for a throwaway branch: branch config, then the newest commit trailer."""
-    with contextlib.suppress(git.GitCommandError):
-        return Base.parse(repo.git.config("--get", f"branch.{branch}.{BASE_CONFIG_KEY}"))
+    label = config_value(repo, f"branch.{branch}.{BASE_CONFIG_KEY}")
+    if label:
+        return Base.parse(label)
     if branch not in repo.heads:
         return None
     for commit in repo.iter_commits(branch, max_count=200):

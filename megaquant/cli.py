@@ -52,6 +52,13 @@ class _Group(TyperGroup):
 
 
 RepoOpt = Annotated[Path, typer.Option("--repo", help="A path inside the git checkout to act on.")]
+SpecOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--spec",
+        help="Rewrite spec (rewrites/NAME.toml or a path); default: git config megaquant.spec, else fork.",
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")]
 ValueOpt = "mxfp8 | mxfp4 | hifp8 | none (bf16 = none)"
 
@@ -112,11 +119,11 @@ def _show_apply(result: ApplyResult, dry_run: bool) -> None:
 
 def _add_core_commands(app: typer.Typer) -> None:
     @app.command("status")
-    def status_command(repo: RepoOpt = Path("."), as_json: JsonOpt = False) -> None:
+    def status_command(repo: RepoOpt = Path("."), as_json: JsonOpt = False, spec: SpecOpt = None) -> None:
         """Show every quantization site, the branch and its base, and warnings about interrupted work."""
         from megaquant import api
 
-        result = api.status(repo)
+        result = api.status(repo, spec=spec)
         _print_json(result.to_json()) if as_json else _show_status(result)
 
     @app.command("set")
@@ -132,6 +139,7 @@ def _add_core_commands(app: typer.Typer) -> None:
         worktree: Annotated[
             Path | None, typer.Option(help="Make the change in a new git worktree DIR; the checkout stays.")
         ] = None,
+        spec: SpecOpt = None,
     ) -> None:
         """Set role values on the throwaway branch megaquant/<base> (one commit; restore undoes it)."""
         if all(v is None for v in (linear, linear_fwd, linear_bwd, qk, pv)):
@@ -147,6 +155,7 @@ def _add_core_commands(app: typer.Typer) -> None:
             pv=pv,
             dry_run=dry_run,
             worktree=worktree,
+            spec=spec,
         )
         _print_json(result.to_json()) if as_json else _show_apply(result, dry_run)
 

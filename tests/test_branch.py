@@ -1,4 +1,4 @@
-"""branch.py on real git repositories with plain file edits: lock, journal, throwaway branch, worktree, restore."""
+"""branch.py on real git repositories with plain file edits: lock, journal, branch, worktree, restore."""
 
 from __future__ import annotations
 
