@@ -1,0 +1,360 @@
+"""A recorded training run: resolve the request, set the roles through the core API, launch torchrun,
+stream train.log, write manifest.json, restore the tree on success, failure and Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata
+import json
+import os
+import platform
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
+
+from megaquant.errors import LaunchError, MegaquantError
+from megaquant.launch.argv import (
+    Entry,
+    Parallel,
+    entry_for,
+    megatron_args,
+    mla_supported,
+    role_values,
+    torchrun_argv,
+    train_env,
+)
+from megaquant.launch.datasets import get_dataset
+from megaquant.launch.models import get_model
+from megaquant.launch.modes import get_mode, mode_for_values
+from megaquant.launch.presets import get_preset
+
+if TYPE_CHECKING:
+    from megaquant.sites import Site
+
+__all__ = [
+    "TRAIN_COMMAND_ENV",
+    "RunPlan",
+    "RunRecord",
+    "TrainRequest",
+    "check_roles",
+    "command_for",
+    "default_run_dir",
+    "detect_spec",
+    "environment_summary",
+    "execute",
+    "plan_run",
+    "srun_prefix",
+]
+
+TRAIN_COMMAND_ENV = "MEGAQUANT_TRAIN_COMMAND"
+"""Test/debug hook: when set (split like a shell word list, never run through a shell) it replaces the
+`python -m torch.distributed.run ... <entry>` prefix; the Megatron arguments are still appended."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainRequest:
+    """What a user asked for (train_config.py / `megaquant train`), before anything is resolved."""
+
+    model: str
+    dataset: str | None
+    """None: `--mock-data` (no dataset files needed)."""
+    mode: str = "bf16"
+    preset: str = "fast"
+    megatron: Path = Path(".")
+    data_root: Path | None = None
+    """Where dataset prefixes and the built-in tokenizer live; default: the Megatron tree."""
+    tokenizer: str | None = None
+    linear: str | None = None
+    qk: str | None = None
+    pv: str | None = None
+    parallel: Parallel = field(default_factory=Parallel)
+    run_dir: Path | None = None
+    worktree: Path | None = None
+    spec: str | None = None
+    """Rewrite spec; None: the tree's `git config megaquant.spec` (by `megaquant instrument`), or fork."""
+    srun: bool = False
+    """Start torchrun once per node through `srun` (inside a Slurm allocation)."""
+    extra: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunPlan:
+    request: TrainRequest
+    mode: str
+    values: dict[str, str]
+    tree: Path
+    megatron_args: tuple[str, ...]
+    run_dir: Path
+    spec: str
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunRecord:
+    run_dir: Path
+    exit_code: int
+    manifest: dict[str, object]
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+def default_run_dir(request: TrainRequest, mode: str, now: _dt.datetime | None = None) -> Path:
+    stamp = (now or _dt.datetime.now(_dt.UTC)).strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{stamp}-{request.model}-{request.dataset or 'mock'}-{mode}-{request.preset}"
+
+
+def detect_spec(tree: Path) -> str:
+    """`git config megaquant.spec` of the tree (recorded by `megaquant instrument`), else 'fork'."""
+    done = subprocess.run(
+        ["git", "-C", str(tree), "config", "--get", "megaquant.spec"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return done.stdout.strip() or "fork"
+
+
+def plan_run(request: TrainRequest, *, require_tree: bool = True) -> RunPlan:
+    """Resolve names, role values and the Megatron arguments; refuse combinations that cannot work."""
+    model = get_model(request.model)
+    dataset = None if request.dataset is None else get_dataset(request.dataset)
+    preset = get_preset(request.preset)
+    values = role_values(get_mode(request.mode), linear=request.linear, qk=request.qk, pv=request.pv)
+    mode = request.mode
+    if (request.linear, request.qk, request.pv) != (None, None, None):
+        named = mode_for_values(values)
+        mode = named if named != "custom" else f"{request.mode}+overrides"
+    tree = request.megatron.absolute()
+    is_tree = (tree / "megatron" / "core").is_dir()
+    notes: list[str] = []
+    if not is_tree:
+        if require_tree:
+            raise LaunchError(
+                f"{tree}: not a Megatron-LM tree (no megatron/core); pass --megatron PATH to a Megatron-LM "
+                "checkout or an instrumented megatron-core copy (`megaquant instrument`)"
+            )
+        notes.append(f"{tree} is not a Megatron tree: showing the command for a tree with pretrain_gpt.py")
+    if model.mla and is_tree and not mla_supported(tree):
+        raise LaunchError(
+            f"model {model.name} uses multi-latent attention, and {tree}/megatron/core/transformer/"
+            "dot_product_attention.py: DotProductAttention.__init__ does not accept the k_channels/"
+            "v_channels keywords MLASelfAttention passes on the local implementation (the only one "
+            "whose GEMMs are quantized): the model would not build, and a Transformer Engine run would "
+            "quantize nothing. Fix: run `megaquant instrument --repo TREE` (it adds the MLA channel "
+            "keywords), then launch on that tree"
+        )
+    if model.mla and not is_tree:
+        notes.append(f"{model.name} needs a tree whose local DotProductAttention takes k_channels/v_channels")
+    data_root = (request.data_root or tree).absolute()
+    args = megatron_args(
+        model,
+        dataset,
+        preset,
+        request.parallel,
+        data_root=data_root,
+        tokenizer=request.tokenizer,
+        extra=request.extra,
+    )
+    spec = request.spec or (detect_spec(tree) if is_tree else "fork")
+    run_dir = request.run_dir or default_run_dir(request, mode)
+    return RunPlan(
+        request=request,
+        mode=mode,
+        values=values,
+        tree=tree,
+        megatron_args=tuple(args),
+        run_dir=run_dir.absolute(),
+        spec=spec,
+        notes=tuple(notes),
+    )
+
+
+def srun_prefix(parallel: Parallel) -> list[str]:
+    """One torchrun per node inside a Slurm allocation (Megatron's own launch; no process manager here)."""
+    return ["srun", "--nodes", str(parallel.nnodes), "--ntasks-per-node", "1", "--kill-on-bad-exit=1"]
+
+
+def command_for(
+    plan: RunPlan, checkout: Path, *, python: str = sys.executable, environ: Mapping[str, str] | None = None
+) -> tuple[list[str], dict[str, str], Entry]:
+    """The full argv and the environment additions for training `checkout` (the tree or its worktree)."""
+    environ = os.environ if environ is None else environ
+    entry = entry_for(checkout)
+    args = list(plan.megatron_args)
+    if entry.own_metrics:
+        args += ["--mq-metrics", str(plan.run_dir / "metrics.jsonl")]
+    override = environ.get(TRAIN_COMMAND_ENV)
+    if override:
+        argv = shlex.split(override) + args
+    else:
+        argv = torchrun_argv(python, plan.request.parallel, entry, args)
+        if plan.request.srun:
+            argv = srun_prefix(plan.request.parallel) + argv
+    return argv, train_env(entry, environ), entry
+
+
+def check_roles(sites: Sequence[Site], values: Mapping[str, str]) -> None:
+    """Refuse a run whose tree would not quantize a role it was asked to: every role asked for a format
+    needs at least one site of that role holding that value (run-time overrides aside)."""
+    from megaquant.spec import canonical_value
+
+    for role, value in values.items():
+        if value == "none":
+            continue
+        held = [s for s in sites if role in s.roles and not s.override]
+        if not held:
+            raise LaunchError(
+                f"role {role} = {value} asked for, but the tree has no {role} site: the run would "
+                "silently not quantize it. Use the fork, or run `megaquant instrument` on stock Megatron"
+            )
+        wrong = [s for s in held if s.value is None or canonical_value(s.value) != value]
+        if wrong:
+            first = wrong[0]
+            raise LaunchError(
+                f"{first.file}:{first.line}: role {role} site holds {first.expr}, expected {value!r} after "
+                "setting the roles; run `megaquant status` and `megaquant restore`"
+            )
+
+
+def environment_summary(environ: Mapping[str, str] | None = None) -> dict[str, object]:
+    environ = os.environ if environ is None else environ
+
+    def version(dist: str) -> str | None:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    return {
+        "hostname": socket.gethostname(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "executable": sys.executable,
+        "packages": {d: version(d) for d in ("megaquant", "torch", "megatron-core", "triton")},
+        "cuda_visible_devices": environ.get("CUDA_VISIBLE_DEVICES"),
+        "slurm_job_id": environ.get("SLURM_JOB_ID"),
+    }
+
+
+def _write_manifest(run_dir: Path, manifest: Mapping[str, object]) -> None:
+    tmp = run_dir / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, run_dir / "manifest.json")
+
+
+def _stream(proc: subprocess.Popen[str], log: TextIO, echo: Callable[[str], None]) -> None:
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        log.write(line)
+        log.flush()
+        echo(line)
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    """Ctrl-C reached us, not the child (own session): forward SIGINT, then escalate."""
+    for sig, wait_s in ((signal.SIGINT, 30.0), (signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def execute(
+    plan: RunPlan,
+    *,
+    echo: Callable[[str], None] = lambda line: None,
+    validated_against: str | None = None,
+) -> RunRecord:
+    """Set the roles (branch or worktree), train, record, restore. KeyboardInterrupt is re-raised after
+    the tree is restored and the manifest says 'interrupted'."""
+    from megaquant import api
+
+    run_dir = plan.run_dir
+    if (run_dir / "manifest.json").exists():
+        raise LaunchError(f"{run_dir}: already holds a run (manifest.json); choose a new --run-dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    request = plan.request
+    applied = api.apply(plan.tree, values=plan.values, worktree=request.worktree, spec=plan.spec)
+    checkout = Path(applied.repo)
+    manifest: dict[str, object] = {
+        "schema": 1,
+        "mode": plan.mode,
+        "model": request.model,
+        "dataset": request.dataset or "mock",
+        "preset": request.preset,
+        "values": dict(applied.values),
+        "spec": plan.spec,
+        "repo": str(plan.tree),
+        "checkout": str(checkout),
+        "branch": applied.branch,
+        "base": {"branch": applied.base.branch, "commit": applied.base.commit},
+        "commit": None,
+        "megatron_args": list(plan.megatron_args),
+        "validated_against": validated_against,
+        "warnings": list(applied.warnings),
+        "environment": environment_summary(),
+        "log": "train.log",
+        "start": _now(),
+        "end": None,
+        "exit_code": None,
+        "status": "starting",
+    }
+    exit_code = 1
+    interrupted = False
+    try:
+        status = api.status(checkout, spec=plan.spec)
+        manifest["commit"] = status.head
+        check_roles(status.sites, applied.values)
+        argv, env_add, entry = command_for(plan, checkout)
+        manifest.update(argv=argv, env=env_add, metrics="metrics.jsonl" if entry.own_metrics else None)
+        manifest["status"] = "running"
+        _write_manifest(run_dir, manifest)
+        with (run_dir / "train.log").open("w") as log:
+            try:
+                proc = subprocess.Popen(
+                    argv,
+                    cwd=checkout,
+                    env={**os.environ, **env_add},
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                    bufsize=1,
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                raise LaunchError(f"could not start {argv[0]!r}: {exc}") from exc
+            try:
+                _stream(proc, log, echo)
+                exit_code = proc.wait()
+            except KeyboardInterrupt:
+                interrupted = True
+                _stop(proc)
+                exit_code = proc.returncode if proc.returncode is not None else -signal.SIGINT
+                raise
+    except MegaquantError as exc:
+        manifest["error"] = str(exc)
+        raise
+    finally:
+        restored = api.restore(checkout)
+        manifest.update(
+            end=_now(),
+            exit_code=exit_code,
+            status="interrupted" if interrupted else ("succeeded" if exit_code == 0 else "failed"),
+            restored=restored.message,
+        )
+        _write_manifest(run_dir, manifest)
+    return RunRecord(run_dir=run_dir, exit_code=exit_code, manifest=manifest)

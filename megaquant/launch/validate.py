@@ -1,0 +1,115 @@
+"""Validate Megatron argv with Megatron's own `parse_args()` + `validate_args()`, in a child process.
+
+The parent side is pure bookkeeping; `python -m megaquant.launch.validate` is the child that imports
+Megatron (sources put first on sys.path) and checks a batch of argv read as JSON from stdin.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from megaquant.errors import LaunchError
+
+__all__ = ["Case", "Verdict", "megatron_version", "source_for", "validate"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Case:
+    argv: tuple[str, ...]
+    """Megatron arguments only (no program name, no megaquant-only flags)."""
+    world_size: int = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class Verdict:
+    ok: bool
+    error: str
+    """Megatron's own message ('' when accepted): argparse's usage error or the failed assertion."""
+
+
+def megatron_version(source: Path) -> str:
+    """The megatron-core version of a source directory (from megatron/core/package_info.py), or '?'."""
+    try:
+        text = (source / "megatron" / "core" / "package_info.py").read_text()
+    except OSError:
+        return "?"
+    parts = [re.search(rf"^{key}\s*=\s*(\S+)", text, re.M) for key in ("MAJOR", "MINOR", "PATCH")]
+    return ".".join(m.group(1).strip("'\"") for m in parts if m) or "?"
+
+
+def source_for(tree: Path | None) -> Path:
+    """Where the argument parser comes from: the tree when it has megatron/training, else the installed
+    megatron-core when it ships megatron/training, else the pinned wheel's sources (downloaded once)."""
+    from megaquant.megatron_src import PINNED_VERSION, installed_megatron, megatron_sources
+
+    for candidate in (tree, installed_megatron()):
+        if candidate is not None and (candidate / "megatron" / "training" / "arguments.py").is_file():
+            return candidate
+    return megatron_sources(PINNED_VERSION)
+
+
+def validate(cases: Sequence[Case], source: Path, *, python: str = sys.executable) -> list[Verdict]:
+    """One child process checks every case; a child that cannot import Megatron raises LaunchError."""
+    batch = [{"argv": list(c.argv), "world_size": c.world_size} for c in cases]
+    request = {"source": str(source), "cases": batch}
+    done = subprocess.run(
+        [python, "-m", "megaquant.launch.validate"],
+        input=json.dumps(request),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    last = done.stdout.strip().splitlines()[-1:] if done.stdout.strip() else []
+    if done.returncode != 0 or not last:
+        raise LaunchError(
+            f"could not run Megatron's argument parser from {source} (exit {done.returncode}):\n"
+            f"{done.stderr.strip()[-1500:]}\nInstall the megatron extra (pip install 'megaquant[megatron]', "
+            "which brings triton) or pass --no-validate"
+        )
+    return [Verdict(ok=bool(r["ok"]), error=str(r["error"])) for r in json.loads(last[0])]
+
+
+def _child() -> int:
+    import contextlib
+    import io
+    import typing
+
+    request = json.load(sys.stdin)
+    sys.path.insert(0, request["source"])
+    if not hasattr(typing, "override"):  # megatron-core 0.19 uses the 3.12-only name
+        import typing_extensions
+
+        typing.override = typing_extensions.override  # type: ignore[attr-defined]
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    out = sys.stdout
+    with contextlib.redirect_stdout(io.StringIO()):
+        from megatron.training.arguments import parse_args, validate_args
+
+    results = []
+    for case in request["cases"]:
+        os.environ["WORLD_SIZE"] = str(case["world_size"])
+        sys.argv = ["pretrain_gpt.py", *case["argv"]]
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+                validate_args(parse_args())
+            results.append({"ok": True, "error": ""})
+        except SystemExit:
+            lines = err.getvalue().strip().splitlines()
+            results.append({"ok": False, "error": lines[-1] if lines else "argparse exited"})
+        except Exception as exc:  # Megatron reports a rejected combination by assert / ValueError
+            results.append({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+    out.write(json.dumps(results) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_child())
