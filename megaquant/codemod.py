@@ -1,0 +1,232 @@
+"""Pure libcst rewrites of the quantization variable: set values by role, give a shared site a sibling.
+
+Bytes in, bytes out: the file's encoding, newline style, quote style and every other byte are kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import libcst as cst
+
+from megaquant.errors import SourceError, ValueNameError
+from megaquant.sites import FileAnalysis, Step, analyse_file
+from megaquant.spec import ROLES, Spec, canonical_value
+
+__all__ = ["Change", "RewritePlan", "plan_rewrite"]
+
+
+@dataclass(frozen=True)
+class Change:
+    """One edit: `set` replaces the right-hand side of a site, `insert` adds a sibling before a GEMM."""
+
+    file: str
+    scope: str
+    line: int
+    role: str
+    old: str  # the expression before (for `insert`: the one the GEMM used to get)
+    new: str  # the literal after (for `insert` keeping another role's value: that expression)
+    kind: str  # "set" | "insert"
+
+
+@dataclass(frozen=True)
+class RewritePlan:
+    new_sources: dict[str, bytes]  # only files that change
+    changes: tuple[Change, ...]
+    warnings: tuple[str, ...]
+
+
+def _value_key(value: str | None, expr: str) -> str:
+    """What a GEMM effectively gets: a canonical value name, else the literal or expression text."""
+    if value is None:
+        return f"expr:{expr}"
+    try:
+        return canonical_value(value)
+    except ValueNameError:
+        return f"literal:{value}"
+
+
+def _quote(node: cst.BaseExpression, module: cst.Module, variable: str) -> tuple[str, str]:
+    """(prefix, quote) to write a literal with: the site's own, else the first string in it or the file."""
+
+    class First(cst.CSTVisitor):
+        found: cst.SimpleString | None = None
+
+        def visit_SimpleString(self, string: cst.SimpleString) -> bool:
+            if self.found is None and string.quote in ("'", '"'):
+                self.found = string
+            return False
+
+    for where in (node, module):
+        visitor = First()
+        where.visit(visitor)
+        if visitor.found is not None:
+            prefix = visitor.found.prefix.replace("b", "").replace("B", "").replace("f", "").replace("F", "")
+            return prefix if where is node else "", visitor.found.quote
+    return "", "'"
+
+
+def _string(literal: str, style: tuple[str, str]) -> str:
+    prefix, quote = style
+    return f"{prefix}{quote}{literal}{quote}"
+
+
+class _Edit(cst.CSTTransformer):
+    def __init__(self, values: dict[int, str], inserts: dict[int, list[str]], module: cst.Module) -> None:
+        self.values = values
+        self.inserts = inserts
+        self.module = module
+
+    def leave_Assign(self, original: cst.Assign, updated: cst.Assign) -> cst.Assign:
+        new = self.values.get(id(original))
+        return updated if new is None else updated.with_changes(value=cst.parse_expression(new))
+
+    def leave_AnnAssign(self, original: cst.AnnAssign, updated: cst.AnnAssign) -> cst.AnnAssign:
+        new = self.values.get(id(original))
+        return updated if new is None else updated.with_changes(value=cst.parse_expression(new))
+
+    def _body(
+        self, original: tuple[cst.BaseStatement, ...], updated: tuple[cst.BaseStatement, ...]
+    ) -> list[cst.BaseStatement]:
+        out: list[cst.BaseStatement] = []
+        for before, after in zip(original, updated, strict=True):
+            lines = self.inserts.get(id(before), [])
+            if lines:
+                config = self.module.config_for_parsing
+                new = [cst.parse_statement(code, config=config) for code in lines]
+                # The sibling goes right before the GEMM statement, after the comments that precede it.
+                if isinstance(after, cst.SimpleStatementLine | cst.BaseCompoundStatement):
+                    new[0] = new[0].with_changes(leading_lines=after.leading_lines)
+                    after = after.with_changes(leading_lines=())
+                out.extend(new)
+            out.append(after)
+        return out
+
+    def leave_IndentedBlock(
+        self, original: cst.IndentedBlock, updated: cst.IndentedBlock
+    ) -> cst.IndentedBlock:
+        return updated.with_changes(body=self._body(tuple(original.body), tuple(updated.body)))
+
+    def leave_Module(self, original: cst.Module, updated: cst.Module) -> cst.Module:
+        return updated.with_changes(body=self._body(tuple(original.body), tuple(updated.body)))
+
+
+def _targets(targets: Mapping[str, str], spec: Spec) -> tuple[dict[str, str], list[str]]:
+    wanted: dict[str, str] = {}
+    warnings: list[str] = []
+    for role, value in targets.items():
+        if role not in ROLES:
+            raise ValueNameError(f"unknown role {role!r}; roles are {', '.join(ROLES)}")
+        canonical_value(value)
+        if role not in spec.roles():
+            warnings.append(f"role {role} is not defined by spec {spec.name}; nothing was changed for it")
+            continue
+        wanted[role] = spec.literal(value)
+    return wanted, warnings
+
+
+def _plan_file(
+    fa: FileAnalysis, wanted: Mapping[str, str], variable: str
+) -> tuple[dict[int, str], dict[int, list[str]], list[Change], list[str], dict[int, str]]:
+    """Edits of one file, plus the value key every GEMM must end up with (use index -> key)."""
+    values: dict[int, str] = {}
+    inserts: dict[int, list[str]] = {}
+    changes: list[Change] = []
+    warnings: list[str] = []
+    expected: dict[int, str] = {}
+    for i, (a, site) in enumerate(zip(fa.assignments, fa.sites, strict=True)):
+        rhs = a.node.value
+        assert rhs is not None  # sites.py records only assignments with a value
+        style = _quote(rhs, fa.module, variable)
+        if site.override:
+            touched = [r for r in site.roles if r in wanted]
+            if touched:
+                warnings.append(
+                    f"{fa.file}:{a.line}: run-time override in {a.scope} (`{a.expr}`) can still replace the "
+                    f"value of {', '.join(touched)} at run time; megaquant left it alone"
+                )
+            continue
+        governed = [u for u, g in sorted(fa.governor.items()) if g == i]
+        original = _value_key(a.value, a.expr)
+        if not governed:  # a label: follows the role of the next GEMM
+            role = site.roles[0] if site.roles else None
+            if role is not None and role in wanted and original != _value_key(wanted[role], ""):
+                values[id(a.node)] = _string(wanted[role], style)
+                changes.append(Change(fa.file, a.scope, a.line, role, a.expr, values[id(a.node)], "set"))
+            continue
+        # Each governed GEMM wants its role's new literal, or (role not asked for / role-less) the old value.
+        wants: list[tuple[str, str]] = []  # (key, code) per governed use
+        for u in governed:
+            role = fa.uses[u].role
+            if role is not None and role in wanted:
+                wants.append((_value_key(wanted[role], ""), _string(wanted[role], style)))
+            else:
+                wants.append((original, a.expr))
+        first_key, first_code = wants[0]
+        if first_key != original:
+            values[id(a.node)] = first_code
+            first_role = fa.uses[governed[0]].role or ""
+            changes.append(Change(fa.file, a.scope, a.line, first_role, a.expr, first_code, "set"))
+        live: list[tuple[int, tuple[Step, ...], str]] = [(a.order, a.path, first_key)]
+        for u, (key, code) in zip(governed, wants, strict=True):
+            use = fa.uses[u]
+            expected[u] = key
+            current = [k for order, path, k in live if order <= use.order and _within(path, use.path)][-1]
+            if current != key:
+                inserts.setdefault(id(use.anchor), []).append(
+                    f"{variable} = {code}  # megaquant: own value for {use.role or 'this GEMM'}\n"
+                )
+                live.append((use.order, use.path, key))
+                changes.append(Change(fa.file, use.scope, use.line, use.role or "", a.expr, code, "insert"))
+    return values, inserts, changes, warnings, expected
+
+
+def _within(outer: tuple[Step, ...], inner: tuple[Step, ...]) -> bool:
+    return len(outer) <= len(inner) and inner[: len(outer)] == outer
+
+
+def _verify(fa: FileAnalysis, new: bytes, expected: Mapping[int, str], spec: Spec) -> None:
+    """Re-parse the new source and check that every GEMM gets exactly the value it should."""
+    after = analyse_file(fa.file, new, spec)
+    problem = ""
+    if len(after.uses) != len(fa.uses):
+        problem = f"found {len(after.uses)} GEMM uses after the edit, {len(fa.uses)} before"
+    else:
+        for u, key in expected.items():
+            g = after.governor.get(u)
+            got = None if g is None else after.assignments[g]
+            if got is None or _value_key(got.value, got.expr) != key:
+                problem = f"the GEMM at line {fa.uses[u].line} would not get {key}"
+                break
+    if problem:
+        raise SourceError(
+            f"{fa.file}: megaquant cannot rewrite this file safely ({problem}); nothing was changed. "
+            "Please report this with the file attached."
+        )
+
+
+def plan_rewrite(sources: Mapping[str, bytes], targets: Mapping[str, str], spec: Spec) -> RewritePlan:
+    """New sources setting each role in `targets` (role -> value, any spelling); other roles untouched."""
+    wanted, warnings = _targets(targets, spec)
+    new_sources: dict[str, bytes] = {}
+    changes: list[Change] = []
+    found: set[str] = set()
+    for file in sorted(sources):
+        source = sources[file]
+        if spec.variable.encode("ascii") not in source:
+            continue
+        fa = analyse_file(file, source, spec)
+        found.update(r for site in fa.sites for r in site.roles)
+        values, inserts, file_changes, file_warnings, expected = _plan_file(fa, wanted, spec.variable)
+        warnings.extend(file_warnings)
+        if not values and not inserts:
+            continue
+        new = fa.module.visit(_Edit(values, inserts, fa.module)).bytes
+        _verify(fa, new, expected, spec)
+        new_sources[file] = new
+        changes.extend(file_changes)
+    for role in wanted:
+        if role not in found:
+            warnings.append(f"no site of role {role} found (spec {spec.name}); nothing was changed for it")
+    return RewritePlan(new_sources, tuple(changes), tuple(warnings))

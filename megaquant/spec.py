@@ -1,0 +1,159 @@
+"""Rewrite specs: which scopes and GEMM calls make up each role of a codebase (`rewrites/<name>.toml`).
+
+Also the one table of role names and quantization value names (canonical spellings and aliases).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from pathlib import Path
+
+from megaquant.errors import SpecError, ValueNameError
+
+__all__ = [
+    "ALIASES",
+    "ROLES",
+    "VALUES",
+    "RoleRule",
+    "Spec",
+    "canonical_value",
+    "load_spec",
+    "spec_path",
+]
+
+ROLES: tuple[str, ...] = ("linear_fwd", "linear_bwd", "qk", "pv")
+VALUES: tuple[str, ...] = ("mxfp8", "mxfp4", "hifp8", "none")
+ALIASES: dict[str, str] = {"bf16": "none"}
+
+
+def canonical_value(value: str) -> str:
+    """The canonical name of a quantization value (`bf16` -> `none`); unknown -> `ValueNameError`."""
+    name = value.strip().lower()
+    name = ALIASES.get(name, name)
+    if name not in VALUES:
+        known = ", ".join([*VALUES, *(f"{a} (= {c})" for a, c in ALIASES.items())])
+        raise ValueNameError(f"unknown quantization value {value!r}; use one of: {known}")
+    return name
+
+
+@dataclass(frozen=True)
+class RoleRule:
+    """GEMMs of `role`: in files matching `file` (glob), scopes matching `scope`, calls matching `calls`."""
+
+    role: str
+    file: str
+    scope: str
+    calls: tuple[str, ...]
+
+    def covers(self, file: str, scope: str) -> bool:
+        return fnmatchcase(file, self.file) and fnmatchcase(scope, self.scope)
+
+    def matches_call(self, callee: str) -> bool:
+        return any(fnmatchcase(callee, pattern) for pattern in self.calls)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A codebase's sites: the variable, how it spells `none`, and the role rules (first match wins)."""
+
+    name: str
+    variable: str
+    none_literal: str
+    rules: tuple[RoleRule, ...]
+
+    def roles(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(rule.role for rule in self.rules))
+
+    def literal(self, value: str) -> str:
+        """The string this codebase writes for `value` (any spelling)."""
+        name = canonical_value(value)
+        return self.none_literal if name == "none" else name
+
+    def is_gemm_call(self, callee: str) -> bool:
+        """Whether `callee` matches the call patterns of any rule (a GEMM somewhere, maybe role-less)."""
+        return any(rule.matches_call(callee) for rule in self.rules)
+
+    def role_of(self, file: str, scope: str, callees: tuple[str, ...]) -> str | None:
+        """The role of a GEMM use in `file`/`scope` calling `callees`: the first rule that matches."""
+        for rule in self.rules:
+            if rule.covers(file, scope) and any(rule.matches_call(c) for c in callees):
+                return rule.role
+        return None
+
+
+def _rewrites_dirs() -> tuple[Path, ...]:
+    here = Path(__file__).resolve().parent
+    # Source tree: <repo>/rewrites; installed wheel: megaquant/rewrites (see pyproject's package-dir).
+    return (here.parent / "rewrites", here / "rewrites")
+
+
+def spec_path(name_or_path: str | Path) -> Path:
+    """The TOML file of a spec given by name (`fork` -> rewrites/fork.toml) or by path."""
+    text = str(name_or_path)
+    if isinstance(name_or_path, Path) or text.endswith(".toml") or "/" in text:
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise SpecError(f"rewrite spec {path} not found; give a spec name or an existing .toml file")
+        return path
+    for folder in _rewrites_dirs():
+        candidate = folder / f"{text}.toml"
+        if candidate.is_file():
+            return candidate
+    known = sorted({p.stem for d in _rewrites_dirs() if d.is_dir() for p in d.glob("*.toml")})
+    raise SpecError(f"unknown rewrite spec {text!r}; known specs: {', '.join(known) or 'none found'}")
+
+
+def _text(raw: dict[str, object], key: str, where: str) -> str:
+    value = raw.get(key)
+    if not isinstance(value, str) or not value:
+        raise SpecError(f"{where}: `{key}` must be a non-empty string, got {value!r}")
+    return value
+
+
+def _rule(raw: object, where: str) -> RoleRule:
+    if not isinstance(raw, dict):
+        raise SpecError(f"{where}: each [[rules]] entry must be a table")
+    role = _text(raw, "role", where)
+    if role not in ROLES:
+        raise SpecError(f"{where}: unknown role {role!r}; roles are {', '.join(ROLES)}")
+    calls = raw.get("calls")
+    if not isinstance(calls, list) or not calls or not all(isinstance(c, str) and c for c in calls):
+        raise SpecError(f"{where}: `calls` must be a non-empty list of call-name patterns, got {calls!r}")
+    unknown = set(raw) - {"role", "file", "scope", "calls"}
+    if unknown:
+        raise SpecError(f"{where}: unknown keys {sorted(unknown)} (expected role, file, scope, calls)")
+    return RoleRule(role, _text(raw, "file", where), _text(raw, "scope", where), tuple(calls))
+
+
+def parse_spec(text: str, name: str, where: str) -> Spec:
+    """A `Spec` from TOML text; `where` names the file in error messages."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError(f"{where}: not valid TOML: {exc}") from exc
+    rules = raw.get("rules")
+    if not isinstance(rules, list) or not rules:
+        raise SpecError(f"{where}: expected at least one [[rules]] table (role, file, scope, calls)")
+    unknown = set(raw) - {"name", "variable", "none_literal", "rules"}
+    if unknown:
+        raise SpecError(f"{where}: unknown top-level keys {sorted(unknown)}")
+    variable = _text(raw, "variable", where)
+    if not variable.isidentifier():
+        raise SpecError(f"{where}: `variable` must be a Python identifier, got {variable!r}")
+    spec_name = raw.get("name", name)
+    if not isinstance(spec_name, str):
+        raise SpecError(f"{where}: `name` must be a string")
+    return Spec(
+        name=spec_name,
+        variable=variable,
+        none_literal=_text(raw, "none_literal", where),
+        rules=tuple(_rule(r, f"{where}: rules[{i}]") for i, r in enumerate(rules)),
+    )
+
+
+def load_spec(name_or_path: str | Path = "fork") -> Spec:
+    """Load `rewrites/<name>.toml` (from the source tree or the installed package) or a spec file."""
+    path = spec_path(name_or_path)
+    return parse_spec(path.read_text(encoding="utf-8"), path.stem, str(path))

@@ -1,0 +1,39 @@
+"""Shared test helpers: the hand-written fixture trees under tests/fixtures/ as bytes or as git repos."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def fixture_root(name: str) -> Path:
+    """The folder of fixture tree `name` (e.g. "v1_three")."""
+    root = FIXTURES / name
+    if not root.is_dir():
+        known = ", ".join(sorted(p.name for p in FIXTURES.iterdir() if p.is_dir()))
+        raise KeyError(f"no fixture tree {name!r}; known: {known}")
+    return root
+
+
+def fixture_sources(name: str) -> dict[str, bytes]:
+    """Repo-relative posix path -> bytes of every file of fixture tree `name`."""
+    root = fixture_root(name)
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def make_git_repo(tmp_path: Path, name: str) -> Path:
+    """A fresh git repository (branch main) holding fixture tree `name` in one commit."""
+    import git
+
+    repo_dir = tmp_path / name
+    shutil.copytree(fixture_root(name), repo_dir)
+    repo = git.Repo.init(repo_dir, initial_branch="main")
+    with repo.config_writer() as config:
+        config.set_value("user", "name", "megaquant tests")
+        config.set_value("user", "email", "tests@megaquant.invalid")
+        config.set_value("core", "autocrlf", "false")
+    repo.git.add("--all")
+    repo.index.commit(f"fixture {name}")
+    return repo_dir
