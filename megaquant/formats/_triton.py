@@ -1,0 +1,502 @@
+"""Triton kernels for MX (E4M3, E5M2, E2M1) and HiF8 fake-quant and encode, one pass over memory.
+
+Bit-exact with the torch reference (megaquant.formats.mx / .hif8); `supports()` says which calls they serve.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+
+import torch
+import triton
+import triton.language as tl
+
+from megaquant.errors import MegaquantError
+from megaquant.formats.registry import ElementFormat, Encoded, Options, resolve_options
+
+__all__ = ["encode", "fake_quant", "supports"]
+
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_ELEMS_PER_PROGRAM = 8192
+"""Elements one program handles (a tile of whole blocks); 8 warps -> 32 elements per thread."""
+_NUM_WARPS = 8
+_NAN_BLOCK_CODE = {"mxfp8_e4m3": 0x7F, "mxfp8_e5m2": 0x7F, "mxfp4_e2m1": 0x0}
+_FLT_MAX = 3.4028234663852886e38
+_HIF8_FORK_MAX = 0.95 * 2.0**15
+
+
+def _f32_bits(v: float) -> int:
+    bits: int = struct.unpack("<i", struct.pack("<f", v))[0]
+    return bits
+
+
+# ---------------------------------------------------------------------------------------------------------
+# exact fp32 helpers (integer bit manipulation, no libdevice, no fused multiply-add patterns)
+
+
+@triton.jit
+def _binade(x):
+    """floor(log2 |x|) from the exponent field: zero/subnormal -> -127, Inf/NaN -> 128."""
+    return ((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+
+
+@triton.jit
+def _pow2(k):
+    """2^k as fp32 for an int32 k in [-149, 127], exact (subnormal for k < -126)."""
+    normal = (tl.maximum(k + 127, 0) << 23).to(tl.float32, bitcast=True)
+    sub = ((k * 0 + 1) << tl.minimum(tl.maximum(k + 149, 0), 31)).to(tl.float32, bitcast=True)
+    return tl.where(k >= -126, normal, sub)
+
+
+@triton.jit
+def _with_sign_of(mag, ref):
+    """`mag` (sign bit clear) with the sign bit of `ref` (copysign, -0.0 and NaN included)."""
+    sign = (ref.to(tl.int32, bitcast=True) >> 31) << 31
+    return (mag.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _round_mag(a, k_biased, AWAY: tl.constexpr):
+    """Round a magnitude a >= 0 to a multiple of 2^k (k = k_biased - 127, a < 2^(k+22)).
+
+    a + 2^(k+23) lands in a binade whose ulp is 2^k, so the fp32 add rounds to nearest-even at step 2^k
+    and subtracting 2^(k+23) back is exact. Ties away: a tie that went down (a - r == 2^(k-1)) goes up.
+    """
+    c = ((k_biased + 23) << 23).to(tl.float32, bitcast=True)
+    r = (a + c) - c
+    if AWAY:
+        half = ((k_biased - 1) << 23).to(tl.float32, bitcast=True)
+        r = tl.where(a - r == half, r + (half + half), r)
+    return r
+
+
+# ---------------------------------------------------------------------------------------------------------
+# MX: blocks along axis 1 of the tile
+
+
+@triton.jit
+def _mx_quant(
+    x,
+    EMAX: tl.constexpr,
+    EMIN: tl.constexpr,
+    MAN: tl.constexpr,
+    MAXN: tl.constexpr,
+    MAX_MANT: tl.constexpr,
+    FILL_BITS: tl.constexpr,
+    SATURATE: tl.constexpr,
+    RCEIL: tl.constexpr,
+    AWAY: tl.constexpr,
+):
+    """(r, sign, e): element magnitudes on the grid (fp32, before the block scale, saturated or filled),
+    the sign bits of x (int32) and the block exponent (int32, reduced over axis 1; 128 = NaN block).
+
+    The same function as mx.block_exponents + quantize_elements with fewer instructions per element:
+    amax as an integer max of |x|'s bits (Inf/NaN sort above every finite value), and rounding by
+    magic-constant addition at the step 2^(max(binade, EMIN) - MAN). Within a finite block the scaled
+    values stay below 2^(EMAX+1), so the reference's upper clamp of the binade never acts.
+    """
+    xbits = x.to(tl.int32, bitcast=True)
+    abits = xbits & 0x7FFFFFFF
+    amax_bits = tl.max(abits, axis=1)
+    e = (amax_bits >> 23) - 127 - EMAX
+    if RCEIL:
+        e = e + ((amax_bits & 0x7FFFFF) > MAX_MANT).to(tl.int32)
+    e = tl.maximum(e, -127)
+    e = tl.where(amax_bits < 0x7F800000, e, 128)
+    scaled = x * tl.expand_dims(_pow2(-tl.minimum(e, 127)), 1)
+    a = tl.abs(scaled)
+    k_biased = tl.maximum(a.to(tl.int32, bitcast=True) >> 23, EMIN + 127) - MAN
+    r = _round_mag(a, k_biased, AWAY)
+    if SATURATE:
+        r = tl.minimum(r, MAXN)
+    else:
+        r = tl.where(r > MAXN, tl.full(r.shape, FILL_BITS, tl.int32).to(tl.float32, bitcast=True), r)
+    return r, xbits & -2147483648, e
+
+
+@triton.jit
+def _signed(r, sign):
+    return (r.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _mx_dequant(r, sign, e):
+    """sign * r * 2^e in fp32 (exact); NaN blocks become NaN."""
+    nan = tl.full(e.shape, 0x7FC00000, tl.int32).to(tl.float32, bitcast=True)
+    scale = tl.where(e == 128, nan, _pow2(tl.minimum(e, 127)))
+    return _signed(r * tl.expand_dims(scale, 1), sign)
+
+
+@triton.jit
+def _mx_codes(
+    q,
+    e,
+    EMIN: tl.constexpr,
+    MAN: tl.constexpr,
+    BIAS: tl.constexpr,
+    BITS: tl.constexpr,
+    EXP_BITS: tl.constexpr,
+    HAS_INF: tl.constexpr,
+    HAS_NAN: tl.constexpr,
+    NAN_BLOCK_CODE: tl.constexpr,
+    SUB_SCALE: tl.constexpr,
+):
+    """Element codes (int32, value in the low BITS bits) as mx.element_codes, NaN blocks overwritten."""
+    sign = (q.to(tl.int32, bitcast=True) >> 31) & 1
+    a = tl.abs(q)
+    abits = a.to(tl.int32, bitcast=True)
+    eb = ((abits >> 23) & 0xFF) - 127
+    normal = eb >= EMIN
+    exp_field = tl.where(normal, eb + BIAS, 0)
+    man_normal = (abits >> (23 - MAN)) & ((1 << MAN) - 1)
+    man_sub = (a * SUB_SCALE).to(tl.int32)
+    mag = (exp_field << MAN) | tl.where(normal, man_normal, man_sub)
+    if HAS_NAN:
+        mag = tl.where(a != a, (1 << (BITS - 1)) - 1, mag)
+    if HAS_INF:
+        mag = tl.where(abits == 0x7F800000, ((1 << EXP_BITS) - 1) << MAN, mag)
+    codes = (sign << (BITS - 1)) | mag
+    return tl.where(tl.expand_dims(e, 1) == 128, NAN_BLOCK_CODE, codes)
+
+
+@triton.jit
+def _mx_lastaxis_kernel(
+    x_ptr,
+    out_ptr,
+    codes_ptr,
+    scales_ptr,
+    total_blocks,
+    n,
+    n_blocks,
+    n_packed,
+    BS: tl.constexpr,
+    G: tl.constexpr,
+    ENCODE: tl.constexpr,
+    EMAX: tl.constexpr,
+    EMIN: tl.constexpr,
+    MAN: tl.constexpr,
+    BIAS: tl.constexpr,
+    BITS: tl.constexpr,
+    EXP_BITS: tl.constexpr,
+    MAXN: tl.constexpr,
+    MAX_MANT: tl.constexpr,
+    FILL_BITS: tl.constexpr,
+    HAS_INF: tl.constexpr,
+    HAS_NAN: tl.constexpr,
+    NAN_BLOCK_CODE: tl.constexpr,
+    SUB_SCALE: tl.constexpr,
+    SATURATE: tl.constexpr,
+    RCEIL: tl.constexpr,
+    AWAY: tl.constexpr,
+):
+    """x viewed as (rows, n), blocks of BS along n (the last one may be short); G blocks per program."""
+    blk = tl.program_id(0).to(tl.int64) * G + tl.arange(0, G)
+    row = blk // n_blocks
+    col0 = (blk % n_blocks) * BS
+    j = tl.arange(0, BS)
+    col = col0[:, None] + j[None, :]
+    mask = (blk < total_blocks)[:, None] & (col < n)
+    offs = row[:, None] * n + col
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    r, sign, e = _mx_quant(x, EMAX, EMIN, MAN, MAXN, MAX_MANT, FILL_BITS, SATURATE, RCEIL, AWAY)
+    if ENCODE:
+        codes = _mx_codes(
+            _signed(r, sign), e, EMIN, MAN, BIAS, BITS, EXP_BITS, HAS_INF, HAS_NAN, NAN_BLOCK_CODE, SUB_SCALE
+        )
+        tl.store(scales_ptr + blk, tl.minimum(e + 127, 255).to(tl.uint8), mask=blk < total_blocks)
+        if BITS == 4:
+            lo, hi = tl.split(tl.reshape(codes, (G, BS // 2, 2)))
+            pcol = col0[:, None] // 2 + tl.arange(0, BS // 2)[None, :]
+            pmask = (blk < total_blocks)[:, None] & (pcol < n_packed)
+            tl.store(codes_ptr + row[:, None] * n_packed + pcol, (lo | (hi << 4)).to(tl.uint8), mask=pmask)
+        else:
+            tl.store(codes_ptr + offs, codes.to(tl.uint8), mask=mask)
+    else:
+        out = _mx_dequant(r, sign, e)
+        tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _mx_inner_kernel(
+    x_ptr,
+    out_ptr,
+    codes_ptr,
+    scales_ptr,
+    n,
+    inner,
+    n_blocks,
+    n_packed,
+    BS: tl.constexpr,
+    BK: tl.constexpr,
+    ENCODE: tl.constexpr,
+    EMAX: tl.constexpr,
+    EMIN: tl.constexpr,
+    MAN: tl.constexpr,
+    BIAS: tl.constexpr,
+    BITS: tl.constexpr,
+    EXP_BITS: tl.constexpr,
+    MAXN: tl.constexpr,
+    MAX_MANT: tl.constexpr,
+    FILL_BITS: tl.constexpr,
+    HAS_INF: tl.constexpr,
+    HAS_NAN: tl.constexpr,
+    NAN_BLOCK_CODE: tl.constexpr,
+    SUB_SCALE: tl.constexpr,
+    SATURATE: tl.constexpr,
+    RCEIL: tl.constexpr,
+    AWAY: tl.constexpr,
+):
+    """x viewed as (lead, n, inner), blocks of BS along n (axis -2); one block x BK columns per program.
+
+    Program (lead*n_blocks + block, column tile): a (BS, BK) tile whose rows are contiguous in memory,
+    reduced over its rows (axis 0, expanded to a leading axis of size 1 for the shared block helpers).
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    lead = pid // n_blocks
+    b = pid % n_blocks
+    i = b * BS + tl.arange(0, BS)
+    k = tl.program_id(1) * BK + tl.arange(0, BK)
+    kmask = k < inner
+    mask = (i < n)[:, None] & kmask[None, :]
+    base = lead * n * inner
+    offs = base + i[:, None] * inner + k[None, :]
+    x = tl.expand_dims(tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32), 0)  # (1, BS, BK)
+    r, sign, e = _mx_quant(x, EMAX, EMIN, MAN, MAXN, MAX_MANT, FILL_BITS, SATURATE, RCEIL, AWAY)  # e: (1, BK)
+    if ENCODE:
+        codes = _mx_codes(
+            _signed(r, sign), e, EMIN, MAN, BIAS, BITS, EXP_BITS, HAS_INF, HAS_NAN, NAN_BLOCK_CODE, SUB_SCALE
+        )
+        codes = tl.reshape(codes, (BS, BK))
+        scale_offs = (lead * n_blocks + b) * inner + k
+        tl.store(
+            scales_ptr + scale_offs, tl.reshape(tl.minimum(e + 127, 255), (BK,)).to(tl.uint8), mask=kmask
+        )
+        if BITS == 4:
+            pairs = tl.permute(tl.reshape(codes, (BS // 2, 2, BK)), (0, 2, 1))
+            lo, hi = tl.split(pairs)
+            prow = b * (BS // 2) + tl.arange(0, BS // 2)
+            poffs = lead * n_packed * inner + prow[:, None] * inner + k[None, :]
+            pmask = (prow < n_packed)[:, None] & kmask[None, :]
+            tl.store(codes_ptr + poffs, (lo | (hi << 4)).to(tl.uint8), mask=pmask)
+        else:
+            tl.store(codes_ptr + offs, codes.to(tl.uint8), mask=mask)
+    else:
+        out = tl.reshape(_mx_dequant(r, sign, e), (BS, BK))
+        tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# HiF8: per element
+
+
+@triton.jit
+def _hif8_quant(x, SATURATE: tl.constexpr, FORK: tl.constexpr):
+    """Round fp32 to the HiF8 grid exactly as hif8.quantize_hif8 (ties away, +0 for zero, NaN kept).
+
+    Normal and denormal binades (|x| >= 2^-22) round half away on the bits: add half an ulp of the
+    binade's mantissa width, clear the bits below it (a carry into the next binade lands on its power of
+    two, which every binade holds). Below 2^-22 the grid is {0, 2^-22} with the tie 2^-23 going up.
+    """
+    if FORK:
+        a = tl.abs(x)
+        clamped = _with_sign_of(tl.minimum(tl.maximum(a, 2.384185791015625e-07), 31129.599609375), x)
+        x = tl.where((a == 0) | (a != a), x, clamped)
+    xbits = x.to(tl.int32, bitcast=True)
+    abits = xbits & 0x7FFFFFFF
+    ae = tl.abs((abits >> 23) - 127)
+    man_bits = 3 - (ae > 3).to(tl.int32) - (ae > 7).to(tl.int32) - (ae > 15).to(tl.int32)
+    drop = 23 - man_bits
+    rbits = (abits + (1 << (drop - 1))) & (-1 << drop)
+    tiny = tl.where(abits >= 0x34000000, 0x34800000, 0)  # |x| >= 2^-23 -> 2^-22, else 0
+    rbits = tl.where(abits < 0x34800000, tiny, rbits)
+    r = rbits.to(tl.float32, bitcast=True)
+    if SATURATE:
+        r = tl.minimum(r, 32768.0)
+    else:
+        r = tl.where(r > 32768.0, tl.full(r.shape, 0x7F800000, tl.int32).to(tl.float32, bitcast=True), r)
+    r = tl.where(abits > 0x7F800000, x, r)  # NaN stays NaN
+    sign = tl.where(r == 0, 0, xbits & -2147483648)
+    return (r.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _hif8_codes(q):
+    """HiF8 codes (int32) of fp32 values on the grid, as hif8.hif8_codes."""
+    bits = q.to(tl.int32, bitcast=True)
+    sign = ((bits >> 31) & 1) << 7
+    a = tl.abs(q)
+    abits = a.to(tl.int32, bitcast=True)
+    e = ((abits >> 23) & 0xFF) - 127
+    m = tl.abs(e)
+    s_e = (e < 0).to(tl.int32)
+    frac = abits & 0x7FFFFF
+    man3 = frac >> 20
+    c_e0 = 0b0001000 | man3
+    c_e1 = 0b0010000 | (s_e << 3) | man3
+    c_e23 = 0b0100000 | (s_e << 4) | ((m - 2) << 3) | man3
+    c_e47 = 0b1000000 | (s_e << 4) | ((m - 4) << 2) | (frac >> 21)
+    c_e815 = 0b1100000 | (s_e << 4) | ((m - 8) << 1) | (frac >> 22)
+    mag = tl.where(
+        m <= 1,
+        tl.where(m == 0, c_e0, c_e1),
+        tl.where(m <= 3, c_e23, tl.where(m <= 7, c_e47, c_e815)),
+    )
+    mag = tl.where(e < -15, e + 23, mag)
+    code = sign | mag
+    code = tl.where(a == 0, 0, code)
+    code = tl.where(abits == 0x7F800000, sign | 0x6F, code)
+    return tl.where(a != a, 0x80, code)
+
+
+@triton.jit
+def _hif8_kernel(x_ptr, out_ptr, numel, BLOCK: tl.constexpr, ENCODE: tl.constexpr, SATURATE: tl.constexpr,
+                 FORK: tl.constexpr):  # fmt: skip
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    q = _hif8_quant(x, SATURATE, FORK)
+    if ENCODE:
+        tl.store(out_ptr + offs, _hif8_codes(q).to(tl.uint8), mask=mask)
+    else:
+        nan = tl.full(q.shape, 0x7FC00000, tl.int32).to(tl.float32, bitcast=True)
+        q = tl.where(q != q, nan, q)
+        tl.store(out_ptr + offs, q.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Python side
+
+
+def _options(x: torch.Tensor, fmt: str, **opts: object) -> Options | None:
+    """Resolved options when the kernels cover this call, else None."""
+    if not x.is_cuda or x.dtype not in _DTYPES or x.numel() == 0 or set(opts) - _KEYWORDS:
+        return None
+    if opts.get("tensor_scale", False):  # HiF8 per-tensor scaling: served by the reference
+        return None
+    try:
+        resolved = resolve_options(
+            fmt,
+            axis=int(opts.get("axis", -1)),  # type: ignore[call-overload]
+            block_size=int(opts.get("block_size", 32)),  # type: ignore[call-overload]
+            scale=str(opts.get("scale", "floor")),
+            rounding=str(opts.get("rounding", "even")),
+            saturate=bool(opts.get("saturate", True)),
+            preset=opts.get("preset"),  # type: ignore[arg-type]
+        )
+    except MegaquantError:
+        return None
+    if resolved.fmt.block_scaled:
+        bs = resolved.block_size
+        if x.dim() == 0 or not -x.dim() <= resolved.axis < x.dim():
+            return None
+        if bs < 2 or bs > 256 or bs & (bs - 1):  # power-of-two blocks from 2 to 256 elements
+            return None
+    return resolved
+
+
+_KEYWORDS = frozenset(("axis", "block_size", "scale", "rounding", "saturate", "preset", "tensor_scale"))
+
+
+def supports(x: torch.Tensor, fmt: str, **opts: object) -> bool:
+    """True when the kernels serve fake_quant/encode(x, fmt, **opts) (same keywords as the contract):
+    a CUDA bf16/fp16/fp32 tensor, any format, both scale rules and roundings, saturating or not, the fork
+    preset, MX blocks of a power of two (2..256) along any axis. Not covered: HiF8 tensor_scale, float64."""
+    return _options(x, fmt, **opts) is not None
+
+
+def _format_constants(spec: ElementFormat, opts: Options) -> dict[str, object]:
+    if opts.saturate:
+        fill = _f32_bits(spec.max_normal)
+    elif spec.has_inf:
+        fill = 0x7F800000
+    else:
+        fill = 0x7FC00000
+    return dict(
+        EMAX=spec.emax, EMIN=spec.emin, MAN=spec.man_bits, BIAS=spec.bias, BITS=spec.bits,
+        EXP_BITS=spec.exp_bits, MAXN=spec.max_normal, MAX_MANT=_f32_bits(spec.max_normal) & 0x7FFFFF,
+        FILL_BITS=fill, HAS_INF=spec.has_inf, HAS_NAN=spec.has_nan, NAN_BLOCK_CODE=_NAN_BLOCK_CODE[spec.name],
+        SUB_SCALE=2.0 ** (spec.man_bits - spec.emin),
+        SATURATE=opts.saturate, RCEIL=opts.scale == "rceil", AWAY=opts.rounding == "away",
+    )  # fmt: skip
+
+
+def _mx(x: torch.Tensor, opts: Options, encode: bool) -> torch.Tensor | Encoded:
+    spec = opts.fmt
+    ax = opts.axis % x.dim()
+    x = x.contiguous()  # a no-op for the layouts megaquant.ops passes
+    shape = tuple(x.shape)
+    lead, n, inner = math.prod(shape[:ax]), shape[ax], math.prod(shape[ax + 1 :])
+    bs = opts.block_size
+    n_blocks = -(-n // bs)
+    n_codes = -(-n // 2) if spec.bits == 4 else n
+    consts = _format_constants(spec, opts)
+    out = codes = scales = x  # placeholders for the pointers a mode does not use
+    if encode:
+        codes = torch.empty((*shape[:ax], n_codes, *shape[ax + 1 :]), dtype=torch.uint8, device=x.device)
+        scales = torch.empty((*shape[:ax], n_blocks, *shape[ax + 1 :]), dtype=torch.uint8, device=x.device)
+    else:
+        out = torch.empty_like(x)
+    if inner == 1:
+        total = lead * n_blocks
+        g = max(1, _ELEMS_PER_PROGRAM // bs)
+        _mx_lastaxis_kernel[(triton.cdiv(total, g),)](
+            x, out, codes, scales, total, n, n_blocks, n_codes, BS=bs, G=g, ENCODE=encode,
+            num_warps=_NUM_WARPS, **consts,
+        )  # fmt: skip
+    else:
+        bk = max(1, min(triton.next_power_of_2(inner), _ELEMS_PER_PROGRAM // bs))
+        grid = (lead * n_blocks, triton.cdiv(inner, bk))
+        _mx_inner_kernel[grid](
+            x, out, codes, scales, n, inner, n_blocks, n_codes, BS=bs, BK=bk, ENCODE=encode,
+            num_warps=_NUM_WARPS, **consts,
+        )  # fmt: skip
+    if not encode:
+        return out
+    return Encoded(codes=codes, scales=scales, shape=shape, axis=ax, fmt=spec.name, block_size=bs)
+
+
+def _hif8(x: torch.Tensor, opts: Options, encode: bool) -> torch.Tensor | Encoded:
+    xc = x.contiguous()
+    out = torch.empty(xc.shape, dtype=torch.uint8 if encode else x.dtype, device=x.device)
+    block = _ELEMS_PER_PROGRAM
+    _hif8_kernel[(triton.cdiv(xc.numel(), block),)](
+        xc, out, xc.numel(), BLOCK=block, ENCODE=encode, SATURATE=opts.saturate, FORK=opts.fork_clamp,
+        num_warps=_NUM_WARPS,
+    )  # fmt: skip
+    if not encode:
+        return out
+    return Encoded(
+        codes=out,
+        scales=None,
+        shape=tuple(x.shape),
+        axis=opts.axis % max(x.dim(), 1),
+        fmt="hifp8",
+        block_size=1,
+    )
+
+
+def _resolved(x: torch.Tensor, fmt: str, opts: dict[str, object]) -> Options:
+    resolved = _options(x, fmt, **opts)
+    if resolved is None:
+        raise MegaquantError(
+            f"the Triton kernels do not cover fmt={fmt!r} with {opts} on {x.device}/{x.dtype}; "
+            "call megaquant.formats.fake_quant/encode, which falls back to the torch reference"
+        )
+    return resolved
+
+
+def fake_quant(x: torch.Tensor, fmt: str, **opts: object) -> torch.Tensor:
+    """Kernel fake-quant with the contract's keywords; bit-identical to the reference. Needs supports()."""
+    resolved = _resolved(x, fmt, opts)
+    out = _mx(x, resolved, False) if resolved.fmt.block_scaled else _hif8(x, resolved, False)
+    assert isinstance(out, torch.Tensor)
+    return out
+
+
+def encode(x: torch.Tensor, fmt: str, **opts: object) -> Encoded:
+    """Kernel encode with the contract's keywords; bit-identical to the reference. Needs supports()."""
+    resolved = _resolved(x, fmt, opts)
+    enc = _mx(x, resolved, True) if resolved.fmt.block_scaled else _hif8(x, resolved, True)
+    assert isinstance(enc, Encoded)
+    return enc
