@@ -142,7 +142,7 @@ def plan_run(request: TrainRequest, *, require_tree: bool = True) -> RunPlan:
                 f"{tree}: not a Megatron-LM tree (no megatron/core); pass --megatron PATH to a Megatron-LM "
                 "checkout or an instrumented megatron-core copy (`megaquant instrument`)"
             )
-        notes.append(f"{tree} is not a Megatron tree: showing the command for a tree with pretrain_gpt.py")
+        notes.append(f"{tree} has no megatron/core: the command shown is what this path would run")
     if model.mla and is_tree and not mla_supported(tree):
         raise LaunchError(
             f"model {model.name} uses multi-latent attention, and {tree}/megatron/core/transformer/"
