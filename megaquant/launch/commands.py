@@ -8,17 +8,17 @@ from typing import Annotated
 
 import typer
 
+from megaquant.launch.datasets import DATASETS
+from megaquant.launch.models import MODELS
+from megaquant.launch.modes import MODES
+from megaquant.launch.presets import PRESETS
+
 __all__ = ["register"]
 
 _Opt = typer.Option
 
 
 def register(app: typer.Typer) -> None:
-    from megaquant.launch.datasets import DATASETS
-    from megaquant.launch.models import MODELS
-    from megaquant.launch.modes import MODES
-    from megaquant.launch.presets import PRESETS
-
     @app.command(
         "train",
         context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
