@@ -22,7 +22,12 @@ if TYPE_CHECKING:
 __all__ = ["app", "main"]
 
 # Modules that contribute sub-commands (each exposes `register(app: typer.Typer) -> None`).
-_COMMAND_MODULES: tuple[str, ...] = ("megaquant.instrument", "megaquant.demo", "megaquant.report")
+_COMMAND_MODULES: tuple[str, ...] = (
+    "megaquant.instrument",
+    "megaquant.demo",
+    "megaquant.report",
+    "megaquant.launch.commands",
+)
 
 
 def _git_error_text(exc: Exception) -> str | None:
