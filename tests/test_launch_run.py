@@ -1,0 +1,190 @@
+"""Recorded runs on real fixture git repos through the real core API, with a fake training executable
+(a tiny script that writes a Megatron-style log), selected through the documented MEGAQUANT_TRAIN_COMMAND
+test/debug hook."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import git
+import pytest
+from conftest import make_git_repo
+
+from megaquant import api
+from megaquant.errors import LaunchError
+from megaquant.launch.argv import Parallel
+from megaquant.launch.launcher import train
+from megaquant.launch.run import TRAIN_COMMAND_ENV, TrainRequest, execute, plan_run
+
+FAKE_TRAINER = r"""
+import os, sys, time
+layers = open("megatron/core/tensor_parallel/layers.py").read()
+values = sorted({line.split("=", 1)[1].strip() for line in layers.splitlines()
+                 if line.strip().startswith("custom_quant_type =")})
+print("fake trainer sees linear values", values, flush=True)
+print("argv", " ".join(sys.argv[1:4]), flush=True)
+steps = int(os.environ.get("FAKE_STEPS", "3"))
+for step in range(1, steps + 1):
+    print(f" [2026-01-01 00:00:0{step}] iteration {step:8d}/{steps:8d} | consumed samples: {8 * step} | "
+          f"elapsed time per iteration (ms): {10.0 + step:.1f} | learning rate: 1.000000E-04 | "
+          f"lm loss: {10.0 / step:.6E} | loss scale: 1.0 |", flush=True)
+    if os.environ.get("FAKE_SLEEP"):
+        time.sleep(float(os.environ["FAKE_SLEEP"]))
+sys.exit(int(os.environ.get("FAKE_EXIT", "0")))
+"""
+
+
+@pytest.fixture
+def fork_repo(tmp_path: Path) -> Path:
+    return make_git_repo(tmp_path, "v1_three")
+
+
+@pytest.fixture
+def fake_trainer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    script = tmp_path / "fake_trainer.py"
+    script.write_text(FAKE_TRAINER)
+    monkeypatch.setenv(TRAIN_COMMAND_ENV, shlex.join([sys.executable, str(script)]))
+    return script
+
+
+def _request(repo: Path, tmp_path: Path, mode: str, **kw: object) -> TrainRequest:
+    return TrainRequest(
+        model="tiny",
+        dataset=None,
+        mode=mode,
+        preset="smoke",
+        megatron=repo,
+        run_dir=tmp_path / "runs" / mode,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def _layers(repo: Path) -> str:
+    return (repo / "megatron/core/tensor_parallel/layers.py").read_text()
+
+
+def test_run_records_manifest_and_restores(fork_repo: Path, fake_trainer: Path, tmp_path: Path) -> None:
+    before = _layers(fork_repo)
+    head = git.Repo(fork_repo).head.commit.hexsha
+    lines: list[str] = []
+    record = execute(plan_run(_request(fork_repo, tmp_path, "linear_mxfp4")), echo=lines.append)
+    assert record.exit_code == 0
+    log = (record.run_dir / "train.log").read_text()
+    assert "fake trainer sees linear values [\"'mxfp4'\"]" in log  # the roles were set while it trained
+    assert "".join(lines) == log  # streamed and saved
+    manifest = json.loads((record.run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "succeeded" and manifest["exit_code"] == 0
+    assert manifest["values"] == {"linear_fwd": "mxfp4", "linear_bwd": "mxfp4", "qk": "none", "pv": "none"}
+    assert manifest["mode"] == "linear_mxfp4"
+    assert manifest["base"] == {"branch": "main", "commit": head}
+    assert manifest["commit"] != head and len(manifest["commit"]) == 40  # the commit that trained
+    assert manifest["argv"][:2] == [sys.executable, str(fake_trainer)]
+    assert "--transformer-impl" in manifest["argv"] and manifest["log"] == "train.log"
+    assert manifest["start"] <= manifest["end"]
+    assert manifest["environment"]["python"]
+    assert "restored main" in manifest["restored"]
+    # tree restored: back on main, sources unchanged, no throwaway branch left
+    repo = git.Repo(fork_repo)
+    assert repo.active_branch.name == "main" and _layers(fork_repo) == before
+    assert [b.name for b in repo.branches] == ["main"]
+
+
+def test_run_dir_is_readable_by_compare(fork_repo: Path, fake_trainer: Path, tmp_path: Path) -> None:
+    from megaquant.report import load_run
+
+    record = execute(plan_run(_request(fork_repo, tmp_path, "bf16")))
+    run = load_run(record.run_dir)
+    assert run.mode == "bf16" and run.steps == (1, 2, 3)
+    assert run.losses == pytest.approx((10.0, 5.0, 10.0 / 3))
+
+
+def test_bf16_sets_every_role_to_none(fork_repo: Path, fake_trainer: Path, tmp_path: Path) -> None:
+    api.apply(fork_repo, values={"linear_fwd": "hifp8", "linear_bwd": "hifp8", "qk": "mxfp8", "pv": "mxfp8"})
+    git.Repo(fork_repo).git.checkout("main")  # leave a stale throwaway branch behind, as old runs did
+    git.Repo(fork_repo).git.branch("-D", "megaquant/main")
+    record = execute(plan_run(_request(fork_repo, tmp_path, "bf16")))
+    assert "fake trainer sees linear values [\"'bf16'\"]" in (record.run_dir / "train.log").read_text()
+
+
+def test_failed_run_restores_and_records_exit_code(
+    fork_repo: Path, fake_trainer: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_EXIT", "3")
+    before = _layers(fork_repo)
+    record = execute(plan_run(_request(fork_repo, tmp_path, "FA_mxfp8")))
+    assert record.exit_code == 3
+    manifest = json.loads((record.run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and manifest["exit_code"] == 3
+    assert git.Repo(fork_repo).active_branch.name == "main" and _layers(fork_repo) == before
+
+
+def test_ctrl_c_stops_the_trainer_and_restores(
+    fork_repo: Path, fake_trainer: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_STEPS", "1000")
+    monkeypatch.setenv("FAKE_SLEEP", "0.05")
+    before = _layers(fork_repo)
+
+    def ctrl_c_at_step_2(line: str) -> None:
+        if "iteration        2/" in line:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        execute(plan_run(_request(fork_repo, tmp_path, "FA_linear_hifp8")), echo=ctrl_c_at_step_2)
+    manifest = json.loads((tmp_path / "runs" / "FA_linear_hifp8" / "manifest.json").read_text())
+    assert manifest["status"] == "interrupted"
+    assert manifest["exit_code"] != 0
+    assert "iteration      999/" not in (tmp_path / "runs" / "FA_linear_hifp8" / "train.log").read_text()
+    assert git.Repo(fork_repo).active_branch.name == "main" and _layers(fork_repo) == before
+
+
+def test_worktree_run_leaves_checkout_alone(fork_repo: Path, fake_trainer: Path, tmp_path: Path) -> None:
+    before = _layers(fork_repo)
+    wt = tmp_path / "wt"
+    record = execute(plan_run(_request(fork_repo, tmp_path, "linear_hifp8", worktree=wt)))
+    manifest = json.loads((record.run_dir / "manifest.json").read_text())
+    assert manifest["checkout"] == str(wt) and manifest["exit_code"] == 0
+    assert "fake trainer sees linear values [\"'hifp8'\"]" in (record.run_dir / "train.log").read_text()
+    assert _layers(fork_repo) == before and not wt.exists()
+
+
+def test_role_without_sites_is_refused_and_restored(
+    fork_repo: Path, fake_trainer: Path, tmp_path: Path
+) -> None:
+    repo = git.Repo(fork_repo)
+    repo.index.remove(["megatron/core/transformer/dot_product_attention.py"], working_tree=True)
+    repo.index.commit("no attention sites")
+    with pytest.raises(LaunchError, match="no qk site"):
+        execute(plan_run(_request(fork_repo, tmp_path, "FA_mxfp8")))
+    manifest = json.loads((tmp_path / "runs" / "FA_mxfp8" / "manifest.json").read_text())
+    assert "no qk site" in manifest["error"] and manifest["status"] == "failed"
+    assert repo.active_branch.name == "main"
+
+
+def test_existing_run_dir_is_refused(fork_repo: Path, fake_trainer: Path, tmp_path: Path) -> None:
+    execute(plan_run(_request(fork_repo, tmp_path, "bf16")))
+    with pytest.raises(LaunchError, match="already holds a run"):
+        execute(plan_run(_request(fork_repo, tmp_path, "bf16")))
+
+
+def test_train_through_launcher_with_overrides(fork_repo: Path, fake_trainer: Path, tmp_path: Path) -> None:
+    import io
+
+    out = io.StringIO()
+    request = _request(fork_repo, tmp_path, "FA_mxfp8", linear="mxfp8", parallel=Parallel())
+    assert train(request, out=out, validate=False) == 0
+    manifest = json.loads((tmp_path / "runs" / "FA_mxfp8" / "manifest.json").read_text())
+    assert manifest["values"] == {"linear_fwd": "mxfp8", "linear_bwd": "mxfp8", "qk": "mxfp8", "pv": "none"}
+    assert manifest["mode"] == "FA_linear_mxfp8"  # the overrides landed on a registry mode
+    assert "exit code 0" in out.getvalue()
+    custom = plan_run(_request(fork_repo, tmp_path, "FA_mxfp8", linear="hifp8"))
+    assert custom.mode == "FA_mxfp8+overrides" and custom.values["linear_bwd"] == "hifp8"
+
+
+def test_not_a_megatron_tree_is_refused(tmp_path: Path) -> None:
+    request = TrainRequest(model="tiny", dataset=None, megatron=tmp_path)
+    with pytest.raises(LaunchError, match="not a Megatron-LM tree"):
+        plan_run(request)
