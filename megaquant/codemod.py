@@ -174,6 +174,24 @@ def _plan_file(
             expected[u] = key
             current = [k for order, path, k in live if order <= use.order and _within(path, use.path)][-1]
             if current != key:
+                if use.scope_key != a.scope_key:
+                    raise SourceError(
+                        f"{fa.file}:{use.line}: the GEMM in {use.scope} reads {variable} from the "
+                        f"enclosing function ({a.scope}, line {a.line}), which also governs another role; "
+                        "megaquant cannot give it its own value. Set both roles to the same value, or add "
+                        "an assignment by hand."
+                    )
+                shadowed = [
+                    fa.assignments[j].line
+                    for j, reached in fa.reaches.items()
+                    if u in reached and fa.sites[j].override
+                ]
+                if shadowed:
+                    warnings.append(
+                        f"{fa.file}:{use.line}: the {use.role} GEMM in {use.scope} now has its own "
+                        f"assignment, so the run-time override at line {', '.join(map(str, shadowed))} no "
+                        "longer reaches it"
+                    )
                 inserts.setdefault(id(use.anchor), []).append(
                     f"{variable} = {code}  # megaquant: own value for {use.role or 'this GEMM'}\n"
                 )

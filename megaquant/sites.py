@@ -108,6 +108,9 @@ class Use:
     scope_key: int
     scope: str
     path: tuple[Step, ...]
+    enclosing: tuple[
+        tuple[int, int, tuple[Step, ...]], ...
+    ]  # outer function scopes (key, def order, def path)
     anchor: cst.BaseStatement
     call: str
     role: str | None
@@ -140,7 +143,9 @@ class _Walker(CodegenState):
         self.line = 1
         self.stack: list[cst.CSTNode] = []
         self.starts: list[int] = []
-        self.hits: list[tuple[tuple[cst.CSTNode, ...], tuple[int, ...]]] = []
+        self.seq = 0
+        self.seqs: list[int] = []
+        self.hits: list[tuple[tuple[cst.CSTNode, ...], tuple[int, ...], tuple[int, ...]]] = []
 
     def add_token(self, value: str) -> None:
         self.tokens.append(value)
@@ -149,12 +154,15 @@ class _Walker(CodegenState):
     def before_codegen(self, node: cst.CSTNode) -> None:
         self.stack.append(node)
         self.starts.append(self.line)
+        self.seq += 1
+        self.seqs.append(self.seq)
         if type(node) is cst.Name and node.value == self.variable:
-            self.hits.append((tuple(self.stack), tuple(self.starts)))
+            self.hits.append((tuple(self.stack), tuple(self.starts), tuple(self.seqs)))
 
     def after_codegen(self, node: cst.CSTNode) -> None:
         self.stack.pop()
         self.starts.pop()
+        self.seqs.pop()
 
 
 def _parse(file: str, source: bytes) -> cst.Module:
@@ -283,6 +291,21 @@ def _chain_head(stack: tuple[cst.CSTNode, ...]) -> int | None:
     return None
 
 
+def _enclosing(
+    stack: tuple[cst.CSTNode, ...], seqs: tuple[int, ...]
+) -> tuple[tuple[int, int, tuple[Step, ...]], ...]:
+    """For a closure: each enclosing function's (scope key, order and path of the nested def), inner first."""
+    levels: list[tuple[int, int, tuple[Step, ...]]] = []
+    defs = [
+        i for i, node in enumerate(stack) if isinstance(node, cst.FunctionDef | cst.ClassDef | cst.Lambda)
+    ]
+    for inner, outer in zip(reversed(defs[1:]), reversed(defs[:-1]), strict=True):
+        if isinstance(stack[inner], cst.ClassDef) or isinstance(stack[outer], cst.ClassDef):
+            break
+        levels.append((id(stack[outer]), seqs[inner], _path(stack[: inner + 1])))
+    return tuple(levels)
+
+
 def _anchor(stack: tuple[cst.CSTNode, ...]) -> cst.BaseStatement:
     for node in reversed(stack):
         if isinstance(node, cst.BaseStatement):
@@ -306,7 +329,7 @@ def analyse_file(file: str, source: bytes, spec: Spec) -> FileAnalysis:
     uses: list[Use] = []
     warnings: list[str] = []
     chains: set[int] = set()
-    for order, (stack, starts) in enumerate(walker.hits):
+    for stack, starts, seqs in walker.hits:
         name, parent = stack[-1], stack[-2]
         key, scope = _scope(stack)
         target = (isinstance(parent, cst.AssignTarget) and parent.target is name) or (
@@ -319,7 +342,7 @@ def analyse_file(file: str, source: bytes, spec: Spec) -> FileAnalysis:
                 continue  # a bare annotation binds nothing
             assignments.append(
                 Assignment(
-                    order=order,
+                    order=seqs[-1],
                     line=starts[-1],
                     scope_key=key,
                     scope=scope,
@@ -347,11 +370,12 @@ def analyse_file(file: str, source: bytes, spec: Spec) -> FileAnalysis:
             if callees:
                 uses.append(
                     Use(
-                        order=order,
+                        order=seqs[head],
                         line=starts[head] + len(chain.leading_lines),
                         scope_key=key,
                         scope=scope,
                         path=_path(stack[: head + 1]),
+                        enclosing=_enclosing(stack[:head], seqs),
                         anchor=chain,
                         call=", ".join(callees),
                         role=spec.role_of(file, scope, callees),
@@ -366,11 +390,12 @@ def analyse_file(file: str, source: bytes, spec: Spec) -> FileAnalysis:
             if spec.is_gemm_call(callee) and not inside_chain:
                 uses.append(
                     Use(
-                        order=order,
+                        order=seqs[-3],
                         line=starts[-3],
                         scope_key=key,
                         scope=scope,
                         path=_path(stack[:-2]),
+                        enclosing=_enclosing(stack[:-2], seqs),
                         anchor=_anchor(stack),
                         call=callee,
                         role=spec.role_of(file, scope, (callee,)),
@@ -389,6 +414,8 @@ def _relate(fa: FileAnalysis) -> None:
     for u, use in enumerate(fa.uses):
         before = [i for i in by_scope.get(use.scope_key, []) if fa.assignments[i].order < use.order]
         governing = [i for i in before if _contains(fa.assignments[i].path, use.path)]
+        if not governing and not by_scope.get(use.scope_key):
+            governing = _closure_governor(fa, by_scope, use)
         if governing:
             fa.governor[u] = governing[-1]
         else:
@@ -442,6 +469,19 @@ def _relate(fa: FileAnalysis) -> None:
                 f"{fa.file}:{a.line}: run-time override in {a.scope} (`{a.expr}`) can replace the value at "
                 "run time; megaquant shows it and never rewrites it"
             )
+
+
+def _closure_governor(fa: FileAnalysis, by_scope: Mapping[int, list[int]], use: Use) -> list[int]:
+    """A nested function without its own assignment reads the variable of an enclosing function."""
+    for key, def_order, def_path in use.enclosing:
+        candidates = [
+            i
+            for i in by_scope.get(key, [])
+            if fa.assignments[i].order < def_order and _contains(fa.assignments[i].path, def_path)
+        ]
+        if candidates or by_scope.get(key):
+            return candidates[-1:]
+    return []
 
 
 def _walk(root: Path) -> Iterator[Path]:

@@ -5,6 +5,7 @@ Also the one table of role names and quantization value names (canonical spellin
 
 from __future__ import annotations
 
+import sysconfig
 import tomllib
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -20,6 +21,8 @@ __all__ = [
     "Spec",
     "canonical_value",
     "load_spec",
+    "parse_spec",
+    "rewrites_dirs",
     "spec_path",
 ]
 
@@ -83,10 +86,19 @@ class Spec:
         return None
 
 
-def _rewrites_dirs() -> tuple[Path, ...]:
+def rewrites_dirs() -> tuple[Path, ...]:
+    """Where specs are looked up: the source tree's rewrites/, then an installed wheel's copy.
+
+    A wheel installs rewrites/*.toml as <prefix>/share/megaquant/rewrites/ (pyproject's data-files).
+    """
     here = Path(__file__).resolve().parent
-    # Source tree: <repo>/rewrites; installed wheel: megaquant/rewrites (see pyproject's package-dir).
-    return (here.parent / "rewrites", here / "rewrites")
+    dirs = [here.parent / "rewrites", here / "rewrites"]
+    for scheme in (sysconfig.get_default_scheme(), sysconfig.get_preferred_scheme("user")):
+        try:
+            dirs.append(Path(sysconfig.get_path("data", scheme)) / "share" / "megaquant" / "rewrites")
+        except KeyError:
+            continue
+    return tuple(dict.fromkeys(dirs))
 
 
 def spec_path(name_or_path: str | Path) -> Path:
@@ -97,11 +109,11 @@ def spec_path(name_or_path: str | Path) -> Path:
         if not path.is_file():
             raise SpecError(f"rewrite spec {path} not found; give a spec name or an existing .toml file")
         return path
-    for folder in _rewrites_dirs():
+    for folder in rewrites_dirs():
         candidate = folder / f"{text}.toml"
         if candidate.is_file():
             return candidate
-    known = sorted({p.stem for d in _rewrites_dirs() if d.is_dir() for p in d.glob("*.toml")})
+    known = sorted({p.stem for d in rewrites_dirs() if d.is_dir() for p in d.glob("*.toml")})
     raise SpecError(f"unknown rewrite spec {text!r}; known specs: {', '.join(known) or 'none found'}")
 
 
