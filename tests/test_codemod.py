@@ -1,65 +1,217 @@
-"""Rewrites: exact output, role isolation, siblings for shared sites, byte preservation."""
+"""Rewrites: exact output, role isolation, siblings for shared sites, overrides, byte preservation."""
 
 from __future__ import annotations
 
-from conftest import fixture_sources
+from collections.abc import Mapping
 
-from megaquant.codemod import plan_rewrite
-from megaquant.sites import scan_sources
-from megaquant.spec import load_spec
+import pytest
+from conftest import FIXTURES, fixture_sources
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from megaquant.codemod import RewritePlan, plan_rewrite
+from megaquant.errors import SourceError, ValueNameError
+from megaquant.sites import analyse_file, scan_sources
+from megaquant.spec import ROLES, VALUES, load_spec
 
 LAYERS = "megatron/core/tensor_parallel/layers.py"
 ATTENTION = "megatron/core/transformer/dot_product_attention.py"
 FORK = load_spec("fork")
+EXPECTED = FIXTURES / "expected"
+VARIANTS = ("v1_three", "v2_label", "v3_env", "v4_override", "adversarial")
 
 
-def values_by_role(sources: dict[str, bytes]) -> dict[str, set[str | None]]:
-    """role -> the set of values the GEMMs of that role get (from their governing site)."""
-    found: dict[str, set[str | None]] = {}
+def gemm_values(sources: Mapping[str, bytes]) -> list[tuple[str, int, str | None, str]]:
+    """(file, GEMM index, role, expression of its governing assignment) for every GEMM, in order."""
+    out = []
+    for file in sorted(sources):
+        if b"custom_quant_type" not in sources[file]:
+            continue
+        fa = analyse_file(file, sources[file], FORK)
+        for u, use in enumerate(fa.uses):
+            g = fa.governor.get(u)
+            out.append((file, u, use.role, "" if g is None else fa.assignments[g].expr))
+    return out
+
+
+def literal(value: str) -> str:
+    return "bf16" if value == "none" else value
+
+
+@pytest.mark.parametrize(
+    ("variant", "targets", "file", "expected"),
+    [
+        ("v1_three", {"qk": "mxfp4", "pv": "none"}, ATTENTION, "v1_attention_qk-mxfp4_pv-none.py"),
+        ("v3_env", {"linear_fwd": "mxfp8", "linear_bwd": "mxfp8"}, LAYERS, "v3_layers_linear-mxfp8.py"),
+        (
+            "adversarial",
+            {"qk": "mxfp4", "pv": "mxfp8"},
+            ATTENTION,
+            "adversarial_attention_qk-mxfp4_pv-mxfp8.py",
+        ),
+        (
+            "adversarial",
+            {"linear_fwd": "hifp8", "linear_bwd": "bf16"},
+            LAYERS,
+            "adversarial_layers_fwd-hifp8_bwd-none.py",
+        ),
+    ],
+)
+def test_whole_output_matches_the_hand_written_file(
+    variant: str, targets: dict[str, str], file: str, expected: str
+) -> None:
+    plan = plan_rewrite(fixture_sources(variant), targets, FORK)
+    assert list(plan.new_sources) == [file]
+    assert plan.new_sources[file] == (EXPECTED / expected).read_bytes()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("role", ROLES)
+def test_a_role_change_changes_every_gemm_of_that_role_and_none_of_another(variant: str, role: str) -> None:
+    sources = fixture_sources(variant)
+    before = gemm_values(sources)
+    assert any(r == role for _, _, r, _ in before)
+    value = "mxfp4" if all(expr != "'mxfp4'" for _, _, r, expr in before if r == role) else "hifp8"
+    plan = plan_rewrite(sources, {role: value}, FORK)
+    after = gemm_values({**sources, **plan.new_sources})
+    assert len(after) == len(before)
+    for (file, u, r, old), (file2, u2, r2, new) in zip(before, after, strict=True):
+        assert (file, u, r) == (file2, u2, r2)
+        if r == role:
+            assert new.strip("'\"") == value, (file, u)
+        else:
+            assert new == old, (file, u)
+
+
+def test_labels_follow_the_next_gemm() -> None:
+    plan = plan_rewrite(fixture_sources("v2_label"), {"linear_bwd": "hifp8", "qk": "mxfp8"}, FORK)
+    assert [(c.file, c.line, c.role, c.kind) for c in plan.changes] == [
+        (LAYERS, 35, "linear_bwd", "set"),  # the `if wgrad_compute:` label
+        (LAYERS, 38, "linear_bwd", "set"),
+        (LAYERS, 52, "linear_bwd", "set"),
+        (ATTENTION, 18, "qk", "set"),  # the label before the QK GEMM
+        (ATTENTION, 23, "qk", "set"),
+        (ATTENTION, 35, "pv", "insert"),  # PV keeps its value through its own assignment
+    ]
+    assert plan.changes[-1].new == "'mxfp4'"
+
+
+def test_overrides_are_left_alone_with_a_warning() -> None:
+    sources = fixture_sources("v4_override")
+    plan = plan_rewrite(sources, {"linear_fwd": "mxfp8", "qk": "mxfp4", "pv": "mxfp4"}, FORK)
+    assert [(c.line, c.role) for c in plan.changes] == [(14, "linear_fwd"), (15, "qk")]
+    assert b"get_current_quantization_type()" in plan.new_sources[LAYERS]
+    assert plan.new_sources[LAYERS].count(b"get_current_quantization_type") == sources[LAYERS].count(
+        b"get_current_quantization_type"
+    )
+    assert [w.split(" (")[0] for w in plan.warnings] == [
+        f"{LAYERS}:16: run-time override in CustomLinearWithGradAccumulationAndAsyncCommunication.forward",
+        f"{ATTENTION}:18: run-time override in DotProductAttention.forward",
+    ]
+    assert "left it alone" in plan.warnings[0] and "qk, pv" in plan.warnings[1]
+
+
+def test_a_sibling_that_hides_an_override_is_warned() -> None:
+    plan = plan_rewrite(fixture_sources("v4_override"), {"qk": "mxfp4", "pv": "mxfp8"}, FORK)
+    assert any("run-time override at line 18 no longer reaches it" in w for w in plan.warnings)
+
+
+def test_no_op_when_values_already_match() -> None:
+    sources = fixture_sources("v2_label")
+    plan = plan_rewrite(sources, {role: "mxfp4" for role in ROLES}, FORK)
+    assert plan == RewritePlan({}, (), ())
+    bf16 = fixture_sources("v3_env")  # PV is 'bf16': `none` is the same value
+    assert plan_rewrite(bf16, {"pv": "none"}, FORK).new_sources == {}
+
+
+def test_environment_reads_become_literals() -> None:
+    plan = plan_rewrite(fixture_sources("v3_env"), {"qk": "mxfp8"}, FORK)
+    assert [(c.old, c.new) for c in plan.changes] == [
+        ("os.environ.get('CUSTOM_QUANT_TYPE', 'hifp8')", "'mxfp8'")
+    ]
+
+
+def test_broken_sources_raise_and_change_nothing() -> None:
+    with pytest.raises(SourceError, match=rf"^{LAYERS}:26: cannot parse"):
+        plan_rewrite(fixture_sources("v7_broken"), {"linear_fwd": "mxfp8"}, FORK)
+
+
+def test_bad_roles_and_values() -> None:
+    sources = fixture_sources("v1_three")
+    with pytest.raises(ValueNameError, match="unknown role 'mlp'"):
+        plan_rewrite(sources, {"mlp": "mxfp8"}, FORK)
+    with pytest.raises(ValueNameError, match="unknown quantization value 'fp8'"):
+        plan_rewrite(sources, {"qk": "fp8"}, FORK)
+
+
+def test_missing_role_is_warned_not_ignored() -> None:
+    plan = plan_rewrite({LAYERS: fixture_sources("v1_three")[LAYERS]}, {"qk": "mxfp8"}, FORK)
+    assert plan.new_sources == {}
+    assert plan.warnings == ("no site of role qk found (spec fork); nothing was changed for it",)
+
+
+def test_closure_gemm_sharing_an_outer_site_cannot_get_its_own_value() -> None:
+    spec_source = b"""class CustomLinearWithGradAccumulationAndAsyncCommunication:
+    def forward(ctx, a, b):
+        custom_quant_type = 'hifp8'
+        out = quant_matmul(a, b, custom_quant_type)
+        def again(x):
+            return quant_matmul(x, b, custom_quant_type)
+        return again(out)
+"""
+    sources = {LAYERS: spec_source}
+    assert [len(s.governs) for s in scan_sources(sources, FORK).sites] == [2]
+    with pytest.raises(SourceError, match="enclosing function"):
+        plan_rewrite(sources, {"linear_fwd": "mxfp8"}, FORK)
+
+
+LITERAL_VARIANTS = ("v1_three", "v2_label", "v4_override", "adversarial")
+targets_strategy = st.dictionaries(st.sampled_from(ROLES), st.sampled_from((*VALUES, "bf16")), min_size=1)
+
+
+def original_values(sources: Mapping[str, bytes]) -> dict[str, str]:
+    """role -> the literal its GEMMs get in the unmodified fixture (one value per role there)."""
+    values: dict[str, str] = {}
     for site in scan_sources(sources, FORK).sites:
         for gemm in site.governs:
-            if gemm.role is not None:
-                found.setdefault(gemm.role, set()).add(site.value)
-    return found
+            if gemm.role is not None and site.value is not None:
+                assert values.setdefault(gemm.role, site.value) == site.value
+    return values
 
 
-def test_linear_sets_every_linear_site_and_nothing_else() -> None:
-    sources = fixture_sources("v1_three")
-    plan = plan_rewrite(sources, {"linear_fwd": "mxfp8", "linear_bwd": "mxfp8"}, FORK)
-    assert set(plan.new_sources) == {LAYERS}
-    assert [(c.role, c.kind, c.new) for c in plan.changes] == [("linear_fwd", "set", "'mxfp8'")] + [
-        ("linear_bwd", "set", "'mxfp8'")
-    ] * 2
+def changed_lines(old: bytes, new: bytes) -> list[int]:
+    a, b = old.splitlines(keepends=True), new.splitlines(keepends=True)
+    assert len(a) == len(b)
+    return [i + 1 for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y]
+
+
+@settings(max_examples=40, deadline=None)
+@given(variant=st.sampled_from(LITERAL_VARIANTS), targets=targets_strategy)
+def test_property_rewrite_and_back(variant: str, targets: dict[str, str]) -> None:
+    sources = fixture_sources(variant)
+    plan = plan_rewrite(sources, targets, FORK)
+    inserted = {c.file for c in plan.changes if c.kind == "insert"}
+    for file, new in plan.new_sources.items():
+        old = sources[file]
+        assert analyse_file(file, new, FORK)  # parses
+        if file in inserted:
+            marker = b"# megaquant: own value for"
+            kept = b"".join(line for line in new.splitlines(keepends=True) if marker not in line)
+            new_without = kept
+        else:
+            new_without = new
+        set_lines = {c.line for c in plan.changes if c.file == file and c.kind == "set"}
+        assert set(changed_lines(old, new_without)) <= set_lines
+    # rewriting back to the original values restores every file that got no sibling, byte for byte
     after = {**sources, **plan.new_sources}
-    assert values_by_role(after) == {
-        "linear_fwd": {"mxfp8"},
-        "linear_bwd": {"mxfp8"},
-        "qk": {"hifp8"},
-        "pv": {"hifp8"},
-    }
-    old_lines = sources[LAYERS].splitlines()
-    new_lines = plan.new_sources[LAYERS].splitlines()
-    changed = [i for i, (a, b) in enumerate(zip(old_lines, new_lines, strict=True)) if a != b]
-    assert [old_lines[i].strip() for i in changed] == [b"custom_quant_type = 'hifp8'"] * 3
-
-
-def test_qk_and_pv_differ_through_a_sibling() -> None:
-    sources = fixture_sources("v1_three")
-    plan = plan_rewrite(sources, {"qk": "mxfp4", "pv": "bf16"}, FORK)
-    assert [(c.role, c.kind, c.old, c.new) for c in plan.changes] == [
-        ("qk", "set", "'hifp8'", "'mxfp4'"),
-        ("pv", "insert", "'hifp8'", "'bf16'"),
-    ]
-    text = plan.new_sources[ATTENTION].decode()
-    assert (
-        "        custom_quant_type = 'bf16'  # megaquant: own value for pv\n        if custom_quant_type"
-        in text
-    )
-    assert values_by_role({**sources, **plan.new_sources})["pv"] == {"bf16"}
-
-
-def test_same_value_is_a_no_op() -> None:
-    plan = plan_rewrite(
-        fixture_sources("v1_three"), {"linear_fwd": "hifp8", "qk": "hifp8", "pv": "hifp8"}, FORK
-    )
-    assert plan.new_sources == {} and plan.changes == ()
+    back = plan_rewrite(after, original_values(sources), FORK)
+    restored = {**after, **back.new_sources}
+    for file in sources:
+        if file not in inserted:
+            assert restored[file] == sources[file], file
+    # and the GEMMs of every role get the original values again, siblings or not
+    values = {r: v for r, v in original_values(sources).items()}
+    for site in scan_sources(restored, FORK).sites:
+        for gemm in site.governs:
+            if gemm.role is not None:
+                assert site.value == values[gemm.role]
