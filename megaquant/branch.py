@@ -216,11 +216,12 @@ def blob_hash(data: bytes) -> str:
 
 
 def _git_dir(repo: git.Repo) -> Path:
-    return Path(repo.git_dir)
+    return Path(repo.git_dir).resolve()
 
 
 def _common_dir(repo: git.Repo) -> Path:
-    return Path(repo.common_dir)
+    # resolved: a linked worktree's common dir is `.git/worktrees/<name>/../..`, gone once it is removed
+    return Path(repo.common_dir).resolve()
 
 
 def _atomic_write(target: Path, data: bytes, mode: int | None = None) -> None:

@@ -84,23 +84,29 @@ def _warn(warnings: tuple[str, ...]) -> None:
 
 
 def _show_status(result: Status) -> None:
-    from rich.table import Table
+    """Sites grouped by file, one line each (no truncation: `file:line` must survive a narrow terminal)."""
+    from rich.markup import escape
 
     console = _console()
     where = result.branch or f"detached at {result.head[:12]}"
-    console.print(f"[bold]{result.repo}[/] on {where}")
+    console.print(f"[bold]{escape(result.repo)}[/] on {escape(where)}")
     if result.base is not None:
         console.print(f"throwaway branch of {result.base.branch or 'detached'} @ {result.base.commit[:12]}")
-    table = Table(show_edge=False)
-    for column in ("site", "scope", "value", "roles", "notes"):
-        table.add_column(column)
+    if not result.sites:
+        console.print("no sites found")
+    current = None
     for site in result.sites:
+        if site.file != current:
+            current = site.file
+            console.print(f"[bold]{escape(site.file)}[/]")
         value = repr(site.value) if site.value is not None else site.expr
-        notes = ", ".join(
-            n for n, on in (("conditional", site.conditional), ("override", site.override)) if on
+        flags = [name for name, on in (("conditional", site.conditional), ("override", site.override)) if on]
+        roles = ", ".join(site.roles) or "no GEMM"
+        extra = f"  ({', '.join(flags)})" if flags else ""
+        console.print(
+            f"  {site.line:>5}  {escape(site.scope)}  [cyan]{escape(value)}[/]  {roles}{extra}",
+            soft_wrap=True,
         )
-        table.add_row(f"{site.file}:{site.line}", site.scope, value, ", ".join(site.roles) or "-", notes)
-    console.print(table if result.sites else "no sites found")
     _warn(result.warnings)
 
 
@@ -182,8 +188,11 @@ def _add_core_commands(app: typer.Typer) -> None:
         sys.stdout.write(api.diff(repo))
 
 
+_CORE_COMMANDS = frozenset({"status", "set", "restore", "diff"})
+
+
 def build_app(modules: tuple[str, ...] | None = None) -> typer.Typer:
-    """The typer app with the core commands and every registered module's commands."""
+    """The typer app: the core commands plus those of `modules` (default: every `_COMMAND_MODULES` entry)."""
     new_app = typer.Typer(
         cls=_Group,
         name="megaquant",
@@ -198,8 +207,21 @@ def build_app(modules: tuple[str, ...] | None = None) -> typer.Typer:
     return new_app
 
 
-app = build_app()
+if TYPE_CHECKING:
+    app: typer.Typer
+
+
+def __getattr__(name: str) -> object:
+    # `app` (every command) is built on first use, so `megaquant status` need not import the other modules.
+    if name == "app":
+        globals()["app"] = built = build_app()
+        return built
+    raise AttributeError(f"module 'megaquant.cli' has no attribute {name!r}")
 
 
 def main() -> None:
-    app(prog_name="megaquant")
+    """Console entry point: a core command runs on an app without the registered modules (start-up time,
+    and a broken optional module cannot take `status`/`set`/`restore`/`diff` down with it)."""
+    command = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None)
+    chosen = build_app(()) if command in _CORE_COMMANDS else build_app()
+    chosen(prog_name="megaquant")

@@ -1,0 +1,246 @@
+"""The library API on real git repositories of a hand-written fork-shaped tree: status/apply/restore/diff."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import git
+import pytest
+
+import megaquant
+from megaquant import api
+from megaquant.errors import GitStateError, MegaquantError, SourceError, ValueNameError
+
+LAYERS = "megatron/core/tensor_parallel/layers.py"
+ATTENTION = "megatron/core/transformer/dot_product_attention.py"
+
+# Hand-written stand-ins of the fork's two files (shapes from reference/fork-facts.md, variant 1).
+LAYERS_SRC = """\
+\"\"\"Test fixture: the fork's custom linear autograd function, reduced to its quantization sites.\"\"\"
+import torch
+
+
+class CustomLinearWithGradAccumulationAndAsyncCommunication(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, total_input, weight, bias, gradient_accumulation_fusion):
+        from quant_ops import hifp_matmul, mxfp_matmul
+
+        ctx.save_for_backward(total_input, weight)
+        ctx.gradient_accumulation_fusion = gradient_accumulation_fusion
+        custom_quant_type = 'bf16'  # chosen by hand before each run
+        if custom_quant_type == 'mxfp8':
+            output = mxfp_matmul(total_input, weight.t(), 'fp8_e4m3')
+        elif custom_quant_type == 'hifp8':
+            output = hifp_matmul(total_input, weight.t())
+        else:
+            output = torch.matmul(total_input, weight.t())
+        if bias is not None:
+            output = output + bias
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        from quant_ops import mxfp_matmul
+
+        total_input, weight = ctx.saved_tensors
+        custom_quant_type = 'bf16'
+        if custom_quant_type == 'mxfp8':
+            grad_input = mxfp_matmul(grad_output, weight, 'fp8_e5m2')
+        else:
+            grad_input = grad_output.matmul(weight)
+        if ctx.gradient_accumulation_fusion:
+            grad_weight = None
+        else:
+            custom_quant_type = 'bf16'
+            if custom_quant_type == 'mxfp8':
+                grad_weight = mxfp_matmul(grad_output.t(), total_input, 'fp8_e5m2')
+            else:
+                grad_weight = grad_output.t().matmul(total_input)
+        return grad_input, grad_weight, None, None
+"""
+
+ATTENTION_SRC = """\
+\"\"\"Test fixture: core attention with one site before the QK GEMM and one before the PV GEMM.\"\"\"
+import torch
+
+
+class DotProductAttention(torch.nn.Module):
+    def forward(self, query, key, value, buffer):
+        from quant_ops import mxfp_baddbmm, mxfp_bmm
+
+        custom_quant_type = 'bf16'
+        if custom_quant_type in ('mxfp8', 'mxfp4'):
+            scores = mxfp_baddbmm(buffer, query, key, custom_quant_type)
+        else:
+            scores = torch.baddbmm(buffer, query, key, beta=0.0, alpha=self.softmax_scale)
+        probs = torch.softmax(scores, dim=-1)
+        custom_quant_type = 'bf16'
+        if custom_quant_type in ('mxfp8', 'mxfp4'):
+            context = mxfp_bmm(probs, value, custom_quant_type)
+        else:
+            context = torch.bmm(probs, value)
+        return context
+"""
+
+FILES = {
+    LAYERS: LAYERS_SRC,
+    ATTENTION: ATTENTION_SRC,
+    "megatron/core/other.py": "def helper():\n    return 1\n",
+    "README.md": "fixture\n",
+}
+
+
+def make_fork_repo(root: Path, files: dict[str, str] | None = None) -> Path:
+    """A git repository (branch main, one commit) holding the fork-shaped fixture tree."""
+    root.mkdir(parents=True, exist_ok=True)
+    repo = git.Repo.init(root, initial_branch="main")
+    with repo.config_writer() as cfg:
+        cfg.set_value("user", "name", "Test")
+        cfg.set_value("user", "email", "test@example.com")
+    for rel, text in (files or FILES).items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    repo.git.add("--", *(files or FILES))
+    repo.git.commit("-q", "-m", "fixture")
+    return root
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every file of the checkout (not .git), byte for byte."""
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and ".git" not in p.relative_to(root).parts
+    }
+
+
+@pytest.fixture
+def fork_repo(tmp_path: Path) -> Path:
+    return make_fork_repo(tmp_path / "fork")
+
+
+def values_by_scope(status: api.Status) -> dict[tuple[str, str], list[str | None]]:
+    out: dict[tuple[str, str], list[str | None]] = {}
+    for site in status.sites:
+        out.setdefault((site.file, site.scope), []).append(site.value)
+    return out
+
+
+def test_import_is_lazy() -> None:
+    import subprocess
+    import sys
+
+    heavy = "('git', 'libcst', 'torch', 'megatron')"
+    code = f"import sys, megaquant; print(sorted(m for m in {heavy} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    assert megaquant.status is api.status and megaquant.Base is api.Base
+
+
+def test_status_lists_sites_with_roles(fork_repo: Path) -> None:
+    status = api.status(fork_repo)
+    assert status.branch == "main" and status.base is None and len(status.head) == 40
+    roles = {(s.file, s.scope, s.roles) for s in status.sites}
+    fwd = "CustomLinearWithGradAccumulationAndAsyncCommunication.forward"
+    bwd = "CustomLinearWithGradAccumulationAndAsyncCommunication.backward"
+    assert (LAYERS, fwd, ("linear_fwd",)) in roles
+    assert [s.roles for s in status.sites if s.scope == bwd] == [("linear_bwd",), ("linear_bwd",)]
+    assert [s.roles for s in status.sites if s.file == ATTENTION] == [("qk",), ("pv",)]
+    assert all(s.value == "bf16" for s in status.sites)
+    data = json.loads(json.dumps(status.to_json()))
+    assert set(data) == {"repo", "branch", "head", "base", "sites", "warnings"}
+    assert {"file", "scope", "line", "value", "expr", "conditional", "roles"} <= set(data["sites"][0])
+
+
+def test_apply_commits_and_restore_returns(fork_repo: Path) -> None:
+    before = snapshot(fork_repo)
+    result = api.apply(fork_repo, linear="mxfp8", qk="mxfp4")
+    assert result.branch == "megaquant/main" and result.commit is not None
+    assert result.values == {"linear_fwd": "mxfp8", "linear_bwd": "mxfp8", "qk": "mxfp4", "pv": "none"}
+    assert {c.role for c in result.changes} == {"linear_fwd", "linear_bwd", "qk"}
+    assert (
+        "-        custom_quant_type = 'bf16'" in result.diff
+        and "+        custom_quant_type = 'mxfp4'" in result.diff
+    )
+    status = api.status(fork_repo)
+    assert status.branch == "megaquant/main" and status.base is not None and status.base.branch == "main"
+    by_role = {s.roles: s.value for s in status.sites}
+    assert by_role[("linear_fwd",)] == "mxfp8" and by_role[("qk",)] == "mxfp4" and by_role[("pv",)] == "bf16"
+    # the forward site keeps its comment, quotes and indentation
+    assert "custom_quant_type = 'mxfp8'  # chosen by hand before each run" in (fork_repo / LAYERS).read_text()
+    message = str(git.Repo(fork_repo).head.commit.message)
+    assert f"Megaquant-Base: main@{status.base.commit}" in message
+    assert "Megaquant-Values: linear_fwd=mxfp8 linear_bwd=mxfp8 qk=mxfp4 pv=none" in message
+    assert api.diff(fork_repo).count("+        custom_quant_type") >= 2
+    restored = api.restore(fork_repo)
+    assert restored.restored and restored.branch == "megaquant/main"
+    assert snapshot(fork_repo) == before and "megaquant/main" not in git.Repo(fork_repo).heads
+    assert api.diff(fork_repo) == ""
+
+
+def test_second_apply_adds_a_commit_and_same_values_make_none(fork_repo: Path) -> None:
+    first = api.apply(fork_repo, linear="mxfp8")
+    second = api.apply(fork_repo, pv="hifp8")
+    assert second.commit not in (None, first.commit) and second.base == first.base
+    assert second.values["linear_fwd"] == "mxfp8" and second.values["pv"] == "hifp8"
+    again = api.apply(fork_repo, pv="hifp8", linear="mxfp8")
+    assert again.commit is None and again.changes == ()
+    assert git.Repo(fork_repo).head.commit.hexsha == second.commit
+    assert api.restore(fork_repo).restored
+    assert all(s.value == "bf16" for s in api.status(fork_repo).sites)
+
+
+def test_dry_run_writes_nothing(fork_repo: Path) -> None:
+    before = snapshot(fork_repo)
+    result = api.apply(fork_repo, qk="mxfp4", dry_run=True)
+    assert result.commit is None and "+        custom_quant_type = 'mxfp4'" in result.diff
+    assert snapshot(fork_repo) == before and git.Repo(fork_repo).active_branch.name == "main"
+
+
+def test_bf16_alias_and_unknown_value(fork_repo: Path) -> None:
+    assert api.apply(fork_repo, linear="bf16").commit is None  # already 'bf16' == none
+    with pytest.raises(ValueNameError, match="mxfp8"):
+        api.apply(fork_repo, qk="fp7")
+    with pytest.raises(ValueNameError, match="unknown role"):
+        api.apply(fork_repo, values={"lm_head": "mxfp8"})
+    with pytest.raises(MegaquantError, match="nothing to set"):
+        api.apply(fork_repo)
+
+
+def test_dirty_target_refused(fork_repo: Path) -> None:
+    (fork_repo / ATTENTION).write_text(ATTENTION_SRC + "# local tweak\n")
+    before = snapshot(fork_repo)
+    with pytest.raises(GitStateError, match=f"{ATTENTION}: has uncommitted changes"):
+        api.apply(fork_repo, qk="mxfp4")
+    assert snapshot(fork_repo) == before and git.Repo(fork_repo).active_branch.name == "main"
+
+
+def test_unparsable_file_names_file_and_line(tmp_path: Path) -> None:
+    broken = LAYERS_SRC.replace(
+        "custom_quant_type = 'bf16'  # chosen", "custom_quant_type = \\x01'hifp8'  # chosen"
+    )
+    root = make_fork_repo(tmp_path / "broken", {**FILES, LAYERS: broken})
+    before = snapshot(root)
+    with pytest.raises(SourceError, match=rf"{LAYERS}:\d+"):
+        api.apply(root, linear="mxfp8")
+    assert snapshot(root) == before
+
+
+def test_worktree_mode(fork_repo: Path, tmp_path: Path) -> None:
+    before = snapshot(fork_repo)
+    result = api.apply(fork_repo, linear="mxfp4", worktree=tmp_path / "exp")
+    assert Path(result.repo) == (tmp_path / "exp").resolve() and result.branch == "megaquant/main-exp"
+    assert "'mxfp4'" in (tmp_path / "exp" / LAYERS).read_text()
+    assert snapshot(fork_repo) == before and git.Repo(fork_repo).active_branch.name == "main"
+    other = api.apply(fork_repo, qk="hifp8", worktree=tmp_path / "exp2")
+    assert other.branch == "megaquant/main-exp2"
+    assert api.status(tmp_path / "exp").base == result.base
+    assert api.restore(tmp_path / "exp").restored and not (tmp_path / "exp").exists()
+    assert api.restore(tmp_path / "exp2").restored
+    assert set(h.name for h in git.Repo(fork_repo).heads) == {"main"}
+
+
+def test_restore_with_nothing_to_restore(fork_repo: Path) -> None:
+    result = api.restore(fork_repo)
+    assert not result.restored and "nothing to restore" in result.message
