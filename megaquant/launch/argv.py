@@ -17,6 +17,7 @@ from megaquant.spec import canonical_value
 __all__ = [
     "FAKE_QUANT_FLAGS",
     "REFUSED_FLAGS",
+    "TRAIN_ENV",
     "Entry",
     "Parallel",
     "check_extra_args",
@@ -184,9 +185,13 @@ def torchrun_argv(python: str, parallel: Parallel, entry: Entry, args: Sequence[
     return argv + list(entry.argv) + list(args)
 
 
+TRAIN_ENV: Mapping[str, str] = {"CUDA_DEVICE_MAX_CONNECTIONS": "1"}
+"""Set for every training process (Megatron requires it with tensor/context parallelism before Blackwell)."""
+
+
 def train_env(entry: Entry, base: Mapping[str, str]) -> dict[str, str]:
     """The environment additions of a training process (the tree first on PYTHONPATH)."""
-    env = {"CUDA_DEVICE_MAX_CONNECTIONS": "1"}
+    env = dict(TRAIN_ENV)
     if entry.pythonpath is not None:
         rest = base.get("PYTHONPATH", "")
         env["PYTHONPATH"] = str(entry.pythonpath) + (f":{rest}" if rest else "")

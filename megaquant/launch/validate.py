@@ -16,8 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megaquant.errors import LaunchError
+from megaquant.launch.argv import TRAIN_ENV
 
-__all__ = ["Case", "Verdict", "megatron_version", "source_for", "validate"]
+TARGET_ARCH = 9
+"""GPU major architecture assumed when validating on a machine without CUDA (9: Hopper, e.g. H100/H200)."""
+
+__all__ = ["TARGET_ARCH", "Case", "Verdict", "megatron_version", "source_for", "validate"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -25,6 +29,8 @@ class Case:
     argv: tuple[str, ...]
     """Megatron arguments only (no program name, no megaquant-only flags)."""
     world_size: int = 1
+    env: tuple[tuple[str, str], ...] = tuple(TRAIN_ENV.items())
+    """Environment the run has (Megatron checks e.g. CUDA_DEVICE_MAX_CONNECTIONS for TP > 1)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,7 +63,7 @@ def source_for(tree: Path | None) -> Path:
 
 def validate(cases: Sequence[Case], source: Path, *, python: str = sys.executable) -> list[Verdict]:
     """One child process checks every case; a child that cannot import Megatron raises LaunchError."""
-    batch = [{"argv": list(c.argv), "world_size": c.world_size} for c in cases]
+    batch = [{"argv": list(c.argv), "world_size": c.world_size, "env": dict(c.env)} for c in cases]
     request = {"source": str(source), "cases": batch}
     done = subprocess.run(
         [python, "-m", "megaquant.launch.validate"],
@@ -91,11 +97,26 @@ def _child() -> int:
     os.environ.setdefault("LOCAL_RANK", "0")
     out = sys.stdout
     with contextlib.redirect_stdout(io.StringIO()):
-        from megatron.training.arguments import parse_args, validate_args
+        import megatron.training.arguments as arguments
+        import torch
+
+    if not torch.cuda.is_available():
+        # validate_args asks the GPU's architecture (for TP/CP > 1, to pick CUDA_DEVICE_MAX_CONNECTIONS
+        # advice); without a GPU, answer for the target architecture instead (a hardware query, not argv).
+        def target_arch() -> int:
+            return int(request.get("target_arch", TARGET_ARCH))
+
+        arguments.get_device_arch_version = target_arch
+    parse_args, validate_args = arguments.parse_args, arguments.validate_args
 
     results = []
+    applied: dict[str, str] = {}
     for case in request["cases"]:
         os.environ["WORLD_SIZE"] = str(case["world_size"])
+        for key in set(applied) - set(case["env"]):
+            os.environ.pop(key, None)
+        os.environ.update(case["env"])
+        applied = case["env"]
         sys.argv = ["pretrain_gpt.py", *case["argv"]]
         err = io.StringIO()
         try:
