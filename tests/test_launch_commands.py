@@ -1,0 +1,126 @@
+"""`megaquant train`, `megaquant scripts` and the generated Slurm script, through typer's CliRunner."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import git
+from conftest import make_git_repo
+from typer.testing import CliRunner
+
+from megaquant.cli import build_app
+from megaquant.launch.modes import SEED_MODES
+from megaquant.launch.run import TRAIN_COMMAND_ENV
+from megaquant.launch.scripts import SlurmOptions, combination_scripts, sbatch_script
+
+APP = build_app(("megaquant.launch.commands",))
+RUNNER = CliRunner()
+
+FAKE = "import sys\nprint(' iteration        1/       1 | lm loss: 2.5E+00 |', sys.argv[1:3])\n"
+
+
+def test_train_dry_run_json() -> None:
+    result = RUNNER.invoke(
+        APP,
+        ["train", "--model", "tiny", "--mock-data", "-q", "qk_pv_mxfp4", "--training-config", "smoke",
+         "--dry-run", "--json", "--no-validate", "--nproc-per-node", "2", "--", "--log-interval", "5"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.output)
+    assert payload["values"] == {"linear_fwd": "none", "linear_bwd": "none", "qk": "mxfp4", "pv": "mxfp4"}
+    assert payload["argv"][1:5] == ["-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    assert payload["megatron_args"][-2:] == ["--log-interval", "5"]
+    assert "--mock-data" in payload["megatron_args"] and payload["validated_against"] is None
+    assert payload["env"]["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
+
+
+def test_train_list_and_errors() -> None:
+    listing = RUNNER.invoke(APP, ["train", "--list"])
+    assert listing.exit_code == 0 and "deepseek2_lite" in listing.output
+    bad = RUNNER.invoke(APP, ["train", "--model", "gpt5", "--dry-run", "--no-validate"])
+    assert bad.exit_code == 1 and "unknown model 'gpt5'" in bad.output
+
+
+def test_train_runs_and_restores_through_the_cli(tmp_path: Path) -> None:
+    repo = make_git_repo(tmp_path, "v1_three")
+    fake = tmp_path / "fake.py"
+    fake.write_text(FAKE)
+    run_dir = tmp_path / "run"
+    result = RUNNER.invoke(
+        APP,
+        ["train", "--model", "tiny", "--mock-data", "-q", "FA_linear_mxfp4", "--training-config", "smoke",
+         "--megatron", str(repo), "--run-dir", str(run_dir), "--no-validate"],
+        env={TRAIN_COMMAND_ENV: shlex.join([sys.executable, str(fake)])},
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "iteration        1/" in result.output  # streamed to the console
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["exit_code"] == 0 and manifest["values"]["qk"] == "mxfp4"
+    assert git.Repo(repo).active_branch.name == "main"
+
+
+def test_slurm_script_is_written_not_run(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = RUNNER.invoke(
+        APP,
+        ["train", "--model", "llama31-8b", "--dataset", "dolma", "-q", "linear_mxfp8", "--slurm",
+         "--nnodes", "4", "--nproc-per-node", "8", "--tp", "8", "--partition", "gpu", "--time", "02:00:00",
+         "--run-dir", str(run_dir), "--no-validate", "--megatron", str(tmp_path)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    script = (run_dir / "train.sbatch").read_text()
+    assert "#SBATCH --nodes=4" in script and "#SBATCH --gpus-per-node=8" in script
+    assert "#SBATCH --partition=gpu" in script and "#SBATCH --time=02:00:00" in script
+    last = script.rstrip().splitlines()[-1]
+    assert last.startswith(f"exec {sys.executable} -m megaquant train --model llama31-8b")
+    assert (
+        "--nnodes 4" in last and "--tp 8" in last and "--srun" in last and '--rdzv-id "$SLURM_JOB_ID"' in last
+    )
+    assert not (run_dir / "manifest.json").exists()
+    done = subprocess.run(["bash", "-n", str(run_dir / "train.sbatch")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr  # valid shell syntax
+
+
+def test_srun_layout_inside_an_allocation(tmp_path: Path) -> None:
+    result = RUNNER.invoke(
+        APP,
+        ["train", "--model", "llama32-1b", "--dry-run", "--json", "--no-validate", "--srun", "--nnodes", "2",
+         "--nproc-per-node", "8", "--master-addr", "node17", "--rdzv-id", "991"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    argv = json.loads(result.output)["argv"]
+    assert argv[:6] == ["srun", "--nodes", "2", "--ntasks-per-node", "1", "--kill-on-bad-exit=1"]
+    at = argv.index("--rdzv-endpoint")
+    assert argv[at + 1] == "node17:29500" and argv[argv.index("--rdzv-id") + 1] == "991"
+    assert "--node-rank" not in argv
+
+
+def test_sbatch_script_optional_settings() -> None:
+    text = sbatch_script(
+        SlurmOptions(account="proj"),
+        run_dir=Path("/runs/x"),
+        launcher=["python", "-m", "megaquant", "train", "--model", "tiny"],
+        nodes=2,
+        gpus_per_node=4,
+        master_port=6000,
+    )
+    assert "#SBATCH --account=proj" in text and "--partition" not in text
+    assert "#SBATCH --output=/runs/x/slurm-%j.out" in text and "--master-port 6000" in text
+
+
+def test_sixty_generated_scripts(tmp_path: Path) -> None:
+    scripts = combination_scripts()
+    assert len(scripts) == 60 == 3 * 2 * len(SEED_MODES)
+    assert not [name for name in scripts if "tiny" in name or "sample" in name]
+    result = RUNNER.invoke(APP, ["scripts", "--out", str(tmp_path / "s"), "--megatron", "/opt/Megatron-LM"])
+    assert result.exit_code == 0 and "wrote 60 scripts" in result.output
+    text = (tmp_path / "s" / "train_llama32-1b_dolma_FA_hifp8.sh").read_text()
+    assert text.splitlines()[1] == (
+        "exec megaquant train --model llama32-1b --dataset dolma --quantization FA_hifp8 "
+        '--training-config fast --megatron "/opt/Megatron-LM" "$@"'
+    )
+    assert (tmp_path / "s" / "train_llama32-1b_dolma_FA_hifp8.sh").stat().st_mode & 0o111
