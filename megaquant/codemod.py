@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import libcst as cst
+from libcst._nodes.internal import CodegenState
 
 from megaquant.errors import SourceError, ValueNameError
 from megaquant.sites import FileAnalysis, Step, analyse_file
@@ -72,6 +73,42 @@ def _string(literal: str, style: tuple[str, str]) -> str:
     return f"{prefix}{quote}{literal}{quote}"
 
 
+class _Index(CodegenState):
+    """The assignments to the variable (in source order) and the statements by first line, in one pass.
+
+    A code generator that only counts lines: it visits every node in source order several times faster
+    than a CSTVisitor, and gives line numbers without the cost of libcst's PositionProvider.
+    """
+
+    def __init__(self, module: cst.Module, variable: str) -> None:
+        super().__init__(default_indent=module.default_indent, default_newline=module.default_newline)
+        self.variable = variable
+        self.line = 1
+        self.parents: list[cst.CSTNode] = []
+        self.assigns: list[tuple[int, cst.Assign | cst.AnnAssign]] = []
+        self.statements: dict[int, cst.BaseStatement] = {}
+
+    def add_token(self, value: str) -> None:
+        self.tokens.append(value)
+        self.line += value.count("\n")
+
+    def before_codegen(self, node: cst.CSTNode) -> None:
+        if isinstance(node, cst.SimpleStatementLine | cst.BaseCompoundStatement):
+            self.statements.setdefault(self.line + len(node.leading_lines), node)
+        elif type(node) is cst.Name and node.value == self.variable and self.parents:
+            parent = self.parents[-1]
+            if isinstance(parent, cst.AssignTarget) and parent.target is node:
+                assign = self.parents[-2]
+                assert isinstance(assign, cst.Assign)
+                self.assigns.append((self.line, assign))
+            elif isinstance(parent, cst.AnnAssign) and parent.target is node and parent.value is not None:
+                self.assigns.append((self.line, parent))
+        self.parents.append(node)
+
+    def after_codegen(self, node: cst.CSTNode) -> None:
+        self.parents.pop()
+
+
 class _Edit(cst.CSTTransformer):
     def __init__(self, values: dict[int, str], inserts: dict[int, list[str]], module: cst.Module) -> None:
         self.values = values
@@ -127,18 +164,18 @@ def _targets(targets: Mapping[str, str], spec: Spec) -> tuple[dict[str, str], li
 
 
 def _plan_file(
-    fa: FileAnalysis, wanted: Mapping[str, str], variable: str
+    fa: FileAnalysis, module: cst.Module, index: _Index, wanted: Mapping[str, str], variable: str
 ) -> tuple[dict[int, str], dict[int, list[str]], list[Change], list[str], dict[int, str]]:
-    """Edits of one file, plus the value key every GEMM must end up with (use index -> key)."""
+    """Edits of one file (keyed by libcst node identity), and the value key every GEMM must end up with."""
     values: dict[int, str] = {}
     inserts: dict[int, list[str]] = {}
     changes: list[Change] = []
     warnings: list[str] = []
     expected: dict[int, str] = {}
     for i, (a, site) in enumerate(zip(fa.assignments, fa.sites, strict=True)):
-        rhs = a.node.value
-        assert rhs is not None  # sites.py records only assignments with a value
-        style = _quote(rhs, fa.module, variable)
+        node = index.assigns[i][1]
+        assert node.value is not None  # only assignments with a value are indexed
+        style = _quote(node.value, module, variable)
         if site.override:
             touched = [r for r in site.roles if r in wanted]
             if touched:
@@ -152,8 +189,8 @@ def _plan_file(
         if not governed:  # a label: follows the role of the next GEMM
             role = site.roles[0] if site.roles else None
             if role is not None and role in wanted and original != _value_key(wanted[role], ""):
-                values[id(a.node)] = _string(wanted[role], style)
-                changes.append(Change(fa.file, a.scope, a.line, role, a.expr, values[id(a.node)], "set"))
+                values[id(node)] = _string(wanted[role], style)
+                changes.append(Change(fa.file, a.scope, a.line, role, a.expr, values[id(node)], "set"))
             continue
         # Each governed GEMM wants its role's new literal, or (role not asked for / role-less) the old value.
         wants: list[tuple[str, str]] = []  # (key, code) per governed use
@@ -165,7 +202,7 @@ def _plan_file(
                 wants.append((original, a.expr))
         first_key, first_code = wants[0]
         if first_key != original:
-            values[id(a.node)] = first_code
+            values[id(node)] = first_code
             first_role = fa.uses[governed[0]].role or ""
             changes.append(Change(fa.file, a.scope, a.line, first_role, a.expr, first_code, "set"))
         live: list[tuple[int, tuple[Step, ...], str]] = [(a.order, a.path, first_key)]
@@ -192,7 +229,12 @@ def _plan_file(
                         f"assignment, so the run-time override at line {', '.join(map(str, shadowed))} no "
                         "longer reaches it"
                     )
-                inserts.setdefault(id(use.anchor), []).append(
+                anchor = index.statements.get(use.anchor_line)
+                if anchor is None:
+                    raise SourceError(
+                        f"{fa.file}:{use.anchor_line}: no statement starts on this line (internal)"
+                    )
+                inserts.setdefault(id(anchor), []).append(
                     f"{variable} = {code}  # megaquant: own value for {use.role or 'this GEMM'}\n"
                 )
                 live.append((use.order, use.path, key))
@@ -235,12 +277,25 @@ def plan_rewrite(sources: Mapping[str, bytes], targets: Mapping[str, str], spec:
         if spec.variable.encode("ascii") not in source:
             continue
         fa = analyse_file(file, source, spec)
+        if not fa.assignments:
+            continue
         found.update(r for site in fa.sites for r in site.roles)
-        values, inserts, file_changes, file_warnings, expected = _plan_file(fa, wanted, spec.variable)
+        module = cst.parse_module(source)
+        index = _Index(module, spec.variable)
+        module._codegen(index)  # noqa: SLF001 - see _Index
+        if [line for line, _ in index.assigns] != [a.line for a in fa.assignments]:
+            raise SourceError(
+                f"{file}: libcst and CPython disagree on the assignments to {spec.variable} "
+                f"(lines {[line for line, _ in index.assigns]} vs {[a.line for a in fa.assignments]}); "
+                "nothing was changed. Please report this with the file attached."
+            )
+        values, inserts, file_changes, file_warnings, expected = _plan_file(
+            fa, module, index, wanted, spec.variable
+        )
         warnings.extend(file_warnings)
         if not values and not inserts:
             continue
-        new = fa.module.visit(_Edit(values, inserts, fa.module)).bytes
+        new = module.visit(_Edit(values, inserts, module)).bytes
         _verify(fa, new, expected, spec)
         new_sources[file] = new
         changes.extend(file_changes)

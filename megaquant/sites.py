@@ -1,18 +1,19 @@
 """Find every assignment to the quantization variable by scope, and the GEMMs each one governs.
 
-A bytes prefilter picks the few files that mention the variable; only those are parsed with libcst.
+A bytes prefilter picks the few files that mention the variable; only those are parsed, with CPython's
+`ast` (positions, no metadata, ~10x faster than libcst, which only `codemod` loads to rewrite).
 """
 
 from __future__ import annotations
 
 import ast
+import bisect
+import io
 import os
+import tokenize
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import libcst as cst
-from libcst._nodes.internal import CodegenState
 
 from megaquant.errors import SourceError
 from megaquant.spec import Spec
@@ -83,25 +84,27 @@ class Scan:
 
 # A step into a branch of a compound statement: (id of the statement, branch name, branches exclusive?).
 Step = tuple[int, str, bool]
+# One ancestor on the way down the tree: (node, field of its parent it sits in, visiting order).
+Frame = tuple[ast.AST, str, int]
+_SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)
 
 
 @dataclass(eq=False)
 class Assignment:
-    """Engine-internal record of one assignment (the codemod rewrites `node`)."""
+    """Engine-internal record of one assignment (the n-th one in source order)."""
 
     order: int
     line: int
     scope_key: int
     scope: str
     path: tuple[Step, ...]
-    node: cst.Assign | cst.AnnAssign
     value: str | None
     expr: str
 
 
 @dataclass(eq=False)
 class Use:
-    """Engine-internal record of one GEMM use; `anchor` is the statement a sibling goes before."""
+    """Engine-internal record of one GEMM use; a sibling goes before the statement at `anchor_line`."""
 
     order: int
     line: int
@@ -111,7 +114,7 @@ class Use:
     enclosing: tuple[
         tuple[int, int, tuple[Step, ...]], ...
     ]  # outer function scopes (key, def order, def path)
-    anchor: cst.BaseStatement
+    anchor_line: int
     call: str
     role: str | None
 
@@ -121,7 +124,6 @@ class FileAnalysis:
     """Everything the engine knows about one file; `sites[i]` describes `assignments[i]`."""
 
     file: str
-    module: cst.Module
     assignments: list[Assignment]
     uses: list[Use]
     governor: dict[int, int]  # use index -> assignment index
@@ -130,132 +132,80 @@ class FileAnalysis:
     warnings: list[str] = field(default_factory=list)
 
 
-class _Walker(CodegenState):
-    """A code generator that only counts lines and notes each occurrence of the variable's name.
-
-    Code generation visits every node in source order several times faster than a CSTVisitor and
-    gives line numbers for free, without the cost of libcst's PositionProvider.
-    """
-
-    def __init__(self, module: cst.Module, variable: str) -> None:
-        super().__init__(default_indent=module.default_indent, default_newline=module.default_newline)
-        self.variable = variable
-        self.line = 1
-        self.stack: list[cst.CSTNode] = []
-        self.starts: list[int] = []
-        self.seq = 0
-        self.seqs: list[int] = []
-        self.hits: list[tuple[tuple[cst.CSTNode, ...], tuple[int, ...], tuple[int, ...]]] = []
-
-    def add_token(self, value: str) -> None:
-        self.tokens.append(value)
-        self.line += value.count("\n")
-
-    def before_codegen(self, node: cst.CSTNode) -> None:
-        self.stack.append(node)
-        self.starts.append(self.line)
-        self.seq += 1
-        self.seqs.append(self.seq)
-        if type(node) is cst.Name and node.value == self.variable:
-            self.hits.append((tuple(self.stack), tuple(self.starts), tuple(self.seqs)))
-
-    def after_codegen(self, node: cst.CSTNode) -> None:
-        self.stack.pop()
-        self.starts.pop()
-        self.seqs.pop()
-
-
-def _parse(file: str, source: bytes) -> cst.Module:
+def _parse(file: str, source: bytes) -> tuple[ast.Module, str]:
+    """The tree and the decoded text of a file (PEP 263 coding cookie honoured)."""
     try:
-        return cst.parse_module(source)
-    except cst.ParserSyntaxError as exc:
-        line, cause = exc.raw_line, exc.message
-    except (UnicodeDecodeError, LookupError, SyntaxError) as exc:
-        line, cause = 1, str(exc)
-    try:  # CPython's parser names the offending line more precisely than libcst's tokenizer does
-        ast.parse(source, filename=file)
+        encoding, _ = tokenize.detect_encoding(io.BytesIO(source).readline)
+        text = source.decode(encoding)
+        return ast.parse(source, filename=file), text
     except SyntaxError as exc:
-        line, cause = exc.lineno or line, exc.msg
-    except (ValueError, UnicodeDecodeError):
-        pass
+        line, cause = exc.lineno or 1, exc.msg
+    except (UnicodeDecodeError, LookupError, ValueError) as exc:
+        line, cause = source.count(b"\n", 0, max(source.find(b"\0"), 0)) + 1, str(exc)
+    except RecursionError:
+        line, cause = 1, "nested too deeply"
     raise SourceError(
         f"{file}:{line}: cannot parse this file ({cause}); megaquant changed nothing. "
         "Fix the file or check out a commit where it is valid Python."
     )
 
 
-def _callee(node: cst.BaseExpression) -> str:
-    if isinstance(node, cst.Name):
-        return node.value
-    if isinstance(node, cst.Attribute):
-        return f"{_callee(node.value)}.{node.attr.value}"
-    if isinstance(node, cst.Call):
+def _callee(node: ast.expr) -> str:
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        return f"{_callee(node.value)}.{node.attr}"
+    if isinstance(node, ast.Call):
         return f"{_callee(node.func)}()"
-    if isinstance(node, cst.Subscript):
+    if isinstance(node, ast.Subscript):
         return f"{_callee(node.value)}[]"
     return "?"
 
 
-class _Calls(cst.CSTVisitor):
-    """Callees of the calls in a dispatch chain's branches (not in nested functions)."""
-
-    def __init__(self) -> None:
-        self.callees: list[str] = []
-
-    def visit_Call(self, node: cst.Call) -> None:
-        self.callees.append(_callee(node.func))
-
-    def visit_FunctionDef(self, node: cst.FunctionDef) -> bool:
-        return False
-
-    def visit_Lambda(self, node: cst.Lambda) -> bool:
-        return False
+def _calls(nodes: list[ast.stmt]) -> list[str]:
+    """Callees of the calls in `nodes`, in source order, not looking into nested functions."""
+    found: list[tuple[int, int, str]] = []
+    todo: list[ast.AST] = list(nodes)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, ast.Call):
+            found.append((node.lineno, node.col_offset, _callee(node.func)))
+        todo.extend(c for c in ast.iter_child_nodes(node) if not isinstance(c, _SCOPES))
+    return [callee for _, _, callee in sorted(found)]
 
 
-def _chain_callees(head: cst.If) -> tuple[str, ...]:
-    visitor = _Calls()
-    head.body.visit(visitor)
-    if head.orelse is not None:
-        head.orelse.visit(visitor)
-    return tuple(dict.fromkeys(visitor.callees))
+def _chain_callees(head: ast.If) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(_calls([*head.body, *head.orelse])))
 
 
-def _scope(stack: tuple[cst.CSTNode, ...]) -> tuple[int, str]:
+def _scope(stack: list[Frame]) -> tuple[int, str]:
     """(identity key, qualified name) of the innermost function/class enclosing the end of `stack`."""
     parts: list[str] = []
     key = 0
     in_function = False
-    for node in stack[:-1]:
-        if isinstance(node, cst.FunctionDef | cst.ClassDef | cst.Lambda):
+    for node, _, _ in stack[:-1]:
+        if isinstance(node, _SCOPES):
             if in_function:
                 parts.append("<locals>")
-            parts.append(node.name.value if not isinstance(node, cst.Lambda) else "<lambda>")
-            in_function = not isinstance(node, cst.ClassDef)
+            parts.append("<lambda>" if isinstance(node, ast.Lambda) else node.name)
+            in_function = not isinstance(node, ast.ClassDef)
             key = id(node)
     return key, ".".join(parts) or "<module>"
 
 
-def _path(stack: tuple[cst.CSTNode, ...]) -> tuple[Step, ...]:
+def _path(stack: list[Frame]) -> tuple[Step, ...]:
     """The branches of compound statements (within the innermost scope) that lead to the end of `stack`."""
     steps: list[Step] = []
-    for i, node in enumerate(stack[:-1]):
-        child = stack[i + 1]
-        if isinstance(node, cst.FunctionDef | cst.ClassDef | cst.Lambda):
+    for (node, _, _), (child, where, _) in zip(stack, stack[1:], strict=False):
+        if isinstance(node, _SCOPES):
             steps = []
-        elif isinstance(node, cst.If):
-            if child is node.body:
-                steps.append((id(node), "body", True))
-            elif child is node.orelse:
-                steps.append((id(node), "orelse", True))
-        elif isinstance(node, cst.For | cst.While):
-            if child is node.body or child is node.orelse:
-                steps.append((id(node), "body" if child is node.body else "orelse", False))
-        elif isinstance(node, cst.Try | cst.TryStar):
-            branch = "body" if child is node.body else "orelse" if child is node.orelse else "other"
-            if child is node.finalbody:
-                branch = "finally"
-            steps.append((id(node), branch if branch != "other" else f"handler{id(child)}", False))
-        elif isinstance(node, cst.Match):
+        elif isinstance(node, ast.If) and where in ("body", "orelse"):
+            steps.append((id(node), where, True))
+        elif isinstance(node, ast.For | ast.AsyncFor | ast.While) and where in ("body", "orelse"):
+            steps.append((id(node), where, False))
+        elif isinstance(node, ast.Try | ast.TryStar) and where in ("body", "orelse", "finalbody", "handlers"):
+            steps.append((id(node), f"handler{id(child)}" if where == "handlers" else where, False))
+        elif isinstance(node, ast.Match) and where == "cases":
             steps.append((id(node), f"case{id(child)}", True))
     return tuple(steps)
 
@@ -273,96 +223,143 @@ def _exclusive(a: tuple[Step, ...], b: tuple[Step, ...]) -> bool:
     return False
 
 
-def _chain_head(stack: tuple[cst.CSTNode, ...]) -> int | None:
+def _chain_head(stack: list[Frame]) -> int | None:
     """Index in `stack` of the if/elif chain whose test compares the variable, if the name is in one."""
+    compared = False
     for i in range(len(stack) - 2, -1, -1):
-        node = stack[i]
-        if isinstance(node, cst.Call | cst.Lambda | cst.BaseSuite | cst.BaseSmallStatement):
+        node = stack[i][0]
+        compared = compared or isinstance(node, ast.Compare)
+        if isinstance(node, ast.Call | ast.Lambda | ast.comprehension | ast.stmt) and not isinstance(
+            node, ast.If
+        ):
             return None
-        if isinstance(node, cst.If):
-            if stack[i + 1] is not node.test or not any(isinstance(n, cst.Comparison) for n in stack[i:]):
+        if isinstance(node, ast.If):
+            if stack[i + 1][1] != "test" or not compared:
                 return None
-            while i >= 1:  # an `elif` is an If in the `orelse` of the previous one
-                previous = stack[i - 1]
-                if not (isinstance(previous, cst.If) and stack[i] is previous.orelse):
+            while i >= 1:  # an `elif` is an If alone in the `orelse` of the previous one, at its column
+                previous = stack[i - 1][0]
+                if not (
+                    isinstance(previous, ast.If)
+                    and stack[i][1] == "orelse"
+                    and previous.orelse == [node]
+                    and node.col_offset == previous.col_offset
+                ):
                     break
                 i -= 1
+                node = previous
             return i
     return None
 
 
-def _enclosing(
-    stack: tuple[cst.CSTNode, ...], seqs: tuple[int, ...]
-) -> tuple[tuple[int, int, tuple[Step, ...]], ...]:
+def _enclosing(stack: list[Frame]) -> tuple[tuple[int, int, tuple[Step, ...]], ...]:
     """For a closure: each enclosing function's (scope key, order and path of the nested def), inner first."""
     levels: list[tuple[int, int, tuple[Step, ...]]] = []
-    defs = [
-        i for i, node in enumerate(stack) if isinstance(node, cst.FunctionDef | cst.ClassDef | cst.Lambda)
-    ]
+    defs = [i for i, (node, _, _) in enumerate(stack) if isinstance(node, _SCOPES)]
     for inner, outer in zip(reversed(defs[1:]), reversed(defs[:-1]), strict=True):
-        if isinstance(stack[inner], cst.ClassDef) or isinstance(stack[outer], cst.ClassDef):
+        if isinstance(stack[inner][0], ast.ClassDef) or isinstance(stack[outer][0], ast.ClassDef):
             break
-        levels.append((id(stack[outer]), seqs[inner], _path(stack[: inner + 1])))
+        levels.append((id(stack[outer][0]), stack[inner][2], _path(stack[: inner + 1])))
     return tuple(levels)
 
 
-def _anchor(stack: tuple[cst.CSTNode, ...]) -> cst.BaseStatement:
-    for node in reversed(stack):
-        if isinstance(node, cst.BaseStatement):
-            return node
-    raise AssertionError("every expression lies in a statement")
+def _literal(node: ast.expr) -> str | None:
+    return node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else None
 
 
-def _literal(node: cst.BaseExpression) -> str | None:
-    if isinstance(node, cst.SimpleString):
-        value = node.evaluated_value
-        return value if isinstance(value, str) else None
-    return None
+class _Walker:
+    """Visits, in source order, only the nodes whose lines mention the variable, noting each occurrence."""
+
+    def __init__(self, variable: str, lines: list[int] | None) -> None:
+        self.variable = variable
+        self.lines = lines  # sorted lines holding the name; None: visit everything
+        self.stack: list[Frame] = []
+        self.order = 0
+        self.hits: list[list[Frame]] = []
+
+    def _relevant(self, node: ast.AST) -> bool:
+        start = getattr(node, "lineno", None)
+        if self.lines is None or start is None:
+            return True
+        end = getattr(node, "end_lineno", None) or start
+        i = bisect.bisect_left(self.lines, start)
+        return i < len(self.lines) and self.lines[i] <= end
+
+    def visit(self, node: ast.AST, where: str) -> None:
+        self.order += 1
+        self.stack.append((node, where, self.order))
+        if isinstance(node, ast.Name) and node.id == self.variable:
+            self.hits.append(list(self.stack))
+        for name, value in ast.iter_fields(node):
+            if isinstance(value, list):
+                for item in value:
+                    if isinstance(item, ast.AST) and self._relevant(item):
+                        self.visit(item, name)
+            elif isinstance(value, ast.AST) and self._relevant(value):
+                self.visit(value, name)
+        self.stack.pop()
+
+
+def _name_lines(source: bytes, variable: str) -> list[int] | None:
+    """Lines whose bytes contain the variable's name (None when line ends other than LF/CRLF occur)."""
+    if source.count(b"\r") != source.count(b"\r\n"):
+        return None
+    needle = variable.encode("ascii")
+    lines: list[int] = []
+    at = source.find(needle)
+    while at >= 0:
+        lines.append(source.count(b"\n", 0, at) + 1)
+        at = source.find(needle, at + 1)
+    return sorted(set(lines))
+
+
+def _segment(text: str, node: ast.expr) -> str:
+    return (ast.get_source_segment(text, node) or "").replace("\r\n", "\n")
 
 
 def analyse_file(file: str, source: bytes, spec: Spec) -> FileAnalysis:
     """Parse one file and relate its assignments to the GEMM uses they govern or reach."""
-    module = _parse(file, source)
-    walker = _Walker(module, spec.variable)
-    module._codegen(walker)  # noqa: SLF001 - see _Walker
+    tree, text = _parse(file, source)
+    walker = _Walker(spec.variable, _name_lines(source, spec.variable))
+    try:
+        walker.visit(tree, "")
+    except RecursionError as exc:
+        raise SourceError(f"{file}:1: nested too deeply to analyse; megaquant changed nothing") from exc
     assignments: list[Assignment] = []
     uses: list[Use] = []
     warnings: list[str] = []
     chains: set[int] = set()
-    for stack, starts, seqs in walker.hits:
-        name, parent = stack[-1], stack[-2]
+    for stack in walker.hits:
+        name, (parent, _, _), where = stack[-1][0], stack[-2], stack[-1][1]
         key, scope = _scope(stack)
-        target = (isinstance(parent, cst.AssignTarget) and parent.target is name) or (
-            isinstance(parent, cst.AnnAssign) and parent.target is name
-        )
-        if target:
-            node = stack[-3] if isinstance(parent, cst.AssignTarget) else parent
-            assert isinstance(node, cst.Assign | cst.AnnAssign)
-            if node.value is None:
+        line = getattr(name, "lineno", 0)
+        if (isinstance(parent, ast.Assign) and where == "targets") or (
+            isinstance(parent, ast.AnnAssign) and where == "target"
+        ):
+            assert isinstance(parent, ast.Assign | ast.AnnAssign)
+            if parent.value is None:
                 continue  # a bare annotation binds nothing
             assignments.append(
                 Assignment(
-                    order=seqs[-1],
-                    line=starts[-1],
+                    order=stack[-1][2],
+                    line=line,
                     scope_key=key,
                     scope=scope,
                     path=_path(stack),
-                    node=node,
-                    value=_literal(node.value),
-                    expr=module.code_for_node(node.value),
+                    value=_literal(parent.value),
+                    expr=_segment(text, parent.value),
                 )
             )
             continue
-        if isinstance(parent, cst.AugAssign | cst.NamedExpr | cst.Element | cst.For | cst.AsName):
+        if isinstance(getattr(name, "ctx", None), ast.Store | ast.Del) or isinstance(parent, ast.alias):
             warnings.append(
-                f"{file}:{starts[-1]}: {spec.variable} is bound or read by a {type(parent).__name__} in "
-                f"{scope}; megaquant only tracks plain assignments, check this line by hand"
+                f"{file}:{line}: {spec.variable} is bound by a {type(parent).__name__} in {scope}; "
+                "megaquant only tracks plain assignments, check this line by hand"
             )
             continue
         head = _chain_head(stack)
         if head is not None:
-            chain = stack[head]
-            assert isinstance(chain, cst.If)
+            chain = stack[head][0]
+            assert isinstance(chain, ast.If)
             if id(chain) in chains:
                 continue
             chains.add(id(chain))
@@ -370,38 +367,40 @@ def analyse_file(file: str, source: bytes, spec: Spec) -> FileAnalysis:
             if callees:
                 uses.append(
                     Use(
-                        order=seqs[head],
-                        line=starts[head] + len(chain.leading_lines),
+                        order=stack[head][2],
+                        line=chain.lineno,
                         scope_key=key,
                         scope=scope,
                         path=_path(stack[: head + 1]),
-                        enclosing=_enclosing(stack[:head], seqs),
-                        anchor=chain,
+                        enclosing=_enclosing(stack[:head]),
+                        anchor_line=chain.lineno,
                         call=", ".join(callees),
                         role=spec.role_of(file, scope, callees),
                     )
                 )
             continue
-        if isinstance(parent, cst.Arg) and parent.value is name and isinstance(stack[-3], cst.Call):
-            call = stack[-3]
-            assert isinstance(call, cst.Call)
+        call_at = (
+            len(stack) - 2 if where == "args" else len(stack) - 3 if isinstance(parent, ast.keyword) else -1
+        )
+        call = stack[call_at][0] if call_at >= 0 else None
+        if isinstance(call, ast.Call) and not any(id(node) in chains for node, _, _ in stack):
             callee = _callee(call.func)
-            inside_chain = any(isinstance(n, cst.If) and id(n) in chains for n in stack)
-            if spec.is_gemm_call(callee) and not inside_chain:
+            if spec.is_gemm_call(callee):
+                anchor = next(node for node, _, _ in reversed(stack) if isinstance(node, ast.stmt))
                 uses.append(
                     Use(
-                        order=seqs[-3],
-                        line=starts[-3],
+                        order=stack[call_at][2],
+                        line=call.lineno,
                         scope_key=key,
                         scope=scope,
-                        path=_path(stack[:-2]),
-                        enclosing=_enclosing(stack[:-2], seqs),
-                        anchor=_anchor(stack),
+                        path=_path(stack[: call_at + 1]),
+                        enclosing=_enclosing(stack[:call_at]),
+                        anchor_line=anchor.lineno,
                         call=callee,
                         role=spec.role_of(file, scope, (callee,)),
                     )
                 )
-    analysis = FileAnalysis(file, module, assignments, uses, {}, {}, warnings=warnings)
+    analysis = FileAnalysis(file, assignments, uses, {}, {}, warnings=warnings)
     _relate(analysis)
     return analysis
 

@@ -70,7 +70,11 @@ def test_variant3_environment_reads_are_sites_without_a_value() -> None:
         (ATT, 25, "bf16", ("pv",)),
     ]
     assert [s.expr for s in scan.sites if s.line in (16, 32, 17)] == [env] * 3
-    assert scan.sites[2].expr == "os.environ.get(\n    'CUSTOM_QUANT_TYPE',\n    'hifp8',\n)"
+    # the source text exactly as written (continuation lines keep their indentation)
+    assert (
+        scan.sites[2].expr
+        == "os.environ.get(\n                'CUSTOM_QUANT_TYPE',\n                'hifp8',\n            )"
+    )
 
 
 def test_variant4_run_time_overrides_are_listed_and_warned() -> None:
