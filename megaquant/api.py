@@ -5,7 +5,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import hashlib
+import os
+import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +23,7 @@ if TYPE_CHECKING:
     import git
 
     from megaquant.codemod import Change, RewritePlan
-    from megaquant.sites import Site
+    from megaquant.sites import Scan, Site
     from megaquant.spec import Spec
 
 __all__ = ["ApplyResult", "Base", "RestoreResult", "Status", "apply", "diff", "restore", "status"]
@@ -99,6 +103,43 @@ def _read_sources(root: Path, spec: Spec) -> dict[str, bytes]:
     return {rel: (root / rel).read_bytes() for rel in candidate_paths(root, spec)}
 
 
+SCAN_CACHE = "megaquant-scan-cache.pickle"
+
+
+def _scan_key(sources: Mapping[str, bytes], spec: Spec) -> str:
+    """Identifies a scan: `scan_sources` is pure, so the same engine, spec and bytes give the same result."""
+    import megaquant.sites
+    import megaquant.spec
+
+    digest = hashlib.sha256(repr(spec).encode())
+    for module in (megaquant.sites, megaquant.spec):
+        digest.update(Path(str(module.__file__)).read_bytes())
+    for rel in sorted(sources):
+        digest.update(b"%d:%s\0" % (len(sources[rel]), rel.encode()))
+        digest.update(sources[rel])
+    return digest.hexdigest()
+
+
+def _cached_scan(rep: git.Repo, sources: Mapping[str, bytes], spec: Spec) -> Scan:
+    """`scan_sources`, remembered under the git dir by content (a hit skips every parse)."""
+    from megaquant.sites import scan_sources
+
+    path = Path(rep.git_dir) / SCAN_CACHE
+    key = _scan_key(sources, spec)
+    try:
+        cached_key, cached = pickle.loads(path.read_bytes())
+        if cached_key == key:
+            return cached
+    except (OSError, pickle.UnpicklingError, ValueError, TypeError, EOFError, AttributeError, ImportError):
+        pass  # no cache, or one from another version: scan
+    scan = scan_sources(sources, spec)
+    tmp = path.with_name(f"{SCAN_CACHE}.{os.getpid()}.tmp")
+    with contextlib.suppress(OSError):
+        tmp.write_bytes(pickle.dumps((key, scan)))
+        os.replace(tmp, path)
+    return scan
+
+
 def _spec_name(repo: git.Repo, spec: str | None) -> str:
     """The spec asked for, else git config `megaquant.spec` (set by `instrument`), else fork."""
     if spec is not None:
@@ -135,15 +176,16 @@ def _targets(
     return {role: canonical_value(value) for role, value in asked.items()}
 
 
-def _role_values(sources: Mapping[str, bytes], targets: Mapping[str, str], spec: Spec) -> dict[str, str]:
+def _role_values(
+    rep: git.Repo, sources: Mapping[str, bytes], targets: Mapping[str, str], spec: Spec
+) -> dict[str, str]:
     """role -> canonical value for every role: the target, else what the (non-override) sites hold now."""
-    from megaquant.sites import scan_sources
     from megaquant.spec import canonical_value
 
     untouched = [role for role in spec.roles() if role not in targets]
     current: dict[str, set[str]] = {role: set() for role in untouched}
     if untouched:
-        for site in scan_sources(sources, spec).sites:
+        for site in _cached_scan(rep, sources, spec).sites:
             for role in site.roles:
                 if role in current and not site.override:
                     try:
@@ -185,13 +227,13 @@ def _commit_text(plan: RewritePlan, base: Base, values: Mapping[str, str]) -> st
 def status(repo: str | Path = ".", *, spec: str | None = None) -> Status:
     """Where the repository stands: every site of the spec's variable, the base if on a throwaway branch,
     and warnings that explain interrupted or unusual states."""
-    from megaquant.sites import scan_tree
     from megaquant.spec import load_spec
 
     rep = _branch.open_repo(repo)
     root = _branch.worktree_root(rep)
     base, _ = _throwaway_base(rep)
-    scan = scan_tree(root, load_spec(_spec_name(rep, spec)))
+    spec_obj = load_spec(_spec_name(rep, spec))
+    scan = _cached_scan(rep, _read_sources(root, spec_obj), spec_obj)
     warnings = (*scan.warnings, *_branch.describe_state(rep))
     head = _branch.head_commit(rep) or ""
     return Status(str(root), _branch.head_branch(rep), head, base, scan.sites, tuple(warnings))
@@ -232,14 +274,14 @@ def apply(
     elif worktree is not None:
         raise GitStateError(f"already on {name}; run `megaquant restore` before creating a worktree")
 
-    def plan_in(root: Path) -> tuple[dict[str, bytes], RewritePlan, dict[str, str]]:
-        sources = _read_sources(root, spec_obj)
+    def plan_in(checkout: git.Repo) -> tuple[dict[str, bytes], RewritePlan, dict[str, str]]:
+        sources = _read_sources(_branch.worktree_root(checkout), spec_obj)
         plan = plan_rewrite(sources, targets, spec_obj)
-        return sources, plan, _role_values(sources, targets, spec_obj)
+        return sources, plan, _role_values(checkout, sources, targets, spec_obj)
 
     root = _branch.worktree_root(rep)
     if dry_run or worktree is None:
-        sources, plan, role_values = plan_in(root)
+        sources, plan, role_values = plan_in(rep)
         text = unified_diff(sources, plan.new_sources)
         if dry_run or not plan.new_sources:
             return ApplyResult(str(root), name, base, None, plan.changes, role_values, plan.warnings, text)
@@ -258,7 +300,11 @@ def apply(
         wt_root = _branch.worktree_root(wt)
         wt_name = _branch.head_branch(wt)
         assert wt_name is not None
-        sources, plan, role_values = plan_in(wt_root)
+        try:
+            sources, plan, role_values = plan_in(wt)
+        except MegaquantError:
+            _branch.discard_worktree(rep, wt_root, wt_name)  # fresh, holds nothing of the user's
+            raise
         text = unified_diff(sources, plan.new_sources)
         commit = None
         if plan.new_sources:

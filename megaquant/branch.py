@@ -35,6 +35,7 @@ __all__ = [
     "config_value",
     "current_base",
     "describe_state",
+    "discard_worktree",
     "dirty_paths",
     "git_errors",
     "lock_info",
@@ -456,6 +457,13 @@ def add_worktree(repo: git.Repo, directory: Path, base: Base) -> git.Repo:
         repo.git.config(f"branch.{name}.{BASE_CONFIG_KEY}", base.label())
         repo.git.worktree("add", "-b", name, str(directory), base.commit)
     return open_repo(directory)
+
+
+def discard_worktree(repo: git.Repo, directory: Path, branch: str) -> None:
+    """Remove a worktree megaquant just created (and its branch) after a failure before any commit."""
+    with git_errors(f"removing the new worktree {directory}"):
+        repo.git.worktree("remove", "--force", str(directory))
+        repo.git.branch("-D", branch)
 
 
 def commit_files(

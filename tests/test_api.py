@@ -83,6 +83,9 @@ class DotProductAttention(torch.nn.Module):
         return context
 """
 
+# Variant 7 of the fork: a sed `\1` written into a Python string left a bare \x01 (does not parse).
+BROKEN_LAYERS_SRC = LAYERS_SRC.replace("custom_quant_type = 'bf16'  #", "custom_quant_type = \x01'hifp8'  #")
+
 FILES = {
     LAYERS: LAYERS_SRC,
     ATTENTION: ATTENTION_SRC,
@@ -217,9 +220,7 @@ def test_dirty_target_refused(fork_repo: Path) -> None:
 
 
 def test_unparsable_file_names_file_and_line(tmp_path: Path) -> None:
-    broken = LAYERS_SRC.replace(
-        "custom_quant_type = 'bf16'  # chosen", "custom_quant_type = \\x01'hifp8'  # chosen"
-    )
+    broken = BROKEN_LAYERS_SRC
     root = make_fork_repo(tmp_path / "broken", {**FILES, LAYERS: broken})
     before = snapshot(root)
     with pytest.raises(SourceError, match=rf"{LAYERS}:\d+"):
@@ -244,3 +245,23 @@ def test_worktree_mode(fork_repo: Path, tmp_path: Path) -> None:
 def test_restore_with_nothing_to_restore(fork_repo: Path) -> None:
     result = api.restore(fork_repo)
     assert not result.restored and "nothing to restore" in result.message
+
+
+def test_worktree_removed_when_planning_fails(tmp_path: Path) -> None:
+    broken = BROKEN_LAYERS_SRC
+    root = make_fork_repo(tmp_path / "broken", {**FILES, LAYERS: broken})
+    with pytest.raises(SourceError):
+        api.apply(root, linear="mxfp8", worktree=tmp_path / "exp")
+    assert not (tmp_path / "exp").exists() and [h.name for h in git.Repo(root).heads] == ["main"]
+
+
+def test_scan_cache_is_keyed_by_content(fork_repo: Path) -> None:
+    first = api.status(fork_repo)
+    cache = Path(git.Repo(fork_repo).git_dir) / api.SCAN_CACHE
+    assert cache.is_file()
+    assert api.status(fork_repo).sites == first.sites  # a hit
+    (fork_repo / ATTENTION).write_text(ATTENTION_SRC.replace("'bf16'", "'hifp8'", 1))
+    changed = api.status(fork_repo)
+    assert [s.value for s in changed.sites if s.file == ATTENTION] == ["hifp8", "bf16"]
+    cache.write_bytes(b"not a pickle")
+    assert api.status(fork_repo).sites == changed.sites

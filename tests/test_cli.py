@@ -136,13 +136,11 @@ def test_subprocess_exit_codes_and_no_traceback(fork_repo: Path, tmp_path: Path)
 
 
 def test_subprocess_unparsable_file_names_line(tmp_path: Path) -> None:
-    from test_api import FILES, LAYERS_SRC
+    from test_api import BROKEN_LAYERS_SRC, FILES
 
-    broken = LAYERS_SRC.replace(
-        "custom_quant_type = 'bf16'  # chosen", "custom_quant_type = \\x01'hifp8'  # chosen"
-    )
+    broken = BROKEN_LAYERS_SRC
     root = make_fork_repo(tmp_path / "broken", {**FILES, LAYERS: broken})
-    line = next(i for i, text in enumerate(broken.splitlines(), 1) if "\\x01" in text)
+    line = next(i for i, text in enumerate(broken.splitlines(), 1) if "\x01" in text)
     done = run_cli("set", "--linear", "mxfp8", cwd=root)
     assert done.returncode == 1 and done.stderr.startswith("error: ") and "Traceback" not in done.stderr
     assert re.search(rf"{re.escape(LAYERS)}:{line}\b", done.stderr), done.stderr
