@@ -72,9 +72,8 @@ def test_whole_matrix_is_accepted_by_megatron(source: Path, tmp_path: Path) -> N
     cases = [*unique, *must_fail.values()]
     verdicts = validate(cases, source)
     by_case = dict(zip(unique, verdicts, strict=False))
-    rejected = {
-        cell: by_case[case].error for cell, case in {**cells, **layouts}.items() if not by_case[case].ok
-    }
+    every: list[tuple[object, Case]] = [*cells.items(), *layouts.items()]
+    rejected = {cell: by_case[case].error for cell, case in every if not by_case[case].ok}
     assert rejected == {}
     failed = dict(zip(must_fail, verdicts[len(unique) :], strict=True))
     assert not failed["seq beyond positions"].ok
