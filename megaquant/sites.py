@@ -132,6 +132,10 @@ class FileAnalysis:
     warnings: list[str] = field(default_factory=list)
 
 
+def _line_at(source: bytes, offset: int) -> int:
+    return source.count(b"\n", 0, max(offset, 0)) + 1
+
+
 def _parse(file: str, source: bytes) -> tuple[ast.Module, str]:
     """The tree and the decoded text of a file (PEP 263 coding cookie honoured)."""
     try:
@@ -139,9 +143,11 @@ def _parse(file: str, source: bytes) -> tuple[ast.Module, str]:
         text = source.decode(encoding)
         return ast.parse(source, filename=file), text
     except SyntaxError as exc:
-        line, cause = exc.lineno or 1, exc.msg
-    except (UnicodeDecodeError, LookupError, ValueError) as exc:
-        line, cause = source.count(b"\n", 0, max(source.find(b"\0"), 0)) + 1, str(exc)
+        line, cause = exc.lineno or _line_at(source, source.find(b"\0")), exc.msg
+    except UnicodeDecodeError as exc:
+        line, cause = _line_at(source, exc.start), str(exc)
+    except (LookupError, ValueError) as exc:
+        line, cause = _line_at(source, source.find(b"\0")), str(exc)
     except RecursionError:
         line, cause = 1, "nested too deeply"
     raise SourceError(
@@ -486,14 +492,19 @@ def _closure_governor(fa: FileAnalysis, by_scope: Mapping[int, list[int]], use: 
 def _walk(root: Path) -> Iterator[Path]:
     for entry in os.scandir(root):
         if entry.is_dir(follow_symlinks=False):
-            if not entry.name.startswith(".") and entry.name not in _SKIP_DIRS:
+            nested_checkout = os.path.lexists(os.path.join(entry.path, ".git"))  # a worktree or another repo
+            if not entry.name.startswith(".") and entry.name not in _SKIP_DIRS and not nested_checkout:
                 yield from _walk(Path(entry.path))
         elif entry.name.endswith(".py") and entry.is_file(follow_symlinks=False):
             yield Path(entry.path)
 
 
 def candidate_paths(root: Path, spec: Spec) -> list[str]:
-    """Repo-relative posix paths of the Python files whose bytes mention the variable (sorted)."""
+    """Repo-relative posix paths of the Python files whose bytes mention the variable (sorted).
+
+    Skipped: hidden folders, caches, installed packages, and nested checkouts (a folder with its own
+    `.git`, e.g. a `megaquant set --worktree` inside the repo), which are other trees.
+    """
     needle = spec.variable.encode("ascii")
     found = [path.relative_to(root).as_posix() for path in _walk(Path(root)) if needle in path.read_bytes()]
     return sorted(found)

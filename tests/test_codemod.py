@@ -215,3 +215,32 @@ def test_property_rewrite_and_back(variant: str, targets: dict[str, str]) -> Non
         for gemm in site.governs:
             if gemm.role is not None:
                 assert site.value == values[gemm.role]
+
+
+def test_calls_receiving_the_variable_get_siblings_too() -> None:
+    """The hook shape of `megaquant instrument`: one site feeding two ops calls, one behind a guard."""
+    spec = load_spec("megatron-core")
+    attention = b"""class DotProductAttention:
+    def forward(self, q, k, v, buf):
+        custom_quant_type = 'none'
+        scores = _mq_ops.quant_baddbmm(buf, q, k, custom_quant_type, beta=0.0)
+        probs = scores.softmax(-1)
+        if self.keep_stock:
+            context = torch.bmm(probs, v)
+        else:
+            context = _mq_ops.quant_bmm(probs, v, quant=custom_quant_type)
+        return context
+"""
+    sources = {ATTENTION: attention}
+    (site,) = scan_sources(sources, spec).sites
+    assert [(g.line, g.call, g.role) for g in site.governs] == [
+        (4, "_mq_ops.quant_baddbmm", "qk"),
+        (9, "_mq_ops.quant_bmm", "pv"),
+    ]
+    plan = plan_rewrite(sources, {"qk": "mxfp8", "pv": "none"}, spec)
+    assert plan.new_sources[ATTENTION] == attention.replace(
+        b"custom_quant_type = 'none'", b"custom_quant_type = 'mxfp8'"
+    ).replace(
+        b"        else:\n",
+        b"        else:\n            custom_quant_type = 'none'  # megaquant: own value for pv\n",
+    )

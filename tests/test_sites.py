@@ -124,6 +124,30 @@ def test_adversarial_tree() -> None:
     assert scan.warnings == ()
 
 
+@pytest.mark.parametrize(
+    ("source", "where"),
+    [
+        (
+            b"x = 1\n# caf\xe9 without a coding cookie\ncustom_quant_type = 'a'\n",
+            "m.py:2: cannot parse this file ('utf-8'",
+        ),
+        (
+            b"custom_quant_type = 'a'\n\x00\n",
+            "m.py:2: cannot parse this file (source code string cannot contain null",
+        ),
+        (
+            b"# -*- coding: nope -*-\ncustom_quant_type = 1\n",
+            "m.py:1: cannot parse this file (unknown encoding: nope)",
+        ),
+        (b"def f(:\n    custom_quant_type = 1\n", "m.py:1: cannot parse this file (invalid syntax)"),
+    ],
+)
+def test_unreadable_sources_name_file_and_line(source: bytes, where: str) -> None:
+    with pytest.raises(SourceError) as info:
+        scan_sources({"m.py": source}, FORK)
+    assert str(info.value).startswith(where)
+
+
 def test_gemm_without_an_assignment_is_warned() -> None:
     source = b"def f(a, b, custom_quant_type):\n    return quant_matmul(a, b, custom_quant_type)\n"
     scan = scan_sources({"m.py": source}, FORK)
@@ -229,8 +253,17 @@ def test_scan_tree_parses_only_the_prefiltered_files(tmp_path: Path) -> None:
     assert candidate_paths(fixture_root("adversarial"), FORK)[0] == "megatron/core/fusions/nested.py"
 
 
-def test_candidate_paths_skips_hidden_and_installed_packages(tmp_path: Path) -> None:
-    for rel in ("a.py", ".venv/lib/site-packages/x.py", "pkg/site-packages/y.py", "b.txt", "c.py"):
+def test_candidate_paths_skips_hidden_installed_and_nested_checkouts(tmp_path: Path) -> None:
+    (tmp_path / "worktree").mkdir()
+    (tmp_path / "worktree" / ".git").write_text("gitdir: /elsewhere\n")
+    for rel in (
+        "a.py",
+        ".venv/lib/site-packages/x.py",
+        "pkg/site-packages/y.py",
+        "b.txt",
+        "c.py",
+        "worktree/d.py",
+    ):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text("custom_quant_type = 'hifp8'\n" if rel != "c.py" else "x = 1\n")
     assert candidate_paths(tmp_path, FORK) == ["a.py"]
@@ -253,3 +286,16 @@ def test_to_json_is_plain_data() -> None:
             {"line": 32, "call": "mxfp_matmul, hifp_matmul, torch.bmm", "role": "pv"},
         ],
     }
+
+
+def test_make_git_repo_commits_the_fixture_byte_for_byte(tmp_path: Path) -> None:
+    import git
+    from conftest import make_git_repo
+
+    root = make_git_repo(tmp_path, "adversarial")
+    repo = git.Repo(root)
+    assert repo.active_branch.name == "main" and len(list(repo.iter_commits())) == 1
+    assert not repo.is_dirty(untracked_files=True)
+    for rel, data in fixture_sources("adversarial").items():
+        assert (root / rel).read_bytes() == data
+        assert repo.head.commit.tree[rel].data_stream.read() == data  # CRLF and latin-1 kept in the blob
