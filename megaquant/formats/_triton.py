@@ -5,6 +5,7 @@ Bit-exact with the torch reference (megaquant.formats.mx / .hif8); `supports()` 
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 
@@ -23,7 +24,8 @@ _ELEMS_PER_PROGRAM = 8192
 _NUM_WARPS = 8
 _NAN_BLOCK_CODE = {"mxfp8_e4m3": 0x7F, "mxfp8_e5m2": 0x7F, "mxfp4_e2m1": 0x0}
 _FLT_MAX = 3.4028234663852886e38
-_HIF8_FORK_MAX = 0.95 * 2.0**15
+_HIF8_MB_TABLE = sum(m << (2 * e) for e, m in enumerate([3] * 4 + [2] * 4 + [1] * 8))
+"""HiF8 mantissa width per |exponent| 0..15, 2 bits each (bit 31 is 0: |e| >= 16 has none)."""
 
 
 def _f32_bits(v: float) -> int:
@@ -189,6 +191,7 @@ def _mx_lastaxis_kernel(
     SATURATE: tl.constexpr,
     RCEIL: tl.constexpr,
     AWAY: tl.constexpr,
+    BF16_BITS: tl.constexpr,
 ):
     """x viewed as (rows, n), blocks of BS along n (the last one may be short); G blocks per program."""
     blk = tl.program_id(0).to(tl.int64) * G + tl.arange(0, G)
@@ -213,8 +216,7 @@ def _mx_lastaxis_kernel(
         else:
             tl.store(codes_ptr + offs, codes.to(tl.uint8), mask=mask)
     else:
-        out = _mx_dequant(r, sign, e)
-        tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+        _store_values(out_ptr, offs, _mx_dequant(r, sign, e), mask, BF16_BITS)
 
 
 @triton.jit
@@ -246,6 +248,7 @@ def _mx_inner_kernel(
     SATURATE: tl.constexpr,
     RCEIL: tl.constexpr,
     AWAY: tl.constexpr,
+    BF16_BITS: tl.constexpr,
 ):
     """x viewed as (lead, n, inner), blocks of BS along n (axis -2); one block x BK columns per program.
 
@@ -282,8 +285,7 @@ def _mx_inner_kernel(
         else:
             tl.store(codes_ptr + offs, codes.to(tl.uint8), mask=mask)
     else:
-        out = tl.reshape(_mx_dequant(r, sign, e), (BS, BK))
-        tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+        _store_values(out_ptr, offs, tl.reshape(_mx_dequant(r, sign, e), (BS, BK)), mask, BF16_BITS)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -291,12 +293,13 @@ def _mx_inner_kernel(
 
 
 @triton.jit
-def _hif8_quant(x, SATURATE: tl.constexpr, FORK: tl.constexpr):
-    """Round fp32 to the HiF8 grid exactly as hif8.quantize_hif8 (ties away, +0 for zero, NaN kept).
+def _hif8_quant(x, SATURATE: tl.constexpr, FORK: tl.constexpr, MB_TABLE: tl.constexpr):
+    """Round fp32 to the HiF8 grid exactly as hif8.quantize_hif8 (ties away, +0 for zero, canonical NaN).
 
-    Normal and denormal binades (|x| >= 2^-22) round half away on the bits: add half an ulp of the
-    binade's mantissa width, clear the bits below it (a carry into the next binade lands on its power of
-    two, which every binade holds). Below 2^-22 the grid is {0, 2^-22} with the tie 2^-23 going up.
+    Binades -22..15 round half away on the bits: add half an ulp of the binade's mantissa width mb, clear
+    the bits below it (a carry into the next binade lands on its power of two, which every binade holds).
+    mb(|e|) comes from MB_TABLE, 2 bits per |e| = 0..15 (|e| >= 16 reads bit 31, which is 0).
+    Below 2^-22 the grid is {0, 2^-22} with the tie 2^-23 going up. Inf rounds to Inf, then saturates.
     """
     if FORK:
         a = tl.abs(x)
@@ -305,19 +308,29 @@ def _hif8_quant(x, SATURATE: tl.constexpr, FORK: tl.constexpr):
     xbits = x.to(tl.int32, bitcast=True)
     abits = xbits & 0x7FFFFFFF
     ae = tl.abs((abits >> 23) - 127)
-    man_bits = 3 - (ae > 3).to(tl.int32) - (ae > 7).to(tl.int32) - (ae > 15).to(tl.int32)
-    drop = 23 - man_bits
-    rbits = (abits + (1 << (drop - 1))) & (-1 << drop)
-    tiny = tl.where(abits >= 0x34000000, 0x34800000, 0)  # |x| >= 2^-23 -> 2^-22, else 0
-    rbits = tl.where(abits < 0x34800000, tiny, rbits)
+    man_bits = (MB_TABLE >> tl.minimum(ae + ae, 31)) & 3
+    half = 0x400000 >> man_bits
+    rbits = (abits + half) & -(half + half)
+    rbits = tl.where(abits < 0x34800000, 0x34800000, rbits)  # |x| < 2^-22 -> 2^-22 (or 0, below)
     r = rbits.to(tl.float32, bitcast=True)
     if SATURATE:
         r = tl.minimum(r, 32768.0)
     else:
         r = tl.where(r > 32768.0, tl.full(r.shape, 0x7F800000, tl.int32).to(tl.float32, bitcast=True), r)
-    r = tl.where(abits > 0x7F800000, x, r)  # NaN stays NaN
-    sign = tl.where(r == 0, 0, xbits & -2147483648)
-    return (r.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+    out = r.to(tl.int32, bitcast=True) | (xbits & -2147483648)
+    out = tl.where(abits < 0x34000000, 0, out)  # |x| < 2^-23 (zero included) -> +0, HiF8's only zero
+    out = tl.where(abits > 0x7F800000, 0x7FC00000, out)  # NaN -> canonical NaN
+    return out.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _store_values(ptr, offs, v, mask, BF16_BITS: tl.constexpr):
+    """Store fp32 values that the output dtype represents exactly. bf16: the top 16 bits (an exact value
+    needs no rounding, so truncation equals the cast and skips a conversion instruction per element)."""
+    if BF16_BITS:
+        tl.store(ptr + offs, (v.to(tl.int32, bitcast=True) >> 16).to(tl.int16), mask=mask)
+    else:
+        tl.store(ptr + offs, v.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -351,17 +364,15 @@ def _hif8_codes(q):
 
 @triton.jit
 def _hif8_kernel(x_ptr, out_ptr, numel, BLOCK: tl.constexpr, ENCODE: tl.constexpr, SATURATE: tl.constexpr,
-                 FORK: tl.constexpr):  # fmt: skip
+                 FORK: tl.constexpr, MB_TABLE: tl.constexpr, BF16_BITS: tl.constexpr):  # fmt: skip
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    q = _hif8_quant(x, SATURATE, FORK)
+    q = _hif8_quant(x, SATURATE, FORK, MB_TABLE)
     if ENCODE:
         tl.store(out_ptr + offs, _hif8_codes(q).to(tl.uint8), mask=mask)
     else:
-        nan = tl.full(q.shape, 0x7FC00000, tl.int32).to(tl.float32, bitcast=True)
-        q = tl.where(q != q, nan, q)
-        tl.store(out_ptr + offs, q.to(out_ptr.dtype.element_ty), mask=mask)
+        _store_values(out_ptr, offs, q, mask, BF16_BITS)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -374,24 +385,38 @@ def _options(x: torch.Tensor, fmt: str, **opts: object) -> Options | None:
         return None
     if opts.get("tensor_scale", False):  # HiF8 per-tensor scaling: served by the reference
         return None
+    key = tuple(opts.get(k, d) for k, d in _DEFAULTS)
+    try:
+        resolved = _resolve(fmt, *key)
+    except TypeError:  # an unhashable keyword value: not ours to interpret
+        return None
+    in_range = x.dim() > 0 and -x.dim() <= (resolved.axis if resolved else 0) < x.dim()
+    if resolved is not None and resolved.fmt.block_scaled and not in_range:
+        return None
+    return resolved
+
+
+_DEFAULTS = (("axis", -1), ("block_size", 32), ("scale", "floor"), ("rounding", "even"), ("saturate", True),
+             ("preset", None))  # fmt: skip
+
+
+@functools.lru_cache(maxsize=1024)
+def _resolve(
+    fmt: str, axis: int, block_size: int, scale: str, rounding: str, saturate: bool, preset: str | None
+) -> Options | None:
+    """resolve_options, cached (a call costs microseconds of Python per launch otherwise)."""
+    if not all(isinstance(v, int) for v in (axis, block_size)):
+        return None
     try:
         resolved = resolve_options(
-            fmt,
-            axis=int(opts.get("axis", -1)),  # type: ignore[call-overload]
-            block_size=int(opts.get("block_size", 32)),  # type: ignore[call-overload]
-            scale=str(opts.get("scale", "floor")),
-            rounding=str(opts.get("rounding", "even")),
-            saturate=bool(opts.get("saturate", True)),
-            preset=opts.get("preset"),  # type: ignore[arg-type]
-        )
+            fmt, axis=axis, block_size=block_size, scale=scale, rounding=rounding, saturate=saturate,
+            preset=preset,
+        )  # fmt: skip
     except MegaquantError:
         return None
-    if resolved.fmt.block_scaled:
-        bs = resolved.block_size
-        if x.dim() == 0 or not -x.dim() <= resolved.axis < x.dim():
-            return None
-        if bs < 2 or bs > 256 or bs & (bs - 1):  # power-of-two blocks from 2 to 256 elements
-            return None
+    bs = resolved.block_size
+    if resolved.fmt.block_scaled and (bs < 2 or bs > 256 or bs & (bs - 1)):
+        return None  # power-of-two blocks from 2 to 256 elements
     return resolved
 
 
@@ -405,6 +430,7 @@ def supports(x: torch.Tensor, fmt: str, **opts: object) -> bool:
     return _options(x, fmt, **opts) is not None
 
 
+@functools.lru_cache(maxsize=1024)
 def _format_constants(spec: ElementFormat, opts: Options) -> dict[str, object]:
     if opts.saturate:
         fill = _f32_bits(spec.max_normal)
@@ -432,24 +458,26 @@ def _mx(x: torch.Tensor, opts: Options, encode: bool) -> torch.Tensor | Encoded:
     n_codes = -(-n // 2) if spec.bits == 4 else n
     consts = _format_constants(spec, opts)
     out = codes = scales = x  # placeholders for the pointers a mode does not use
+    bf16_bits = not encode and x.dtype == torch.bfloat16
     if encode:
         codes = torch.empty((*shape[:ax], n_codes, *shape[ax + 1 :]), dtype=torch.uint8, device=x.device)
         scales = torch.empty((*shape[:ax], n_blocks, *shape[ax + 1 :]), dtype=torch.uint8, device=x.device)
     else:
         out = torch.empty_like(x)
+    out_arg = out.view(torch.int16) if bf16_bits else out
     if inner == 1:
         total = lead * n_blocks
         g = max(1, _ELEMS_PER_PROGRAM // bs)
         _mx_lastaxis_kernel[(triton.cdiv(total, g),)](
-            x, out, codes, scales, total, n, n_blocks, n_codes, BS=bs, G=g, ENCODE=encode,
-            num_warps=_NUM_WARPS, **consts,
+            x, out_arg, codes, scales, total, n, n_blocks, n_codes, BS=bs, G=g, ENCODE=encode,
+            BF16_BITS=bf16_bits, num_warps=_NUM_WARPS, **consts,
         )  # fmt: skip
     else:
         bk = max(1, min(triton.next_power_of_2(inner), _ELEMS_PER_PROGRAM // bs))
         grid = (lead * n_blocks, triton.cdiv(inner, bk))
         _mx_inner_kernel[grid](
-            x, out, codes, scales, n, inner, n_blocks, n_codes, BS=bs, BK=bk, ENCODE=encode,
-            num_warps=_NUM_WARPS, **consts,
+            x, out_arg, codes, scales, n, inner, n_blocks, n_codes, BS=bs, BK=bk, ENCODE=encode,
+            BF16_BITS=bf16_bits, num_warps=_NUM_WARPS, **consts,
         )  # fmt: skip
     if not encode:
         return out
@@ -459,9 +487,11 @@ def _mx(x: torch.Tensor, opts: Options, encode: bool) -> torch.Tensor | Encoded:
 def _hif8(x: torch.Tensor, opts: Options, encode: bool) -> torch.Tensor | Encoded:
     xc = x.contiguous()
     out = torch.empty(xc.shape, dtype=torch.uint8 if encode else x.dtype, device=x.device)
+    bf16_bits = not encode and x.dtype == torch.bfloat16
     block = _ELEMS_PER_PROGRAM
     _hif8_kernel[(triton.cdiv(xc.numel(), block),)](
-        xc, out, xc.numel(), BLOCK=block, ENCODE=encode, SATURATE=opts.saturate, FORK=opts.fork_clamp,
+        xc, out.view(torch.int16) if bf16_bits else out, xc.numel(), BLOCK=block, ENCODE=encode,
+        SATURATE=opts.saturate, FORK=opts.fork_clamp, MB_TABLE=_HIF8_MB_TABLE, BF16_BITS=bf16_bits,
         num_warps=_NUM_WARPS,
     )  # fmt: skip
     if not encode:
