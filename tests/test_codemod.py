@@ -244,3 +244,47 @@ def test_calls_receiving_the_variable_get_siblings_too() -> None:
         b"        else:\n",
         b"        else:\n            custom_quant_type = 'none'  # megaquant: own value for pv\n",
     )
+
+
+def restyle(source: bytes, indent: str, quote: str, newline: str) -> bytes:
+    """The same program with another indentation unit, quote character and line ending."""
+    lines = []
+    for line in source.decode().split("\n"):
+        body = line.lstrip(" ")
+        depth = (len(line) - len(body)) // 4
+        lines.append(indent * depth + (body.replace("'", quote) if '"""' not in body else body))
+    return newline.join(lines).encode()
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    variant=st.sampled_from(("v1_three", "v2_label")),
+    indent=st.sampled_from(("    ", "\t", "  ")),
+    quote=st.sampled_from(("'", '"')),
+    newline=st.sampled_from(("\n", "\r\n")),
+    targets=targets_strategy,
+)
+def test_property_any_style_same_sites_and_a_faithful_round_trip(
+    variant: str, indent: str, quote: str, newline: str, targets: dict[str, str]
+) -> None:
+    plain = fixture_sources(variant)
+    styled = {f: restyle(data, indent, quote, newline) for f, data in plain.items()}
+
+    def shape(sources: Mapping[str, bytes]) -> list[tuple[str, str | None, tuple[str, ...], int, int]]:
+        return [
+            (s.scope, s.value, s.roles, s.line, len(s.governs)) for s in scan_sources(sources, FORK).sites
+        ]
+
+    assert shape(styled) == shape(plain)
+    plan = plan_rewrite(styled, targets, FORK)
+    for change in plan.changes:
+        assert change.new.startswith(quote)
+    for new in plan.new_sources.values():
+        assert new.count(b"\r\n") == new.count(b"\n") if newline == "\r\n" else b"\r" not in new
+        assert (b"\t" in new) == (indent == "\t")
+    after = {**styled, **plan.new_sources}
+    back = plan_rewrite(after, original_values(plain), FORK)
+    inserted = {c.file for c in plan.changes if c.kind == "insert"}
+    for file, data in {**after, **back.new_sources}.items():
+        if file not in inserted:
+            assert data == styled[file]
