@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -30,7 +31,8 @@ ATTENTION = "megatron/core/transformer/dot_product_attention.py"
 def fixture_files(fixture: Path | None) -> dict[str, bytes]:
     """The fork-variant files: from --fixture DIR (a tree with the fork paths), else the first fixture tree
     under tests/fixtures that has both, else the fixture sources of tests/test_api.py."""
-    trees = sorted(p for p in (ROOT / "tests" / "fixtures").glob("*") if p.is_dir())
+    fixtures = ROOT / "tests" / "fixtures"
+    trees = [fixtures / "v1_three", *sorted(p for p in fixtures.glob("v*") if p.is_dir())]
     candidates = [fixture] if fixture else trees
     for tree in candidates:
         if (tree / LAYERS).is_file() and (tree / ATTENTION).is_file():
@@ -61,23 +63,26 @@ def build_repo(dest: Path, files: dict[str, bytes]) -> int:
     return sum(1 for _ in dest.rglob("*.py"))
 
 
-def cli_seconds(repo: Path, *args: str) -> float:
+def cli_seconds(repo: Path, *args: str) -> tuple[float, float]:
+    """(wall, CPU user+sys) seconds of one `megaquant ...` subprocess."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     argv = [sys.executable, "-m", "megaquant", *args, "--repo", str(repo)]
     done = subprocess.run(argv, capture_output=True)
     elapsed = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         raise SystemExit(f"megaquant {' '.join(args)} failed: {done.stderr.decode()}")
-    return elapsed
+    return elapsed, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
-def parse_all_seconds(repo: Path) -> float:
+def parse_all_seconds(repo: Path) -> tuple[float, float]:
     import libcst
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for path in repo.rglob("*.py"):
         libcst.parse_module(path.read_bytes())
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def main() -> None:
@@ -92,24 +97,34 @@ def main() -> None:
         count = build_repo(repo, fixture_files(args.fixture))
         cli_seconds(repo, "status")  # warm the page cache and .pyc files
         status = [cli_seconds(repo, "status") for _ in range(args.repeat)]
+        status_json = [cli_seconds(repo, "status", "--json") for _ in range(args.repeat)]
         sets = []
         for _ in range(args.repeat):
             sets.append(cli_seconds(repo, "set", "--linear", "mxfp8", "--qk", "mxfp4"))
             cli_seconds(repo, "restore")
+        (Path(tmp) / "megatron-sized" / ".git" / "megaquant-scan-cache.pickle").unlink()
+        cold = cli_seconds(repo, "status", "--json")
         parse_all = parse_all_seconds(repo)
     rows = [
-        ("megaquant status (median)", statistics.median(status), 0.5),
-        ("megaquant set --linear mxfp8 --qk mxfp4 (median)", statistics.median(sets), 1.0),
-        (f"libcst parse of all {count} .py files", parse_all, None),
+        ("megaquant status (median)", *median(status), 0.5),
+        ("megaquant status --json (median)", *median(status_json), 0.5),
+        ("megaquant status --json, no scan cache (1 run)", *cold, 0.5),
+        ("megaquant set --linear mxfp8 --qk mxfp4 (median)", *median(sets), 1.0),
+        (f"libcst parse of all {count} .py files (1 run)", *parse_all, None),
     ]
     machine = f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs"
-    print(f"\nmachine: {machine}, Python {platform.python_version()}")
+    print(f"\nmachine: {machine}, Python {platform.python_version()}, load {os.getloadavg()[0]:.1f}")
     print(f"repo: {count} .py files; {args.repeat} runs each\n")
-    print(f"| {'name':50} | {'seconds':>8} | {'parse-all / this':>16} | {'target':>7} |")
-    print(f"|{'-' * 52}|{'-' * 10}:|{'-' * 17}:|{'-' * 8}:|")
-    for name, seconds, target in rows:
+    print(f"| {'name':50} | {'wall s':>7} | {'CPU s':>6} | {'parse-all / this (wall)':>23} | {'target':>7} |")
+    print(f"|{'-' * 52}|{'-' * 8}:|{'-' * 7}:|{'-' * 24}:|{'-' * 8}:|")
+    for name, wall, cpu, target in rows:
         target_text = f"<= {target}" if target else ""
-        print(f"| {name:50} | {seconds:8.3f} | {parse_all / seconds:15.1f}x | {target_text:>7} |")
+        ratio = f"{parse_all[0] / wall:.1f}x"
+        print(f"| {name:50} | {wall:7.3f} | {cpu:6.3f} | {ratio:>23} | {target_text:>7} |")
+
+
+def median(runs: list[tuple[float, float]]) -> tuple[float, float]:
+    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The `megaquant` command line: parse options, call `megaquant.api`, print (rich, or `--json`).
+"""The `megaquant` command line: parse options, call `megaquant.api`, print text (or `--json`).
 
 Other modules add sub-commands: list the module in `_COMMAND_MODULES`; it exposes `register(app) -> None`.
 """
@@ -72,12 +72,6 @@ def _print_json(data: object) -> None:
     typer.echo(json.dumps(data, indent=2))
 
 
-def _console() -> Any:
-    from rich.console import Console
-
-    return Console(highlight=False)
-
-
 def _warn(warnings: tuple[str, ...]) -> None:
     for warning in warnings:
         typer.echo(f"warning: {warning}", err=True)
@@ -85,46 +79,37 @@ def _warn(warnings: tuple[str, ...]) -> None:
 
 def _show_status(result: Status) -> None:
     """Sites grouped by file, one line each (no truncation: `file:line` must survive a narrow terminal)."""
-    from rich.markup import escape
-
-    console = _console()
     where = result.branch or f"detached at {result.head[:12]}"
-    console.print(f"[bold]{escape(result.repo)}[/] on {escape(where)}")
+    typer.echo(f"{typer.style(result.repo, bold=True)} on {where}")
     if result.base is not None:
-        console.print(f"throwaway branch of {result.base.branch or 'detached'} @ {result.base.commit[:12]}")
+        typer.echo(f"throwaway branch of {result.base.branch or 'detached'} @ {result.base.commit[:12]}")
     if not result.sites:
-        console.print("no sites found")
+        typer.echo("no sites found")
     current = None
     for site in result.sites:
         if site.file != current:
             current = site.file
-            console.print(f"[bold]{escape(site.file)}[/]")
+            typer.echo(typer.style(site.file, bold=True))
         value = repr(site.value) if site.value is not None else site.expr
         flags = [name for name, on in (("conditional", site.conditional), ("override", site.override)) if on]
         roles = ", ".join(site.roles) or "no GEMM"
         extra = f"  ({', '.join(flags)})" if flags else ""
-        console.print(
-            f"  {site.line:>5}  {escape(site.scope)}  [cyan]{escape(value)}[/]  {roles}{extra}",
-            soft_wrap=True,
-        )
+        typer.echo(f"  {site.line:>5}  {site.scope}  {typer.style(value, fg='cyan')}  {roles}{extra}")
     _warn(result.warnings)
 
 
 def _show_apply(result: ApplyResult, dry_run: bool) -> None:
-    console = _console()
     if dry_run:
         sys.stdout.write(result.diff)
     for change in result.changes:
-        console.print(
-            f"{change.file}:{change.line} {change.scope} [{change.role}] {change.old} -> {change.new}"
-        )
+        typer.echo(f"{change.file}:{change.line} {change.scope} [{change.role}] {change.old} -> {change.new}")
     values = " ".join(f"{role}={value}" for role, value in result.values.items())
     if dry_run:
-        console.print(f"dry run: nothing written ({values})")
+        typer.echo(f"dry run: nothing written ({values})")
     elif result.commit is None:
-        console.print(f"nothing to change: already {values}")
+        typer.echo(f"nothing to change: already {values}")
     else:
-        console.print(f"committed {result.commit[:12]} on {result.branch} in {result.repo} ({values})")
+        typer.echo(f"committed {result.commit[:12]} on {result.branch} in {result.repo} ({values})")
     _warn(result.warnings)
 
 

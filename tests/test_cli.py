@@ -219,3 +219,18 @@ def test_doc_examples_run(fork_repo: Path, monkeypatch: pytest.MonkeyPatch) -> N
         if "--json" in argv:
             json.loads(result.stdout)
     assert git.Repo(fork_repo).active_branch.name == "main"
+
+
+def test_set_worktree_and_restore_there(fork_repo: Path, tmp_path: Path) -> None:
+    before = snapshot(fork_repo)
+    exp = tmp_path / "exp-qk4"
+    code, out, err = invoke(
+        "set", "--repo", str(fork_repo), "--qk", "mxfp4", "--worktree", str(exp), "--json"
+    )
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["repo"] == str(exp.resolve()) and data["branch"] == "megaquant/main-exp-qk4"
+    assert snapshot(fork_repo) == before
+    code, out, _ = invoke("status", "--repo", str(exp), "--json")
+    assert json.loads(out)["base"]["branch"] == "main"
+    assert invoke("restore", "--repo", str(exp))[0] == 0 and not exp.exists()

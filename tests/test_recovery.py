@@ -164,3 +164,19 @@ def test_detached_head_round_trip(repo_with_bystanders: tuple[Path, dict[str, by
     assert state["branch"] == f"megaquant/{sha[:12]}" and state["base"] == {"branch": None, "commit": sha}
     assert in_process(root, "restore").returncode == 0
     assert repo.head.is_detached and repo.head.commit.hexsha == sha and snapshot(root) == before
+
+
+@pytest.mark.parametrize("step", ["locked", "write-partial", "add", "commit"])
+def test_worktree_set_killed(repo_with_bystanders: tuple[Path, dict[str, bytes]], step: str) -> None:
+    """--worktree: a kill leaves the main checkout as it was; restore inside the worktree removes it."""
+    root, before = repo_with_bystanders
+    worktree = root.parent / "exp"
+    killed = megaquant(root, "set", "--linear", "mxfp8", "--worktree", str(worktree), fault=step)
+    assert killed.returncode == 137, killed.stderr
+    assert snapshot(root) == before and git.Repo(root).active_branch.name == "main"
+    warnings = status_json(worktree)["warnings"]
+    assert isinstance(warnings, list) and any("megaquant restore" in w for w in warnings), warnings
+    done = in_process(worktree, "restore")
+    assert done.returncode == 0, done.stderr
+    assert not worktree.exists()
+    assert_back_to_base(root, before)
