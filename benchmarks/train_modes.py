@@ -177,6 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--trainer", choices=("minitrain", "pretrain"), default="minitrain")
     parser.add_argument("--budget-s", type=float, default=0.0, help="stop starting modes past this (0: none)")
     parser.add_argument("--pretrain-timeout-s", type=float, default=300.0, help="per mode, pretrain trainer")
+    parser.add_argument("--suffix", default="", help="appended to run dir and mode label (e.g. _seed1235)")
     parser.add_argument("--tar", type=Path, default=None, help="also pack the run dirs into this .tar.gz")
     for name, default in asdict(Shape()).items():
         parser.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
@@ -198,13 +199,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"budget: {elapsed:.0f} s spent; not starting {mode} and later modes", flush=True)
             break
         values = mode_values(mode)
-        out = runs_root / mode
+        out = runs_root / (mode + args.suffix)
         t0 = time.monotonic()
         applied = api.apply(workspace, values=values, spec=SPEC)
         try:
             config = minitrain_config(shape, out, corpus.prefix)
             manifest = {
-                "mode": mode,
+                "mode": mode + args.suffix,
                 "values": dict(applied.values),
                 "branch": applied.branch,
                 "commit": applied.commit,
@@ -242,7 +243,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _tar(runs_root, args.tar)
     from megaquant.report import compare, load_run, markdown_table, plot_losses
 
-    loaded = [load_run(p) for p in sorted(runs_root.iterdir()) if (p / "metrics.jsonl").is_file()]
+    done = [p for p in sorted(runs_root.iterdir()) if (p / "metrics.jsonl").is_file()]
+    loaded = [load_run(p) for p in done if (p / "metrics.jsonl").stat().st_size > 0]
     loaded.sort(key=lambda r: MODES.index(r.mode) if r.mode in MODES else len(MODES))
     if loaded:
         table = markdown_table(compare(loaded))

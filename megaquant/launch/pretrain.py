@@ -212,7 +212,7 @@ def _datasets_provider(train_val_test_num_samples: Sequence[int], vp_stage: int 
 _datasets_provider.is_distributed = True  # type: ignore[attr-defined]  # every rank reads its own loader
 
 
-def _forward_step(data_iterator: Any, model: Any, return_schedule_plan: bool = False) -> Any:
+def _forward_step(data_iterator: Any, model: Any, checkpoint_activations_microbatch: Any = None) -> Any:
     import functools
 
     import torch
@@ -253,6 +253,22 @@ def _timed_train_step(original: Callable[..., Any], sink: IO[str] | None) -> Cal
     return train_step
 
 
+def _use_prebuilt_dataset_helpers() -> None:
+    """Megatron's initialize runs `make` in megatron/core/datasets, which a pip-installed megatron-core
+    cannot do (no Makefile) and does not need (the wheel ships the compiled helpers_cpp module)."""
+    from megatron.core.datasets import utils
+
+    original = utils.compile_helpers
+
+    def compile_helpers() -> None:
+        try:
+            import megatron.core.datasets.helpers_cpp  # noqa: F401
+        except ImportError:
+            original()
+
+    utils.compile_helpers = compile_helpers
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
@@ -272,6 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.mq_metrics.parent.mkdir(parents=True, exist_ok=True)
         sink = args.mq_metrics.open("w")
     training.train_step = _timed_train_step(training.train_step, sink)
+    _use_prebuilt_dataset_helpers()
     torch.backends.cuda.matmul.allow_tf32 = False  # bf16 GEMMs either way; keep fp32 paths exact
     training.pretrain(
         cfg,
