@@ -5,6 +5,7 @@ Bytes in, bytes out: the file's encoding, newline style, quote style and every o
 
 from __future__ import annotations
 
+import ast
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -39,9 +40,12 @@ class RewritePlan:
 
 
 def _value_key(value: str | None, expr: str) -> str:
-    """What a GEMM effectively gets: a canonical value name, else the literal or expression text."""
+    """What a GEMM effectively gets: a canonical value name, else the literal or the expression's syntax."""
     if value is None:
-        return f"expr:{expr}"
+        try:  # layout-independent: libcst may re-indent the continuation lines of a copied expression
+            return f"expr:{ast.dump(ast.parse(expr.strip(), mode='eval'))}"
+        except SyntaxError:
+            return f"expr:{expr}"
     try:
         return canonical_value(value)
     except ValueNameError:
@@ -110,7 +114,9 @@ class _Index(CodegenState):
 
 
 class _Edit(cst.CSTTransformer):
-    def __init__(self, values: dict[int, str], inserts: dict[int, list[str]], module: cst.Module) -> None:
+    def __init__(
+        self, values: dict[int, str], inserts: dict[int, list[cst.SimpleStatementLine]], module: cst.Module
+    ) -> None:
         self.values = values
         self.inserts = inserts
         self.module = module
@@ -128,13 +134,13 @@ class _Edit(cst.CSTTransformer):
     ) -> list[cst.BaseStatement]:
         out: list[cst.BaseStatement] = []
         for before, after in zip(original, updated, strict=True):
-            lines = self.inserts.get(id(before), [])
-            if lines:
-                config = self.module.config_for_parsing
-                new = [cst.parse_statement(code, config=config) for code in lines]
+            new: list[cst.BaseStatement] = list(self.inserts.get(id(before), []))
+            if new:
                 # The sibling goes right before the GEMM statement, after the comments that precede it.
                 if isinstance(after, cst.SimpleStatementLine | cst.BaseCompoundStatement):
-                    new[0] = new[0].with_changes(leading_lines=after.leading_lines)
+                    new[0] = cst.ensure_type(new[0], cst.SimpleStatementLine).with_changes(
+                        leading_lines=after.leading_lines
+                    )
                     after = after.with_changes(leading_lines=())
                 out.extend(new)
             out.append(after)
@@ -165,10 +171,10 @@ def _targets(targets: Mapping[str, str], spec: Spec) -> tuple[dict[str, str], li
 
 def _plan_file(
     fa: FileAnalysis, module: cst.Module, index: _Index, wanted: Mapping[str, str], variable: str
-) -> tuple[dict[int, str], dict[int, list[str]], list[Change], list[str], dict[int, str]]:
+) -> tuple[dict[int, str], dict[int, list[cst.SimpleStatementLine]], list[Change], list[str], dict[int, str]]:
     """Edits of one file (keyed by libcst node identity), and the value key every GEMM must end up with."""
     values: dict[int, str] = {}
-    inserts: dict[int, list[str]] = {}
+    inserts: dict[int, list[cst.SimpleStatementLine]] = {}
     changes: list[Change] = []
     warnings: list[str] = []
     expected: dict[int, str] = {}
@@ -234,9 +240,18 @@ def _plan_file(
                     raise SourceError(
                         f"{fa.file}:{use.anchor_line}: no statement starts on this line (internal)"
                     )
-                inserts.setdefault(id(anchor), []).append(
-                    f"{variable} = {code}  # megaquant: own value for {use.role or 'this GEMM'}\n"
+                sibling = cst.ensure_type(
+                    cst.parse_statement(
+                        f"{variable} = None  # megaquant: own value for {use.role or 'this GEMM'}\n",
+                        config=module.config_for_parsing,
+                    ),
+                    cst.SimpleStatementLine,
                 )
+                assign = cst.ensure_type(sibling.body[0], cst.Assign)
+                # keeping the old value: a copy of the original expression (layout and quotes as written)
+                value = node.value.deep_clone() if key == original else cst.parse_expression(code)
+                sibling = sibling.with_changes(body=[assign.with_changes(value=value)])
+                inserts.setdefault(id(anchor), []).append(sibling)
                 live.append((use.order, use.path, key))
                 changes.append(Change(fa.file, use.scope, use.line, use.role or "", a.expr, code, "insert"))
     return values, inserts, changes, warnings, expected

@@ -288,3 +288,17 @@ def test_property_any_style_same_sites_and_a_faithful_round_trip(
     for file, data in {**after, **back.new_sources}.items():
         if file not in inserted:
             assert data == styled[file]
+
+
+def test_a_role_left_alone_keeps_a_shared_environment_read_as_written() -> None:
+    """QK set, PV not asked for: PV keeps the multi-line env read through a copy laid out as the original."""
+    shared = fixture_sources("v1_three")[ATTENTION]
+    env = b"custom_quant_type = os.environ.get(\n            'CUSTOM_QUANT_TYPE',\n            'hifp8')"
+    source = shared.replace(b"custom_quant_type = 'hifp8'", env)
+    plan = plan_rewrite({ATTENTION: source}, {"qk": "mxfp8"}, FORK)
+    expected = source.replace(env, b"custom_quant_type = 'mxfp8'").replace(
+        b"dim=-1)\n\n        if",
+        b"dim=-1)\n\n        " + env + b"  # megaquant: own value for pv\n        if",
+    )
+    assert plan.new_sources[ATTENTION] == expected
+    assert [c.kind for c in plan.changes] == ["set", "insert"]
