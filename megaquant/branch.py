@@ -11,6 +11,7 @@ import json
 import os
 import socket
 import stat
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -265,12 +266,18 @@ def _pid_alive(pid: int) -> bool:
 def lock_info(repo: git.Repo) -> LockInfo | None:
     path = _common_dir(repo) / LOCK_NAME
     try:
-        data = json.loads(path.read_text() or "{}")
+        text = path.read_text()
+        age = time.time() - path.stat().st_mtime
     except FileNotFoundError:
         return None
-    except (OSError, ValueError):
+    try:
+        data = json.loads(text or "{}")
+    except ValueError:
         data = {}
-    pid, host = int(data.get("pid", 0)), str(data.get("host", "?"))
+    if "pid" not in data:
+        # Written between O_EXCL create and the dump: young means its owner is still writing it.
+        return LockInfo(0, "?", "?", alive=age < 10)
+    pid, host = int(data["pid"]), str(data.get("host", "?"))
     alive = _pid_alive(pid) if host == socket.gethostname() else True
     return LockInfo(pid, host, str(data.get("op", "?")), alive)
 

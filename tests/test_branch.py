@@ -261,3 +261,12 @@ def test_not_a_repository(tmp_path: Path) -> None:
         branch.open_repo(tmp_path)
     with pytest.raises(GitStateError, match="no such directory"):
         branch.open_repo(tmp_path / "missing")
+
+
+def test_lock_being_written_counts_as_held(repo: git.Repo) -> None:
+    lock = Path(repo.common_dir) / "megaquant.lock"
+    lock.write_text("")  # created, owner not done writing
+    with pytest.raises(LockedError):
+        branch.restore(repo)
+    os.utime(lock, (1, 1))  # an old empty lock: its writer died
+    assert "broke a stale lock" in branch.restore(repo).message
