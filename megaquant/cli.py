@@ -30,17 +30,19 @@ _COMMAND_MODULES: tuple[str, ...] = (
 )
 
 
-def _git_error_text(exc: Exception) -> str | None:
-    """A GitPython error (only if GitPython is loaded) as one line, else None."""
+def _error_text(exc: Exception) -> str | None:
+    """A GitPython error (only if GitPython is loaded) or an OS error as one line; None for anything else."""
     gitmod = sys.modules.get("git")
-    if gitmod is None or not isinstance(exc, gitmod.exc.GitError):
-        return None
-    stderr = getattr(exc, "stderr", "") or ""
-    return f"git: {str(stderr).strip() or exc}".replace("\n", " ")
+    if gitmod is not None and isinstance(exc, gitmod.exc.GitError):
+        stderr = getattr(exc, "stderr", "") or ""
+        return f"git: {str(stderr).strip() or exc}".replace("\n", " ")
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    return None
 
 
 class _Group(TyperGroup):
-    """Turns megaquant's and git's errors into `error: ...` on stderr and exit 1 (no traceback)."""
+    """Turns megaquant's, git's and OS errors into `error: ...` on stderr and exit 1 (no traceback)."""
 
     def invoke(self, ctx: Any) -> Any:  # typer vendors click: its Context type is private
         try:
@@ -49,7 +51,7 @@ class _Group(TyperGroup):
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(1) from None
         except Exception as exc:
-            text = _git_error_text(exc)
+            text = _error_text(exc)
             if text is None:
                 raise
             typer.echo(f"error: {text}", err=True)

@@ -234,3 +234,14 @@ def test_set_worktree_and_restore_there(fork_repo: Path, tmp_path: Path) -> None
     code, out, _ = invoke("status", "--repo", str(exp), "--json")
     assert json.loads(out)["base"]["branch"] == "main"
     assert invoke("restore", "--repo", str(exp))[0] == 0 and not exp.exists()
+
+
+def test_os_error_is_an_error_line(fork_repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An OSError escaping the API (an unreadable file; injected, as root reads any file) is one line."""
+
+    def unreadable(*args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied", LAYERS)
+
+    monkeypatch.setattr(api, "status", unreadable)
+    code, _, err = invoke("status", "--repo", str(fork_repo))
+    assert code == 1 and err == f"error: {LAYERS}: Permission denied\n"
