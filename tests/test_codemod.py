@@ -302,3 +302,62 @@ def test_a_role_left_alone_keeps_a_shared_environment_read_as_written() -> None:
     )
     assert plan.new_sources[ATTENTION] == expected
     assert [c.kind for c in plan.changes] == ["set", "insert"]
+
+
+# Random attention bodies: assignments, QK/PV chains and calls, nested in if/else, for the rule
+# "a role change changes every GEMM of that role and none of another", checked from outside the engine.
+QK_CHAIN = (
+    "if custom_quant_type == 'mxfp8':\n    s = mxfp_baddbmm(b, q, k)\nelse:\n    s = torch.baddbmm(b, q, k)\n"
+)
+PV_CHAIN = "if custom_quant_type == 'hifp8':\n    c = hifp_matmul(p, v)\nelse:\n    c = torch.bmm(p, v)\n"
+PV_CALL = "c = quant_bmm(p, v, custom_quant_type)\n"
+
+statements: st.SearchStrategy[str] = st.deferred(
+    lambda: st.one_of(
+        st.sampled_from(("mxfp8", "mxfp4", "hifp8", "bf16")).map(lambda v: f"custom_quant_type = '{v}'\n"),
+        st.sampled_from((QK_CHAIN, PV_CHAIN, PV_CALL, "p = s.softmax(-1)\n")),
+        st.tuples(blocks, blocks).map(
+            lambda bodies: "if flag:\n" + _indent(bodies[0]) + "else:\n" + _indent(bodies[1])
+        ),
+    )
+)
+blocks: st.SearchStrategy[str] = st.lists(statements, min_size=1, max_size=4).map("".join)
+
+
+def _indent(code: str) -> str:
+    return "".join(f"    {line}\n" for line in code.splitlines())
+
+
+def gemm_governors(source: bytes) -> list[tuple[str | None, str | None]]:
+    """(role, governing expression) per GEMM in source order, None where nothing governs it."""
+    fa = analyse_file(ATTENTION, source, FORK)
+    return [
+        (use.role, fa.assignments[fa.governor[u]].expr if u in fa.governor else None)
+        for u, use in enumerate(fa.uses)
+    ]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    body=blocks, targets=st.dictionaries(st.sampled_from(("qk", "pv")), st.sampled_from(VALUES), min_size=1)
+)
+def test_property_random_bodies_change_exactly_the_asked_roles(body: str, targets: dict[str, str]) -> None:
+    source = (
+        "class DotProductAttention:\n    def forward(self, b, q, k, v, flag):\n"
+        "        custom_quant_type = 'hifp8'\n" + "".join(f"        {line}\n" for line in body.splitlines())
+    ).encode()
+    before = gemm_governors(source)
+    try:
+        plan = plan_rewrite({ATTENTION: source}, targets, FORK)
+    except SourceError as exc:  # only ever a refusal that names why, never a wrong rewrite
+        pytest.fail(f"refused: {exc}")
+    after = gemm_governors(plan.new_sources.get(ATTENTION, source))
+    assert len(after) == len(before)
+    for (role, old), (role_after, new) in zip(before, after, strict=True):
+        assert role == role_after
+        if old is None:
+            continue  # not governed: nothing to set (the scan warns about it)
+        if role in targets:
+            assert new == f"'{literal(targets[role])}'"
+        else:
+            assert new == old
