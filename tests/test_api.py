@@ -11,6 +11,7 @@ import pytest
 import megaquant
 from megaquant import api
 from megaquant.errors import GitStateError, MegaquantError, SourceError, ValueNameError
+from megaquant.spec import canonical_value
 
 LAYERS = "megatron/core/tensor_parallel/layers.py"
 ATTENTION = "megatron/core/transformer/dot_product_attention.py"
@@ -265,3 +266,42 @@ def test_scan_cache_is_keyed_by_content(fork_repo: Path) -> None:
     assert [s.value for s in changed.sites if s.file == ATTENTION] == ["hifp8", "bf16"]
     cache.write_bytes(b"not a pickle")
     assert api.status(fork_repo).sites == changed.sites
+
+
+VARIANTS = ("v1_three", "v2_label", "v3_env", "v4_override", "adversarial")
+TARGETS = {"linear_fwd": "hifp8", "linear_bwd": "mxfp4", "qk": "mxfp8", "pv": "mxfp4"}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_fixture_variant_round_trips(tmp_path: Path, variant: str) -> None:
+    """core-engine's fixture trees of the fork's variants: set four different values, check, restore."""
+    from conftest import make_git_repo
+
+    root = make_git_repo(tmp_path, variant)
+    before = snapshot(root)
+    result = api.apply(root, values=TARGETS)
+    assert result.commit is not None and result.values == TARGETS
+    overrides = [s for s in api.status(root).sites if s.override]
+    for site in overrides:  # left alone, and said so
+        assert any(f"{site.file}:{site.line}: run-time override" in w for w in result.warnings), (
+            result.warnings
+        )
+    status = api.status(root)
+    for site in status.sites:
+        if site.override or not site.roles:
+            continue
+        assert len(site.roles) == 1, site  # qk and pv differ: no site may govern both
+        assert site.value is not None and canonical_value(site.value) == TARGETS[site.roles[0]], site
+    assert {role for s in status.sites for role in s.roles} == set(TARGETS)
+    assert api.restore(root).restored
+    assert snapshot(root) == before and [h.name for h in git.Repo(root).heads] == ["main"]
+
+
+def test_broken_fixture_variant_changes_nothing(tmp_path: Path) -> None:
+    from conftest import make_git_repo
+
+    root = make_git_repo(tmp_path, "v7_broken")
+    before = snapshot(root)
+    with pytest.raises(SourceError, match=r"\.py:\d+"):
+        api.apply(root, linear="mxfp8")
+    assert snapshot(root) == before and [h.name for h in git.Repo(root).heads] == ["main"]
