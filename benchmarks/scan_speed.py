@@ -115,14 +115,13 @@ def main() -> None:
     machine = f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs"
     print(f"\nmachine: {machine}, Python {platform.python_version()}, load {os.getloadavg()[0]:.1f}")
     print(f"repo: {count} .py files; {args.repeat} runs each\n")
-    print(
-        f"| {'name':50} | {'wall s':>7} | {'CPU s':>6} | {'ratio wall':>10} | {'ratio CPU':>9} | {'target':>7} |"
-    )
-    print(f"|{'-' * 52}|{'-' * 8}:|{'-' * 7}:|{'-' * 11}:|{'-' * 10}:|{'-' * 8}:|")
+    header = ("wall s", "CPU s", "ratio wall", "ratio CPU", "target")
+    print(f"| {'name':50} | " + " | ".join(header) + " |")
+    print(f"|{'-' * 52}|" + "|".join("-" * (len(h) + 1) + ":" for h in header) + "|")
     for name, wall, cpu, target in rows:
         target_text = f"<= {target}" if target else ""
         ratios = f"{parse_all[0] / wall:9.1f}x | {parse_all[1] / cpu:8.1f}x"
-        print(f"| {name:50} | {wall:7.3f} | {cpu:6.3f} | {ratios} | {target_text:>7} |")
+        print(f"| {name:50} | {wall:6.3f} | {cpu:5.3f} | {ratios} | {target_text:>6} |")
     print("\nratio = parse-all time / this time (wall: elapsed; CPU: user+sys of the process)")
 
 
