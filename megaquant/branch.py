@@ -385,9 +385,28 @@ def _changed_since(repo: git.Repo, base: Base) -> set[str]:
         return set(repo.git.diff("--name-only", "-z", base.commit, "HEAD").split("\0")) - {""}
 
 
+def _megaquant_worktrees(repo: git.Repo) -> list[tuple[Path, str]]:
+    """(directory, branch) of the other worktrees of this repository that are on a megaquant branch."""
+    with git_errors("listing worktrees"):
+        listing = repo.git.worktree("list", "--porcelain")
+    found: list[tuple[Path, str]] = []
+    directory: Path | None = None
+    for line in listing.splitlines():
+        if line.startswith("worktree "):
+            directory = Path(line.removeprefix("worktree "))
+        elif line.startswith("branch refs/heads/" + BRANCH_PREFIX) and directory is not None:
+            found.append((directory, line.removeprefix("branch refs/heads/")))
+    here = worktree_root(repo)
+    return [(d, b) for d, b in found if d.resolve() != here]
+
+
 def describe_state(repo: git.Repo) -> list[str]:
     """Warnings that explain an interrupted or unusual state (for `status`)."""
     notes: list[str] = []
+    for directory, name in _megaquant_worktrees(repo):
+        gone = "" if directory.is_dir() else " (directory gone: `git worktree prune` forgets it)"
+        hint = f"`megaquant restore --repo {directory}` removes it"
+        notes.append(f"megaquant worktree {directory} on {name}{gone}; {hint}")
     info = lock_info(repo)
     if info is not None:
         if info.alive:

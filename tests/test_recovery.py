@@ -174,6 +174,8 @@ def test_worktree_set_killed(repo_with_bystanders: tuple[Path, dict[str, bytes]]
     killed = megaquant(root, "set", "--linear", "mxfp8", "--worktree", str(worktree), fault=step)
     assert killed.returncode == 137, killed.stderr
     assert snapshot(root) == before and git.Repo(root).active_branch.name == "main"
+    from_main = status_json(root)["warnings"]
+    assert isinstance(from_main, list) and any(f"megaquant worktree {worktree}" in w for w in from_main)
     warnings = status_json(worktree)["warnings"]
     assert isinstance(warnings, list) and any("megaquant restore" in w for w in warnings), warnings
     done = in_process(worktree, "restore")
