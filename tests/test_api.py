@@ -305,3 +305,10 @@ def test_broken_fixture_variant_changes_nothing(tmp_path: Path) -> None:
     with pytest.raises(SourceError, match=r"\.py:\d+"):
         api.apply(root, linear="mxfp8")
     assert snapshot(root) == before and [h.name for h in git.Repo(root).heads] == ["main"]
+
+
+def test_spec_from_git_config(fork_repo: Path) -> None:
+    """`megaquant instrument` records `megaquant.spec`; status/set use it unless a spec is given."""
+    git.Repo(fork_repo).git.config("megaquant.spec", "megatron-core")
+    assert any("spec megatron-core" in w for w in api.status(fork_repo).warnings)
+    assert len(api.status(fork_repo, spec="fork").sites) == 5
