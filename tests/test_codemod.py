@@ -304,7 +304,7 @@ def test_a_role_left_alone_keeps_a_shared_environment_read_as_written() -> None:
     assert [c.kind for c in plan.changes] == ["set", "insert"]
 
 
-# Random attention bodies: assignments, QK/PV chains and calls, nested in if/else, for the rule
+# Random attention bodies: assignments, QK/PV chains and calls, nested in if/try/for/with, for the rule
 # "a role change changes every GEMM of that role and none of another", checked from outside the engine.
 QK_CHAIN = (
     "if custom_quant_type == 'mxfp8':\n    s = mxfp_baddbmm(b, q, k)\nelse:\n    s = torch.baddbmm(b, q, k)\n"
@@ -319,6 +319,11 @@ statements: st.SearchStrategy[str] = st.deferred(
         st.tuples(blocks, blocks).map(
             lambda bodies: "if flag:\n" + _indent(bodies[0]) + "else:\n" + _indent(bodies[1])
         ),
+        st.tuples(blocks, blocks).map(
+            lambda bodies: "try:\n" + _indent(bodies[0]) + "except ValueError:\n" + _indent(bodies[1])
+        ),
+        blocks.map(lambda body: "for _ in range(2):\n" + _indent(body)),
+        blocks.map(lambda body: "with ctx:\n" + _indent(body)),
     )
 )
 blocks: st.SearchStrategy[str] = st.lists(statements, min_size=1, max_size=4).map("".join)
