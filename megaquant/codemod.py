@@ -52,7 +52,7 @@ def _value_key(value: str | None, expr: str) -> str:
         return f"literal:{value}"
 
 
-def _quote(node: cst.BaseExpression, module: cst.Module, variable: str) -> tuple[str, str]:
+def _quote(node: cst.BaseExpression, module: cst.Module) -> tuple[str, str]:
     """(prefix, quote) to write a literal with: the site's own, else the first string in it or the file."""
 
     class First(cst.CSTVisitor):
@@ -181,7 +181,7 @@ def _plan_file(
     for i, (a, site) in enumerate(zip(fa.assignments, fa.sites, strict=True)):
         node = index.assigns[i][1]
         assert node.value is not None  # only assignments with a value are indexed
-        style = _quote(node.value, module, variable)
+        style = _quote(node.value, module)
         if site.override:
             touched = [r for r in site.roles if r in wanted]
             if touched:
@@ -294,7 +294,10 @@ def plan_rewrite(sources: Mapping[str, bytes], targets: Mapping[str, str], spec:
         fa = analyse_file(file, source, spec)
         if not fa.assignments:
             continue
-        found.update(r for site in fa.sites for r in site.roles)
+        roles = {r for site in fa.sites for r in site.roles}
+        found.update(roles)
+        if roles.isdisjoint(wanted):
+            continue  # nothing here can change: skip the (slower) libcst parse
         module = cst.parse_module(source)
         index = _Index(module, spec.variable)
         module._codegen(index)  # noqa: SLF001 - see _Index
