@@ -590,6 +590,13 @@ def _restore_locked(repo: git.Repo, *, keep: bool) -> Restored:
             f"{branch}: no recorded base (no branch config, journal or {BASE_TRAILER} trailer); "
             "check out the branch you want and delete this one by hand"
         )
+    if journal is not None and journal.op == "restore-worktree":
+        # a worktree restore was killed after removing the worktree: only its branch is left to delete
+        if branch in repo.heads:
+            with git_errors(f"deleting {branch}"):
+                repo.git.branch("-D", branch)
+        _drop_journal(repo)
+        return Restored(True, branch, f"deleted {branch}, left by an interrupted worktree restore")
     root = worktree_root(repo)
     ours = {f.path: f for f in journal.files} if journal and journal.op == "set" else {}
     # Only the throwaway branch can hold megaquant's writes; other uncommitted work elsewhere is not ours.
@@ -625,7 +632,7 @@ def _restore_locked(repo: git.Repo, *, keep: bool) -> Restored:
     fault("restore-journal")
     linked = _git_dir(repo) != _common_dir(repo)
     if linked and on == branch:
-        return _remove_worktree(repo, branch, keep=keep)
+        return _remove_worktree(repo, base, branch, keep=keep)
     with git_errors(f"checking out the base {base.label()}"):
         if base.branch is not None and on != base.branch:
             repo.git.checkout(base.branch)
@@ -641,17 +648,31 @@ def _restore_locked(repo: git.Repo, *, keep: bool) -> Restored:
     return Restored(True, branch, f"restored {base.label()}{kept}")
 
 
-def _remove_worktree(repo: git.Repo, branch: str, *, keep: bool) -> Restored:
-    """Restore of a `--worktree` checkout: remove it (git refuses if it holds untracked files)."""
+def _remove_worktree(repo: git.Repo, base: Base, branch: str, *, keep: bool) -> Restored:
+    """Restore of a `--worktree` checkout: remove it (git refuses if it holds untracked files), then delete
+    its branch. The main checkout's journal covers the window between the two."""
     root = worktree_root(repo)
     main = git.Repo(_main_worktree(repo))
+    pending = read_journal(main)
+    if pending is not None:
+        raise GitStateError(
+            f"{worktree_root(main)} has an interrupted megaquant {pending.op}; "
+            "run `megaquant restore` there first"
+        )
+    if not keep:
+        _write_journal(main, Journal("restore-worktree", base, branch, (), "restore", os.getpid()))
     _drop_journal(repo)
-    with git_errors(f"removing worktree {root} (move untracked files out of it first)"):
-        main.git.worktree("remove", str(root))
+    try:
+        with git_errors(f"removing worktree {root} (move untracked files out of it first)"):
+            main.git.worktree("remove", str(root))
+    except GitStateError:
+        _drop_journal(main)  # the worktree and its branch are still there; nothing is half done
+        raise
     fault("restore-checkout")
     if not keep and branch in main.heads:
         with git_errors(f"deleting {branch}"):
             main.git.branch("-D", branch)
     fault("restore-delete")
+    _drop_journal(main)
     kept = f" (kept {branch})" if keep else f" and deleted {branch}"
     return Restored(True, branch, f"removed worktree {root}{kept}")

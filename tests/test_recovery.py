@@ -182,3 +182,21 @@ def test_worktree_set_killed(repo_with_bystanders: tuple[Path, dict[str, bytes]]
     assert done.returncode == 0, done.stderr
     assert not worktree.exists()
     assert_back_to_base(root, before)
+
+
+@pytest.mark.parametrize("step", RESTORE_STEPS)
+def test_worktree_restore_killed(repo_with_bystanders: tuple[Path, dict[str, bytes]], step: str) -> None:
+    """A kill while restoring a --worktree: status (in the worktree, or in the main checkout once the
+    worktree is gone) explains it; restore run where status points finishes the job."""
+    root, before = repo_with_bystanders
+    worktree = root.parent / "exp"
+    assert in_process(root, "set", "--qk", "mxfp4", "--worktree", str(worktree)).returncode == 0
+    killed = megaquant(worktree, "restore", fault=step)
+    assert killed.returncode == 137, killed.stderr
+    where = worktree if worktree.exists() else root
+    warnings = status_json(where)["warnings"]
+    assert isinstance(warnings, list) and any("megaquant restore" in w for w in warnings), warnings
+    done = in_process(where, "restore")
+    assert done.returncode == 0 and ("removed worktree" in done.stdout or "deleted" in done.stdout), done
+    assert not worktree.exists()
+    assert_back_to_base(root, before)
