@@ -3,7 +3,7 @@ through the real set -> train -> restore cycle on an instrumented tree; write ru
 
 One documented command on a GPU machine (megatron-core 0.19.2 installed, see docs/results/README.md):
 
-    python benchmarks/train_modes.py --out results/ --layers 4 --steps 200
+    python benchmarks/train_modes.py --out results    # 4 layers, 100 steps: docs/results/ ran exactly this
 
 Each mode: `megaquant.api.apply` sets every role on a throwaway branch of the instrumented workspace, the
 trainer runs with that tree first on PYTHONPATH (`minitrain`: single-process loop on megatron-core's GPTModel;
@@ -56,10 +56,10 @@ class Shape:
     rope_base: float = 500000.0
     seq_len: int = 2048
     micro_batch: int = 4
-    steps: int = 200
+    steps: int = 100
     lr: float = 3e-4
     min_lr: float = 3e-5
-    warmup: int = 20
+    warmup: int = 10
     seed: int = 1234
 
 

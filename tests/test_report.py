@@ -209,3 +209,15 @@ def test_masked_lm_loss_matches_megatron_contract() -> None:
     # what train_step reduces: [sum, count] -> mean loss per token
     assert pretrain.loss_from_reduced(report) == pytest.approx(13 / 4)
     assert math.isclose(pretrain.loss_from_reduced({"lm loss": torch.tensor([2.0])}) or 0.0, 2.0)
+
+
+def test_prebuilt_dataset_helpers_skip_make(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pip megatron-core has no Makefile; Megatron's initialize would `make` and exit (seen on the H200)."""
+    pytest.importorskip("torch")
+    utils = pytest.importorskip("megatron.core.datasets.utils")
+    pytest.importorskip("megatron.core.datasets.helpers_cpp")
+    calls: list[str] = []
+    monkeypatch.setattr(utils, "compile_helpers", lambda: calls.append("make"))
+    pretrain._use_prebuilt_dataset_helpers()
+    utils.compile_helpers()
+    assert calls == []  # the wheel's compiled helpers import, so make is never run
