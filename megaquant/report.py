@@ -305,7 +305,9 @@ def plot_losses(runs: Sequence[Run], path: Path, *, title: str = "Training loss"
 def register(app: typer.Typer) -> None:
     @app.command("compare")
     def compare_command(
-        runs: Annotated[list[Path], typer.Argument(help="Run directories (metrics.jsonl or train.log).")],
+        runs: Annotated[
+            list[Path], typer.Argument(metavar="RUN...", help="Run directories (metrics.jsonl or train.log).")
+        ],
         out: Annotated[
             Path | None,
             typer.Option(

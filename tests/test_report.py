@@ -221,3 +221,46 @@ def test_prebuilt_dataset_helpers_skip_make(monkeypatch: pytest.MonkeyPatch) -> 
     pretrain._use_prebuilt_dataset_helpers()
     utils.compile_helpers()
     assert calls == []  # the wheel's compiled helpers import, so make is never run
+
+
+RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
+TEN_MODES = [
+    "bf16",
+    "FA_linear_mxfp8",
+    "FA_linear_hifp8",
+    "FA_linear_mxfp4",
+    "linear_mxfp8",
+    "linear_hifp8",
+    "linear_mxfp4",
+    "FA_mxfp8",
+    "FA_hifp8",
+    "FA_mxfp4",
+    "bf16_seed1235",
+    "bf16_rerun",
+]
+
+
+@pytest.mark.skipif(not (RESULTS / "runs").is_dir(), reason="docs/results/runs not present")
+def test_published_tables_match_the_stored_runs() -> None:
+    """docs/results/*.md is exactly what `megaquant compare` makes of the stored per-step records."""
+    minitrain = [load_run(RESULTS / "runs" / "minitrain" / m) for m in TEN_MODES]
+    assert markdown_table(compare(minitrain)) == (RESULTS / "modes.md").read_text()
+    pretrain_runs = [load_run(RESULTS / "runs" / "pretrain" / m) for m in TEN_MODES[:3]]
+    assert markdown_table(compare(pretrain_runs)) == (RESULTS / "pretrain.md").read_text()
+    readme = (RESULTS / "README.md").read_text()
+    for line in (RESULTS / "modes.md").read_text().splitlines()[2:]:
+        assert line in readme  # the page shows the measured rows, not edited ones
+
+
+def test_real_cli_compare(tmp_path: Path, runs: list[Path]) -> None:
+    pytest.importorskip("matplotlib")
+    from megaquant.cli import app
+
+    result = CliRunner().invoke(
+        app, ["compare", *map(str, runs), "--out", str(tmp_path / "o")], env={"COLUMNS": "200"}
+    )
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "o" / "compare.md").is_file()
+    missing = CliRunner().invoke(app, ["compare", str(tmp_path / "nope")])
+    assert missing.exit_code == 1
+    assert "not a directory" in missing.output
