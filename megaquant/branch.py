@@ -615,6 +615,11 @@ def _restore_locked(repo: git.Repo, *, keep: bool) -> Restored:
                 f"{p}: edited on {branch} after megaquant changed it; commit or move the edit, then run "
                 "restore again (nothing was discarded)"
             )
+    if base.branch is not None and base.branch not in repo.heads:
+        raise GitStateError(
+            f"the base branch {base.branch} no longer exists; recreate it (`git branch {base.branch} "
+            f"{base.commit}`) and run restore again, or check out another branch and delete {branch}"
+        )
     if not keep:
         foreign = _user_commits(repo, base, branch)
         if foreign:

@@ -270,3 +270,14 @@ def test_lock_being_written_counts_as_held(repo: git.Repo) -> None:
         branch.restore(repo)
     os.utime(lock, (1, 1))  # an old empty lock: its writer died
     assert "broke a stale lock" in branch.restore(repo).message
+
+
+def test_restore_when_base_branch_was_deleted(repo: git.Repo) -> None:
+    repo.git.checkout("-q", "-b", "dev")
+    set_files(repo, {"pkg/a.py": NEW})
+    repo.git.branch("-D", "dev")
+    with pytest.raises(
+        GitStateError, match=r"base branch dev no longer exists; recreate it \(`git branch dev"
+    ):
+        branch.restore(repo)
+    assert repo.active_branch.name == "megaquant/dev" and branch.read_journal(repo) is None
