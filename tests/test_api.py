@@ -7,6 +7,8 @@ from pathlib import Path
 
 import git
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import megaquant
 from megaquant import api
@@ -312,3 +314,43 @@ def test_spec_from_git_config(fork_repo: Path) -> None:
     git.Repo(fork_repo).git.config("megaquant.spec", "megatron-core")
     assert any("spec megatron-core" in w for w in api.status(fork_repo).warnings)
     assert len(api.status(fork_repo, spec="fork").sites) == 5
+
+
+ROLE_VALUES = st.dictionaries(
+    st.sampled_from(["linear_fwd", "linear_bwd", "qk", "pv"]),
+    st.sampled_from(["mxfp8", "mxfp4", "hifp8", "none", "bf16"]),
+    min_size=1,
+)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    variant=st.sampled_from(VARIANTS),
+    steps=st.lists(st.one_of(ROLE_VALUES, st.just("restore")), min_size=1, max_size=5),
+)
+def test_any_sequence_of_sets_and_restores(
+    tmp_path_factory: pytest.TempPathFactory, variant: str, steps: list[object]
+) -> None:
+    """Whatever sequence of sets and restores: every role holds the last value asked for since the last
+    restore, and each restore gives back the exact base tree."""
+    from conftest import make_git_repo
+
+    root = make_git_repo(tmp_path_factory.mktemp("seq"), variant)
+    before = snapshot(root)
+    expected: dict[str, str] = {}
+    for step in steps:
+        if step == "restore":
+            api.restore(root)
+            assert snapshot(root) == before and [h.name for h in git.Repo(root).heads] == ["main"]
+            expected = {}
+            continue
+        assert isinstance(step, dict)
+        result = api.apply(root, values=step)
+        expected.update({role: canonical_value(value) for role, value in step.items()})
+        assert {role: result.values[role] for role in expected} == expected
+        for site in api.status(root).sites:
+            for role in set(site.roles) & set(expected):
+                if not site.override:
+                    assert site.value is not None and canonical_value(site.value) == expected[role], site
+    api.restore(root)
+    assert snapshot(root) == before
