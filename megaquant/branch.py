@@ -54,6 +54,7 @@ FAULT_ENV = "MEGAQUANT_FAULT"
 LOCK_NAME = "megaquant.lock"
 JOURNAL_NAME = "megaquant-journal.json"
 BASE_CONFIG_KEY = "megaquantBase"
+WORKTREE_CONFIG_KEY = "megaquantWorktree"  # set on branches made by --worktree: restore removes that worktree
 BASE_TRAILER = "Megaquant-Base"
 VALUES_TRAILER = "Megaquant-Values"
 # Named steps of `set` and `restore`, in order; MEGAQUANT_FAULT=<step> exits with 137 right after that step.
@@ -481,6 +482,7 @@ def add_worktree(repo: git.Repo, directory: Path, base: Base) -> git.Repo:
         )
     with git_errors(f"creating worktree {directory}"):
         repo.git.config(f"branch.{name}.{BASE_CONFIG_KEY}", base.label())
+        repo.git.config(f"branch.{name}.{WORKTREE_CONFIG_KEY}", str(directory.resolve()))
         repo.git.worktree("add", "-b", name, str(directory), base.commit)
     return open_repo(directory)
 
@@ -635,8 +637,8 @@ def _restore_locked(repo: git.Repo, *, keep: bool) -> Restored:
     fault("restore-revert")
     _write_journal(repo, Journal("restore", base, branch, (), "restore", os.getpid()))
     fault("restore-journal")
-    linked = _git_dir(repo) != _common_dir(repo)
-    if linked and on == branch:
+    made_by_worktree = config_value(repo, f"branch.{branch}.{WORKTREE_CONFIG_KEY}")
+    if made_by_worktree and on == branch and Path(made_by_worktree) == root:
         return _remove_worktree(repo, base, branch, keep=keep)
     with git_errors(f"checking out the base {base.label()}"):
         if base.branch is not None and on != base.branch:

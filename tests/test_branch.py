@@ -281,3 +281,14 @@ def test_restore_when_base_branch_was_deleted(repo: git.Repo) -> None:
     ):
         branch.restore(repo)
     assert repo.active_branch.name == "megaquant/dev" and branch.read_journal(repo) is None
+
+
+def test_set_inside_a_users_own_worktree_restores_in_place(repo: git.Repo, tmp_path: Path) -> None:
+    """A worktree the user made (not --worktree) is a checkout like any other: restore must not remove it."""
+    repo.git.worktree("add", "-q", "-b", "feature", str(tmp_path / "mine"))
+    mine = branch.open_repo(tmp_path / "mine")
+    set_files(mine, {"pkg/a.py": NEW})
+    assert branch.head_branch(mine) == "megaquant/feature"
+    assert branch.restore(mine).restored
+    assert (tmp_path / "mine").is_dir() and branch.head_branch(mine) == "feature"
+    assert (tmp_path / "mine" / "pkg" / "a.py").read_bytes() == SOURCE
