@@ -245,3 +245,12 @@ def test_os_error_is_an_error_line(fork_repo: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(api, "status", unreadable)
     code, _, err = invoke("status", "--repo", str(fork_repo))
     assert code == 1 and err == f"error: {LAYERS}: Permission denied\n"
+
+
+def test_docs_list_the_fault_steps() -> None:
+    from megaquant.branch import RESTORE_STEPS, SET_STEPS
+
+    hook = DOC.read_text().split("## Test hook: fault injection", 1)[1]
+    set_part, restore_part = hook.split("of `restore`:", 1)
+    assert re.findall(r"`([a-z-]+)`", set_part.split("Steps of `set`:", 1)[1]) == list(SET_STEPS)
+    assert re.findall(r"`([a-z-]+)`", restore_part) == list(RESTORE_STEPS)
