@@ -47,6 +47,11 @@ def _plan_args(tmp: Path, model: str, dataset: str | None, mode: str, preset: st
     return Case(argv=plan.megatron_args, world_size=request.parallel.world_size)
 
 
+def _without(argv: tuple[str, ...], flag: str) -> tuple[str, ...]:
+    at = argv.index(flag)
+    return argv[:at] + argv[at + 2 :]
+
+
 def test_whole_matrix_is_accepted_by_megatron(source: Path, tmp_path: Path) -> None:
     """One child process: every cell, three multi-GPU layouts, and cases Megatron must reject."""
     cells = {
@@ -66,6 +71,7 @@ def test_whole_matrix_is_accepted_by_megatron(source: Path, tmp_path: Path) -> N
     must_fail = {
         "seq beyond positions": Case(argv=(*tiny.argv, "--seq-length", "16384")),  # tiny: 8192 positions
         "unknown flag": Case(argv=(*tiny.argv, "--no-such-flag")),
+        "eval iters without interval": Case(argv=_without(tiny.argv, "--eval-interval")),
         "tp without max connections": Case(argv=(*layouts["llama31-8b", "tp8"].argv,), world_size=8, env=()),
     }
     unique = sorted({*cells.values(), *layouts.values()}, key=lambda c: (c.world_size, c.argv))
@@ -79,6 +85,8 @@ def test_whole_matrix_is_accepted_by_megatron(source: Path, tmp_path: Path) -> N
     assert not failed["seq beyond positions"].ok
     assert "max_position_embeddings" in failed["seq beyond positions"].error
     assert not failed["unknown flag"].ok and "--no-such-flag" in failed["unknown flag"].error
+    assert not failed["eval iters without interval"].ok  # parses, but pretrain() would crash at start-up
+    assert "NoneType" in failed["eval iters without interval"].error
     assert not failed["tp without max connections"].ok
     assert "CUDA_DEVICE_MAX_CONNECTIONS" in failed["tp without max connections"].error
     assert megatron_version(source) != "?"

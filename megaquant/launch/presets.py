@@ -45,6 +45,7 @@ class Preset:
             "--log-interval", str(self.log_interval),
             "--log-throughput",
             "--eval-iters", "0",
+            "--eval-interval", str(self.train_iters),  # Megatron divides by it even with no eval iters
             "--seed", "1234",
         ]  # fmt: skip
         if self.save_interval is not None:

@@ -1,4 +1,5 @@
-"""Validate Megatron argv with Megatron's own `parse_args()` + `validate_args()`, in a child process.
+"""Validate Megatron argv with Megatron's own `parse_args()` + `validate_args()` (and the sample counts
+`pretrain()` derives next), in a child process.
 
 The parent side is pure bookkeeping; `python -m megaquant.launch.validate` is the child that imports
 Megatron (sources put first on sys.path) and checks a batch of argv read as JSON from stdin.
@@ -98,6 +99,8 @@ def _child() -> int:
     out = sys.stdout
     with contextlib.redirect_stdout(io.StringIO()):
         import megatron.training.arguments as arguments
+        import megatron.training.global_vars as global_vars
+        import megatron.training.training as training
         import torch
 
     if not torch.cuda.is_available():
@@ -121,7 +124,13 @@ def _child() -> int:
         err = io.StringIO()
         try:
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-                validate_args(parse_args())
+                args = parse_args()
+                validate_args(args)
+                # what pretrain() derives next from the arguments (schedule length, eval sample counts):
+                # catches argv that parse but crash at start-up (e.g. --eval-iters without --eval-interval)
+                global_vars.set_args(args)
+                training.update_train_iters(args)
+                training.get_train_valid_test_num_samples()
             results.append({"ok": True, "error": ""})
         except SystemExit:
             lines = err.getvalue().strip().splitlines()
