@@ -31,14 +31,18 @@ __all__ = [
     "JournalFile",
     "LockInfo",
     "Restored",
+    "add_worktree",
     "blob_hash",
     "commit_files",
+    "commit_message",
     "config_value",
     "current_base",
     "describe_state",
     "discard_worktree",
     "dirty_paths",
     "git_errors",
+    "head_branch",
+    "head_commit",
     "lock_info",
     "open_repo",
     "read_journal",
@@ -109,7 +113,8 @@ class Journal:
     def from_json(data: Mapping[str, object]) -> Journal:
         base = data["base"]
         files = data.get("files") or []
-        assert isinstance(base, dict) and isinstance(files, list)
+        if not isinstance(base, dict) or not isinstance(files, list):
+            raise ValueError("`base` must be an object and `files` a list")
         return Journal(
             op=str(data["op"]),
             base=Base(base.get("branch"), str(base["commit"])),
@@ -275,7 +280,7 @@ def lock_info(repo: git.Repo) -> LockInfo | None:
         data = json.loads(text or "{}")
     except ValueError:
         data = {}
-    if "pid" not in data:
+    if not isinstance(data, dict) or not isinstance(data.get("pid"), int):
         # Written between O_EXCL create and the dump: young means its owner is still writing it.
         return LockInfo(0, "?", "?", alive=age < 10)
     pid, host = int(data["pid"]), str(data.get("host", "?"))
@@ -321,7 +326,7 @@ def read_journal(repo: git.Repo) -> Journal | None:
         return Journal.from_json(json.loads(path.read_text()))
     except FileNotFoundError:
         return None
-    except (ValueError, KeyError, AssertionError) as exc:
+    except (ValueError, KeyError, TypeError) as exc:
         raise GitStateError(f"{path}: unreadable megaquant journal ({exc}); inspect and delete it") from exc
 
 
@@ -406,7 +411,7 @@ def describe_state(repo: git.Repo) -> list[str]:
     notes: list[str] = []
     for directory, name in _megaquant_worktrees(repo):
         gone = "" if directory.is_dir() else " (directory gone: `git worktree prune` forgets it)"
-        hint = f"`megaquant restore --repo {directory}` removes it"
+        hint = f"`megaquant restore --repo {directory}` undoes it"
         notes.append(f"megaquant worktree {directory} on {name}{gone}; {hint}")
     info = lock_info(repo)
     if info is not None:
@@ -429,7 +434,11 @@ def describe_state(repo: git.Repo) -> list[str]:
             f"on megaquant throwaway branch {branch} (base {where}); `megaquant restore` returns to it"
         )
         written = {f.path for f in journal.files} if journal else set()
-        changed = _changed_since(repo, base) if base else set()
+        try:
+            changed = _changed_since(repo, base) if base else set()
+        except GitStateError as exc:  # e.g. the base commit is gone; status still reports the rest
+            notes.append(f"cannot compare with the base: {exc}")
+            changed = set()
         dirty = [p for p, code in dirty_paths(repo).items() if code != "??"]
         ours = [p for p in dirty if p in written]
         theirs = [p for p in dirty if p in changed and p not in written]
