@@ -188,3 +188,21 @@ def test_not_a_megatron_tree_is_refused(tmp_path: Path) -> None:
     request = TrainRequest(model="tiny", dataset=None, megatron=tmp_path)
     with pytest.raises(LaunchError, match="not a Megatron-LM tree"):
         plan_run(request)
+
+
+def test_deepseek_is_allowed_once_the_tree_takes_mla_channels(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    attention = tree / "megatron/core/transformer/dot_product_attention.py"
+    attention.parent.mkdir(parents=True)
+    attention.write_text(
+        "class DotProductAttention:\n    def __init__(self, config, layer_number):\n        pass\n"
+    )
+    request = TrainRequest(model="deepseek2_lite", dataset="wikipedia", mode="FA_mxfp8", megatron=tree)
+    with pytest.raises(LaunchError, match="k_channels.*megaquant instrument"):
+        plan_run(request)
+    attention.write_text(
+        "class DotProductAttention:\n    def __init__(self, config, layer_number,\n"
+        "        k_channels: Optional[int] = None, v_channels: Optional[int] = None):\n        pass\n"
+    )
+    plan = plan_run(request)
+    assert "--multi-latent-attention" in plan.megatron_args and plan.values["qk"] == "mxfp8"
