@@ -6,6 +6,7 @@ GitPython only; knows nothing about Megatron. Test hook: `MEGAQUANT_FAULT=<step>
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -161,7 +162,8 @@ def git_errors(action: str) -> Iterator[None]:
     try:
         yield
     except git.GitCommandError as exc:
-        detail = (exc.stderr or exc.stdout or str(exc)).strip().removeprefix("stderr:").strip().strip("'")
+        text = (exc.stderr or exc.stdout or str(exc)).strip().removeprefix("stderr:").strip().strip("'")
+        detail = "; ".join(line.strip() for line in text.splitlines() if line.strip())  # one line
         raise GitStateError(
             f"{action}: git {exc.command[1] if len(exc.command) > 1 else ''} failed: {detail}"
         ) from exc
@@ -543,18 +545,23 @@ def commit_files(
     except GitStateError:
         _drop_journal(repo)  # nothing was written
         raise
-    _write_journal(repo, Journal(**{**journal.__dict__, "step": "branch"}))
-    fault("branch")
-    for i, p in enumerate(paths):
-        _atomic_write(targets[p], new_sources[p], stat.S_IMODE(targets[p].stat().st_mode))
-        if i == 0:
-            fault("write-partial")
-    fault("write")
-    with git_errors("staging the rewritten files"):
-        repo.git.add("--", *paths)
-    fault("add")
-    with git_errors("committing the rewritten files"):
-        repo.git.commit("--no-verify", "-q", "-m", message, "--", *paths)
+    try:
+        _write_journal(repo, dataclasses.replace(journal, step="branch"))
+        fault("branch")
+        for i, p in enumerate(paths):
+            _atomic_write(targets[p], new_sources[p], stat.S_IMODE(targets[p].stat().st_mode))
+            if i == 0:
+                fault("write-partial")
+        fault("write")
+        with git_errors("staging the rewritten files"):
+            repo.git.add("--", *paths)
+        fault("add")
+        with git_errors("committing the rewritten files"):
+            repo.git.commit("--no-verify", "-q", "-m", message, "--", *paths)
+    except (GitStateError, OSError) as exc:
+        raise GitStateError(
+            f"{exc}; the set is half done on {branch}: `megaquant restore` undoes it"
+        ) from exc
     fault("commit")
     _drop_journal(repo)
     fault("unjournal")

@@ -292,3 +292,19 @@ def test_set_inside_a_users_own_worktree_restores_in_place(repo: git.Repo, tmp_p
     assert branch.restore(mine).restored
     assert (tmp_path / "mine").is_dir() and branch.head_branch(mine) == "feature"
     assert (tmp_path / "mine" / "pkg" / "a.py").read_bytes() == SOURCE
+
+
+def test_failed_commit_is_explained_and_restore_undoes_it(repo: git.Repo) -> None:
+    """A commit git refuses (here: signing with a failing gpg) leaves a state status explains."""
+    repo.git.config("commit.gpgsign", "true")
+    repo.git.config("gpg.program", "false")
+    with pytest.raises(
+        GitStateError, match=r"git commit failed.*half done on megaquant/main.*megaquant restore"
+    ):
+        set_files(repo, {"pkg/a.py": NEW})
+    notes = branch.describe_state(repo)
+    assert any("interrupted megaquant set" in n for n in notes)
+    assert any("uncommitted megaquant edits" in n and "pkg/a.py" in n for n in notes)
+    assert branch.restore(repo).restored
+    assert (root_of(repo) / "pkg" / "a.py").read_bytes() == SOURCE and repo.active_branch.name == "main"
+    assert not repo.is_dirty() and "megaquant/main" not in repo.heads
