@@ -346,7 +346,10 @@ def _drop_journal(repo: git.Repo) -> None:
 def dirty_paths(repo: git.Repo, paths: Sequence[str] = ()) -> dict[str, str]:
     """path -> porcelain status code for modified, staged or untracked paths (limited to `paths` if given)."""
     with git_errors("reading the working-tree status"):
-        out = repo.git.status("--porcelain=v1", "-z", "--untracked-files=all", "--", *paths)
+        # no optional index refresh: a read-only `status` must never hold index.lock against a `set`
+        out = repo.git.status(
+            "--porcelain=v1", "-z", "--untracked-files=all", "--", *paths, env={"GIT_OPTIONAL_LOCKS": "0"}
+        )
     entries = out.split("\0")
     result: dict[str, str] = {}
     i = 0
