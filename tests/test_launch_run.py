@@ -206,3 +206,31 @@ def test_deepseek_is_allowed_once_the_tree_takes_mla_channels(tmp_path: Path) ->
     )
     plan = plan_run(request)
     assert "--multi-latent-attention" in plan.megatron_args and plan.values["qk"] == "mxfp8"
+
+
+def test_real_sigint_to_the_launcher_process(fork_repo: Path, fake_trainer: Path, tmp_path: Path) -> None:
+    """Ctrl-C as a terminal sends it: SIGINT to the `megaquant train` process while the trainer runs."""
+    import os
+    import signal
+    import subprocess
+
+    run_dir = tmp_path / "sigint"
+    env = {**os.environ, "FAKE_STEPS": "1000", "FAKE_SLEEP": "0.05", "PYTHONUNBUFFERED": "1"}
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "megaquant", "train", "--model", "tiny", "--mock-data", "-q", "linear_mxfp8",
+         "--training-config", "smoke", "--megatron", str(fork_repo), "--run-dir", str(run_dir),
+         "--no-validate"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )  # fmt: skip
+    assert launcher.stdout is not None
+    for line in launcher.stdout:
+        if "iteration        3/" in line:
+            launcher.send_signal(signal.SIGINT)
+            break
+    launcher.communicate(timeout=60)
+    assert launcher.returncode != 0
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "interrupted"
+    assert "iteration     1000/" not in (run_dir / "train.log").read_text()
+    assert git.Repo(fork_repo).active_branch.name == "main"
+    assert [b.name for b in git.Repo(fork_repo).branches] == ["main"]
