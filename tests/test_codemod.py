@@ -83,6 +83,13 @@ def test_a_role_change_changes_every_gemm_of_that_role_and_none_of_another(varia
             assert new == old, (file, u)
 
 
+def test_one_site_for_both_gradients_is_set_once() -> None:
+    sources = fixture_sources("v0_early")
+    plan = plan_rewrite(sources, {"linear_bwd": "hifp8"}, FORK)
+    assert [(c.line, c.role, c.kind) for c in plan.changes] == [(23, "linear_bwd", "set")]
+    assert changed_lines(sources[LAYERS], plan.new_sources[LAYERS]) == [23]
+
+
 def test_labels_follow_the_next_gemm() -> None:
     plan = plan_rewrite(fixture_sources("v2_label"), {"linear_bwd": "hifp8", "qk": "mxfp8"}, FORK)
     assert [(c.file, c.line, c.role, c.kind) for c in plan.changes] == [

@@ -45,6 +45,19 @@ def test_variant1_three_linear_sites_and_one_shared_attention_site() -> None:
     assert scan.sites[2].governs[0].call == "mxfp_matmul, hifp_matmul, grad_output.t().matmul"
 
 
+def test_early_version_one_backward_site_feeds_both_gradients() -> None:
+    scan = scan_sources(fixture_sources("v0_early"), FORK)
+    assert rows(scan.sites) == [
+        (LAYERS, FWD, 12, "mxfp8", False, False, ("linear_fwd",), 1),
+        (LAYERS, BWD, 23, "mxfp8", False, False, ("linear_bwd",), 2),  # dgrad, and wgrad in the `else:`
+    ]
+    assert [g.line for g in scan.sites[1].governs] == [24, 32]
+    # attention is absent from this tree: status says so instead of showing nothing
+    assert scan.warnings == tuple(
+        f"no GEMM of role {role} found (spec fork expects it in {ATTENTION} {ATT})" for role in ("qk", "pv")
+    )
+
+
 def test_variant2_label_sites_follow_the_next_gemm() -> None:
     scan = scan_sources(fixture_sources("v2_label"), FORK)
     assert rows(scan.sites) == [
