@@ -123,11 +123,14 @@ class InstrumentResult:
 
 def rules_path() -> Path:
     """`rewrites/megatron-core.instrument.toml` from the source tree, or the copy packaged with megaquant."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here.parent / "rewrites" / RULES_NAME, here / "rewrites" / RULES_NAME):
+    from megaquant.spec import rewrites_dirs
+
+    dirs = rewrites_dirs()
+    for candidate in (d / RULES_NAME for d in dirs):
         if candidate.is_file():
             return candidate
-    raise InstrumentError(f"instrumentation rules {RULES_NAME} not found beside {here}; reinstall megaquant")
+    searched = ", ".join(str(d) for d in dirs)
+    raise InstrumentError(f"instrumentation rules {RULES_NAME} not found in {searched}; reinstall megaquant")
 
 
 def load_rules(path: Path | None = None) -> InstrumentRules:
