@@ -19,7 +19,6 @@ if TYPE_CHECKING:
 __all__ = ["DemoRow", "Corpus", "demo_config", "mode_values", "prepare_corpus", "register", "run_demo"]
 
 SPEC = "megatron-core"
-FORMATS = ("mxfp8", "mxfp4", "hifp8")
 
 
 @dataclass(frozen=True)
@@ -40,28 +39,12 @@ class Corpus:
 
 
 def mode_values(mode: str) -> dict[str, str]:
-    """Role values of a mode name (models.md's table): bf16, FA_f, linear_f, FA_linear_f, qk_f, pv_f, qk_pv_f.
+    """Role values of a mode name, from the launcher's one mode registry (`megaquant.launch.modes`)."""
+    from megaquant.launch.modes import MODES
 
-    FA quantizes QK only (PV stays none), as in the original system's modes.
-    """
-    values = {"linear_fwd": "none", "linear_bwd": "none", "qk": "none", "pv": "none"}
-    if mode == "bf16":
-        return values
-    prefix, _, fmt = mode.rpartition("_")
-    roles = {
-        "FA": ("qk",),
-        "linear": ("linear_fwd", "linear_bwd"),
-        "FA_linear": ("linear_fwd", "linear_bwd", "qk"),
-        "qk": ("qk",),
-        "pv": ("pv",),
-        "qk_pv": ("qk", "pv"),
-    }.get(prefix)
-    if roles is None or fmt not in FORMATS:
-        shape = f"<FA|linear|FA_linear|qk|pv|qk_pv>_<{'|'.join(FORMATS)}>"
-        raise ValueNameError(
-            f"unknown mode {mode!r}; expected bf16 or {shape} (e.g. FA_mxfp8, linear_hifp8, FA_linear_mxfp4)"
-        )
-    return {**values, **dict.fromkeys(roles, fmt)}
+    if mode not in MODES:
+        raise ValueNameError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
+    return MODES[mode].values()
 
 
 def demo_config(out: Path, data: Path, steps: int) -> MinitrainConfig:

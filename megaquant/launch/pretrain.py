@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from megaquant.errors import LaunchError
+from megaquant.launch.argv import REFUSED_FLAGS  # one list for the launcher and this entry
 
 if TYPE_CHECKING:
     import torch
@@ -31,13 +32,6 @@ __all__ = [
     "step_record",
 ]
 
-REFUSED_FLAGS: Mapping[str, str] = {
-    "--sequence-parallel": "the local implementation's RMSNorm rejects sequence parallelism",
-    "--apply-layernorm-1p": "the local implementation's RMSNorm has no 1p variant",
-    "--fp8-format": "Transformer Engine FP8 is a different mechanism; fake-quant modes run with --bf16 only",
-    "--fp8-recipe": "Transformer Engine FP8 is a different mechanism; fake-quant modes run with --bf16 only",
-}
-"""Megatron flags that would make the hooked GEMMs not run (or fail) on the local implementation."""
 
 _FORCED_OFF = (
     "--no-gradient-accumulation-fusion",  # the wgrad GEMM must be the hooked matmul, not a fused CUDA kernel
