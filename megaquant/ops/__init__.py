@@ -1,0 +1,18 @@
+"""Autograd ops the hook sites call: quantized GEMMs (gemm.py) over one configuration (config.py)."""
+
+from __future__ import annotations
+
+from megaquant.ops.config import QUANT_VALUES, ROLES, QuantConfig, configure, quant_config
+from megaquant.ops.gemm import quant_baddbmm, quant_bmm, quant_linear, quant_matmul
+
+__all__ = [
+    "QUANT_VALUES",
+    "ROLES",
+    "QuantConfig",
+    "configure",
+    "quant_baddbmm",
+    "quant_bmm",
+    "quant_config",
+    "quant_linear",
+    "quant_matmul",
+]
