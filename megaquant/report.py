@@ -313,7 +313,8 @@ def labels(runs: Sequence[Run]) -> list[str]:
 
 def comparability_warnings(runs: Sequence[Run]) -> tuple[str, ...]:
     """One warning per setup key (`run_setup`, and the number of steps) on which the runs that record it
-    differ: their gaps and ratios would compare different experiments."""
+    differ: their gaps and ratios would compare different experiments. Runs are listed bf16 first."""
+    runs = baseline_first(runs)
     names = labels(runs)
     setups = [dict(r.setup) | {"steps": str(r.steps[-1]) if r.steps else "0"} for r in runs]
     warnings = []
@@ -458,12 +459,12 @@ def loss_figure(runs: Sequence[Run], *, title: str = "Training loss") -> Any:
     runs = baseline_first(runs)
     names = labels(runs)
     base = runs[0] if runs and runs[0].mode == BASELINE else None
-    styles = {}
+    styles: dict[int, dict[str, Any]] = {}
     for i, run in enumerate(r for r in runs if r is not base):
         color, linestyle, marker = plot_style(i)
         styles[id(run)] = {"color": color, "linestyle": linestyle, "marker": marker, "markevery": 0.1}
     if base is not None:
-        styles[id(base)] = {"color": "black", "linestyle": "-", "marker": "None"}
+        styles[id(base)] = {"color": "black", "linestyle": "-", "marker": "None", "zorder": 3}  # on top
     fig, axes = plt.subplots(1, 2 if base else 1, figsize=(13 if base else 7, 4.8), squeeze=False)
     columns = 1 + len(runs) // 12
     ax = axes[0][0]
