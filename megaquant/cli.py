@@ -178,6 +178,24 @@ def _add_core_commands(app: typer.Typer) -> None:
 _CORE_COMMANDS = frozenset({"status", "set", "restore", "diff"})
 
 
+def package_version() -> str:
+    """The installed distribution's version (package metadata), else `megaquant.__version__` (source tree)."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("megaquant")
+    except importlib.metadata.PackageNotFoundError:
+        from megaquant import __version__
+
+        return __version__
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"megaquant {package_version()}")
+        raise typer.Exit()
+
+
 def build_app(modules: tuple[str, ...] | None = None) -> typer.Typer:
     """The typer app: the core commands plus those of `modules` (default: every `_COMMAND_MODULES` entry)."""
     new_app = typer.Typer(
@@ -188,6 +206,21 @@ def build_app(modules: tuple[str, ...] | None = None) -> typer.Typer:
         add_completion=False,
         pretty_exceptions_enable=False,
     )
+
+    @new_app.callback()
+    def _root(
+        version: Annotated[
+            bool,
+            typer.Option(
+                "--version",
+                callback=_print_version,
+                is_eager=True,
+                help="Print the version and exit.",
+            ),
+        ] = False,
+    ) -> None:
+        pass
+
     _add_core_commands(new_app)
     for name in dict.fromkeys(_COMMAND_MODULES if modules is None else modules):
         importlib.import_module(name).register(new_app)
@@ -210,5 +243,6 @@ def main() -> None:
     """Console entry point: a core command runs on an app without the registered modules (start-up time,
     and a broken optional module cannot take `status`/`set`/`restore`/`diff` down with it)."""
     command = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None)
-    chosen = build_app(()) if command in _CORE_COMMANDS else build_app()
+    core_only = command in _CORE_COMMANDS or (command is None and "--version" in sys.argv[1:])
+    chosen = build_app(()) if core_only else build_app()
     chosen(prog_name="megaquant")

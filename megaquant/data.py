@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from megaquant.errors import MegaquantError
+from megaquant.megatron_src import quiet_megatron_import
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -145,7 +146,9 @@ def write_indexed(
 ) -> tuple[int, int]:
     """Write token documents to `<prefix>.bin/.idx` with megatron-core's builder; (documents, tokens)."""
     import numpy
-    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    with quiet_megatron_import():
+        from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
     prefix.parent.mkdir(parents=True, exist_ok=True)
     builder = IndexedDatasetBuilder(str(prefix) + ".bin", dtype=DType.optimal_dtype(vocab_size))

@@ -3,7 +3,6 @@ one quantized mode through the real set -> train -> restore cycle, and print the
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from megaquant.errors import LaunchError, ValueNameError
+from megaquant.megatron_src import quiet_megatron_import
 
 if TYPE_CHECKING:
     from megaquant.launch.minitrain import MinitrainConfig
@@ -25,9 +25,9 @@ SPEC = "megatron-core"
 class DemoRow:
     mode: str
     values: dict[str, str]
-    final_loss: float
+    final_loss: float  # `megaquant.report.final_loss`: the mean of the last 10 steps' losses, as in compare
     gap_to_bf16: float
-    step_time_s: float  # median over the steps after the first
+    step_time_s: float  # `megaquant.report.step_time`: the median after warm-up, as in compare
     run_dir: Path
 
 
@@ -77,7 +77,9 @@ def prepare_corpus(workdir: Path) -> Corpus:
     Python's own standard library (real English prose, present on every machine), byte-level tokens.
     """
     import numpy as np
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    with quiet_megatron_import():
+        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     prefix = workdir / "data" / "stdlib_docstrings_bytes"
     if prefix.with_suffix(".idx").is_file():
@@ -140,6 +142,7 @@ def run_demo(
     """bf16, then `mode`: apply the role values (throwaway branch), train, restore; return the comparison."""
     from megaquant import api  # type: ignore[attr-defined,unused-ignore]
     from megaquant.launch.minitrain import run_minitrain
+    from megaquant.report import final_loss, step_time
 
     modes = ["bf16"] if mode == "bf16" else ["bf16", mode]
     plans = {m: mode_values(m) for m in modes}
@@ -160,10 +163,10 @@ def run_demo(
             api.restore(workspace)
         if not run.metrics:
             raise LaunchError(f"{name}: the run wrote no metrics; see {run.out / 'train.log'}")
-        times = [m["step_time_s"] for m in run.metrics[1:]] or [run.metrics[0]["step_time_s"]]
-        final = float(run.metrics[-1]["loss"])
+        final = final_loss([float(m["loss"]) for m in run.metrics])  # the definition compare uses
+        times = step_time([float(m["step_time_s"]) for m in run.metrics])
         base = rows[0].final_loss if rows else final
-        rows.append(DemoRow(name, plans[name], final, final - base, statistics.median(times), run.out))
+        rows.append(DemoRow(name, plans[name], final, final - base, times or 0.0, run.out))
     return corpus, rows
 
 
@@ -201,12 +204,17 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.table import Table
 
+        from megaquant.report import FINAL_LOSS_TAIL
+
         console = Console()
         mode_values(mode)  # fail on a bad name before any work
         corpus, rows = run_demo(
             workdir or cache_dir() / "demo", steps=steps, mode=mode, on_event=console.print
         )
-        table = Table(title=f"megaquant demo: {steps} steps per mode, same seed and data order")
+        table = Table(
+            title=f"megaquant demo: {steps} steps per mode, same seed and data order; final loss = mean of "
+            f"the last {FINAL_LOSS_TAIL} steps, as in `megaquant compare`"
+        )
         for column in ("mode", "final loss", "gap to bf16", "step time (ms)", "vs bf16"):
             table.add_column(column, justify="left" if column == "mode" else "right")
         for cells in format_table(rows):

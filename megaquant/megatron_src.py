@@ -6,20 +6,38 @@ Pythons its sources are still readable, parseable and (with small shims) importa
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import subprocess
 import sys
 import tempfile
+import warnings
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from megaquant.errors import MegaquantError
 
-__all__ = ["PINNED_VERSION", "cache_dir", "installed_megatron", "megatron_sources"]
+__all__ = ["PINNED_VERSION", "cache_dir", "installed_megatron", "megatron_sources", "quiet_megatron_import"]
 
 PINNED_VERSION = "0.19.2"
 """The megatron-core release whose sources megaquant validates argv against and instruments in CI."""
+
+
+BACKEND_FALLBACK_WARNING = r"(?:Transformer Engine|Apex)(?: and Apex)? (?:is|are) not installed"
+"""The start of the UserWarnings Megatron's modules emit on import when Transformer Engine / Apex are missing
+("Transformer Engine and Apex are not installed. Falling back to ...", "Apex is not installed. ...")."""
+
+
+@contextlib.contextmanager
+def quiet_megatron_import() -> Iterator[None]:
+    """Wrap every import of Megatron in megaquant: hides the Transformer Engine / Apex fallback UserWarnings
+    (megaquant runs Megatron's local implementation on purpose: only its GEMMs carry quantization sites)
+    and nothing else; the filter is removed when the block ends."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=BACKEND_FALLBACK_WARNING, category=UserWarning)
+        yield
 
 
 def cache_dir() -> Path:

@@ -1,5 +1,7 @@
 """`megaquant compare RUN...`: run directories (metrics.jsonl or Megatron train.log) to a table of loss gap vs
-bf16, step time and peak memory, plus a loss-curve PNG and a markdown table."""
+bf16, step time and peak memory, plus a loss-curve PNG and a markdown table.
+
+`final_loss` and `step_time` are the one definition of those numbers: `megaquant demo` uses them too."""
 
 from __future__ import annotations
 
@@ -7,28 +9,43 @@ import json
 import math
 import re
 import statistics
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer  # a core dependency; annotations of the command are resolved from module globals
 
 from megaquant.errors import MegaquantError
 
 __all__ = [
+    "FINAL_LOSS_TAIL",
     "ReportError",
     "Row",
     "Run",
+    "Skipped",
+    "baseline_first",
     "compare",
+    "comparability_warnings",
+    "final_loss",
+    "labels",
     "load_run",
+    "load_runs",
+    "loss_figure",
     "markdown_table",
     "parse_megatron_log",
     "plot_losses",
+    "plot_style",
+    "print_table",
     "register",
+    "run_setup",
+    "step_time",
 ]
 
 BASELINE = "bf16"
+FINAL_LOSS_TAIL = 10
+"""How many of the last logged losses `final_loss` averages by default."""
 
 _ITERATION = re.compile(r"iteration\s+(\d+)\s*/\s*\d+\s*\|")
 _FIELD = {
@@ -54,18 +71,51 @@ class Run:
     peak_mem_bytes: int | None
     source: str  # "metrics.jsonl" | "train.log"
     values: tuple[tuple[str, str], ...] = ()  # role -> value, from the manifest when recorded
+    setup: tuple[tuple[str, str], ...] = ()  # what must match to compare runs (`run_setup`), as recorded
+    status: str | None = None  # the manifest's status ("succeeded", "failed", ...); None: not recorded
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A run directory left out of a comparison, and why."""
+
+    path: Path
+    reason: str
 
 
 @dataclass(frozen=True)
 class Row:
-    mode: str
+    mode: str  # the run's mode; with its directory name when two compared runs share a mode
     steps: int
-    final_loss: float  # mean of the last `tail` logged losses
+    final_loss: float  # `final_loss`: mean of the last `tail` logged losses
     loss_gap: float | None  # final_loss - baseline's final_loss (None: no baseline)
     step_time_s: float | None  # median, warm-up steps excluded
     time_ratio: float | None
     peak_mem_bytes: int | None
     mem_ratio: float | None
+
+
+def final_loss(losses: Sequence[float], tail: int = FINAL_LOSS_TAIL) -> float:
+    """A run's final loss: the mean of its last `tail` logged losses (all of them when it logged fewer).
+
+    The one definition, used by `megaquant compare`, `megaquant demo` and the published tables: a mean over
+    the last steps rather than the last step alone, whose loss moves with its one batch."""
+    if not losses:
+        raise ReportError("no losses logged: a final loss needs at least one step")
+    if tail < 1:
+        raise ReportError(f"tail must be at least 1 (got {tail})")
+    return statistics.fmean(losses[-tail:])
+
+
+def _skip(n: int) -> int:
+    """Warm-up steps left out of timing: the first 10 % (at least 1 when there are 3 or more)."""
+    return max(1, n // 10) if n >= 3 else 0
+
+
+def step_time(step_times_s: Sequence[float]) -> float | None:
+    """A run's step time: the median after warm-up (the first 10 %, at least 1 of 3 or more); None: none."""
+    kept = step_times_s[_skip(len(step_times_s)) :]
+    return statistics.median(kept) if kept else None
 
 
 def parse_megatron_log(text: str) -> list[tuple[int, float, float | None]]:
@@ -92,6 +142,67 @@ def _manifest(path: Path) -> dict[str, object]:
     return data if isinstance(data, dict) else {}
 
 
+_SHAPE_FLAGS = {
+    "--num-layers": "layers",
+    "--hidden-size": "hidden",
+    "--ffn-hidden-size": "ffn",
+    "--num-attention-heads": "heads",
+    "--num-query-groups": "query_groups",
+    "--seq-length": "seq_len",
+    "--micro-batch-size": "micro_batch",
+    "--global-batch-size": "global_batch",
+    "--rotary-base": "rope_base",
+    "--lr": "lr",
+    "--min-lr": "min_lr",
+    "--lr-warmup-iters": "warmup",
+}
+_SHAPE_KEYS = frozenset(_SHAPE_FLAGS.values())
+
+
+def _canonical(value: object) -> str:
+    """Numbers compare by value ("3e-4" == 0.0003, "500000" == 500000.0); anything else as JSON or text."""
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, int | float | str):
+        try:
+            return repr(float(value))
+        except ValueError:
+            return str(value)
+    return json.dumps(value, sort_keys=True)
+
+
+def run_setup(manifest: dict[str, object]) -> dict[str, str]:
+    """What a manifest records that must match for two runs to be compared: model, dataset, preset,
+    trainer, device, recipe (missing: "default") and the shape (layers, hidden, ..., batch, lr schedule;
+    from `shape` or from the Megatron arguments). Seeds may differ (that is how noise is measured); steps
+    are taken from the logged curve. Keys a manifest does not record are absent."""
+    setup: dict[str, str] = {}
+    for key in ("model", "dataset", "preset", "trainer"):
+        if manifest.get(key) is not None:
+            setup[key] = str(manifest[key])
+    environment = manifest.get("environment")
+    device = manifest.get("device")
+    if device is None and isinstance(environment, dict):
+        device = environment.get("device")
+    if device is not None:
+        setup["device"] = str(device)
+    recipe = manifest.get("recipe")
+    setup["recipe"] = (
+        "default" if recipe is None else (recipe if isinstance(recipe, str) else _canonical(recipe))
+    )
+    shape = manifest.get("shape")
+    if isinstance(shape, dict):
+        setup.update({k: _canonical(v) for k, v in shape.items() if k in _SHAPE_KEYS})
+    args = manifest.get("megatron_args")
+    if isinstance(args, list):
+        words = [str(a) for a in args]
+        for i, word in enumerate(words):
+            flag, eq, inline = word.partition("=")
+            if flag in _SHAPE_FLAGS and (eq or i + 1 < len(words)):
+                setup[_SHAPE_FLAGS[flag]] = _canonical(inline if eq else words[i + 1])  # the last one wins
+    return setup
+
+
 def load_run(path: Path) -> Run:
     """Read a run directory: manifest.json (mode, role values) + metrics.jsonl, else train.log."""
     if not path.is_dir():
@@ -104,6 +215,10 @@ def load_run(path: Path) -> Run:
     values = (
         tuple(sorted((str(k), str(v)) for k, v in raw_values.items())) if isinstance(raw_values, dict) else ()
     )
+    setup = tuple(sorted(run_setup(manifest).items()))
+    status = None if manifest.get("status") is None else str(manifest["status"])
+    if status is None and isinstance(manifest.get("exit_code"), int):
+        status = "succeeded" if manifest["exit_code"] == 0 else "failed"
     metrics = path / "metrics.jsonl"
     log = path / "train.log"
     if metrics.is_file() and metrics.stat().st_size > 0:
@@ -132,6 +247,8 @@ def load_run(path: Path) -> Run:
             max(peaks, default=None),
             "metrics.jsonl",
             values,
+            setup,
+            status,
         )
     if log.is_file():
         text = log.read_text(errors="replace")
@@ -150,40 +267,92 @@ def load_run(path: Path) -> Run:
             int(max(mem) * 2**20) if mem else None,
             "train.log",
             values,
+            setup,
+            status,
         )
     raise ReportError(f"{path}: holds neither metrics.jsonl nor train.log; is it a run directory?")
 
 
-def _skip(n: int) -> int:
-    """Warm-up steps left out of timing: the first 10 % (at least 1 when there are 3 or more)."""
-    return max(1, n // 10) if n >= 3 else 0
+FAILED_STATUSES = frozenset({"failed", "interrupted"})
 
 
-def compare(runs: Sequence[Run], *, tail: int = 10) -> tuple[Row, ...]:
-    """One row per run; gaps and ratios against the run whose mode is bf16 (none: no gaps)."""
+def load_runs(paths: Sequence[Path]) -> tuple[tuple[Run, ...], tuple[Skipped, ...]]:
+    """The runs that can be compared, and the others with why: unreadable, no steps logged, or a manifest
+    that says the run failed or was interrupted (its curve stops early)."""
+    runs: list[Run] = []
+    skipped: list[Skipped] = []
+    for path in paths:
+        try:
+            run = load_run(path)
+        except ReportError as exc:
+            skipped.append(Skipped(path, str(exc)))
+            continue
+        if not run.losses:
+            skipped.append(Skipped(path, f"{path}: the run logged no steps"))
+        elif run.status in FAILED_STATUSES:
+            skipped.append(
+                Skipped(path, f"{path}: the run {run.status} (manifest.json): its curve is partial")
+            )
+        else:
+            runs.append(run)
+    return tuple(runs), tuple(skipped)
+
+
+def baseline_first(runs: Sequence[Run]) -> list[Run]:
+    """The baseline (the first run whose mode is bf16) first, the others in the order given."""
+    base = next((r for r in runs if r.mode == BASELINE), None)
+    return list(runs) if base is None else [base, *(r for r in runs if r is not base)]
+
+
+def labels(runs: Sequence[Run]) -> list[str]:
+    """One distinct name per run: its mode, plus its directory when modes repeat (then its path)."""
+    modes = [r.mode for r in runs]
+    named = [m if modes.count(m) == 1 else f"{m} ({r.path.name})" for m, r in zip(modes, runs, strict=True)]
+    return [n if named.count(n) == 1 else f"{r.mode} ({r.path})" for n, r in zip(named, runs, strict=True)]
+
+
+def comparability_warnings(runs: Sequence[Run]) -> tuple[str, ...]:
+    """One warning per setup key (`run_setup`, and the number of steps) on which the runs that record it
+    differ: their gaps and ratios would compare different experiments. Runs are listed bf16 first."""
+    runs = baseline_first(runs)
+    names = labels(runs)
+    setups = [dict(r.setup) | {"steps": str(r.steps[-1]) if r.steps else "0"} for r in runs]
+    warnings = []
+    for key in dict.fromkeys(k for setup in setups for k in setup):
+        groups: dict[str, list[str]] = {}
+        for name, setup in zip(names, setups, strict=True):
+            if key in setup:
+                groups.setdefault(setup[key], []).append(name)
+        if len(groups) > 1:
+            parts = "; ".join(f"{value}: {', '.join(who)}" for value, who in groups.items())
+            warnings.append(f"runs are not comparable: {key} differs ({parts})")
+    return tuple(warnings)
+
+
+def compare(runs: Sequence[Run], *, tail: int = FINAL_LOSS_TAIL) -> tuple[Row, ...]:
+    """One row per run, the bf16 baseline first; gaps and ratios against it (no bf16 run: no gaps)."""
     if not runs:
         raise ReportError("no runs to compare; pass one or more run directories")
+    runs = baseline_first(runs)
     rows = []
-    for run in runs:
+    for run, name in zip(runs, labels(runs), strict=True):
         if not run.losses:
             raise ReportError(f"{run.path}: the run logged no steps")
-        last = run.losses[-min(tail, len(run.losses)) :]
-        times = run.step_times_s[_skip(len(run.step_times_s)) :]
         rows.append(
             Row(
-                run.mode,
+                name,
                 run.steps[-1],
-                statistics.fmean(last),
+                final_loss(run.losses, tail),
                 None,
-                statistics.median(times) if times else None,
+                step_time(run.step_times_s),
                 None,
                 run.peak_mem_bytes,
                 None,
             )
         )
-    base = next((r for r in rows if r.mode == BASELINE), None)
-    if base is None:
+    if runs[0].mode != BASELINE:
         return tuple(rows)
+    base = rows[0]
 
     def ratio(a: float | None, b: float | None) -> float | None:
         return a / b if a is not None and b else None
@@ -253,30 +422,65 @@ def _ema(values: Sequence[float], alpha: float) -> list[float]:
     return out
 
 
-def plot_losses(runs: Sequence[Run], path: Path, *, title: str = "Training loss") -> Path:
-    """Loss curves (EMA-smoothed, raw faint) and each run's smoothed gap to bf16; PNG at `path`."""
+_COLORS = (
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+)  # matplotlib's tab10
+_LINESTYLES = ("-", "--", "-.", ":")
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+
+
+def plot_style(index: int) -> tuple[str, str, str]:
+    """(colour, line style, marker) of the index-th non-baseline run (the baseline is black, solid, plain).
+    Colour cycles fastest, line style every 10 runs, the marker (7, coprime to 40) every run: no two runs
+    share a style up to 40 x 7 = 280 runs, and neighbours differ in colour and marker."""
+    return (
+        _COLORS[index % len(_COLORS)],
+        _LINESTYLES[(index // len(_COLORS)) % len(_LINESTYLES)],
+        _MARKERS[index % len(_MARKERS)],
+    )
+
+
+def loss_figure(runs: Sequence[Run], *, title: str = "Training loss") -> Any:
+    """The matplotlib Figure of `plot_losses`: curves (EMA-smoothed, raw faint), bf16 first; gaps to bf16."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    base = next((r for r in runs if r.mode == BASELINE), None)
+    runs = baseline_first(runs)
+    names = labels(runs)
+    base = runs[0] if runs and runs[0].mode == BASELINE else None
+    styles: dict[int, dict[str, Any]] = {}
+    for i, run in enumerate(r for r in runs if r is not base):
+        color, linestyle, marker = plot_style(i)
+        styles[id(run)] = {"color": color, "linestyle": linestyle, "marker": marker, "markevery": 0.1}
+    if base is not None:
+        styles[id(base)] = {"color": "black", "linestyle": "-", "marker": "None", "zorder": 3}  # on top
     fig, axes = plt.subplots(1, 2 if base else 1, figsize=(13 if base else 7, 4.8), squeeze=False)
+    columns = 1 + len(runs) // 12
     ax = axes[0][0]
-    cmap = plt.get_cmap("tab10")
-    for i, run in enumerate(runs):
-        color = "black" if run.mode == BASELINE else cmap(i % 10)
-        ax.plot(run.steps, run.losses, color=color, alpha=0.15, linewidth=0.8)
-        ax.plot(run.steps, _ema(run.losses, 0.1), color=color, label=run.mode, linewidth=1.4)
+    for run, name in zip(runs, names, strict=True):
+        style = styles[id(run)]
+        ax.plot(run.steps, run.losses, color=style["color"], alpha=0.15, linewidth=0.8)
+        ax.plot(run.steps, _ema(run.losses, 0.1), label=name, linewidth=1.4, markersize=4, **style)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (EMA 0.1; raw faint)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
+    ax.legend(fontsize=7, ncol=columns)
     if base:
         gap_ax = axes[0][1]
         base_loss = dict(zip(base.steps, _ema(base.losses, 0.1), strict=True))
-        for i, run in enumerate(runs):
+        for run, name in zip(runs, names, strict=True):
             if run is base:
                 continue
             pairs = [
@@ -285,14 +489,28 @@ def plot_losses(runs: Sequence[Run], path: Path, *, title: str = "Training loss"
                 if s in base_loss
             ]
             if pairs:
-                gap_ax.plot([p[0] for p in pairs], [p[1] for p in pairs], color=cmap(i % 10), label=run.mode)
+                gap_ax.plot(
+                    [p[0] for p in pairs],
+                    [p[1] for p in pairs],
+                    label=name,
+                    markersize=4,
+                    **styles[id(run)],
+                )
         gap_ax.axhline(0.0, color="black", linewidth=0.8)
         gap_ax.set_xlabel("step")
         gap_ax.set_ylabel("loss − bf16 loss (both EMA 0.1)")
         gap_ax.set_title("Gap to bf16")
         gap_ax.grid(alpha=0.3)
-        gap_ax.legend(fontsize=8, ncol=2)
+        gap_ax.legend(fontsize=7, ncol=columns)
     fig.tight_layout()
+    return fig
+
+
+def plot_losses(runs: Sequence[Run], path: Path, *, title: str = "Training loss") -> Path:
+    """Loss curves (EMA-smoothed, raw faint) and each run's smoothed gap to bf16; PNG at `path`."""
+    import matplotlib.pyplot as plt
+
+    fig = loss_figure(runs, title=title)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -300,6 +518,43 @@ def plot_losses(runs: Sequence[Run], path: Path, *, title: str = "Training loss"
 
 
 # ---------------------------------------------------------------- CLI
+
+
+def print_table(console: Any, rows: Sequence[Row], title: str) -> None:
+    """Every cell in full at any width: not a terminal, plain text (the markdown table); a terminal wide
+    enough, a rich table; a narrower one, one block per run (its name on a line of its own)."""
+    from rich import box
+    from rich.measure import Measurement
+    from rich.table import Table
+    from rich.text import Text
+
+    header, body = table_cells(rows)
+    if not console.is_terminal:
+        console.out(f"{title}\n{markdown_table(rows)}", highlight=False, end="")
+        return
+    # The cells never wrap: a table with one-line headers, else headers wrapped to their column's widest
+    # cell, else (too narrow even for that) one block per run.
+    widths = [max(len(cells[i]) for cells in body) for i in range(len(header))]
+    for wrap in (False, True):
+        table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False)
+        for i, (column, width) in enumerate(zip(header, widths, strict=True)):
+            lines = textwrap.wrap(column, width, break_long_words=False) if wrap else [column]
+            table.add_column("\n".join(lines), justify="left" if i == 0 else "right", no_wrap=True)
+        for cells in body:
+            table.add_row(*(Text(c) for c in cells))  # Text: a run named "[x]" is not rich markup
+        if Measurement.get(console, console.options.update_width(10**6), table).maximum <= console.width:
+            console.print(table)
+            return
+    console.print(Text(title, style="italic"))
+    for cells in body:
+        parts: list[str] = []
+        for name, cell in zip(header[1:], cells[1:], strict=True):
+            if name == "vs bf16" and parts:
+                parts[-1] += f" ({cell} bf16)"
+            else:
+                parts.append(f"{name} {cell}")
+        console.print(Text(cells[0], style="bold"), soft_wrap=True)  # the terminal wraps it; rich never cuts
+        console.print(Text("    " + " · ".join(parts)))
 
 
 def register(app: typer.Typer) -> None:
@@ -314,24 +569,31 @@ def register(app: typer.Typer) -> None:
                 help="Where to write loss_curves.png and compare.md (default: the first run's parent)."
             ),
         ] = None,
-        tail: Annotated[int, typer.Option(min=1, help="Final loss = mean of this many last steps.")] = 10,
+        tail: Annotated[
+            int, typer.Option(min=1, help="Final loss = mean of this many last logged losses.")
+        ] = FINAL_LOSS_TAIL,
     ) -> None:
-        """Compare runs: final loss, gap vs bf16, median step time, peak memory; loss-curve PNG + markdown."""
+        """Compare runs: final loss, gap vs bf16, median step time, peak memory; loss-curve PNG + markdown.
+        Unreadable, empty and failed runs are skipped with a note; runs of different setups are warned of."""
         from rich.console import Console
-        from rich.table import Table
 
-        loaded = [load_run(p) for p in runs]
+        loaded, skipped = load_runs(runs)
+        notes = [f"note: skipped {s.reason}" for s in skipped]
+        for note in notes:
+            typer.echo(note, err=True)
+        if not loaded:
+            raise ReportError("no run to compare: every run given was skipped (see the notes above)")
+        warnings = [f"warning: {w}" for w in comparability_warnings(loaded)]
+        for warning in warnings:
+            typer.echo(warning, err=True)
         rows = compare(loaded, tail=tail)
-        header, body = table_cells(rows)
-        table = Table(title=f"final loss = mean of the last {tail} steps; step time = median after warm-up")
-        for column in header:
-            table.add_column(column, justify="left" if column == "mode" else "right")
-        for cells in body:
-            table.add_row(*cells)
         console = Console()
-        console.print(table)
-        target = out or runs[0].resolve().parent
+        print_table(
+            console, rows, f"final loss = mean of the last {tail} steps; step time = median after warm-up"
+        )
+        target = out or loaded[0].path.resolve().parent
         target.mkdir(parents=True, exist_ok=True)
-        (target / "compare.md").write_text(markdown_table(rows))
+        extra = "".join(f"\n{line}\n" for line in notes + warnings)
+        (target / "compare.md").write_text(markdown_table(rows) + extra)
         png = plot_losses(loaded, target / "loss_curves.png")
-        console.print(f"wrote {target / 'compare.md'} and {png}")
+        console.print(f"wrote {target / 'compare.md'} and {png}", highlight=False)

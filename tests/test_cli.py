@@ -254,3 +254,35 @@ def test_docs_list_the_fault_steps() -> None:
     set_part, restore_part = hook.split("of `restore`:", 1)
     assert re.findall(r"`([a-z-]+)`", set_part.split("Steps of `set`:", 1)[1]) == list(SET_STEPS)
     assert re.findall(r"`([a-z-]+)`", restore_part) == list(RESTORE_STEPS)
+
+
+def test_version_from_package_metadata_without_heavy_imports() -> None:
+    import importlib.metadata
+
+    import megaquant
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout == f"megaquant {importlib.metadata.version('megaquant')}\n"
+    assert importlib.metadata.version("megaquant") == megaquant.__version__  # pyproject and package agree
+    code = (
+        "import sys\n"
+        "sys.argv = ['megaquant', '--version']\n"
+        "from megaquant.cli import main\n"
+        "try:\n    main()\nexcept SystemExit as exc:\n    assert not exc.code, exc.code\n"
+        "heavy = {'torch', 'triton', 'megatron', 'git', 'libcst', 'rich'}\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy or m.startswith('megaquant.')))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.splitlines() == [
+        f"megaquant {megaquant.__version__}",
+        "['megaquant.cli', 'megaquant.errors']",
+    ]
+
+
+def test_docs_list_the_global_options() -> None:
+    text = DOC.read_text().split("## Global options", 1)[1].split("\n## ", 1)[0]
+    listed = {
+        o for line in text.splitlines() if line.startswith("| `") for o in re.findall(r"`(--[a-z-]+)`", line)
+    }
+    group = typer.main.get_command(app)
+    assert listed == {o for p in group.params for o in p.opts if o != "--help"}

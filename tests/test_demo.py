@@ -89,3 +89,36 @@ def test_cli_rejects_a_bad_mode_before_any_work(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["demo", "--workdir", str(tmp_path / "w"), "--mode", "FA_fp8"])
     assert result.exit_code == 1 and isinstance(result.exception, ValueNameError)
     assert not (tmp_path / "w").exists()
+
+
+def test_demo_final_loss_is_compares(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The demo once reported the last step's loss while compare reported the mean of the last ten."""
+    import json
+    from types import SimpleNamespace
+
+    import megaquant.demo as demo
+    from megaquant import api
+    from megaquant.launch import minitrain
+    from megaquant.report import compare, load_run
+
+    losses = {"bf16": [5.0 - 0.1 * i for i in range(20)], "FA_mxfp8": [5.0 - 0.09 * i for i in range(20)]}
+
+    def fake_train(config: minitrain.MinitrainConfig, tree: Path) -> minitrain.MinitrainResult:
+        name = config.out.name
+        metrics = tuple(
+            {"step": i + 1, "loss": v, "step_time_s": 0.1 + 0.01 * i} for i, v in enumerate(losses[name])
+        )
+        config.out.mkdir(parents=True)
+        (config.out / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+        return minitrain.MinitrainResult(config.out, 0, metrics)
+
+    monkeypatch.setattr(demo, "ensure_workspace", lambda workdir: workdir)
+    monkeypatch.setattr(demo, "prepare_corpus", lambda workdir: demo.Corpus(workdir / "c", "fake", 1))
+    monkeypatch.setattr(minitrain, "run_minitrain", fake_train)
+    monkeypatch.setattr(api, "apply", lambda *a, **k: SimpleNamespace(branch="b", commit="c" * 40))
+    monkeypatch.setattr(api, "restore", lambda *a, **k: None)
+    _, rows = run_demo(tmp_path, steps=20, mode="FA_mxfp8")
+    compared = compare([load_run(r.run_dir) for r in rows])
+    assert [r.final_loss for r in rows] == [c.final_loss for c in compared]
+    assert [r.step_time_s for r in rows] == [c.step_time_s for c in compared]
+    assert rows[1].gap_to_bf16 == pytest.approx(compared[1].loss_gap)

@@ -124,3 +124,21 @@ def test_sixty_generated_scripts(tmp_path: Path) -> None:
         '--training-config fast --megatron "/opt/Megatron-LM" "$@"'
     )
     assert (tmp_path / "s" / "train_llama32-1b_dolma_FA_hifp8.sh").stat().st_mode & 0o111
+
+
+def test_sbatch_passes_each_rendezvous_option_once_and_before_the_megatron_args(tmp_path: Path) -> None:
+    """The launcher line once held `--master-port` twice and put `--srun ...` after `--` (Megatron's)."""
+    run_dir = tmp_path / "run"
+    result = RUNNER.invoke(
+        APP,
+        ["train", "--model", "llama32-1b", "--mock-data", "-q", "bf16", "--slurm", "--nnodes", "2",
+         "--master-port", "6001", "--run-dir", str(run_dir), "--no-validate", "--megatron", str(tmp_path),
+         "--", "--log-interval", "5"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    argv = shlex.split((run_dir / "train.sbatch").read_text().rstrip().splitlines()[-1])
+    assert argv.count("--master-port") == 1 and argv[argv.index("--master-port") + 1] == "6001"
+    assert argv.count("--srun") == 1 and argv.count("--rdzv-id") == 1
+    separator = argv.index("--")
+    assert argv.index("--srun") < separator and argv.index("--master-port") < separator
+    assert argv[separator:] == ["--", "--log-interval", "5"]

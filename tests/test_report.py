@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
+import statistics
 from pathlib import Path
 
 import pytest
@@ -14,13 +16,22 @@ from typer.testing import CliRunner
 from megaquant.errors import LaunchError
 from megaquant.launch import pretrain
 from megaquant.report import (
+    FINAL_LOSS_TAIL,
     ReportError,
+    Run,
+    comparability_warnings,
     compare,
+    final_loss,
     load_run,
+    load_runs,
+    loss_figure,
     markdown_table,
     parse_megatron_log,
     plot_losses,
+    plot_style,
+    print_table,
     register,
+    step_time,
 )
 
 MEGATRON_LINE = (
@@ -148,6 +159,155 @@ def test_compare_command(runs: list[Path], tmp_path: Path) -> None:
     assert "FA_linear_mxfp8" in result.output and "+0.2500" in result.output
     assert (out / "compare.md").read_text().count("\n") == 4
     assert (out / "loss_curves.png").is_file()
+
+
+def write_manifest(run: Path, **fields: object) -> Path:
+    manifest = json.loads((run / "manifest.json").read_text()) if (run / "manifest.json").is_file() else {}
+    (run / "manifest.json").write_text(json.dumps(manifest | fields))
+    return run
+
+
+def test_final_loss_is_one_definition() -> None:
+    losses = [float(i) for i in range(1, 21)]
+    assert final_loss(losses) == statistics.fmean(losses[-FINAL_LOSS_TAIL:]) == 15.5
+    assert final_loss([3.0, 1.0]) == 2.0 and final_loss(losses, tail=1) == 20.0
+    with pytest.raises(ReportError, match="no losses"):
+        final_loss([])
+    assert step_time([9.0, 0.1, 0.3, 0.2]) == pytest.approx(0.2) and step_time([]) is None
+
+
+def test_bf16_first_and_repeated_modes_stay_distinguishable(tmp_path: Path) -> None:
+    quant = write_metrics_run(tmp_path, "FA_mxfp8", [3.0, 2.0], [1.0, 1.0], 0)
+    base = write_metrics_run(tmp_path, "bf16", [3.0, 1.0], [1.0, 1.0], 0)
+    again = write_manifest(
+        write_metrics_run(tmp_path / "other", "bf16", [3.0, 1.5], [1.0, 1.0], 0), mode="bf16"
+    )
+    rows = compare([load_run(p) for p in (quant, base, again)])
+    assert [r.mode for r in rows] == [f"bf16 ({base})", "FA_mxfp8", f"bf16 ({again})"]
+    assert rows[0].loss_gap == 0.0 and rows[1].loss_gap == pytest.approx(0.5)
+    assert rows[2].loss_gap == pytest.approx(0.25)  # gaps are against the first bf16 run given
+
+
+def test_non_comparable_runs_are_warned_of(tmp_path: Path) -> None:
+    base = write_manifest(
+        write_metrics_run(tmp_path, "bf16", [3.0, 2.0], [1.0, 1.0], 0),
+        model="llama32-1b",
+        megatron_args=["--num-layers", "16", "--lr=3e-4", "--hidden-size", "2048"],
+        device="NVIDIA H200",
+    )
+    same = write_manifest(
+        write_metrics_run(tmp_path, "FA_mxfp8", [3.0, 2.1], [1.0, 1.0], 0),
+        model="llama32-1b",
+        megatron_args=["--hidden-size", "2048", "--lr", "0.0003", "--num-layers", "16"],
+        device="NVIDIA H200",
+        recipe="default",
+        shape={"seed": 7},  # a different seed is a noise measurement, not a different experiment
+    )
+    assert comparability_warnings([load_run(base), load_run(same)]) == ()
+    other = write_manifest(
+        write_metrics_run(tmp_path, "linear_mxfp8", [3.0, 2.0, 1.0], [1.0, 1.0, 1.0], 0),
+        model="qwen3-0.6b",
+        megatron_args=["--num-layers", "2", "--hidden-size", "2048"],
+        device="NVIDIA H100",
+        recipe="fork",
+    )
+    warnings = comparability_warnings([load_run(base), load_run(same), load_run(other)])
+    text = "\n".join(warnings)
+    for key in ("model", "layers", "device", "recipe", "steps"):
+        assert f"not comparable: {key} differs" in text, text
+    assert "recipe differs (default: bf16, FA_mxfp8; fork: linear_mxfp8)" in text  # missing = default
+    assert "steps differs (2: bf16, FA_mxfp8; 3: linear_mxfp8)" in text
+    assert "hidden" not in text and "lr" not in text
+
+
+def test_old_and_new_manifests_describe_the_shape_alike(tmp_path: Path) -> None:
+    old = write_manifest(
+        write_metrics_run(tmp_path, "bf16", [1.0], [1.0], 0),
+        shape={"layers": 4, "hidden": 2048, "lr": 0.0003},
+    )
+    new = write_manifest(
+        write_metrics_run(tmp_path, "FA_mxfp8", [1.0], [1.0], 0),
+        megatron_args=["--num-layers", "4", "--hidden-size", "2048", "--lr", "3e-4"],
+    )
+    assert (
+        dict(load_run(old).setup)
+        == dict(load_run(new).setup)
+        == {
+            "recipe": "default",
+            "layers": "4.0",
+            "hidden": "2048.0",
+            "lr": "0.0003",
+        }
+    )
+
+
+def test_failed_and_empty_runs_are_skipped_with_a_note(runs: list[Path], tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from megaquant.cli import app
+
+    failed = write_manifest(
+        write_metrics_run(tmp_path, "linear_mxfp4", [5.0, 9.0], [1.0, 1.0], 0), status="failed", exit_code=1
+    )
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    blank = write_metrics_run(tmp_path, "FA_hifp8", [], [], 0)
+    loaded, skipped = load_runs([runs[0], failed, empty, tmp_path / "nope", blank, runs[1]])
+    assert [r.mode for r in loaded] == ["bf16", "FA_linear_mxfp8"]
+    reasons = [s.reason for s in skipped]
+    assert "failed (manifest.json)" in reasons[0] and "neither metrics.jsonl nor train.log" in reasons[1]
+    assert "not a directory" in reasons[2] and "logged no steps" in reasons[3]
+
+    out = tmp_path / "o"
+    args = ["compare", str(failed), *map(str, runs), str(tmp_path / "nope"), "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert result.stderr.count("note: skipped") == 2 and "FA_linear_mxfp8" in result.stdout
+    assert "linear_mxfp4" not in result.stdout and "note: skipped" in (out / "compare.md").read_text()
+    none_left = CliRunner().invoke(app, ["compare", str(failed), str(empty)])
+    assert none_left.exit_code == 1
+    assert none_left.stderr.splitlines()[-1] == (
+        "error: no run to compare: every run given was skipped (see the notes above)"
+    )
+
+
+def test_table_shows_full_names_at_any_width(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    names = ["bf16", "FA_linear_mxfp8", "FA_linear_mxfp8_recipe_fork_delayed_scaling", "linear_[hifp8]"]
+    paths = [write_metrics_run(tmp_path, n, [2.0, 1.0], [1.0, 1.0], 2**30) for n in names]
+    rows = compare([load_run(p) for p in paths])
+    for width in (30, 60, 80, 250):
+        console = Console(file=io.StringIO(), width=width, force_terminal=True, color_system=None)
+        print_table(console, rows, "title")
+        text = console.file.getvalue()  # type: ignore[attr-defined]
+        lines = text.splitlines()
+        for name in names:  # the whole name, on one line (the terminal wraps it, nothing cuts it)
+            assert any(name in line for line in lines), (width, name, text)
+        assert "…" not in text
+    plain = Console(file=io.StringIO(), width=40)  # not a terminal: the markdown table, whatever the width
+    print_table(plain, rows, "title")
+    assert plain.file.getvalue() == "title\n" + markdown_table(rows)  # type: ignore[attr-defined]
+
+
+def test_plot_styles_never_repeat_for_forty_runs(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    assert len({plot_style(i) for i in range(280)}) == 280
+    runs = [
+        Run(tmp_path / f"r{i}", "bf16" if i == 7 else f"mode{i}", (1, 2, 3), (3.0, 2.0, 1.0), (), None, "x")
+        for i in range(41)
+    ]
+    fig = loss_figure(runs)
+    curves = [line for line in fig.axes[0].get_lines() if not line.get_label().startswith("_")]
+    assert curves[0].get_label() == "bf16" and curves[0].get_color() == "black"  # the baseline first
+    styles = {(line.get_color(), line.get_linestyle(), line.get_marker()) for line in curves}
+    assert len(curves) == len(styles) == 41
+    gaps = [line for line in fig.axes[1].get_lines() if not line.get_label().startswith("_")]
+    assert [(g.get_color(), g.get_linestyle(), g.get_marker()) for g in gaps] == [
+        (c.get_color(), c.get_linestyle(), c.get_marker()) for c in curves[1:]
+    ]  # a run looks the same in both panels
+    plt.close(fig)
 
 
 # ---------------------------------------------------------------- megaquant.launch.pretrain (pure parts)

@@ -84,7 +84,8 @@ def validate_plan(plan: RunPlan, *, enabled: bool = True) -> Validation:
 
 
 def request_options(request: TrainRequest) -> list[str]:
-    """The `megaquant train` options that reproduce a request (for generated Slurm scripts)."""
+    """The `megaquant train` options that reproduce a request (for generated Slurm scripts). The rendezvous
+    options (`--srun`, `--master-addr`, `--master-port`, `--rdzv-id`) are left to `sbatch_script`."""
     p = request.parallel
     opts = ["--model", request.model, "--quantization", request.mode, "--training-config", request.preset]
     opts += ["--dataset", request.dataset] if request.dataset else ["--mock-data"]
@@ -103,7 +104,6 @@ def request_options(request: TrainRequest) -> list[str]:
             opts += [flag, str(Path(value).absolute()) if isinstance(value, Path) else value]
     opts += ["--tp", str(p.tp), "--pp", str(p.pp), "--ep", str(p.ep)]
     opts += ["--nproc-per-node", str(p.nproc_per_node), "--nnodes", str(p.nnodes)]
-    opts += ["--master-port", str(p.master_port)]
     return opts + (["--", *request.extra] if request.extra else [])
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from megaquant.errors import LaunchError
+from megaquant.megatron_src import quiet_megatron_import
 
 if TYPE_CHECKING:
     import torch
@@ -66,11 +67,7 @@ class MinitrainConfig:
 class MinitrainResult:
     out: Path
     returncode: int
-    metrics: tuple[dict[str, float], ...]
-
-    @property
-    def final_loss(self) -> float | None:
-        return self.metrics[-1]["loss"] if self.metrics else None
+    metrics: tuple[dict[str, float], ...]  # final loss, step time: `megaquant.report.final_loss`, `step_time`
 
 
 def build_argv(config: MinitrainConfig, python: str = sys.executable) -> list[str]:
@@ -138,7 +135,8 @@ def _load_tokens(config: MinitrainConfig) -> Any:
         return np.load(config.tokens).astype(np.int64).ravel()
     if config.data is None:
         raise LaunchError("minitrain needs --data PREFIX (Megatron indexed dataset) or --tokens FILE.npy")
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    with quiet_megatron_import():
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     dataset = IndexedDataset(str(config.data))
     return np.concatenate([np.asarray(dataset[i], dtype=np.int64) for i in range(len(dataset))])
@@ -149,8 +147,10 @@ def _cpu_adjustments() -> None:
     import contextlib
 
     import torch
-    from megatron.core import tensor_parallel, utils
-    from megatron.core.tensor_parallel import random as tp_random
+
+    with quiet_megatron_import():
+        from megatron.core import tensor_parallel, utils
+        from megatron.core.tensor_parallel import random as tp_random
 
     class _NoCudaRngTracker:
         def fork(self, name: str = "") -> contextlib.AbstractContextManager[None]:
@@ -171,9 +171,11 @@ def _cpu_adjustments() -> None:
 def _build_model(config: MinitrainConfig, vocab_size: int, on_cuda: bool) -> torch.nn.Module:
     import torch
     import torch.nn.functional as F
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    with quiet_megatron_import():
+        from megatron.core.models.gpt import GPTModel
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+        from megatron.core.transformer.transformer_config import TransformerConfig
 
     tconfig = TransformerConfig(
         num_layers=config.layers,
@@ -243,8 +245,9 @@ def train(config: MinitrainConfig) -> int:
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
 
-    import megatron.core
-    from megatron.core import parallel_state, tensor_parallel
+    with quiet_megatron_import():
+        import megatron.core
+        from megatron.core import parallel_state, tensor_parallel
 
     with socket.socket() as sock:  # a free port for the single-rank process group
         sock.bind(("127.0.0.1", 0))

@@ -17,6 +17,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from megaquant.errors import LaunchError
 from megaquant.launch.argv import REFUSED_FLAGS  # one list for the launcher and this entry
+from megaquant.megatron_src import quiet_megatron_import
 
 if TYPE_CHECKING:
     import torch
@@ -142,10 +143,11 @@ def _model_provider(
     pg_collection: Any = None,
 ) -> Any:
     """A GPTModel on megatron-core's local (non-TE) layer spec, so the hooked GEMMs are the ones that run."""
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.training import get_args
-    from megatron.training.argument_utils import core_transformer_config_from_args
+    with quiet_megatron_import():
+        from megatron.core.models.gpt import GPTModel
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+        from megatron.training import get_args
+        from megatron.training.argument_utils import core_transformer_config_from_args
 
     args = get_args()
     tconfig = core_transformer_config_from_args(args)
@@ -178,10 +180,11 @@ def _model_provider(
 
 def _datasets_provider(train_val_test_num_samples: Sequence[int], vp_stage: int | None = None) -> Any:
     """GPTDataset (or MockGPTDataset with --mock-data) over Megatron indexed data, built on every rank."""
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
-    from megatron.training import get_args, get_tokenizer
-    from megatron.training.utils.common_utils import get_blend_and_blend_per_split
+    with quiet_megatron_import():
+        from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+        from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+        from megatron.training import get_args, get_tokenizer
+        from megatron.training.utils.common_utils import get_blend_and_blend_per_split
 
     args = get_args()
     blend, blend_per_split = get_blend_and_blend_per_split(args)
@@ -250,13 +253,15 @@ def _timed_train_step(original: Callable[..., Any], sink: IO[str] | None) -> Cal
 def _use_prebuilt_dataset_helpers() -> None:
     """Megatron's initialize runs `make` in megatron/core/datasets, which a pip-installed megatron-core
     cannot do (no Makefile) and does not need (the wheel ships the compiled helpers_cpp module)."""
-    from megatron.core.datasets import utils
+    with quiet_megatron_import():
+        from megatron.core.datasets import utils
 
     original = utils.compile_helpers
 
     def compile_helpers() -> None:
         try:
-            import megatron.core.datasets.helpers_cpp  # noqa: F401
+            with quiet_megatron_import():
+                import megatron.core.datasets.helpers_cpp  # noqa: F401
         except ImportError:
             original()
 
@@ -269,10 +274,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = prepare_argv(sys.argv[1:] if argv is None else argv)
     sys.argv = [sys.argv[0], *argv]  # Megatron's parser reads sys.argv
 
-    from megatron.core.enums import ModelType
-    from megatron.training import training
-    from megatron.training.argument_utils import pretrain_cfg_container_from_args
-    from megatron.training.arguments import parse_and_validate_args
+    with quiet_megatron_import():
+        from megatron.core.enums import ModelType
+        from megatron.training import training
+        from megatron.training.argument_utils import pretrain_cfg_container_from_args
+        from megatron.training.arguments import parse_and_validate_args
 
     args = parse_and_validate_args(extra_args_provider=add_megaquant_args)
     cfg = pretrain_cfg_container_from_args(args, None)

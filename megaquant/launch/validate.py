@@ -18,6 +18,7 @@ from pathlib import Path
 
 from megaquant.errors import LaunchError
 from megaquant.launch.argv import TRAIN_ENV
+from megaquant.megatron_src import quiet_megatron_import
 
 TARGET_ARCH = 9
 """GPU major architecture assumed when validating on a machine without CUDA (9: Hopper, e.g. H100/H200)."""
@@ -97,7 +98,7 @@ def _child() -> int:
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     out = sys.stdout
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()), quiet_megatron_import():
         import megatron.training.arguments as arguments
         import megatron.training.global_vars as global_vars
         import megatron.training.training as training
