@@ -72,6 +72,12 @@ def _quantize(
     return q, e4m3, ts
 
 
+def _scale_codes(e4m3: torch.Tensor) -> torch.Tensor:
+    """E4M3 codes of the block scales; a NaN scale is 0x7F whatever the NaN's sign (0/0 and Inf/Inf give
+    a negative NaN on some CPUs and a positive one on GPUs)."""
+    return torch.where(torch.isnan(e4m3), 0x7F, element_codes(e4m3, _E4M3).to(torch.int32)).to(torch.uint8)
+
+
 def fake_quant_nvfp4(
     x: torch.Tensor, opts: Options, amax: torch.Tensor | float | None = None
 ) -> torch.Tensor:
@@ -87,7 +93,7 @@ def encode_nvfp4(x: torch.Tensor, opts: Options, amax: torch.Tensor | float | No
     q, e4m3, ts = _quantize(x, opts, amax)
     return Encoded(
         codes=codes_along_axis(element_codes(q, opts.fmt), x, opts, 4),
-        scales=scales_layout(element_codes(e4m3, _E4M3), x, opts),
+        scales=scales_layout(_scale_codes(e4m3), x, opts),
         shape=tuple(x.shape),
         axis=opts.axis % x.dim(),
         fmt="nvfp4",

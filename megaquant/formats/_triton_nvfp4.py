@@ -1,0 +1,412 @@
+"""Triton kernels for NVFP4 fake-quant and encode (round-to-nearest or stochastic) and for stochastic
+rounding of the MX formats; bit-exact with the torch reference (megaquant.formats.nvfp4 / .mx).
+
+NVFP4 takes two passes over x: the tensor amax (an integer max of |x|'s bits, one atomic per program),
+then the quantize pass, which derives the tensor scale from the amax in every program. Stochastic
+rounding draws its uniforms from the same counter-based hash as formats._random, so a seed gives the
+reference's results. `supports()` says which calls these kernels serve; megaquant.formats asks
+formats._triton first.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from megaquant.errors import MegaquantError
+from megaquant.formats._random import M1, M2, seed_key
+from megaquant.formats._triton import _format_constants, _mx_codes, _pow2, _round_mag, _store_values
+from megaquant.formats.registry import Encoded, Options, resolve_options
+
+__all__ = ["encode", "fake_quant", "supports", "tensor_amax"]
+
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_ELEMS_PER_PROGRAM = 2048
+_NUM_WARPS = 4
+_AMAX_BLOCK = 4096
+_KEYWORDS = frozenset(("axis", "block_size", "scale", "rounding", "saturate", "preset", "seed", "amax"))
+_E2M1 = dict(EMIN=0, MAN=1, BIAS=1, BITS=4, EXP_BITS=2, SUB_SCALE=2.0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# device helpers
+
+
+@triton.jit
+def _hash32(x):
+    """formats._random.hash32 in uint32 arithmetic (products wrap mod 2^32)."""
+    x = x ^ (x >> 16)
+    x = x * M1
+    x = x ^ (x >> 15)
+    x = x * M2
+    return x ^ (x >> 15)
+
+
+@triton.jit
+def _uniform24(offs, KEY: tl.constexpr, WIDE: tl.constexpr):
+    """formats._random.uniform24 for int64 element indices `offs`: multiples of 2^-24 in [0, 1)."""
+    h = _hash32((offs & 0xFFFFFFFF).to(tl.uint32) ^ KEY)
+    if WIDE:
+        high = (offs >> 32).to(tl.uint32)
+        h = tl.where(high != 0, _hash32(h ^ high), h)
+    return (h >> 8).to(tl.float32) * 5.9604644775390625e-08
+
+
+@triton.jit
+def _round_sr(a, k_biased, u):
+    """Stochastic rounding of a magnitude a >= 0 to a multiple of 2^k (k = k_biased - 127): y = a 2^-k
+    (exact), floor(y) + 1 when u < y - floor(y) (exact), as _bits.round_to_pow2_step."""
+    y = a * _pow2(127 - k_biased)
+    f = tl.floor(y)
+    return (f + (u < y - f).to(tl.float32)) * _pow2(k_biased - 127)
+
+
+@triton.jit
+def _nv_tile(x, offs, amax, SR: tl.constexpr, KEY: tl.constexpr, WIDE: tl.constexpr):
+    """NVFP4 of a tile whose blocks run along axis 1: (q, e4m3, ts) with q the signed E2M1 values (fp32,
+    before scaling), e4m3 the block scales (reduced over axis 1) and ts the tensor scale, each step the
+    reference's fp32 operation (IEEE divisions via div_rn; clamps that keep NaN)."""
+    nan_all: tl.constexpr = tl.PropagateNan.ALL
+    ts = tl.where(amax == 0, 1.0, tl.math.div_rn(amax, 2688.0))
+    abits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    bamax = tl.max(abits, axis=1).to(tl.float32, bitcast=True)  # NaN bits sort above every value
+    sbs = tl.math.div_rn(tl.math.div_rn(bamax, 6.0), ts)
+    sbs = tl.minimum(tl.maximum(sbs, 0.015625, propagate_nan=nan_all), 448.0, propagate_nan=nan_all)
+    e4m3 = _round_mag(sbs, (sbs.to(tl.int32, bitcast=True) >> 23) - 3, False)  # E4M3 RNE, normal range
+    r = tl.math.div_rn(tl.math.div_rn(1.0, ts), e4m3)
+    s = x * tl.expand_dims(r, 1)
+    s = tl.minimum(tl.maximum(s, -6.0, propagate_nan=nan_all), 6.0, propagate_nan=nan_all)
+    a = tl.abs(s)
+    k_biased = tl.maximum(a.to(tl.int32, bitcast=True) >> 23, 127) - 1
+    if SR:  # noqa: SIM108  (a constexpr branch: only one side is compiled)
+        q = _round_sr(a, k_biased, _uniform24(offs, KEY, WIDE))
+    else:
+        q = _round_mag(a, k_biased, False)
+    sign = s.to(tl.int32, bitcast=True) & -2147483648
+    return (q.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True), e4m3, ts
+
+
+@triton.jit
+def _mx_sr_tile(
+    x,
+    offs,
+    EMAX: tl.constexpr,
+    EMIN: tl.constexpr,
+    MAN: tl.constexpr,
+    MAXN: tl.constexpr,
+    MAX_MANT: tl.constexpr,
+    FILL_BITS: tl.constexpr,
+    SATURATE: tl.constexpr,
+    RCEIL: tl.constexpr,
+    KEY: tl.constexpr,
+    WIDE: tl.constexpr,
+):
+    """MX with stochastic element rounding: (q signed fp32 element values, e block exponents, 128 = NaN
+    block); the scale rule is _triton._mx_quant's."""
+    xbits = x.to(tl.int32, bitcast=True)
+    amax_bits = tl.max(xbits & 0x7FFFFFFF, axis=1)
+    e = (amax_bits >> 23) - 127 - EMAX
+    if RCEIL:
+        e = e + ((amax_bits & 0x7FFFFF) > MAX_MANT).to(tl.int32)
+    e = tl.maximum(e, -127)
+    e = tl.where(amax_bits < 0x7F800000, e, 128)
+    a = tl.abs(x * tl.expand_dims(_pow2(-tl.minimum(e, 127)), 1))
+    k_biased = tl.maximum(a.to(tl.int32, bitcast=True) >> 23, EMIN + 127) - MAN
+    r = _round_sr(a, k_biased, _uniform24(offs, KEY, WIDE))
+    if SATURATE:
+        r = tl.minimum(r, MAXN)
+    else:
+        r = tl.where(r > MAXN, tl.full(r.shape, FILL_BITS, tl.int32).to(tl.float32, bitcast=True), r)
+    return (r.to(tl.int32, bitcast=True) | (xbits & -2147483648)).to(tl.float32, bitcast=True), e
+
+
+@triton.jit
+def _dequant(q, e, e4m3, ts, NV: tl.constexpr):
+    """Values in fp32: NVFP4 q * (ts * e4m3); MX q * 2^e with NaN blocks NaN."""
+    if NV:
+        return q * tl.expand_dims(ts * e4m3, 1)
+    nan = tl.full(e.shape, 0x7FC00000, tl.int32).to(tl.float32, bitcast=True)
+    return q * tl.expand_dims(tl.where(e == 128, nan, _pow2(tl.minimum(e, 127))), 1)
+
+
+@triton.jit
+def _store_rounded(ptr, offs, v, mask, BF16_RNE: tl.constexpr):
+    """Store fp32 values rounded to the output dtype, nearest-even (as torch's .to). bf16 by integer
+    arithmetic on the bits (ptr is the int16 view), so the rounding is the same everywhere, the Triton
+    interpreter included; NaN stays NaN."""
+    if BF16_RNE:
+        bits = v.to(tl.int32, bitcast=True)
+        r = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        tl.store(ptr + offs, tl.where(v != v, 0x7FC0, r).to(tl.int16), mask=mask)
+    else:
+        tl.store(ptr + offs, v.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _scale_codes(e, e4m3, NV: tl.constexpr):
+    """Scale bytes: NVFP4 the E4M3 code (normal values 2^-6..448, NaN 0x7F); MX the E8M0 byte."""
+    if NV:
+        bits = e4m3.to(tl.int32, bitcast=True)
+        code = ((((bits >> 23) & 0xFF) - 120) << 3) | ((bits >> 20) & 7)
+        return tl.where(e4m3 != e4m3, 0x7F, code)
+    return tl.minimum(e + 127, 255)
+
+
+@triton.jit
+def _quant(
+    x, offs, amax_ptr, NV: tl.constexpr, SR: tl.constexpr, KEY: tl.constexpr, WIDE: tl.constexpr,
+    EMAX: tl.constexpr, EMIN: tl.constexpr, MAN: tl.constexpr, MAXN: tl.constexpr, MAX_MANT: tl.constexpr,
+    FILL_BITS: tl.constexpr, SATURATE: tl.constexpr, RCEIL: tl.constexpr,
+):  # fmt: skip
+    """(q, e, e4m3, ts) for either format; the unused ones are placeholders."""
+    if NV:
+        q, e4m3, ts = _nv_tile(x, offs, tl.load(amax_ptr), SR, KEY, WIDE)
+        e = e4m3.to(tl.int32, bitcast=True) * 0
+    else:
+        q, e = _mx_sr_tile(x, offs, EMAX, EMIN, MAN, MAXN, MAX_MANT, FILL_BITS, SATURATE, RCEIL, KEY, WIDE)
+        e4m3 = e.to(tl.float32)
+        ts = 1.0
+    return q, e, e4m3, ts
+
+
+# ---------------------------------------------------------------------------------------------------------
+# kernels
+
+
+@triton.jit
+def _amax_kernel(x_ptr, out_ptr, numel, BLOCK: tl.constexpr):
+    """out (int32, zeroed) = max over x of the bits of |x| (NaN above Inf above every finite value)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < numel, other=0.0).to(tl.float32)
+    tl.atomic_max(out_ptr, tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=0))
+
+
+@triton.jit
+def _lastaxis_kernel(
+    x_ptr, out_ptr, codes_ptr, scales_ptr, amax_ptr, total_blocks, n, n_blocks, n_packed,
+    BS: tl.constexpr, G: tl.constexpr, ENCODE: tl.constexpr, NV: tl.constexpr, SR: tl.constexpr,
+    KEY: tl.constexpr, WIDE: tl.constexpr, EMAX: tl.constexpr, EMIN: tl.constexpr, MAN: tl.constexpr,
+    BIAS: tl.constexpr, BITS: tl.constexpr, EXP_BITS: tl.constexpr, MAXN: tl.constexpr,
+    MAX_MANT: tl.constexpr, FILL_BITS: tl.constexpr, HAS_INF: tl.constexpr, HAS_NAN: tl.constexpr,
+    NAN_BLOCK_CODE: tl.constexpr, SUB_SCALE: tl.constexpr, SATURATE: tl.constexpr, RCEIL: tl.constexpr,
+    BF16_BITS: tl.constexpr,
+):  # fmt: skip
+    """x viewed as (rows, n), blocks of BS along n (the last one may be short); G blocks per program."""
+    blk = tl.program_id(0).to(tl.int64) * G + tl.arange(0, G)
+    row = blk // n_blocks
+    col0 = (blk % n_blocks) * BS
+    col = col0[:, None] + tl.arange(0, BS)[None, :]
+    mask = (blk < total_blocks)[:, None] & (col < n)
+    offs = row[:, None] * n + col
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    q, e, e4m3, ts = _quant(
+        x, offs, amax_ptr, NV, SR, KEY, WIDE, EMAX, EMIN, MAN, MAXN, MAX_MANT, FILL_BITS, SATURATE, RCEIL
+    )
+    if ENCODE:
+        codes = _mx_codes(q, e, EMIN, MAN, BIAS, BITS, EXP_BITS, HAS_INF, HAS_NAN, NAN_BLOCK_CODE, SUB_SCALE)
+        tl.store(scales_ptr + blk, _scale_codes(e, e4m3, NV).to(tl.uint8), mask=blk < total_blocks)
+        if BITS == 4:
+            lo, hi = tl.split(tl.reshape(codes, (G, BS // 2, 2)))
+            pcol = col0[:, None] // 2 + tl.arange(0, BS // 2)[None, :]
+            pmask = (blk < total_blocks)[:, None] & (pcol < n_packed)
+            tl.store(codes_ptr + row[:, None] * n_packed + pcol, (lo | (hi << 4)).to(tl.uint8), mask=pmask)
+        else:
+            tl.store(codes_ptr + offs, codes.to(tl.uint8), mask=mask)
+    elif NV:
+        _store_rounded(out_ptr, offs, _dequant(q, e, e4m3, ts, NV), mask, BF16_BITS)
+    else:
+        _store_values(out_ptr, offs, _dequant(q, e, e4m3, ts, NV), mask, BF16_BITS)
+
+
+@triton.jit
+def _inner_kernel(
+    x_ptr, out_ptr, codes_ptr, scales_ptr, amax_ptr, n, inner, n_blocks, n_packed,
+    BS: tl.constexpr, BK: tl.constexpr, ENCODE: tl.constexpr, NV: tl.constexpr, SR: tl.constexpr,
+    KEY: tl.constexpr, WIDE: tl.constexpr, EMAX: tl.constexpr, EMIN: tl.constexpr, MAN: tl.constexpr,
+    BIAS: tl.constexpr, BITS: tl.constexpr, EXP_BITS: tl.constexpr, MAXN: tl.constexpr,
+    MAX_MANT: tl.constexpr, FILL_BITS: tl.constexpr, HAS_INF: tl.constexpr, HAS_NAN: tl.constexpr,
+    NAN_BLOCK_CODE: tl.constexpr, SUB_SCALE: tl.constexpr, SATURATE: tl.constexpr, RCEIL: tl.constexpr,
+    BF16_BITS: tl.constexpr,
+):  # fmt: skip
+    """x viewed as (lead, n, inner), blocks of BS along n; one block x BK columns per program, as a
+    (1, BS, BK) tile reduced over axis 1 (the layout of _triton._mx_inner_kernel)."""
+    pid = tl.program_id(0).to(tl.int64)
+    lead = pid // n_blocks
+    b = pid % n_blocks
+    i = b * BS + tl.arange(0, BS)
+    k = tl.program_id(1) * BK + tl.arange(0, BK)
+    kmask = k < inner
+    mask = (i < n)[:, None] & kmask[None, :]
+    offs = lead * n * inner + i[:, None] * inner + k[None, :]
+    x = tl.expand_dims(tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32), 0)
+    q, e, e4m3, ts = _quant(
+        x, tl.expand_dims(offs, 0), amax_ptr, NV, SR, KEY, WIDE, EMAX, EMIN, MAN, MAXN, MAX_MANT, FILL_BITS,
+        SATURATE, RCEIL,
+    )  # fmt: skip
+    if ENCODE:
+        codes = _mx_codes(q, e, EMIN, MAN, BIAS, BITS, EXP_BITS, HAS_INF, HAS_NAN, NAN_BLOCK_CODE, SUB_SCALE)
+        codes = tl.reshape(codes, (BS, BK))
+        scale_offs = (lead * n_blocks + b) * inner + k
+        tl.store(
+            scales_ptr + scale_offs, tl.reshape(_scale_codes(e, e4m3, NV), (BK,)).to(tl.uint8), mask=kmask
+        )
+        if BITS == 4:
+            lo, hi = tl.split(tl.permute(tl.reshape(codes, (BS // 2, 2, BK)), (0, 2, 1)))
+            prow = b * (BS // 2) + tl.arange(0, BS // 2)
+            poffs = lead * n_packed * inner + prow[:, None] * inner + k[None, :]
+            pmask = (prow < n_packed)[:, None] & kmask[None, :]
+            tl.store(codes_ptr + poffs, (lo | (hi << 4)).to(tl.uint8), mask=pmask)
+        else:
+            tl.store(codes_ptr + offs, codes.to(tl.uint8), mask=mask)
+    elif NV:
+        _store_rounded(out_ptr, offs, tl.reshape(_dequant(q, e, e4m3, ts, NV), (BS, BK)), mask, BF16_BITS)
+    else:
+        _store_values(out_ptr, offs, tl.reshape(_dequant(q, e, e4m3, ts, NV), (BS, BK)), mask, BF16_BITS)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Python side
+
+
+@functools.lru_cache(maxsize=1024)
+def _resolve(
+    fmt: str, axis: int, block_size: int, scale: str, rounding: str, saturate: bool, preset: str | None,
+    seed: int | None,
+) -> Options | None:  # fmt: skip
+    try:
+        opts = resolve_options(
+            fmt, axis=axis, block_size=block_size, scale=scale, rounding=rounding, saturate=saturate,
+            preset=preset, seed=seed,
+        )  # fmt: skip
+    except (MegaquantError, TypeError):
+        return None
+    if not opts.fmt.block_scaled or (opts.fmt.block_scale == "e8m0" and opts.rounding != "stochastic"):
+        return None  # HiF8, and MX round-to-nearest (formats._triton serves that)
+    if opts.rounding == "away" and opts.fmt.block_scale == "e4m3":
+        return None
+    bs = opts.block_size
+    if bs < 2 or bs > 256 or bs & (bs - 1):
+        return None
+    return opts
+
+
+def _options(x: torch.Tensor, fmt: str, **opts: object) -> Options | None:
+    if not x.is_cuda or x.dtype not in _DTYPES or x.numel() == 0 or x.dim() == 0 or set(opts) - _KEYWORDS:
+        return None
+    key = [opts.get(k, d) for k, d in (("axis", -1), ("block_size", None), ("scale", "floor"),
+                                       ("rounding", "even"), ("saturate", True), ("preset", None),
+                                       ("seed", None))]  # fmt: skip
+    if not isinstance(key[0], int) or not (key[1] is None or isinstance(key[1], int)):
+        return None
+    try:
+        resolved = _resolve(fmt, *key)
+    except TypeError:
+        return None
+    if resolved is None or not -x.dim() <= resolved.axis < x.dim():
+        return None
+    if "amax" in opts and resolved.fmt.block_scale != "e4m3":
+        return None
+    return resolved
+
+
+def supports(x: torch.Tensor, fmt: str, **opts: object) -> bool:
+    """True when these kernels serve fake_quant/encode(x, fmt, **opts): a CUDA bf16/fp16/fp32 tensor,
+    nvfp4 (round-to-nearest-even or stochastic, tensor amax computed or given) or an MX format with
+    rounding="stochastic", power-of-two blocks (2..256) along any axis. Not covered: block_2d."""
+    return _options(x, fmt, **opts) is not None
+
+
+def tensor_amax(x: torch.Tensor) -> torch.Tensor:
+    """max |x| as a 0-d fp32 tensor in one pass (NaN if x has a NaN), without a host sync."""
+    xc = x.contiguous()
+    out = torch.zeros(1, dtype=torch.int32, device=x.device)
+    _amax_kernel[(triton.cdiv(xc.numel(), _AMAX_BLOCK),)](xc, out, xc.numel(), BLOCK=_AMAX_BLOCK, num_warps=8)
+    return out.view(torch.float32).reshape(())
+
+
+def _run(x: torch.Tensor, opts: Options, encode: bool, amax: object) -> torch.Tensor | Encoded:
+    spec = opts.fmt
+    nv = spec.block_scale == "e4m3"
+    ax = opts.axis % x.dim()
+    x = x.contiguous()
+    shape = tuple(x.shape)
+    lead, n, inner = math.prod(shape[:ax]), shape[ax], math.prod(shape[ax + 1 :])
+    bs = opts.block_size
+    n_blocks = -(-n // bs)
+    n_codes = -(-n // 2) if spec.bits == 4 else n
+    if nv:
+        if amax is None:
+            amax_t = tensor_amax(x)
+        else:
+            amax_t = torch.as_tensor(amax, device=x.device).to(torch.float32).reshape(())
+        consts: dict[str, object] = dict(
+            EMAX=2, MAXN=6.0, MAX_MANT=0, FILL_BITS=0, HAS_INF=False, HAS_NAN=False, NAN_BLOCK_CODE=0,
+            SATURATE=True, RCEIL=False, **_E2M1,
+        )  # fmt: skip
+    else:
+        amax_t = x
+        consts = dict(_format_constants(spec, opts))
+        consts.pop("AWAY")
+    sr = opts.rounding == "stochastic"
+    key = seed_key(opts.seed) if sr and opts.seed is not None else 0
+    out = codes = scales = x
+    bf16_bits = not encode and x.dtype == torch.bfloat16  # MX: exact values, truncate; NVFP4: round
+    if encode:
+        codes = torch.empty((*shape[:ax], n_codes, *shape[ax + 1 :]), dtype=torch.uint8, device=x.device)
+        scales = torch.empty((*shape[:ax], n_blocks, *shape[ax + 1 :]), dtype=torch.uint8, device=x.device)
+    else:
+        out = torch.empty_like(x)
+    out_arg = out.view(torch.int16) if bf16_bits else out
+    common = dict(
+        ENCODE=encode, NV=nv, SR=sr, KEY=key, WIDE=x.numel() >= 1 << 32, BF16_BITS=bf16_bits,
+        num_warps=_NUM_WARPS, **consts,
+    )  # fmt: skip
+    if inner == 1:
+        total = lead * n_blocks
+        g = max(1, _ELEMS_PER_PROGRAM // bs)
+        _lastaxis_kernel[(triton.cdiv(total, g),)](
+            x, out_arg, codes, scales, amax_t, total, n, n_blocks, n_codes, BS=bs, G=g, **common
+        )
+    else:
+        bk = max(1, min(triton.next_power_of_2(inner), _ELEMS_PER_PROGRAM // bs))
+        grid = (lead * n_blocks, triton.cdiv(inner, bk))
+        _inner_kernel[grid](
+            x, out_arg, codes, scales, amax_t, n, inner, n_blocks, n_codes, BS=bs, BK=bk, **common
+        )
+    if not encode:
+        return out
+    tensor_scale = None
+    if nv:
+        tensor_scale = torch.where(amax_t == 0, 1.0, amax_t / torch.tensor(2688.0, device=x.device))
+    return Encoded(
+        codes=codes, scales=scales, shape=shape, axis=ax, fmt=spec.name, block_size=bs,
+        tensor_scale=tensor_scale,
+    )  # fmt: skip
+
+
+def _resolved(x: torch.Tensor, fmt: str, opts: dict[str, object]) -> Options:
+    resolved = _options(x, fmt, **opts)
+    if resolved is None:
+        raise MegaquantError(
+            f"the NVFP4/stochastic-rounding kernels do not cover fmt={fmt!r} with {opts} on "
+            f"{x.device}/{x.dtype}; call megaquant.formats.fake_quant/encode (it falls back to the reference)"
+        )
+    return resolved
+
+
+def fake_quant(x: torch.Tensor, fmt: str, **opts: object) -> torch.Tensor:
+    """Kernel fake-quant with the contract's keywords; bit-identical to the reference. Needs supports()."""
+    out = _run(x, _resolved(x, fmt, opts), False, opts.get("amax"))
+    assert isinstance(out, torch.Tensor)
+    return out
+
+
+def encode(x: torch.Tensor, fmt: str, **opts: object) -> Encoded:
+    """Kernel encode with the contract's keywords; bit-identical to the reference. Needs supports()."""
+    enc = _run(x, _resolved(x, fmt, opts), True, opts.get("amax"))
+    assert isinstance(enc, Encoded)
+    return enc
