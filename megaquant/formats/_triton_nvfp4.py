@@ -381,7 +381,8 @@ def _run(x: torch.Tensor, opts: Options, encode: bool, amax: object) -> torch.Te
         return out
     tensor_scale = None
     if nv:
-        tensor_scale = torch.where(amax_t == 0, 1.0, amax_t / torch.tensor(2688.0, device=x.device))
+        ratio = amax_t / torch.full((), 2688.0, device=x.device)  # exact division (no reciprocal)
+        tensor_scale = torch.where(amax_t == 0, torch.ones_like(ratio), ratio)
     return Encoded(
         codes=codes, scales=scales, shape=shape, axis=ax, fmt=spec.name, block_size=bs,
         tensor_scale=tensor_scale,

@@ -3,7 +3,9 @@
 Two-level scaling as NVIDIA defines it (arXiv:2509.25149) and torchao implements it (`nvfp4_quantize`
 with a per-tensor scale), with the same fp32 operations in the same order, so the results are bit-exact
 with torchao's `NVFP4Tensor.to_nvfp4(x, per_tensor_scale=per_tensor_amax_to_scale(amax)).dequantize()`
-(every division is a correctly rounded fp32 division, as torchao's on the CPU). See docs/formats.md.
+(every division is a correctly rounded fp32 division, as torchao's on the CPU; divisors are device tensors,
+because CUDA torch turns a division by a Python number into a multiplication by its reciprocal). See
+docs/formats.md.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def tensor_scale(x32: torch.Tensor, amax: torch.Tensor | float | None) -> torch.
         a = x32.abs().amax() if x32.numel() else x32.new_zeros(())
     else:
         a = torch.as_tensor(amax, device=x32.device).to(torch.float32).reshape(())
-    s = a / torch.tensor(TENSOR_SCALE_DIVISOR, device=x32.device)
+    s = a / torch.full((), TENSOR_SCALE_DIVISOR, device=x32.device)  # a tensor: an exact division on GPUs
     return torch.where(a == 0, torch.ones_like(s), s)
 
 
@@ -63,7 +65,7 @@ def _quantize(
     ts = tensor_scale(x32, amax)
     blocks = blockify(x32, opts)
     dev = x32.device
-    block_scale = blocks.abs().amax(dim=-1) / torch.tensor(E2M1_MAX, device=dev)
+    block_scale = blocks.abs().amax(dim=-1) / torch.full((), E2M1_MAX, device=dev)
     scaled_scale = (block_scale / ts).clamp(E4M3_MIN_SCALE, E4M3_MAX)
     e4m3 = quantize_elements(scaled_scale, _E4M3, "even", True)
     reciprocal = torch.reciprocal(ts) / e4m3
