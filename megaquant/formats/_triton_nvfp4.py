@@ -19,7 +19,14 @@ import triton.language as tl
 
 from megaquant.errors import MegaquantError
 from megaquant.formats._random import M1, M2, seed_key
-from megaquant.formats._triton import _format_constants, _mx_codes, _pow2, _round_mag, _store_values
+from megaquant.formats._triton import (
+    _format_constants,
+    _mx_codes,
+    _mx_quant,
+    _pow2,
+    _round_mag,
+    _store_values,
+)
 from megaquant.formats.registry import Encoded, Options, resolve_options
 
 __all__ = ["encode", "fake_quant", "supports", "tensor_amax"]
@@ -106,14 +113,9 @@ def _mx_sr_tile(
     WIDE: tl.constexpr,
 ):
     """MX with stochastic element rounding: (q signed fp32 element values, e block exponents, 128 = NaN
-    block); the scale rule is _triton._mx_quant's."""
-    xbits = x.to(tl.int32, bitcast=True)
-    amax_bits = tl.max(xbits & 0x7FFFFFFF, axis=1)
-    e = (amax_bits >> 23) - 127 - EMAX
-    if RCEIL:
-        e = e + ((amax_bits & 0x7FFFFF) > MAX_MANT).to(tl.int32)
-    e = tl.maximum(e, -127)
-    e = tl.where(amax_bits < 0x7F800000, e, 128)
+    block). The scale rule is _triton._mx_quant's (called for e only; its rounded values are unused and
+    compiled away)."""
+    _, _, e = _mx_quant(x, EMAX, EMIN, MAN, MAXN, MAX_MANT, FILL_BITS, SATURATE, RCEIL, False)
     a = tl.abs(x * tl.expand_dims(_pow2(-tl.minimum(e, 127)), 1))
     k_biased = tl.maximum(a.to(tl.int32, bitcast=True) >> 23, EMIN + 127) - MAN
     r = _round_sr(a, k_biased, _uniform24(offs, KEY, WIDE))
@@ -121,7 +123,9 @@ def _mx_sr_tile(
         r = tl.minimum(r, MAXN)
     else:
         r = tl.where(r > MAXN, tl.full(r.shape, FILL_BITS, tl.int32).to(tl.float32, bitcast=True), r)
-    return (r.to(tl.int32, bitcast=True) | (xbits & -2147483648)).to(tl.float32, bitcast=True), e
+    return (r.to(tl.int32, bitcast=True) | (x.to(tl.int32, bitcast=True) & -2147483648)).to(
+        tl.float32, bitcast=True
+    ), e
 
 
 @triton.jit
