@@ -124,6 +124,28 @@ def _mx_sr_rows(copy_gbps: float) -> list[Row]:
     return rows
 
 
+def _tile_rows(copy_gbps: float) -> list[Row]:
+    """16x16 2-D weight scaling (block_2d=True), the NVFP4 paper's weight recipe, on the weight case."""
+    from megaquant.formats import fake_quant
+
+    case = next(c for c in CASES if c.name.startswith("weight"))
+    x = _rotation(case.shape, torch.bfloat16, seed=4)
+    n = x[0].numel()
+    fn = partial(fake_quant, fmt="nvfp4", block_2d=True, backend="triton")
+    got, want = fn(x[0]), fake_quant(x[0], "nvfp4", block_2d=True, backend="reference")
+    exact = "yes" if _same_bits(got, want) else "NO"
+    rows = []
+    ref = partial(fake_quant, fmt="nvfp4", block_2d=True, backend="reference")
+    for path, us, ok in (
+        ("block_2d fake_quant (graph)", _bench_graph(fn, x), exact),
+        ("block_2d eager torch reference", _bench(ref, x[:1]), "ref"),
+    ):
+        floor = 6 * n / copy_gbps / 1e3
+        rows.append(Row(case.name, "bfloat16", path, us, 6 * n / us / 1e3, floor, floor / us, ok))
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("."), help="folder for nvfp4_bench.md/.json")
@@ -149,6 +171,7 @@ def main() -> None:
     for name, shape, axis, dtype in cases[:1] if args.quick else cases:
         rows += _rows_for(name, _rotation(shape, dtype, seed=1), axis, copy_gbps)
         torch.cuda.empty_cache()
+    rows += _tile_rows(copy_gbps)
     rows += _mx_sr_rows(copy_gbps)
     lines = [
         header,

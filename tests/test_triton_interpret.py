@@ -16,6 +16,8 @@ pytest.importorskip("triton")
 
 def _check_all() -> int:
     """The comparisons (run in a child process with TRITON_INTERPRET=1 set before triton is imported)."""
+    import itertools
+
     import torch
 
     from megaquant.formats import _triton_nvfp4 as kernels
@@ -75,6 +77,23 @@ def _check_all() -> int:
                     what,
                 )
             n += 1
+    tiles = [
+        ("nvfp4", {}),
+        ("nvfp4", dict(rounding="stochastic", seed=2)),
+        ("mxfp8_e4m3", {}),
+        ("mxfp4_e2m1", dict(rounding="away", scale="rceil")),
+        ("mxfp4_e2m1", dict(rounding="stochastic", seed=4)),
+    ]
+    for (fmt, kw), (shape, dtype) in itertools.product(
+        tiles, [((40, 56), torch.float32), ((2, 20, 33), torch.bfloat16)]
+    ):
+        x = (torch.randn(shape, generator=g) * 4).to(dtype)
+        d = dict(axis=-1, block_size=None, scale="floor", rounding="even", saturate=True, preset=None)
+        d.update(kw)
+        opts = resolve_options(fmt, block_2d=True, **d)  # type: ignore[arg-type]
+        want = fake_quant(x, fmt, block_2d=True, **kw)  # type: ignore[arg-type]
+        same(kernels._run(x, opts, False, None), want, f"block_2d {fmt} {kw} {shape}")
+        n += 1
     opts = resolve_options(
         "nvfp4", axis=-1, block_size=None, scale="floor", rounding="even", saturate=True, preset=None
     )

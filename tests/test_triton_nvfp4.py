@@ -121,6 +121,25 @@ def test_large_tensor_many_programs(fmt: str) -> None:
         _check(x, fmt, axis=axis, **kw)
 
 
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+def test_block_2d_tiles(dtype: str) -> None:
+    """Tiles over the last two axes (ragged edges, batch dims); fake_quant in the kernel, encode by the
+    reference (so _check also compares the kernel module's encode with the reference's)."""
+    tiles = [
+        ("nvfp4", {}),
+        ("nvfp4", dict(rounding="stochastic", seed=8)),
+        ("nvfp4", dict(block_size=32)),
+        ("mxfp8_e4m3", {}),
+        ("mxfp8_e5m2", dict(scale="rceil", saturate=False)),
+        ("mxfp4_e2m1", dict(rounding="away")),
+        ("mxfp4_e2m1", dict(rounding="stochastic", seed=5, block_size=16)),
+    ]
+    for (fmt, kw), shape in itertools.product(tiles, [(96, 160), (70, 45), (3, 33, 64), (1024, 512)]):
+        x = _inputs(shape, DTYPES[dtype], seed=zlib.crc32(f"{fmt}{kw}{shape}".encode()))
+        _check(x, fmt, block_2d=True, **kw)
+        _check(x, fmt, block_2d=True, axis=-2, **kw)
+
+
 def test_tensor_amax_pass() -> None:
     x = _inputs((333, 777), torch.bfloat16, seed=4).cuda()
     assert kernels.tensor_amax(x).item() == x.float().abs().amax().item()
@@ -134,7 +153,8 @@ def test_supports_refuses_what_it_does_not_cover() -> None:
     assert kernels.supports(x, "nvfp4", axis=0, rounding="stochastic", seed=1)
     assert not kernels.supports(x, "mxfp8_e4m3")  # round-to-nearest MX: formats._triton
     assert not kernels.supports(x, "hifp8", rounding="stochastic", seed=1)  # reference only
-    assert not kernels.supports(x, "nvfp4", block_2d=True)  # reference only
+    assert kernels.supports(x, "nvfp4", block_2d=True) and kernels.supports(x, "mxfp8_e4m3", block_2d=True)
+    assert not kernels.supports(x[0], "nvfp4", block_2d=True)  # 1-d: the reference raises the error
     assert not kernels.supports(x.cpu(), "nvfp4")
     assert not kernels.supports(x.double(), "nvfp4")
     assert not kernels.supports(x, "nvfp4", block_size=24)

@@ -25,6 +25,7 @@ from megaquant.formats._triton import (
     _mx_quant,
     _pow2,
     _round_mag,
+    _signed,
     _store_values,
 )
 from megaquant.formats.registry import Encoded, Options, resolve_options
@@ -35,7 +36,9 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _ELEMS_PER_PROGRAM = 2048
 _NUM_WARPS = 4
 _AMAX_BLOCK = 4096
-_KEYWORDS = frozenset(("axis", "block_size", "scale", "rounding", "saturate", "preset", "seed", "amax"))
+_KEYWORDS = frozenset(
+    ("axis", "block_size", "scale", "rounding", "saturate", "preset", "seed", "amax", "block_2d")
+)
 _E2M1 = dict(EMIN=0, MAN=1, BIAS=1, BITS=4, EXP_BITS=2, SUB_SCALE=2.0)
 
 
@@ -164,14 +167,21 @@ def _scale_codes(e, e4m3, NV: tl.constexpr):
 def _quant(
     x, offs, amax_ptr, NV: tl.constexpr, SR: tl.constexpr, KEY: tl.constexpr, WIDE: tl.constexpr,
     EMAX: tl.constexpr, EMIN: tl.constexpr, MAN: tl.constexpr, MAXN: tl.constexpr, MAX_MANT: tl.constexpr,
-    FILL_BITS: tl.constexpr, SATURATE: tl.constexpr, RCEIL: tl.constexpr,
+    FILL_BITS: tl.constexpr, SATURATE: tl.constexpr, RCEIL: tl.constexpr, AWAY: tl.constexpr,
 ):  # fmt: skip
-    """(q, e, e4m3, ts) for either format; the unused ones are placeholders."""
+    """(q, e, e4m3, ts) for NVFP4, MX stochastic or MX nearest (_triton._mx_quant, used by the 2-D tiles);
+    the ones a format does not have are placeholders."""
     if NV:
         q, e4m3, ts = _nv_tile(x, offs, tl.load(amax_ptr), SR, KEY, WIDE)
         e = e4m3.to(tl.int32, bitcast=True) * 0
     else:
-        q, e = _mx_sr_tile(x, offs, EMAX, EMIN, MAN, MAXN, MAX_MANT, FILL_BITS, SATURATE, RCEIL, KEY, WIDE)
+        if SR:
+            q, e = _mx_sr_tile(
+                x, offs, EMAX, EMIN, MAN, MAXN, MAX_MANT, FILL_BITS, SATURATE, RCEIL, KEY, WIDE
+            )
+        else:
+            r, sign, e = _mx_quant(x, EMAX, EMIN, MAN, MAXN, MAX_MANT, FILL_BITS, SATURATE, RCEIL, AWAY)
+            q = _signed(r, sign)
         e4m3 = e.to(tl.float32)
         ts = 1.0
     return q, e, e4m3, ts
@@ -197,7 +207,7 @@ def _lastaxis_kernel(
     BIAS: tl.constexpr, BITS: tl.constexpr, EXP_BITS: tl.constexpr, MAXN: tl.constexpr,
     MAX_MANT: tl.constexpr, FILL_BITS: tl.constexpr, HAS_INF: tl.constexpr, HAS_NAN: tl.constexpr,
     NAN_BLOCK_CODE: tl.constexpr, SUB_SCALE: tl.constexpr, SATURATE: tl.constexpr, RCEIL: tl.constexpr,
-    BF16_BITS: tl.constexpr,
+    AWAY: tl.constexpr, BF16_BITS: tl.constexpr,
 ):  # fmt: skip
     """x viewed as (rows, n), blocks of BS along n (the last one may be short); G blocks per program."""
     blk = tl.program_id(0).to(tl.int64) * G + tl.arange(0, G)
@@ -208,7 +218,22 @@ def _lastaxis_kernel(
     offs = row[:, None] * n + col
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     q, e, e4m3, ts = _quant(
-        x, offs, amax_ptr, NV, SR, KEY, WIDE, EMAX, EMIN, MAN, MAXN, MAX_MANT, FILL_BITS, SATURATE, RCEIL
+        x,
+        offs,
+        amax_ptr,
+        NV,
+        SR,
+        KEY,
+        WIDE,
+        EMAX,
+        EMIN,
+        MAN,
+        MAXN,
+        MAX_MANT,
+        FILL_BITS,
+        SATURATE,
+        RCEIL,
+        AWAY,
     )
     if ENCODE:
         codes = _mx_codes(q, e, EMIN, MAN, BIAS, BITS, EXP_BITS, HAS_INF, HAS_NAN, NAN_BLOCK_CODE, SUB_SCALE)
@@ -234,7 +259,7 @@ def _inner_kernel(
     BIAS: tl.constexpr, BITS: tl.constexpr, EXP_BITS: tl.constexpr, MAXN: tl.constexpr,
     MAX_MANT: tl.constexpr, FILL_BITS: tl.constexpr, HAS_INF: tl.constexpr, HAS_NAN: tl.constexpr,
     NAN_BLOCK_CODE: tl.constexpr, SUB_SCALE: tl.constexpr, SATURATE: tl.constexpr, RCEIL: tl.constexpr,
-    BF16_BITS: tl.constexpr,
+    AWAY: tl.constexpr, BF16_BITS: tl.constexpr,
 ):  # fmt: skip
     """x viewed as (lead, n, inner), blocks of BS along n; one block x BK columns per program, as a
     (1, BS, BK) tile reduced over axis 1 (the layout of _triton._mx_inner_kernel)."""
@@ -249,7 +274,7 @@ def _inner_kernel(
     x = tl.expand_dims(tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32), 0)
     q, e, e4m3, ts = _quant(
         x, tl.expand_dims(offs, 0), amax_ptr, NV, SR, KEY, WIDE, EMAX, EMIN, MAN, MAXN, MAX_MANT, FILL_BITS,
-        SATURATE, RCEIL,
+        SATURATE, RCEIL, AWAY,
     )  # fmt: skip
     if ENCODE:
         codes = _mx_codes(q, e, EMIN, MAN, BIAS, BITS, EXP_BITS, HAS_INF, HAS_NAN, NAN_BLOCK_CODE, SUB_SCALE)
@@ -272,6 +297,52 @@ def _inner_kernel(
         _store_values(out_ptr, offs, tl.reshape(_dequant(q, e, e4m3, ts, NV), (BS, BK)), mask, BF16_BITS)
 
 
+@triton.jit
+def _tiles_kernel(
+    x_ptr, out_ptr, amax_ptr, m, k, n_mb,
+    BS: tl.constexpr, T: tl.constexpr, NV: tl.constexpr, SR: tl.constexpr, KEY: tl.constexpr,
+    WIDE: tl.constexpr, EMAX: tl.constexpr, EMIN: tl.constexpr, MAN: tl.constexpr, MAXN: tl.constexpr,
+    MAX_MANT: tl.constexpr, FILL_BITS: tl.constexpr, SATURATE: tl.constexpr, RCEIL: tl.constexpr,
+    AWAY: tl.constexpr, BF16_BITS: tl.constexpr,
+):  # fmt: skip
+    """block_2d fake-quant: x viewed as (lead, m, k), BS x BS tiles over the last two axes, T tiles along k
+    per program. The (BS, T*BS) tile of rows is permuted to (T, BS*BS), so each tile is one block of BS*BS
+    lanes (its amax is the tile's) and every lane keeps its element's address and index."""
+    pid = tl.program_id(0).to(tl.int64)
+    lead = pid // n_mb
+    i = (pid % n_mb) * BS + tl.arange(0, BS)
+    j = tl.program_id(1).to(tl.int64) * (T * BS) + tl.arange(0, T * BS)
+    ii = i[:, None] + j[None, :] * 0
+    jj = j[None, :] + i[:, None] * 0
+    ii = tl.reshape(tl.permute(tl.reshape(ii, (BS, T, BS)), (1, 0, 2)), (T, BS * BS))
+    jj = tl.reshape(tl.permute(tl.reshape(jj, (BS, T, BS)), (1, 0, 2)), (T, BS * BS))
+    mask = (ii < m) & (jj < k)
+    offs = lead * m * k + ii * k + jj
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    q, e, e4m3, ts = _quant(
+        x,
+        offs,
+        amax_ptr,
+        NV,
+        SR,
+        KEY,
+        WIDE,
+        EMAX,
+        EMIN,
+        MAN,
+        MAXN,
+        MAX_MANT,
+        FILL_BITS,
+        SATURATE,
+        RCEIL,
+        AWAY,
+    )
+    if NV:
+        _store_rounded(out_ptr, offs, _dequant(q, e, e4m3, ts, NV), mask, BF16_BITS)
+    else:
+        _store_values(out_ptr, offs, _dequant(q, e, e4m3, ts, NV), mask, BF16_BITS)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Python side
 
@@ -279,21 +350,23 @@ def _inner_kernel(
 @functools.lru_cache(maxsize=1024)
 def _resolve(
     fmt: str, axis: int, block_size: int, scale: str, rounding: str, saturate: bool, preset: str | None,
-    seed: int | None,
+    seed: int | None, block_2d: bool,
 ) -> Options | None:  # fmt: skip
     try:
         opts = resolve_options(
             fmt, axis=axis, block_size=block_size, scale=scale, rounding=rounding, saturate=saturate,
-            preset=preset, seed=seed,
+            preset=preset, seed=seed, block_2d=block_2d,
         )  # fmt: skip
     except (MegaquantError, TypeError):
         return None
-    if not opts.fmt.block_scaled or (opts.fmt.block_scale == "e8m0" and opts.rounding != "stochastic"):
-        return None  # HiF8, and MX round-to-nearest (formats._triton serves that)
+    if not opts.fmt.block_scaled:
+        return None  # HiF8
+    if opts.fmt.block_scale == "e8m0" and opts.rounding != "stochastic" and not opts.block_2d:
+        return None  # MX round-to-nearest in 1-d blocks: formats._triton serves it
     if opts.rounding == "away" and opts.fmt.block_scale == "e4m3":
         return None
     bs = opts.block_size
-    if bs < 2 or bs > 256 or bs & (bs - 1):
+    if bs < 2 or bs > (64 if opts.block_2d else 256) or bs & (bs - 1):
         return None
     return opts
 
@@ -303,7 +376,7 @@ def _options(x: torch.Tensor, fmt: str, **opts: object) -> Options | None:
         return None
     key = [opts.get(k, d) for k, d in (("axis", -1), ("block_size", None), ("scale", "floor"),
                                        ("rounding", "even"), ("saturate", True), ("preset", None),
-                                       ("seed", None))]  # fmt: skip
+                                       ("seed", None), ("block_2d", False))]  # fmt: skip
     if not isinstance(key[0], int) or not (key[1] is None or isinstance(key[1], int)):
         return None
     try:
@@ -312,6 +385,8 @@ def _options(x: torch.Tensor, fmt: str, **opts: object) -> Options | None:
         return None
     if resolved is None or not -x.dim() <= resolved.axis < x.dim():
         return None
+    if resolved.block_2d and (x.dim() < 2 or resolved.axis % x.dim() < x.dim() - 2):
+        return None  # the reference raises the error
     if "amax" in opts and resolved.fmt.block_scale != "e4m3":
         return None
     return resolved
@@ -320,7 +395,8 @@ def _options(x: torch.Tensor, fmt: str, **opts: object) -> Options | None:
 def supports(x: torch.Tensor, fmt: str, **opts: object) -> bool:
     """True when these kernels serve fake_quant/encode(x, fmt, **opts): a CUDA bf16/fp16/fp32 tensor,
     nvfp4 (round-to-nearest-even or stochastic, tensor amax computed or given) or an MX format with
-    rounding="stochastic", power-of-two blocks (2..256) along any axis. Not covered: block_2d."""
+    rounding="stochastic", power-of-two blocks (2..256) along any axis; block_2d tiles (2..64) for nvfp4
+    and every MX rounding (fake_quant in the kernel; encode of tiles falls back to the reference)."""
     return _options(x, fmt, **opts) is not None
 
 
@@ -349,12 +425,11 @@ def _run(x: torch.Tensor, opts: Options, encode: bool, amax: object) -> torch.Te
             amax_t = torch.as_tensor(amax, device=x.device).to(torch.float32).reshape(())
         consts: dict[str, object] = dict(
             EMAX=2, MAXN=6.0, MAX_MANT=0, FILL_BITS=0, HAS_INF=False, HAS_NAN=False, NAN_BLOCK_CODE=0,
-            SATURATE=True, RCEIL=False, **_E2M1,
+            SATURATE=True, RCEIL=False, AWAY=False, **_E2M1,
         )  # fmt: skip
     else:
         amax_t = x
         consts = dict(_format_constants(spec, opts))
-        consts.pop("AWAY")
     sr = opts.rounding == "stochastic"
     key = seed_key(opts.seed) if sr and opts.seed is not None else 0
     out = codes = scales = x
@@ -369,7 +444,25 @@ def _run(x: torch.Tensor, opts: Options, encode: bool, amax: object) -> torch.Te
         ENCODE=encode, NV=nv, SR=sr, KEY=key, WIDE=x.numel() >= 1 << 32, BF16_BITS=bf16_bits,
         num_warps=_NUM_WARPS, **consts,
     )  # fmt: skip
-    if inner == 1:
+    if opts.block_2d:
+        assert not encode
+        m, k = shape[-2], shape[-1]
+        n_mb = -(-m // bs)
+        t = max(1, min(_ELEMS_PER_PROGRAM // (bs * bs), triton.next_power_of_2(-(-k // bs))))
+        for name in (
+            "ENCODE",
+            "HAS_INF",
+            "HAS_NAN",
+            "NAN_BLOCK_CODE",
+            "SUB_SCALE",
+            "BIAS",
+            "BITS",
+            "EXP_BITS",
+        ):
+            common.pop(name)
+        grid2 = (math.prod(shape[:-2]) * n_mb, triton.cdiv(k, t * bs))
+        _tiles_kernel[grid2](x, out_arg, amax_t, m, k, n_mb, BS=bs, T=t, **common)
+    elif inner == 1:
         total = lead * n_blocks
         g = max(1, _ELEMS_PER_PROGRAM // bs)
         _lastaxis_kernel[(triton.cdiv(total, g),)](
@@ -411,7 +504,13 @@ def fake_quant(x: torch.Tensor, fmt: str, **opts: object) -> torch.Tensor:
 
 
 def encode(x: torch.Tensor, fmt: str, **opts: object) -> Encoded:
-    """Kernel encode with the contract's keywords; bit-identical to the reference. Needs supports()."""
-    enc = _run(x, _resolved(x, fmt, opts), True, opts.get("amax"))
+    """Kernel encode with the contract's keywords; bit-identical to the reference. Needs supports().
+    block_2d tiles are encoded by the reference (the kernels fake-quantize them)."""
+    resolved = _resolved(x, fmt, opts)
+    if resolved.block_2d:
+        from megaquant.formats import encode as reference_encode
+
+        return reference_encode(x, fmt, backend="reference", **opts)  # type: ignore[arg-type]
+    enc = _run(x, resolved, True, opts.get("amax"))
     assert isinstance(enc, Encoded)
     return enc
