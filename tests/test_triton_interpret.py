@@ -37,7 +37,7 @@ def _check_all() -> int:
         )
 
     g = torch.Generator().manual_seed(0)
-    specials = torch.tensor([0.0, -0.0, 1e-40, 448.0, 6.0, 2.5, 0.25, 3e38, -7.0, 1.5e-5])
+    specials = torch.tensor([0.0, -0.0, 1e-40, 448.0, 6.0, 2.5, 0.25, 3e38, -7.0, 1.5e-5, 40000.0, 2.0**-23])
     cases = [
         ("nvfp4", {}),
         ("nvfp4", dict(rounding="stochastic", seed=5)),
@@ -45,6 +45,8 @@ def _check_all() -> int:
         ("mxfp4_e2m1", dict(rounding="stochastic", seed=9)),
         ("mxfp8_e4m3", dict(rounding="stochastic", seed=(1 << 40) + 3, scale="rceil")),
         ("mxfp8_e5m2", dict(rounding="stochastic", seed=1, saturate=False)),
+        ("hifp8", dict(rounding="stochastic", seed=6, saturate=False)),
+        ("hifp8", dict(rounding="stochastic", seed=7, preset="fork")),
     ]
     n = 0
     layouts = [((6, 48), -1), ((3, 40, 5), -2), ((4, 20), 0), ((37,), -1)]
@@ -55,6 +57,8 @@ def _check_all() -> int:
         flat = x.view(-1)
         idx = torch.randint(0, flat.numel(), (len(specials),), generator=g)
         flat[idx] = specials
+        if dtype == torch.bfloat16:  # the interpreter's bf16 -> fp32 load mangles subnormals (GPUs do not)
+            x = torch.where(x.abs() < 2.0**-126, 0.0, x)
         x = x.to(dtype)
         for fmt, kw in cases:
             d: dict = dict(axis=axis, block_size=None, scale="floor", rounding="even", saturate=True,
@@ -66,7 +70,8 @@ def _check_all() -> int:
             got, want = kernels._run(x, opts, True, None), encode(x, fmt, axis=axis, **kw)
             assert isinstance(got, type(want))
             same(got.codes, want.codes, what + " codes")  # type: ignore[union-attr]
-            same(got.scales, want.scales, what + " scales")  # type: ignore[union-attr,arg-type]
+            if want.scales is not None:  # type: ignore[union-attr]
+                same(got.scales, want.scales, what + " scales")  # type: ignore[union-attr,arg-type]
             if fmt == "nvfp4":
                 ts_got, ts_want = got.tensor_scale, want.tensor_scale  # type: ignore[union-attr]
                 same(ts_got, ts_want, what + " tensor scale")

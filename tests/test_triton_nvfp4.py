@@ -18,7 +18,8 @@ pytestmark = [
 kernels = pytest.importorskip("megaquant.formats._triton_nvfp4", reason="needs triton")
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-SPECIALS = [0.0, -0.0, 1e-40, -3e-39, 2.0**-130, 448.0, 6.0, 7.0, 2.5, 0.25, 1.5e-5, 3.0, -5.0, 65504.0]
+SPECIALS = [0.0, -0.0, 1e-40, -3e-39, 2.0**-130, 448.0, 6.0, 7.0, 2.5, 0.25, 1.5e-5, 3.0, -5.0, 65504.0,
+            40000.0, 2.0**-23, 1.0625]  # fmt: skip
 LAYOUTS = [((37, 96), -1), ((5, 70), -1), ((3, 67, 20), -2), ((2, 64, 3), -2), ((4, 96), 0), ((129,), -1)]
 CASES = [
     ("nvfp4", {}),
@@ -31,6 +32,9 @@ CASES = [
     ("mxfp8_e4m3", dict(rounding="stochastic", seed=4, scale="rceil", saturate=False)),
     ("mxfp8_e5m2", dict(rounding="stochastic", seed=5, saturate=False)),
     ("mxfp8_e5m2", dict(rounding="stochastic", seed=5, preset="fork")),
+    ("hifp8", dict(rounding="stochastic", seed=6)),
+    ("hifp8", dict(rounding="stochastic", seed=6, saturate=False)),
+    ("hifp8", dict(rounding="stochastic", seed=7, preset="fork")),
 ]
 
 
@@ -78,8 +82,11 @@ def _check(x_cpu: torch.Tensor, fmt: str, **kw: object) -> None:
     got = encode(x, fmt, backend="triton", **kw)  # type: ignore[arg-type]
     assert (got.shape, got.axis, got.fmt, got.block_size) == (ref.shape, ref.axis, ref.fmt, ref.block_size)
     _assert_bit_equal(got.codes, ref.codes)
-    assert got.scales is not None and ref.scales is not None
-    _assert_bit_equal(got.scales, ref.scales)
+    if ref.scales is None:
+        assert got.scales is None
+    else:
+        assert got.scales is not None
+        _assert_bit_equal(got.scales, ref.scales)
     if ref.tensor_scale is not None:
         assert got.tensor_scale is not None
         _assert_bit_equal(got.tensor_scale, ref.tensor_scale)
@@ -152,7 +159,8 @@ def test_supports_refuses_what_it_does_not_cover() -> None:
     assert kernels.supports(x, "nvfp4")
     assert kernels.supports(x, "nvfp4", axis=0, rounding="stochastic", seed=1)
     assert not kernels.supports(x, "mxfp8_e4m3")  # round-to-nearest MX: formats._triton
-    assert not kernels.supports(x, "hifp8", rounding="stochastic", seed=1)  # reference only
+    assert kernels.supports(x, "hifp8", rounding="stochastic", seed=1)
+    assert not kernels.supports(x, "hifp8", rounding="stochastic", seed=1, tensor_scale=True)  # reference
     assert kernels.supports(x, "nvfp4", block_2d=True) and kernels.supports(x, "mxfp8_e4m3", block_2d=True)
     assert not kernels.supports(x[0], "nvfp4", block_2d=True)  # 1-d: the reference raises the error
     assert not kernels.supports(x.cpu(), "nvfp4")
@@ -164,6 +172,6 @@ def test_supports_refuses_what_it_does_not_cover() -> None:
         fake_quant(x, "nvfp4", block_2d=True), fake_quant(x.cpu(), "nvfp4", block_2d=True).cuda()
     )
     _assert_bit_equal(
-        fake_quant(x, "hifp8", rounding="stochastic", seed=3),
-        fake_quant(x.cpu(), "hifp8", rounding="stochastic", seed=3).cuda(),
+        fake_quant(x, "hifp8", rounding="stochastic", seed=3, tensor_scale=True),
+        fake_quant(x.cpu(), "hifp8", rounding="stochastic", seed=3, tensor_scale=True).cuda(),
     )

@@ -1,5 +1,5 @@
-"""Triton kernels for NVFP4 fake-quant and encode (round-to-nearest or stochastic) and for stochastic
-rounding of the MX formats; bit-exact with the torch reference (megaquant.formats.nvfp4 / .mx).
+"""Triton kernels for NVFP4 fake-quant and encode (round-to-nearest or stochastic), stochastic rounding
+of MX and HiF8, and 2-D tiles; bit-exact with the torch reference (megaquant.formats.nvfp4 / .mx / .hif8).
 
 NVFP4 takes two passes over x: the tensor amax (an integer max of |x|'s bits, one atomic per program),
 then the quantize pass, which derives the tensor scale from the amax in every program. Stochastic
@@ -20,13 +20,16 @@ import triton.language as tl
 from megaquant.errors import MegaquantError
 from megaquant.formats._random import M1, M2, seed_key
 from megaquant.formats._triton import (
+    _HIF8_MB_TABLE,
     _format_constants,
+    _hif8_codes,
     _mx_codes,
     _mx_quant,
     _pow2,
     _round_mag,
     _signed,
     _store_values,
+    _with_sign_of,
 )
 from megaquant.formats.registry import Encoded, Options, resolve_options
 
@@ -343,6 +346,37 @@ def _tiles_kernel(
         _store_values(out_ptr, offs, _dequant(q, e, e4m3, ts, NV), mask, BF16_BITS)
 
 
+@triton.jit
+def _hif8_sr_kernel(
+    x_ptr, out_ptr, numel, BLOCK: tl.constexpr, ENCODE: tl.constexpr, SATURATE: tl.constexpr,
+    FORK: tl.constexpr, MB_TABLE: tl.constexpr, BF16_BITS: tl.constexpr, KEY: tl.constexpr,
+    WIDE: tl.constexpr,
+):  # fmt: skip
+    """HiF8 with stochastic rounding, per element, as hif8.quantize_hif8 with uniforms: the step of x's
+    binade e is 2^k, k = max(e - mb(|e|), -22) (mb from MB_TABLE as in _triton._hif8_quant; |x| capped at
+    2^16, whose step 2^16 overflows either way); +0 for zero, NaN kept."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    a = tl.minimum(tl.abs(x), 65536.0, propagate_nan=tl.PropagateNan.ALL)
+    if FORK:
+        clamped = tl.minimum(tl.maximum(a, 2.384185791015625e-07), 31129.599609375)
+        a = tl.where((a == 0) | (a != a), a, clamped)
+    eb = (a.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    ae = tl.abs(eb - 127)
+    man_bits = (MB_TABLE >> tl.minimum(ae + ae, 31)) & 3
+    r = _round_sr(a, tl.maximum(eb - man_bits, 127 - 22), _uniform24(offs, KEY, WIDE))
+    if SATURATE:
+        r = tl.minimum(r, 32768.0, propagate_nan=tl.PropagateNan.ALL)
+    else:
+        r = tl.where(r > 32768.0, tl.full(r.shape, 0x7F800000, tl.int32).to(tl.float32, bitcast=True), r)
+    q = _with_sign_of(r, x) + 0.0
+    if ENCODE:
+        tl.store(out_ptr + offs, _hif8_codes(q).to(tl.uint8), mask=mask)
+    else:
+        _store_values(out_ptr, offs, q, mask, BF16_BITS)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Python side
 
@@ -360,7 +394,7 @@ def _resolve(
     except (MegaquantError, TypeError):
         return None
     if not opts.fmt.block_scaled:
-        return None  # HiF8
+        return opts if opts.rounding == "stochastic" and not opts.tensor_scale else None  # HiF8
     if opts.fmt.block_scale == "e8m0" and opts.rounding != "stochastic" and not opts.block_2d:
         return None  # MX round-to-nearest in 1-d blocks: formats._triton serves it
     if opts.rounding == "away" and opts.fmt.block_scale == "e4m3":
@@ -369,6 +403,22 @@ def _resolve(
     if bs < 2 or bs > (64 if opts.block_2d else 256) or bs & (bs - 1):
         return None
     return opts
+
+
+def _hif8_sr(x: torch.Tensor, opts: Options, encode: bool) -> torch.Tensor | Encoded:
+    assert opts.seed is not None
+    xc = x.contiguous()
+    out = torch.empty(xc.shape, dtype=torch.uint8 if encode else x.dtype, device=x.device)
+    bf16_bits = not encode and x.dtype == torch.bfloat16
+    _hif8_sr_kernel[(triton.cdiv(xc.numel(), _ELEMS_PER_PROGRAM),)](
+        xc, out.view(torch.int16) if bf16_bits else out, xc.numel(), BLOCK=_ELEMS_PER_PROGRAM, ENCODE=encode,
+        SATURATE=opts.saturate, FORK=opts.fork_clamp, MB_TABLE=_HIF8_MB_TABLE, BF16_BITS=bf16_bits,
+        KEY=seed_key(opts.seed), WIDE=xc.numel() >= 1 << 32, num_warps=_NUM_WARPS,
+    )  # fmt: skip
+    if not encode:
+        return out
+    return Encoded(codes=out, scales=None, shape=tuple(x.shape), axis=opts.axis % x.dim(), fmt="hifp8",
+                   block_size=1)  # fmt: skip
 
 
 def _options(x: torch.Tensor, fmt: str, **opts: object) -> Options | None:
@@ -396,7 +446,8 @@ def supports(x: torch.Tensor, fmt: str, **opts: object) -> bool:
     """True when these kernels serve fake_quant/encode(x, fmt, **opts): a CUDA bf16/fp16/fp32 tensor,
     nvfp4 (round-to-nearest-even or stochastic, tensor amax computed or given) or an MX format with
     rounding="stochastic", power-of-two blocks (2..256) along any axis; block_2d tiles (2..64) for nvfp4
-    and every MX rounding (fake_quant in the kernel; encode of tiles falls back to the reference)."""
+    and every MX rounding (fake_quant in the kernel; encode of tiles falls back to the reference); HiF8
+    with rounding="stochastic" (without tensor_scale)."""
     return _options(x, fmt, **opts) is not None
 
 
@@ -410,6 +461,8 @@ def tensor_amax(x: torch.Tensor) -> torch.Tensor:
 
 def _run(x: torch.Tensor, opts: Options, encode: bool, amax: object) -> torch.Tensor | Encoded:
     spec = opts.fmt
+    if not spec.block_scaled:
+        return _hif8_sr(x, opts, encode)
     nv = spec.block_scale == "e4m3"
     ax = opts.axis % x.dim()
     x = x.contiguous()
