@@ -60,9 +60,9 @@ def _hash32(x):
 
 
 @triton.jit
-def _uniform24(offs, KEY: tl.constexpr, WIDE: tl.constexpr):
+def _uniform24(offs, key, WIDE: tl.constexpr):
     """formats._random.uniform24 for int64 element indices `offs`: multiples of 2^-24 in [0, 1)."""
-    h = _hash32((offs & 0xFFFFFFFF).to(tl.uint32) ^ KEY)
+    h = _hash32((offs & 0xFFFFFFFF).to(tl.uint32) ^ key)  # int32 key: promoted to uint32, same bits
     if WIDE:
         high = (offs >> 32).to(tl.uint32)
         h = tl.where(high != 0, _hash32(h ^ high), h)
@@ -79,7 +79,7 @@ def _round_sr(a, k_biased, u):
 
 
 @triton.jit
-def _nv_tile(x, offs, amax, SR: tl.constexpr, KEY: tl.constexpr, WIDE: tl.constexpr):
+def _nv_tile(x, offs, amax, SR: tl.constexpr, key, WIDE: tl.constexpr):
     """NVFP4 of a tile whose blocks run along axis 1: (q, e4m3, ts) with q the signed E2M1 values (fp32,
     before scaling), e4m3 the block scales (reduced over axis 1) and ts the tensor scale, each step the
     reference's fp32 operation (IEEE divisions via div_rn; clamps that keep NaN)."""
@@ -96,7 +96,7 @@ def _nv_tile(x, offs, amax, SR: tl.constexpr, KEY: tl.constexpr, WIDE: tl.conste
     a = tl.abs(s)
     k_biased = tl.maximum(a.to(tl.int32, bitcast=True) >> 23, 127) - 1
     if SR:  # noqa: SIM108  (a constexpr branch: only one side is compiled)
-        q = _round_sr(a, k_biased, _uniform24(offs, KEY, WIDE))
+        q = _round_sr(a, k_biased, _uniform24(offs, key, WIDE))
     else:
         q = _round_mag(a, k_biased, False)
     sign = s.to(tl.int32, bitcast=True) & -2147483648
@@ -115,7 +115,7 @@ def _mx_sr_tile(
     FILL_BITS: tl.constexpr,
     SATURATE: tl.constexpr,
     RCEIL: tl.constexpr,
-    KEY: tl.constexpr,
+    key,
     WIDE: tl.constexpr,
 ):
     """MX with stochastic element rounding: (q signed fp32 element values, e block exponents, 128 = NaN
@@ -124,7 +124,7 @@ def _mx_sr_tile(
     _, _, e = _mx_quant(x, EMAX, EMIN, MAN, MAXN, MAX_MANT, FILL_BITS, SATURATE, RCEIL, False)
     a = tl.abs(x * tl.expand_dims(_pow2(-tl.minimum(e, 127)), 1))
     k_biased = tl.maximum(a.to(tl.int32, bitcast=True) >> 23, EMIN + 127) - MAN
-    r = _round_sr(a, k_biased, _uniform24(offs, KEY, WIDE))
+    r = _round_sr(a, k_biased, _uniform24(offs, key, WIDE))
     if SATURATE:
         r = tl.minimum(r, MAXN)
     else:
@@ -168,19 +168,19 @@ def _scale_codes(e, e4m3, NV: tl.constexpr):
 
 @triton.jit
 def _quant(
-    x, offs, amax_ptr, NV: tl.constexpr, SR: tl.constexpr, KEY: tl.constexpr, WIDE: tl.constexpr,
+    x, offs, amax_ptr, NV: tl.constexpr, SR: tl.constexpr, key, WIDE: tl.constexpr,
     EMAX: tl.constexpr, EMIN: tl.constexpr, MAN: tl.constexpr, MAXN: tl.constexpr, MAX_MANT: tl.constexpr,
     FILL_BITS: tl.constexpr, SATURATE: tl.constexpr, RCEIL: tl.constexpr, AWAY: tl.constexpr,
 ):  # fmt: skip
     """(q, e, e4m3, ts) for NVFP4, MX stochastic or MX nearest (_triton._mx_quant, used by the 2-D tiles);
     the ones a format does not have are placeholders."""
     if NV:
-        q, e4m3, ts = _nv_tile(x, offs, tl.load(amax_ptr), SR, KEY, WIDE)
+        q, e4m3, ts = _nv_tile(x, offs, tl.load(amax_ptr), SR, key, WIDE)
         e = e4m3.to(tl.int32, bitcast=True) * 0
     else:
         if SR:
             q, e = _mx_sr_tile(
-                x, offs, EMAX, EMIN, MAN, MAXN, MAX_MANT, FILL_BITS, SATURATE, RCEIL, KEY, WIDE
+                x, offs, EMAX, EMIN, MAN, MAXN, MAX_MANT, FILL_BITS, SATURATE, RCEIL, key, WIDE
             )
         else:
             r, sign, e = _mx_quant(x, EMAX, EMIN, MAN, MAXN, MAX_MANT, FILL_BITS, SATURATE, RCEIL, AWAY)
@@ -202,11 +202,11 @@ def _amax_kernel(x_ptr, out_ptr, numel, BLOCK: tl.constexpr):
     tl.atomic_max(out_ptr, tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["key"])
 def _lastaxis_kernel(
     x_ptr, out_ptr, codes_ptr, scales_ptr, amax_ptr, total_blocks, n, n_blocks, n_packed,
     BS: tl.constexpr, G: tl.constexpr, ENCODE: tl.constexpr, NV: tl.constexpr, SR: tl.constexpr,
-    KEY: tl.constexpr, WIDE: tl.constexpr, EMAX: tl.constexpr, EMIN: tl.constexpr, MAN: tl.constexpr,
+    key, WIDE: tl.constexpr, EMAX: tl.constexpr, EMIN: tl.constexpr, MAN: tl.constexpr,
     BIAS: tl.constexpr, BITS: tl.constexpr, EXP_BITS: tl.constexpr, MAXN: tl.constexpr,
     MAX_MANT: tl.constexpr, FILL_BITS: tl.constexpr, HAS_INF: tl.constexpr, HAS_NAN: tl.constexpr,
     NAN_BLOCK_CODE: tl.constexpr, SUB_SCALE: tl.constexpr, SATURATE: tl.constexpr, RCEIL: tl.constexpr,
@@ -226,7 +226,7 @@ def _lastaxis_kernel(
         amax_ptr,
         NV,
         SR,
-        KEY,
+        key,
         WIDE,
         EMAX,
         EMIN,
@@ -254,11 +254,11 @@ def _lastaxis_kernel(
         _store_values(out_ptr, offs, _dequant(q, e, e4m3, ts, NV), mask, BF16_BITS)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["key"])
 def _inner_kernel(
     x_ptr, out_ptr, codes_ptr, scales_ptr, amax_ptr, n, inner, n_blocks, n_packed,
     BS: tl.constexpr, BK: tl.constexpr, ENCODE: tl.constexpr, NV: tl.constexpr, SR: tl.constexpr,
-    KEY: tl.constexpr, WIDE: tl.constexpr, EMAX: tl.constexpr, EMIN: tl.constexpr, MAN: tl.constexpr,
+    key, WIDE: tl.constexpr, EMAX: tl.constexpr, EMIN: tl.constexpr, MAN: tl.constexpr,
     BIAS: tl.constexpr, BITS: tl.constexpr, EXP_BITS: tl.constexpr, MAXN: tl.constexpr,
     MAX_MANT: tl.constexpr, FILL_BITS: tl.constexpr, HAS_INF: tl.constexpr, HAS_NAN: tl.constexpr,
     NAN_BLOCK_CODE: tl.constexpr, SUB_SCALE: tl.constexpr, SATURATE: tl.constexpr, RCEIL: tl.constexpr,
@@ -276,7 +276,7 @@ def _inner_kernel(
     offs = lead * n * inner + i[:, None] * inner + k[None, :]
     x = tl.expand_dims(tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32), 0)
     q, e, e4m3, ts = _quant(
-        x, tl.expand_dims(offs, 0), amax_ptr, NV, SR, KEY, WIDE, EMAX, EMIN, MAN, MAXN, MAX_MANT, FILL_BITS,
+        x, tl.expand_dims(offs, 0), amax_ptr, NV, SR, key, WIDE, EMAX, EMIN, MAN, MAXN, MAX_MANT, FILL_BITS,
         SATURATE, RCEIL, AWAY,
     )  # fmt: skip
     if ENCODE:
@@ -300,10 +300,10 @@ def _inner_kernel(
         _store_values(out_ptr, offs, tl.reshape(_dequant(q, e, e4m3, ts, NV), (BS, BK)), mask, BF16_BITS)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["key"])
 def _tiles_kernel(
     x_ptr, out_ptr, amax_ptr, m, k, n_mb,
-    BS: tl.constexpr, T: tl.constexpr, NV: tl.constexpr, SR: tl.constexpr, KEY: tl.constexpr,
+    BS: tl.constexpr, T: tl.constexpr, NV: tl.constexpr, SR: tl.constexpr, key,
     WIDE: tl.constexpr, EMAX: tl.constexpr, EMIN: tl.constexpr, MAN: tl.constexpr, MAXN: tl.constexpr,
     MAX_MANT: tl.constexpr, FILL_BITS: tl.constexpr, SATURATE: tl.constexpr, RCEIL: tl.constexpr,
     AWAY: tl.constexpr, BF16_BITS: tl.constexpr,
@@ -328,7 +328,7 @@ def _tiles_kernel(
         amax_ptr,
         NV,
         SR,
-        KEY,
+        key,
         WIDE,
         EMAX,
         EMIN,
@@ -346,10 +346,10 @@ def _tiles_kernel(
         _store_values(out_ptr, offs, _dequant(q, e, e4m3, ts, NV), mask, BF16_BITS)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["key"])
 def _hif8_sr_kernel(
     x_ptr, out_ptr, numel, BLOCK: tl.constexpr, ENCODE: tl.constexpr, SATURATE: tl.constexpr,
-    FORK: tl.constexpr, MB_TABLE: tl.constexpr, BF16_BITS: tl.constexpr, KEY: tl.constexpr,
+    FORK: tl.constexpr, MB_TABLE: tl.constexpr, BF16_BITS: tl.constexpr, key,
     WIDE: tl.constexpr,
 ):  # fmt: skip
     """HiF8 with stochastic rounding, per element, as hif8.quantize_hif8 with uniforms: the step of x's
@@ -365,7 +365,7 @@ def _hif8_sr_kernel(
     eb = (a.to(tl.int32, bitcast=True) >> 23) & 0xFF
     ae = tl.abs(eb - 127)
     man_bits = (MB_TABLE >> tl.minimum(ae + ae, 31)) & 3
-    r = _round_sr(a, tl.maximum(eb - man_bits, 127 - 22), _uniform24(offs, KEY, WIDE))
+    r = _round_sr(a, tl.maximum(eb - man_bits, 127 - 22), _uniform24(offs, key, WIDE))
     if SATURATE:
         r = tl.minimum(r, 32768.0, propagate_nan=tl.PropagateNan.ALL)
     else:
@@ -405,6 +405,13 @@ def _resolve(
     return opts
 
 
+def _key_arg(seed: int) -> int:
+    """seed_key(seed) as a signed 32-bit kernel argument (the kernels read its bits as uint32). A runtime
+    argument, not a constexpr: a new seed every step must not compile a new kernel."""
+    k = seed_key(seed)
+    return k - (1 << 32) if k >= 1 << 31 else k
+
+
 def _hif8_sr(x: torch.Tensor, opts: Options, encode: bool) -> torch.Tensor | Encoded:
     assert opts.seed is not None
     xc = x.contiguous()
@@ -413,7 +420,7 @@ def _hif8_sr(x: torch.Tensor, opts: Options, encode: bool) -> torch.Tensor | Enc
     _hif8_sr_kernel[(triton.cdiv(xc.numel(), _ELEMS_PER_PROGRAM),)](
         xc, out.view(torch.int16) if bf16_bits else out, xc.numel(), BLOCK=_ELEMS_PER_PROGRAM, ENCODE=encode,
         SATURATE=opts.saturate, FORK=opts.fork_clamp, MB_TABLE=_HIF8_MB_TABLE, BF16_BITS=bf16_bits,
-        KEY=seed_key(opts.seed), WIDE=xc.numel() >= 1 << 32, num_warps=_NUM_WARPS,
+        key=_key_arg(opts.seed), WIDE=xc.numel() >= 1 << 32, num_warps=_NUM_WARPS,
     )  # fmt: skip
     if not encode:
         return out
@@ -484,7 +491,7 @@ def _run(x: torch.Tensor, opts: Options, encode: bool, amax: object) -> torch.Te
         amax_t = x
         consts = dict(_format_constants(spec, opts))
     sr = opts.rounding == "stochastic"
-    key = seed_key(opts.seed) if sr and opts.seed is not None else 0
+    key = _key_arg(opts.seed) if sr and opts.seed is not None else 0
     out = codes = scales = x
     bf16_bits = not encode and x.dtype == torch.bfloat16  # MX: exact values, truncate; NVFP4: round
     if encode:
@@ -494,7 +501,7 @@ def _run(x: torch.Tensor, opts: Options, encode: bool, amax: object) -> torch.Te
         out = torch.empty_like(x)
     out_arg = out.view(torch.int16) if bf16_bits else out
     common = dict(
-        ENCODE=encode, NV=nv, SR=sr, KEY=key, WIDE=x.numel() >= 1 << 32, BF16_BITS=bf16_bits,
+        ENCODE=encode, NV=nv, SR=sr, key=key, WIDE=x.numel() >= 1 << 32, BF16_BITS=bf16_bits,
         num_warps=_NUM_WARPS, **consts,
     )  # fmt: skip
     if opts.block_2d:
