@@ -166,3 +166,18 @@ def test_given_amax_and_edge_values_match_torchao(dtype: torch.dtype) -> None:
         t = ao.NVFP4Tensor.to_nvfp4(x, per_tensor_scale=ao.per_tensor_amax_to_scale(amax))
         _assert_bit_equal(fake_quant(x, "nvfp4", amax=amax), t.dequantize(dtype))
         _assert_bit_equal(fake_quant(x, "nvfp4", amax=float(amax)), t.dequantize(dtype))
+
+
+def test_amax_keyword_for_hif8_tensor_scale_and_errors() -> None:
+    x = _wide((8, 64), torch.float32, seed=9)
+    amax = x.abs().amax()
+    same = fake_quant(x, "hifp8", tensor_scale=True, amax=amax)
+    _assert_bit_equal(same, fake_quant(x, "hifp8", tensor_scale=True))
+    enc = encode(x, "hifp8", tensor_scale=True, amax=amax * 16)  # delayed scaling: an older, larger amax
+    ref = encode(x, "hifp8", tensor_scale=True)
+    assert enc.tensor_scale_exp is not None and ref.tensor_scale_exp is not None
+    assert int(enc.tensor_scale_exp) == int(ref.tensor_scale_exp) - 4
+    with pytest.raises(ValueNameError, match="amax"):
+        fake_quant(x, "mxfp8_e4m3", amax=amax)
+    with pytest.raises(ValueNameError, match="amax"):
+        fake_quant(x, "hifp8", amax=amax)  # no tensor scale to set
