@@ -1,4 +1,5 @@
-"""Number formats: MXFP8 (E4M3, E5M2), MXFP4 (E2M1) and HiFloat8 — fake-quant, encode and decode.
+"""Number formats: MXFP8 (E4M3, E5M2), MXFP4 (E2M1), NVFP4 and HiFloat8 — fake-quant, encode and decode,
+plus the random Hadamard transform (formats.hadamard) that training recipes apply before quantizing.
 
 The torch reference here is the ground truth; CUDA tensors go to the Triton kernels when they cover
 the request. Importing this package imports torch (`import megaquant` does not).
@@ -8,12 +9,15 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
+from typing import Any
 
 import torch
 
 from megaquant.errors import ValueNameError
+from megaquant.formats.hadamard import hadamard_matrix, inverse_random_hadamard, random_hadamard
 from megaquant.formats.hif8 import decode_hif8, encode_hif8, fake_quant_hif8
 from megaquant.formats.mx import decode_mx, encode_mx, fake_quant_mx
+from megaquant.formats.nvfp4 import decode_nvfp4, encode_nvfp4, fake_quant_nvfp4
 from megaquant.formats.registry import (
     FORMATS,
     PRESETS,
@@ -38,6 +42,9 @@ __all__ = [
     "element_format",
     "encode",
     "fake_quant",
+    "hadamard_matrix",
+    "inverse_random_hadamard",
+    "random_hadamard",
 ]
 
 BACKENDS = ("auto", "reference", "triton")
@@ -55,31 +62,63 @@ def _checked(x: torch.Tensor, opts: Options) -> Options:
     return opts
 
 
+_KERNEL_MODULES = ("megaquant.formats._triton", "megaquant.formats._triton_nvfp4")
+"""Kernel modules in the order asked; the first whose supports() accepts a call serves it."""
+
+
 def _triton_module(x: torch.Tensor, fmt: str, backend: str, opts: dict[str, object]) -> ModuleType | None:
     """The Triton module when it should serve this call, else None (reference).
 
-    `opts` are the contract keywords (axis, block_size, scale, rounding, saturate, preset, plus
-    tensor_scale=True when asked); `_triton.supports(x, fmt, **opts)` decides, so the kernels only ever
-    serve what they cover and everything else gets the reference.
+    `opts` are the contract keywords (axis, block_size, scale, rounding, saturate, preset, plus the
+    extension keywords tensor_scale, seed, block_2d, amax only when used); each module's
+    `supports(x, fmt, **opts)` decides, so the kernels only ever serve what they cover and everything
+    else gets the reference.
     """
     if backend not in BACKENDS:
         raise ValueNameError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     if backend == "reference" or (backend == "auto" and not x.is_cuda):
         return None
-    try:
-        _triton = importlib.import_module("megaquant.formats._triton")
-    except ImportError as err:
-        if backend == "triton":
-            raise ValueNameError(f"backend='triton' asked for but the kernels cannot load: {err}") from err
-        return None
-    if _triton.supports(x, fmt, **opts):
-        return _triton
+    errors = []
+    for name in _KERNEL_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError as err:
+            errors.append(f"{name}: {err}")
+            continue
+        if module.supports(x, fmt, **opts):
+            return module
     if backend == "triton":
+        why = f" (cannot load: {'; '.join(errors)})" if errors else ""
         raise ValueNameError(
-            f"the Triton kernels do not cover fmt={fmt!r} with {opts} on {x.device}/{x.dtype}; "
+            f"the Triton kernels do not cover fmt={fmt!r} with {opts} on {x.device}/{x.dtype}{why}; "
             "use backend='auto' to fall back to the reference"
         )
     return None
+
+
+def _prepare(
+    x: torch.Tensor, fmt: str, backend: str, amax: torch.Tensor | float | None, **keywords: Any
+) -> tuple[Options, ModuleType | None, dict[str, object]]:
+    """The one place fake_quant and encode check their keywords: resolved options, the kernel module
+    that serves the call (None: reference) and the keywords to hand it."""
+    opts = _checked(x, resolve_options(fmt, **keywords))
+    kw: dict[str, object] = dict(
+        axis=opts.axis, block_size=opts.block_size, scale=keywords["scale"], rounding=keywords["rounding"],
+        saturate=keywords["saturate"], preset=keywords["preset"],
+    )  # fmt: skip
+    # extension keywords: only passed to the kernels when used, so older kernels refuse what they lack
+    if opts.tensor_scale:
+        kw["tensor_scale"] = True
+    if opts.seed is not None:
+        kw["seed"] = keywords["seed"]
+    if opts.block_2d:
+        kw["block_2d"] = True
+    if amax is not None:
+        if opts.fmt.name != "nvfp4" and not (opts.fmt.name == "hifp8" and opts.tensor_scale):
+            raise ValueNameError(f"amax= sets a tensor scale: it needs fmt='nvfp4' (or hifp8 with "
+                                 f"tensor_scale=True), not {fmt!r}")  # fmt: skip
+        kw["amax"] = amax
+    return opts, _triton_module(x, fmt, backend, kw), kw
 
 
 def fake_quant(
@@ -87,44 +126,44 @@ def fake_quant(
     fmt: str,
     *,
     axis: int = -1,
-    block_size: int = 32,
+    block_size: int | None = None,
     scale: str = "floor",
     rounding: str = "even",
     saturate: bool = True,
     preset: str | None = None,
     tensor_scale: bool = False,
+    seed: int | None = None,
+    block_2d: bool = False,
+    amax: torch.Tensor | float | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Quantize then dequantize `x` in format `fmt`; same shape and dtype as `x`.
 
-    MX formats: blocks of `block_size` consecutive elements along `axis` (a ragged last block is just
-    shorter) share an E8M0 scale chosen by `scale` ("floor" = OCP spec, "rceil" = round the scale up so
-    the block max never saturates); elements round to nearest with ties to `rounding` ("even" or "away").
-    HiF8: per element, ties away, optional power-of-two `tensor_scale`; axis/block_size/scale ignored.
-    `preset="fork"` reproduces the fork (MX: FLOOR + ties-away; HiF8: clamp to [2^-22, 0.95*2^15]).
-    `backend`: "auto" (Triton on CUDA when it covers the call), "reference" or "triton".
-    The result carries no autograd history (megaquant.ops gives straight-through gradients).
+    MX formats: blocks of `block_size` (default 32) consecutive elements along `axis` (a ragged last
+    block is just shorter) share an E8M0 scale chosen by `scale` ("floor" = OCP spec, "rceil" = round the
+    scale up so the block max never saturates); elements round to nearest with ties to `rounding`
+    ("even" or "away"), or `rounding="stochastic"` with an integer `seed`.
+    NVFP4: blocks of 16 along `axis` with E4M3 block scales under an FP32 tensor scale amax/2688 (amax =
+    max |x|, or the `amax` given); `scale` is ignored; bit-exact with torchao's two-level NVFP4.
+    `block_2d=True` (MX, NVFP4): block_size x block_size tiles over the last two axes instead.
+    HiF8: per element, ties away (or stochastic), optional power-of-two `tensor_scale`; axis/block_size/
+    scale ignored. `preset="fork"` reproduces the fork (MX: FLOOR + ties-away; HiF8: clamp to
+    [2^-22, 0.95*2^15]). `backend`: "auto" (Triton on CUDA when it covers the call), "reference" or
+    "triton". The result carries no autograd history (megaquant.ops gives straight-through gradients).
     Exact semantics: docs/formats.md.
     """
-    kw: dict[str, object] = dict(
-        axis=axis, block_size=block_size, scale=scale, rounding=rounding, saturate=saturate, preset=preset,
+    opts, kernels, kw = _prepare(
+        x, fmt, backend, amax, axis=axis, block_size=block_size, scale=scale, rounding=rounding,
+        saturate=saturate, preset=preset, tensor_scale=tensor_scale, seed=seed, block_2d=block_2d,
     )  # fmt: skip
-    if tensor_scale:  # an extension keyword: only passed to the kernels when used
-        kw["tensor_scale"] = True
-    opts = _checked(
-        x,
-        resolve_options(
-            fmt, axis=axis, block_size=block_size, scale=scale, rounding=rounding, saturate=saturate,
-            preset=preset, tensor_scale=tensor_scale,
-        ),
-    )  # fmt: skip
-    kernels = _triton_module(x, fmt, backend, kw)
     with torch.no_grad():
         if kernels is not None:
             return kernels.fake_quant(x, fmt, **kw)
+        if opts.fmt.block_scale == "e4m3":
+            return fake_quant_nvfp4(x, opts, amax)
         if opts.fmt.block_scaled:
             return fake_quant_mx(x, opts)
-        return fake_quant_hif8(x, opts)
+        return fake_quant_hif8(x, opts, amax)
 
 
 def encode(
@@ -132,39 +171,37 @@ def encode(
     fmt: str,
     *,
     axis: int = -1,
-    block_size: int = 32,
+    block_size: int | None = None,
     scale: str = "floor",
     rounding: str = "even",
     saturate: bool = True,
     preset: str | None = None,
     tensor_scale: bool = False,
+    seed: int | None = None,
+    block_2d: bool = False,
+    amax: torch.Tensor | float | None = None,
     backend: str = "auto",
 ) -> Encoded:
     """The real bits of `fake_quant(x, fmt, ...)` with the same keywords: decode(encode(x)) equals it."""
-    kw: dict[str, object] = dict(
-        axis=axis, block_size=block_size, scale=scale, rounding=rounding, saturate=saturate, preset=preset,
+    opts, kernels, kw = _prepare(
+        x, fmt, backend, amax, axis=axis, block_size=block_size, scale=scale, rounding=rounding,
+        saturate=saturate, preset=preset, tensor_scale=tensor_scale, seed=seed, block_2d=block_2d,
     )  # fmt: skip
-    if tensor_scale:  # an extension keyword: only passed to the kernels when used
-        kw["tensor_scale"] = True
-    opts = _checked(
-        x,
-        resolve_options(
-            fmt, axis=axis, block_size=block_size, scale=scale, rounding=rounding, saturate=saturate,
-            preset=preset, tensor_scale=tensor_scale,
-        ),
-    )  # fmt: skip
-    kernels = _triton_module(x, fmt, backend, kw)
     with torch.no_grad():
         if kernels is not None:
             return kernels.encode(x, fmt, **kw)
+        if opts.fmt.block_scale == "e4m3":
+            return encode_nvfp4(x, opts, amax)
         if opts.fmt.block_scaled:
             return encode_mx(x, opts)
-        return encode_hif8(x, opts)
+        return encode_hif8(x, opts, amax)
 
 
 def decode(enc: Encoded, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Values of `enc` as `dtype` (computed exactly in fp32, then cast)."""
+    """Values of `enc` as `dtype` (computed exactly in fp32, then cast; NVFP4 as torchao's dequantize)."""
     spec = element_format(enc.fmt)
+    if spec.block_scale == "e4m3":
+        return decode_nvfp4(enc, dtype)
     if spec.block_scaled:
         return decode_mx(enc, spec, dtype)
     return decode_hif8(enc, dtype)

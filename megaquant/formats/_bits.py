@@ -28,13 +28,28 @@ def pow2(e: torch.Tensor) -> torch.Tensor:
     return torch.where(e >= -126, normal, sub)
 
 
-def round_to_pow2_step(x: torch.Tensor, step_exp: torch.Tensor, rounding: str) -> torch.Tensor:
-    """Round fp32 `x` to the nearest multiple of 2^step_exp; ties to even multiple or away from zero.
+def round_to_pow2_step(
+    x: torch.Tensor, step_exp: torch.Tensor, rounding: str, u: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Round fp32 `x` to a multiple of 2^step_exp: nearest with ties to the even multiple ("even") or
+    away from zero ("away"), or stochastically ("stochastic", needs `u`).
 
     Exact: x * 2^-step_exp and the product back are power-of-two scalings (callers keep step_exp in
     [-126, 126]), torch.round is round-half-to-even, and |y| + 0.5 is exact for |y| < 2^22 (larger |y|
     only occur for values that overflow the format anyway). The sign of zero is kept.
+    Stochastic: with a = |y|, f = floor(a) and frac = a - f (both exact), the magnitude is f + 1 when
+    u < frac, else f; u holds multiples of 2^-24 in [0, 1) (formats._random.uniform24), so P(up) = frac
+    exactly whenever frac is a multiple of 2^-24, the result is always one of the two neighbours, and a
+    value on the grid (frac = 0) never moves.
     """
     y = x * pow2(-step_exp)
-    r = torch.round(y) if rounding == "even" else torch.copysign(torch.floor(y.abs() + 0.5), y)
+    if rounding == "stochastic":
+        assert u is not None, "stochastic rounding needs the uniform values u"
+        a = y.abs()
+        f = torch.floor(a)
+        r = torch.copysign(f + (u < a - f).to(a.dtype), y)
+    elif rounding == "even":
+        r = torch.round(y)
+    else:
+        r = torch.copysign(torch.floor(y.abs() + 0.5), y)
     return r * pow2(step_exp)

@@ -413,6 +413,8 @@ def _resolve(
         )  # fmt: skip
     except MegaquantError:
         return None
+    if resolved.fmt.block_scale == "e4m3":
+        return None  # NVFP4 has its own kernels (_triton_nvfp4)
     bs = resolved.block_size
     if resolved.fmt.block_scaled and (bs < 2 or bs > 256 or bs & (bs - 1)):
         return None  # power-of-two blocks from 2 to 256 elements

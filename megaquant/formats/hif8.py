@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from megaquant.formats._bits import binade, pow2, round_to_pow2_step
+from megaquant.formats._random import uniform24
 from megaquant.formats.registry import Encoded, Options
 
 __all__ = [
@@ -35,46 +36,61 @@ def _step_exponent(e: torch.Tensor) -> torch.Tensor:
     return torch.where(e < -22, -22, e - man_bits)
 
 
-def _tensor_scale_exp(x32: torch.Tensor) -> torch.Tensor:
-    """s with amax * 2^s in [2^3, 2^4): s = 3 - floor(log2 amax) over finite |x|, clamped to [-127, 127];
-    0 for a tensor with no finite non-zero value."""
-    finite = torch.isfinite(x32)
-    amax = torch.where(finite, x32.abs(), 0.0).amax() if x32.numel() else x32.new_zeros(())
-    s = (TENSOR_SCALE_TARGET - binade(amax)).clamp(-127, 127)
-    return torch.where(amax > 0, s, 0).to(torch.int32)
+def _tensor_scale_exp(x32: torch.Tensor, amax: torch.Tensor | float | None = None) -> torch.Tensor:
+    """s with amax * 2^s in [2^3, 2^4): s = 3 - floor(log2 amax) over finite |x| (or the `amax` given,
+    e.g. from an amax history), clamped to [-127, 127]; 0 for a tensor with no finite non-zero value."""
+    if amax is not None:
+        given = torch.as_tensor(amax, device=x32.device).to(torch.float32).reshape(())
+        a = torch.where(torch.isfinite(given), given.abs(), 0.0)
+    elif x32.numel():
+        a = torch.where(torch.isfinite(x32), x32.abs(), 0.0).amax()
+    else:
+        a = x32.new_zeros(())
+    s = (TENSOR_SCALE_TARGET - binade(a)).clamp(-127, 127)
+    return torch.where(a > 0, s, 0).to(torch.int32)
 
 
-def quantize_hif8(x32: torch.Tensor, *, saturate: bool, fork_clamp: bool) -> torch.Tensor:
+def quantize_hif8(
+    x32: torch.Tensor, *, saturate: bool, fork_clamp: bool, u: torch.Tensor | None = None
+) -> torch.Tensor:
     """Round fp32 values to the HiF8 grid (fp32 result, exact).
 
     Ties go away from zero within the value's own binade (equal to nearest-value rounding since the step
     never shrinks as |x| grows). A result above 32768 (|x| >= 40960, or +-Inf) becomes +-32768 when
     saturating, else +-Inf. Results equal to zero are +0 (HiF8 has a single zero); NaN stays NaN.
     fork_clamp: first clamp non-zero |x| into [2^-22, 0.95*2^15] (the fork's behaviour; Inf -> 32768).
+    u (uniforms, formats._random.uniform24): stochastic rounding between the two grid neighbours in the
+    value's binade instead (the upper one may be the next binade's first value, itself on the grid).
     """
     if fork_clamp:
         a = x32.abs()
         clamped = torch.copysign(a.clamp(FORK_CLAMP_MIN, FORK_CLAMP_MAX), x32)
         x32 = torch.where(a == 0, x32, clamped)
     e = binade(x32).clamp(-23, 16)
-    q = round_to_pow2_step(x32, _step_exponent(e), "away")
+    q = round_to_pow2_step(x32, _step_exponent(e), "away" if u is None else "stochastic", u)
     fill = MAX_FINITE if saturate else float("inf")
     q = torch.where(q.abs() > MAX_FINITE, torch.copysign(torch.full_like(q, fill), q), q)
     return torch.where(q == 0, 0.0, q)
 
 
-def _quantize(x: torch.Tensor, opts: Options) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _quantize(
+    x: torch.Tensor, opts: Options, amax: torch.Tensor | float | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     x32 = x.to(torch.float32)
-    s = _tensor_scale_exp(x32) if opts.tensor_scale else None
+    s = _tensor_scale_exp(x32, amax) if opts.tensor_scale else None
     if s is not None:
         x32 = x32 * pow2(s)
-    return quantize_hif8(x32, saturate=opts.saturate, fork_clamp=opts.fork_clamp), s
+    u = None
+    if opts.rounding == "stochastic":
+        assert opts.seed is not None
+        u = uniform24(torch.arange(x.numel(), device=x.device, dtype=torch.int64).reshape(x.shape), opts.seed)
+    return quantize_hif8(x32, saturate=opts.saturate, fork_clamp=opts.fork_clamp, u=u), s
 
 
-def fake_quant_hif8(x: torch.Tensor, opts: Options) -> torch.Tensor:
+def fake_quant_hif8(x: torch.Tensor, opts: Options, amax: torch.Tensor | float | None = None) -> torch.Tensor:
     """Quantize-dequantize per element; same shape and dtype as `x`. With tensor scaling the rounded
     value is multiplied back by 2^-s in fp32 before the cast to x.dtype. NaN outputs are canonical."""
-    q, s = _quantize(x, opts)
+    q, s = _quantize(x, opts, amax)
     if s is not None:
         q = q * pow2(-s)
     return torch.where(torch.isnan(q), float("nan"), q).to(x.dtype)
@@ -138,9 +154,9 @@ def hif8_values() -> torch.Tensor:
     return torch.where(codes == NAN_CODE, float("nan"), values)
 
 
-def encode_hif8(x: torch.Tensor, opts: Options) -> Encoded:
+def encode_hif8(x: torch.Tensor, opts: Options, amax: torch.Tensor | float | None = None) -> Encoded:
     """One HiF8 code per element (same shape as x); tensor_scale_exp holds s when tensor scaling."""
-    q, s = _quantize(x, opts)
+    q, s = _quantize(x, opts, amax)
     return Encoded(
         codes=hif8_codes(q).contiguous(),
         scales=None,

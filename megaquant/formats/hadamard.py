@@ -1,0 +1,87 @@
+"""Random Hadamard transform (RHT): blocks along an axis times an orthogonal H·diag(signs)/sqrt(block).
+
+Recipes apply it to both operands of a GEMM along the reduction axis before quantizing (NVFP4 paper,
+arXiv:2509.25149: 16x16 on the wgrad inputs; Tseng et al. 2025, "Training LLMs with MXFP4": in the
+backward), so that (x R)(R^T y) = x y while outliers are spread over each block. The random signs come
+from the seed through the counter-based hash of formats._random, identical on every device.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from megaquant.errors import ValueNameError
+from megaquant.formats._random import hash32, seed_key
+
+__all__ = ["hadamard_matrix", "inverse_random_hadamard", "random_hadamard", "rht_signs"]
+
+
+def _check_block(block: int) -> None:
+    if isinstance(block, bool) or not isinstance(block, int) or block < 2 or block & (block - 1):
+        raise ValueNameError(f"Hadamard block must be a power of two >= 2 (16, 32, ...), got {block!r}")
+
+
+def rht_signs(block: int, seed: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """The +-1 sign vector (fp32, length `block`) of a seed: bit 31 of hash32(i ^ key(seed))."""
+    _check_block(block)
+    bits = hash32(torch.arange(block, dtype=torch.int64) ^ seed_key(seed)) >> 31
+    return (1.0 - 2.0 * bits.to(torch.float32)).to(device)
+
+
+@functools.lru_cache(maxsize=64)
+def _sylvester(block: int) -> torch.Tensor:
+    h = torch.ones(1, 1)
+    while h.shape[0] < block:
+        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
+    return h
+
+
+def hadamard_matrix(
+    block: int, seed: int | None = None, *, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """R = diag(signs(seed)) · H / sqrt(block) (fp32, block x block), H the Sylvester Hadamard matrix;
+    seed None: no signs. R is orthogonal (R R^T = I); the transform of a row block v is v @ R."""
+    _check_block(block)
+    h = _sylvester(block) / math.sqrt(block)
+    if seed is not None:
+        h = rht_signs(block, seed).unsqueeze(1) * h
+    return h.to(device)
+
+
+def _apply(x: torch.Tensor, m: torch.Tensor, axis: int, block: int) -> torch.Tensor:
+    if x.dim() == 0 or not -x.dim() <= axis < x.dim():
+        raise ValueNameError(f"axis {axis} is out of range for a tensor of shape {tuple(x.shape)}")
+    n = x.shape[axis]
+    if n % block:
+        raise ValueNameError(
+            f"the Hadamard transform needs the axis length to be a multiple of block={block}; "
+            f"axis {axis} of shape {tuple(x.shape)} has {n}"
+        )
+    xt = x.movedim(axis, -1)
+    shape = xt.shape
+    blocks = xt.reshape(*shape[:-1], n // block, block).to(torch.float32)
+    out = (blocks @ m.to(blocks.device)).reshape(shape).movedim(-1, axis)
+    return out.to(x.dtype)
+
+
+def random_hadamard(x: torch.Tensor, axis: int = -1, *, block: int = 16, seed: int = 0) -> torch.Tensor:
+    """x with every `block` consecutive elements along `axis` replaced by v @ R (R = hadamard_matrix(block,
+    seed)), computed in fp32 and cast back to x.dtype. The axis length must be a multiple of block.
+
+    For a GEMM a @ b: random_hadamard(a, -1, seed=s) @ random_hadamard(b, -2, seed=s) equals a @ b up to
+    rounding, because R is orthogonal and the -2 axis of b is transformed by the same R (b^T's rows).
+    """
+    _check_block(block)
+    return _apply(x, hadamard_matrix(block, seed), axis, block)
+
+
+def inverse_random_hadamard(
+    x: torch.Tensor, axis: int = -1, *, block: int = 16, seed: int = 0
+) -> torch.Tensor:
+    """The inverse of random_hadamard (v @ R^T per block): inverse(random_hadamard(x)) == x up to fp32
+    rounding, exactly so in exact arithmetic."""
+    _check_block(block)
+    return _apply(x, hadamard_matrix(block, seed).T, axis, block)

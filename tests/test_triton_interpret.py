@@ -1,0 +1,120 @@
+"""The NVFP4 / stochastic-rounding Triton kernels under the Triton CPU interpreter (TRITON_INTERPRET=1),
+at small shapes: bit-equal to the torch reference. Runs in CI (no GPU); the same comparison on CUDA is in
+tests/test_triton_nvfp4.py."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+
+def _check_all() -> int:
+    """The comparisons (run in a child process with TRITON_INTERPRET=1 set before triton is imported)."""
+    import itertools
+
+    import torch
+
+    from megaquant.formats import _triton_nvfp4 as kernels
+    from megaquant.formats import encode, fake_quant
+    from megaquant.formats.registry import resolve_options
+
+    def bits(t: torch.Tensor) -> torch.Tensor:
+        return t.contiguous().view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
+
+    def same(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+        nan = torch.isnan(want) if want.dtype.is_floating_point else torch.zeros_like(want, dtype=torch.bool)
+        if want.dtype.is_floating_point:
+            assert torch.equal(torch.isnan(got), nan), f"{what}: NaN positions differ"
+        bad = bits(got[~nan]) != bits(want[~nan])
+        assert not bad.any(), (
+            f"{what}: {int(bad.sum())} differ: {got[~nan][bad][:4]} vs {want[~nan][bad][:4]}"
+        )
+
+    g = torch.Generator().manual_seed(0)
+    specials = torch.tensor([0.0, -0.0, 1e-40, 448.0, 6.0, 2.5, 0.25, 3e38, -7.0, 1.5e-5, 40000.0, 2.0**-23])
+    cases = [
+        ("nvfp4", {}),
+        ("nvfp4", dict(rounding="stochastic", seed=5)),
+        ("nvfp4", dict(block_size=32)),
+        ("mxfp4_e2m1", dict(rounding="stochastic", seed=9)),
+        ("mxfp8_e4m3", dict(rounding="stochastic", seed=(1 << 40) + 3, scale="rceil")),
+        ("mxfp8_e5m2", dict(rounding="stochastic", seed=1, saturate=False)),
+        ("hifp8", dict(rounding="stochastic", seed=6, saturate=False)),
+        ("hifp8", dict(rounding="stochastic", seed=7, preset="fork")),
+    ]
+    n = 0
+    layouts = [((6, 48), -1), ((3, 40, 5), -2), ((4, 20), 0), ((37,), -1)]
+    for dtype, shape, axis in [(torch.float32, *lay) for lay in layouts] + [
+        (torch.bfloat16, (6, 48), -1), (torch.bfloat16, (3, 40, 5), -2), (torch.float16, (4, 20), 0),
+    ]:  # fmt: skip
+        x = torch.randn(shape, generator=g) * torch.exp2(torch.randint(-8, 8, shape, generator=g).float())
+        flat = x.view(-1)
+        idx = torch.randint(0, flat.numel(), (len(specials),), generator=g)
+        flat[idx] = specials
+        if dtype == torch.bfloat16:  # the interpreter's bf16 -> fp32 load mangles subnormals (GPUs do not)
+            x = torch.where(x.abs() < 2.0**-126, 0.0, x)
+        x = x.to(dtype)
+        for fmt, kw in cases:
+            d: dict = dict(axis=axis, block_size=None, scale="floor", rounding="even", saturate=True,
+                           preset=None)  # fmt: skip
+            d.update(kw)
+            opts = resolve_options(fmt, **d)
+            what = f"{fmt} {kw} {dtype} {shape} axis={axis}"
+            same(kernels._run(x, opts, False, None), fake_quant(x, fmt, axis=axis, **kw), what)
+            got, want = kernels._run(x, opts, True, None), encode(x, fmt, axis=axis, **kw)
+            assert isinstance(got, type(want))
+            same(got.codes, want.codes, what + " codes")  # type: ignore[union-attr]
+            if want.scales is not None:  # type: ignore[union-attr]
+                same(got.scales, want.scales, what + " scales")  # type: ignore[union-attr,arg-type]
+            if fmt == "nvfp4":
+                ts_got, ts_want = got.tensor_scale, want.tensor_scale  # type: ignore[union-attr]
+                same(ts_got, ts_want, what + " tensor scale")
+                amax = x.abs().amax().float() * 0.4
+                same(
+                    kernels._run(x, opts, False, amax),
+                    fake_quant(x, fmt, axis=axis, amax=amax, **kw),
+                    what,
+                )
+            n += 1
+    tiles = [
+        ("nvfp4", {}),
+        ("nvfp4", dict(rounding="stochastic", seed=2)),
+        ("mxfp8_e4m3", {}),
+        ("mxfp4_e2m1", dict(rounding="away", scale="rceil")),
+        ("mxfp4_e2m1", dict(rounding="stochastic", seed=4)),
+    ]
+    for (fmt, kw), (shape, dtype) in itertools.product(
+        tiles, [((40, 56), torch.float32), ((2, 20, 33), torch.bfloat16)]
+    ):
+        x = (torch.randn(shape, generator=g) * 4).to(dtype)
+        d = dict(axis=-1, block_size=None, scale="floor", rounding="even", saturate=True, preset=None)
+        d.update(kw)
+        opts = resolve_options(fmt, block_2d=True, **d)  # type: ignore[arg-type]
+        want = fake_quant(x, fmt, block_2d=True, **kw)  # type: ignore[arg-type]
+        same(kernels._run(x, opts, False, None), want, f"block_2d {fmt} {kw} {shape}")
+        n += 1
+    opts = resolve_options(
+        "nvfp4", axis=-1, block_size=None, scale="floor", rounding="even", saturate=True, preset=None
+    )
+    for special in (torch.zeros(3, 32), torch.full((2, 16), float("nan")), torch.full((2, 16), float("inf"))):
+        same(kernels._run(special, opts, False, None), fake_quant(special, "nvfp4"), "special tensor")
+    return n
+
+
+def test_kernels_equal_reference_under_the_interpreter() -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run(
+        [sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "cases ok" in proc.stdout
+
+
+if __name__ == "__main__":
+    print(f"{_check_all()} cases ok")
