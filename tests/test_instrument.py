@@ -266,6 +266,7 @@ PROBE = textwrap.dedent(
         loss = gpt(ids, torch.arange(32)[None].expand(2, -1), mask, labels=ids).mean()
         loss.backward()
         res["mla_gpt_loss"] = float(loss)
+        res["lm_head_marks"] = [n for n, p in gpt.named_parameters() if getattr(p, "megaquant_lm_head", False)]
     except TypeError as exc:
         res["mla_gpt_error"] = str(exc)
     torch.save(res, out)
@@ -426,3 +427,5 @@ def test_mla_gpt_builds_and_trains_only_when_instrumented(probes: dict[str, dict
     losses = {value: probes[value]["mla_gpt_loss"] for value in VALUES}
     assert all(isinstance(loss, float) and 3.0 < loss < 6.0 for loss in losses.values()), losses
     assert losses["mxfp4"] != losses["none"]  # the MLA attention and linears go through the quantized ops
+    # the real GPTModel (untied) marks exactly its LM head, through LanguageModule
+    assert all(probes[v]["lm_head_marks"] == ["output_layer.weight"] for v in VALUES)

@@ -114,7 +114,8 @@ def instrument_repo(
     current = None if repo.head.is_detached else repo.active_branch.name
     if not plan.changed:
         return InstrumentResult(str(root), current or repo.head.commit.hexsha, None, plan.edits)
-    dirty = [f for f in plan.new_sources if repo.is_dirty(path=f) or f in repo.untracked_files]
+    untracked = set(repo.untracked_files)  # one `git status`, not one per file (Megatron-LM is large)
+    dirty = [f for f in plan.new_sources if f in untracked or repo.is_dirty(path=f)]
     if dirty:
         raise GitStateError(
             f"{', '.join(dirty)}: uncommitted changes; commit or discard them, then run again"
