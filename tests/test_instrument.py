@@ -266,7 +266,7 @@ PROBE = textwrap.dedent(
         loss = gpt(ids, torch.arange(32)[None].expand(2, -1), mask, labels=ids).mean()
         loss.backward()
         res["mla_gpt_loss"] = float(loss)
-        res["lm_head_marks"] = [n for n, p in gpt.named_parameters() if getattr(p, "megaquant_lm_head", False)]
+        res["lm_head_marks"] = [n for n, p in gpt.named_parameters() if hasattr(p, "megaquant_lm_head")]
     except TypeError as exc:
         res["mla_gpt_error"] = str(exc)
     torch.save(res, out)
