@@ -222,3 +222,25 @@ def test_instrumented_main_fixture_runs_hooks_frozen_stock_and_every_lm_head_sto
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "MARKED [" + ", ".join(["True"] * 15) + "]" in done.stdout
+
+
+def test_cli_on_a_git_checkout_shaped_like_main(tmp_path: Path) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from megaquant.instrument import register
+    from tests.conftest import make_git_repo
+
+    repo = make_git_repo(tmp_path, "stock_main")
+    app = typer.Typer()
+    register(app)
+    app.command("noop")(lambda: None)  # two commands, so `instrument` is addressed by name as in the real CLI
+    first = CliRunner().invoke(app, ["instrument", "--repo", str(repo)])
+    assert first.exit_code == 0, first.output
+    assert f"added    {LAYERS}:28 _linear_forward helper linear_fwd" in first.output
+    assert f"unhooked {LAYERS}:" in first.output and "GTP zero-copy wgrad" in first.output
+    assert "LM head excluded (stays unquantized) in: T5LMHead, T5Model, BertModel, GPTModel, HybridModel" in (
+        first.output
+    )
+    again = CliRunner().invoke(app, ["instrument", "--repo", str(repo)])
+    assert again.exit_code == 0 and "already instrumented" in again.output
