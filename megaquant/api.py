@@ -166,6 +166,9 @@ def _targets(
         asked.update(linear_fwd=linear, linear_bwd=linear)
     asked.update({role: value for role, value in roles.items() if value is not None})
     known = spec.roles()
+    if "linear_bwd" in asked and "linear_bwd" not in known:  # a spec with the backward GEMMs named apart
+        value = asked.pop("linear_bwd")
+        asked.update({r: asked.get(r, value) for r in ("linear_dgrad", "linear_wgrad") if r in known})
     for role in asked:
         if role not in known:
             raise ValueNameError(f"unknown role {role!r}; spec {spec.name!r} has roles {', '.join(known)}")

@@ -14,7 +14,7 @@ from libcst._nodes.internal import CodegenState
 
 from megaquant.errors import SourceError, ValueNameError
 from megaquant.sites import FileAnalysis, Step, analyse_file
-from megaquant.spec import ROLES, Spec, canonical_value
+from megaquant.spec import ROLES, SPEC_ONLY_ROLES, Spec, canonical_value
 
 __all__ = ["Change", "RewritePlan", "plan_rewrite"]
 
@@ -159,8 +159,8 @@ def _targets(targets: Mapping[str, str], spec: Spec) -> tuple[dict[str, str], li
     wanted: dict[str, str] = {}
     warnings: list[str] = []
     for role, value in targets.items():
-        if role not in ROLES:
-            raise ValueNameError(f"unknown role {role!r}; roles are {', '.join(ROLES)}")
+        if role not in ROLES + SPEC_ONLY_ROLES:
+            raise ValueNameError(f"unknown role {role!r}; roles are {', '.join(ROLES + SPEC_ONLY_ROLES)}")
         canonical_value(value)
         if role not in spec.roles():
             warnings.append(f"role {role} is not defined by spec {spec.name}; nothing was changed for it")

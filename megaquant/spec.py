@@ -27,6 +27,9 @@ __all__ = [
 ]
 
 ROLES: tuple[str, ...] = ("linear_fwd", "linear_bwd", "qk", "pv")
+# Accepted in specs ahead of the role split (issue 13 item 2): rewrites/megatron-core.toml already names
+# the two backward GEMMs of an instrumented tree apart. The roles change makes them ROLES and drops this.
+SPEC_ONLY_ROLES: tuple[str, ...] = ("linear_dgrad", "linear_wgrad")
 VALUES: tuple[str, ...] = ("mxfp8", "mxfp4", "hifp8", "none")
 ALIASES: dict[str, str] = {"bf16": "none"}
 
@@ -128,8 +131,8 @@ def _rule(raw: object, where: str) -> RoleRule:
     if not isinstance(raw, dict):
         raise SpecError(f"{where}: each [[rules]] entry must be a table")
     role = _text(raw, "role", where)
-    if role not in ROLES:
-        raise SpecError(f"{where}: unknown role {role!r}; roles are {', '.join(ROLES)}")
+    if role not in ROLES + SPEC_ONLY_ROLES:
+        raise SpecError(f"{where}: unknown role {role!r}; roles are {', '.join(ROLES + SPEC_ONLY_ROLES)}")
     calls = raw.get("calls")
     if not isinstance(calls, list) or not calls or not all(isinstance(c, str) and c for c in calls):
         raise SpecError(f"{where}: `calls` must be a non-empty list of call-name patterns, got {calls!r}")

@@ -19,12 +19,14 @@ from megaquant.instrument import (
     instrument_repo,
     load_rules,
     plan_instrument,
+    read_sources,
 )
 from megaquant.megatron_src import installed_megatron, megatron_sources
 
 LAYERS = "megatron/core/tensor_parallel/layers.py"
 ATTENTION = "megatron/core/transformer/dot_product_attention.py"
 GPT = "megatron/core/models/gpt/gpt_model.py"
+LANGUAGE = "megatron/core/models/common/language_module/language_module.py"
 LINEAR = "LinearWithGradAccumulationAndAsyncCommunication"
 
 EXPECTED_HOOKS = {
@@ -37,14 +39,14 @@ EXPECTED_HOOKS = {
     (
         LAYERS,
         f"{LINEAR}.backward",
-        "linear_bwd",
+        "linear_dgrad",
         "_mq_ops.quant_matmul(grad_output, weight, custom_quant_type, grad=True)",
     ),
     (
         LAYERS,
         f"{LINEAR}.backward",
-        "linear_bwd",
-        "_mq_ops.quant_matmul(grad_output.t(), total_input, custom_quant_type, grad=True)",
+        "linear_wgrad",
+        "_mq_wgrad_matmul(grad_output.t(), total_input, custom_quant_type, grad=True)",
     ),
     (ATTENTION, "DotProductAttention.forward", "qk", "_mq_ops.quant_baddbmm("),
     (
@@ -59,7 +61,7 @@ needs_megatron = pytest.mark.skipif(installed_megatron() is None, reason="megatr
 
 
 def _sources(root: Path) -> dict[str, bytes]:
-    return {f: (root / f).read_bytes() for f in load_rules().files()}
+    return read_sources(root, load_rules())
 
 
 def _version_root(version: str) -> Path:
@@ -84,8 +86,8 @@ def test_golden_sites_on_both_versions(stock: dict[str, bytes]) -> None:
     plan = plan_instrument(stock, rules)
     hooks = {(e.file, e.scope, e.role) for e in plan.edits if e.kind == "hook"}
     assert hooks == {(f, s, r) for f, s, r, _ in EXPECTED_HOOKS}
-    assert all(e.applied for e in plan.edits)
-    assert sorted(plan.new_sources) == sorted([ATTENTION, GPT, LAYERS])
+    assert all(e.applied for e in plan.edits if e.kind not in ("unhooked", "lm_head"))
+    assert sorted(plan.new_sources) == sorted([ATTENTION, LANGUAGE, LAYERS])
     layers = plan.new_sources[LAYERS].decode()
     attention = plan.new_sources[ATTENTION].decode()
     assert layers.count("custom_quant_type = 'none'") == 3
@@ -96,13 +98,17 @@ def test_golden_sites_on_both_versions(stock: dict[str, bytes]) -> None:
     assert layers.count("if ctx.megaquant_lm_head:") == 3
     assert "torch.baddbmm(" not in attention and "torch.bmm(" not in attention
     assert "k_channels: Optional[int] = None" in attention
-    assert "_mq_weight.megaquant_lm_head = True" in plan.new_sources[GPT].decode()
+    assert "_mq_weight.megaquant_lm_head = True" in plan.new_sources[LANGUAGE].decode()
+    heads = {e.scope for e in plan.edits if e.kind == "lm_head"}
+    assert {"GPTModel", "BertModel", "T5Model"} <= heads  # every model class with an output layer
+    assert any(e.kind == "unhooked" and "wgrad_gemm_accum_fp32" in e.detail for e in plan.edits)
     for source in plan.new_sources.values():
         compile(source, "<instrumented>", "exec")
     # every other byte is unchanged: only added lines and the replaced GEMM lines differ
     for file, new in plan.new_sources.items():
         removed = set(stock[file].decode().splitlines()) - set(new.decode().splitlines())
         assert all(("matmul" in line or "bmm" in line or line.strip() == "):") for line in removed), removed
+        assert len(removed) <= 5
 
 
 def test_rerun_is_a_no_op(stock: dict[str, bytes]) -> None:
@@ -119,7 +125,7 @@ def test_rerun_is_a_no_op(stock: dict[str, bytes]) -> None:
 def test_include_lm_head_has_no_guard(stock: dict[str, bytes]) -> None:
     plan = plan_instrument(stock, load_rules(), include_lm_head=True)
     assert "megaquant_lm_head" not in plan.new_sources[LAYERS].decode()
-    assert GPT not in plan.new_sources
+    assert LANGUAGE not in plan.new_sources
     assert plan.new_sources[LAYERS].decode().count("custom_quant_type = 'none'") == 3
     with pytest.raises(InstrumentError, match="already instrumented with the LM head included"):
         plan_instrument({**stock, **plan.new_sources}, load_rules(), include_lm_head=False)
@@ -134,8 +140,8 @@ def test_recognised_by_sites_with_roles(stock: dict[str, bytes]) -> None:
     assert found == sorted(
         [
             (f"{LINEAR}.forward", ("linear_fwd",), "none"),
-            (f"{LINEAR}.backward", ("linear_bwd",), "none"),
-            (f"{LINEAR}.backward", ("linear_bwd",), "none"),
+            (f"{LINEAR}.backward", ("linear_dgrad",), "none"),
+            (f"{LINEAR}.backward", ("linear_wgrad",), "none"),
             ("DotProductAttention.forward", ("qk",), "none"),
             ("DotProductAttention.forward", ("pv",), "none"),
         ]
@@ -150,7 +156,7 @@ def test_missing_call_names_file_scope_and_expectation(stock: dict[str, bytes]) 
         plan_instrument(broken, load_rules())
     message = str(info.value)
     assert ATTENTION in message and "DotProductAttention.forward" in message
-    assert "torch.bmm(attention_probs, value.transpose(0, 1))" in message and "not found" in message
+    assert "bmm(attention_probs, value.transpose(0, 1))" in message and "not found" in message
     assert "torch.matmul(attention_probs" in message  # what was found there, with its line
 
 
@@ -158,8 +164,8 @@ def test_missing_scope_and_file_are_errors(stock: dict[str, bytes]) -> None:
     renamed = {**stock, LAYERS: stock[LAYERS].replace(b"class LinearWithGradAccumulation", b"class Renamed")}
     with pytest.raises(InstrumentError, match=f"{LAYERS}: scope {LINEAR}.forward not found"):
         plan_instrument(renamed, load_rules())
-    without = {k: v for k, v in stock.items() if k != GPT}
-    with pytest.raises(InstrumentError, match="gpt_model.py: not found"):
+    without = {k: v for k, v in stock.items() if k != LANGUAGE}
+    with pytest.raises(InstrumentError, match="language_module.py: not found"):
         plan_instrument(without, load_rules())
 
 
@@ -173,7 +179,7 @@ def test_instrument_repo_commits_on_a_branch(tmp_path: Path) -> None:
     result = instrument_repo(workspace)
     assert result.commit is not None and result.branch == "instrumented"
     assert repo.active_branch.name == "instrumented" and repo.head.commit.parents[0].hexsha == stock_head
-    assert sorted(str(f) for f in repo.head.commit.stats.files) == sorted([ATTENTION, GPT, LAYERS])
+    assert sorted(str(f) for f in repo.head.commit.stats.files) == sorted([ATTENTION, LANGUAGE, LAYERS])
     assert "Megaquant-Instrument-LM-Head: excluded" in str(repo.head.commit.message)
     assert not repo.is_dirty()
     assert repo.config_reader().get_value("megaquant", "spec") == "megatron-core"
@@ -260,6 +266,7 @@ PROBE = textwrap.dedent(
         loss = gpt(ids, torch.arange(32)[None].expand(2, -1), mask, labels=ids).mean()
         loss.backward()
         res["mla_gpt_loss"] = float(loss)
+        res["lm_head_marks"] = [n for n, p in gpt.named_parameters() if hasattr(p, "megaquant_lm_head")]
     except TypeError as exc:
         res["mla_gpt_error"] = str(exc)
     torch.save(res, out)
@@ -406,7 +413,8 @@ def test_cli_instrument_from_installed_then_repo(tmp_path: Path) -> None:
     first = runner.invoke(app, ["instrument", "--from-installed", str(tmp_path / "ws")])
     assert first.exit_code == 0, first.output
     assert "committed" in first.output and "on branch instrumented" in first.output
-    assert f"added    {LAYERS}:" in first.output and "linear_bwd" in first.output
+    assert f"added    {LAYERS}:" in first.output and "linear_wgrad" in first.output
+    assert "unhooked" in first.output and "LM head excluded (stays unquantized) in: " in first.output
     again = runner.invoke(app, ["instrument", "--repo", str(tmp_path / "ws")])
     assert again.exit_code == 0 and "already instrumented" in again.output
     both = runner.invoke(app, ["instrument", "--repo", "a", "--from-installed", "b"])
@@ -419,3 +427,5 @@ def test_mla_gpt_builds_and_trains_only_when_instrumented(probes: dict[str, dict
     losses = {value: probes[value]["mla_gpt_loss"] for value in VALUES}
     assert all(isinstance(loss, float) and 3.0 < loss < 6.0 for loss in losses.values()), losses
     assert losses["mxfp4"] != losses["none"]  # the MLA attention and linears go through the quantized ops
+    # the real GPTModel (untied) marks exactly its LM head, through LanguageModule
+    assert all(probes[v]["lm_head_marks"] == ["output_layer.weight"] for v in VALUES)
