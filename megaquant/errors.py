@@ -6,6 +6,7 @@ __all__ = [
     "MegaquantError",
     "SourceError",
     "SpecError",
+    "RoleError",
     "ValueNameError",
     "GitStateError",
     "LockedError",
@@ -23,6 +24,10 @@ class SourceError(MegaquantError):
 
 class SpecError(MegaquantError):
     """A rewrite spec in `rewrites/` is malformed."""
+
+
+class RoleError(MegaquantError):
+    """A role was asked for that the spec or the tree does not have (asking is never a silent no-op)."""
 
 
 class ValueNameError(MegaquantError):

@@ -25,6 +25,7 @@ __all__ = [
     "Site",
     "analyse_file",
     "candidate_paths",
+    "governed_roles",
     "scan_sources",
     "scan_tree",
 ]
@@ -80,6 +81,7 @@ class Site:
 class Scan:
     sites: tuple[Site, ...]
     warnings: tuple[str, ...]
+    roles: tuple[str, ...] = ()  # the roles with at least one GEMM that an assignment governs
 
 
 # A step into a branch of a compound statement: (id of the statement, branch name, branches exclusive?).
@@ -182,6 +184,29 @@ def _calls(nodes: list[ast.stmt]) -> list[str]:
 
 def _chain_callees(head: ast.If) -> tuple[str, ...]:
     return tuple(dict.fromkeys(_calls([*head.body, *head.orelse])))
+
+
+def _targets(statement: ast.AST) -> list[str]:
+    """The names (or dotted attributes) an assignment statement binds; [] for any other statement."""
+    if isinstance(statement, ast.Assign):
+        return [_callee(t) for t in statement.targets]
+    if isinstance(statement, ast.AnnAssign | ast.AugAssign):
+        return [_callee(statement.target)]
+    return []
+
+
+def _results(nodes: list[ast.stmt], spec: Spec) -> tuple[str, ...]:
+    """What the GEMM calls in `nodes` are assigned to (`grad_weight` in `grad_weight = x.matmul(y)`)."""
+    found: list[str] = []
+    todo: list[ast.AST] = list(nodes)
+    while todo:
+        node = todo.pop()
+        if _targets(node) and any(
+            isinstance(c, ast.Call) and spec.is_gemm_call(_callee(c.func)) for c in ast.walk(node)
+        ):
+            found.extend(_targets(node))
+        todo.extend(c for c in ast.iter_child_nodes(node) if isinstance(c, ast.stmt))
+    return tuple(dict.fromkeys(sorted(found)))
 
 
 def _scope(stack: list[Frame]) -> tuple[int, str]:
@@ -381,7 +406,7 @@ def analyse_file(file: str, source: bytes, spec: Spec) -> FileAnalysis:
                         enclosing=_enclosing(stack[:head]),
                         anchor_line=chain.lineno,
                         call=", ".join(callees),
-                        role=spec.role_of(file, scope, callees),
+                        role=spec.role_of(file, scope, callees, _results([chain], spec)),
                     )
                 )
             continue
@@ -403,7 +428,7 @@ def analyse_file(file: str, source: bytes, spec: Spec) -> FileAnalysis:
                         enclosing=_enclosing(stack[:call_at]),
                         anchor_line=anchor.lineno,
                         call=callee,
-                        role=spec.role_of(file, scope, (callee,)),
+                        role=spec.role_of(file, scope, (callee,), tuple(_targets(anchor))),
                     )
                 )
     analysis = FileAnalysis(file, assignments, uses, {}, {}, warnings=warnings)
@@ -521,12 +546,18 @@ def scan_sources(sources: Mapping[str, bytes], spec: Spec) -> Scan:
         analysis = analyse_file(file, sources[file], spec)
         sites.extend(analysis.sites)
         warnings.extend(analysis.warnings)
-        found_roles.update(u.role for u in analysis.uses if u.role is not None)
-    for role in spec.roles():
+        found_roles.update(governed_roles(analysis))
+    for role in spec.required():
         if role not in found_roles:
-            places = "; ".join(f"{r.file} {r.scope}" for r in spec.rules if r.role == role)
-            warnings.append(f"no GEMM of role {role} found (spec {spec.name} expects it in {places})")
-    return Scan(tuple(sites), tuple(warnings))
+            warnings.append(
+                f"no GEMM of role {role} found (spec {spec.name} expects it in {spec.expected(role)})"
+            )
+    return Scan(tuple(sites), tuple(warnings), tuple(r for r in spec.roles() if r in found_roles))
+
+
+def governed_roles(analysis: FileAnalysis) -> set[str]:
+    """The roles of the file's GEMMs that an assignment governs (the ones `set` can change)."""
+    return {role for u in analysis.governor if (role := analysis.uses[u].role) is not None}
 
 
 def scan_tree(root: Path, spec: Spec) -> Scan:

@@ -151,11 +151,23 @@ def test_status_lists_sites_with_roles(fork_repo: Path) -> None:
     fwd = "CustomLinearWithGradAccumulationAndAsyncCommunication.forward"
     bwd = "CustomLinearWithGradAccumulationAndAsyncCommunication.backward"
     assert (LAYERS, fwd, ("linear_fwd",)) in roles
-    assert [s.roles for s in status.sites if s.scope == bwd] == [("linear_bwd",), ("linear_bwd",)]
+    assert [s.roles for s in status.sites if s.scope == bwd] == [("linear_dgrad",), ("linear_wgrad",)]
     assert [s.roles for s in status.sites if s.file == ATTENTION] == [("qk",), ("pv",)]
     assert all(s.value == "bf16" for s in status.sites)
     data = json.loads(json.dumps(status.to_json()))
-    assert set(data) == {"repo", "branch", "head", "base", "sites", "warnings"}
+    assert set(data) == {
+        "repo",
+        "branch",
+        "head",
+        "base",
+        "spec",
+        "roles",
+        "absent_roles",
+        "sites",
+        "warnings",
+    }
+    assert data["roles"] == dict.fromkeys(("linear_fwd", "linear_dgrad", "linear_wgrad", "qk", "pv"), "none")
+    assert data["spec"] == "fork" and data["absent_roles"] == []
     assert {"file", "scope", "line", "value", "expr", "conditional", "roles"} <= set(data["sites"][0])
 
 
@@ -163,8 +175,15 @@ def test_apply_commits_and_restore_returns(fork_repo: Path) -> None:
     before = snapshot(fork_repo)
     result = api.apply(fork_repo, linear="mxfp8", qk="mxfp4")
     assert result.branch == "megaquant/main" and result.commit is not None
-    assert result.values == {"linear_fwd": "mxfp8", "linear_bwd": "mxfp8", "qk": "mxfp4", "pv": "none"}
-    assert {c.role for c in result.changes} == {"linear_fwd", "linear_bwd", "qk"}
+    assert result.values == {
+        "linear_fwd": "mxfp8",
+        "linear_dgrad": "mxfp8",
+        "linear_wgrad": "mxfp8",
+        "qk": "mxfp4",
+        "pv": "none",
+    }
+    assert {c.role for c in result.changes} == {"linear_fwd", "linear_dgrad", "linear_wgrad", "qk"}
+    assert result.absent == ()
     assert (
         "-        custom_quant_type = 'bf16'" in result.diff
         and "+        custom_quant_type = 'mxfp4'" in result.diff
@@ -177,7 +196,8 @@ def test_apply_commits_and_restore_returns(fork_repo: Path) -> None:
     assert "custom_quant_type = 'mxfp8'  # chosen by hand before each run" in (fork_repo / LAYERS).read_text()
     message = str(git.Repo(fork_repo).head.commit.message)
     assert f"Megaquant-Base: main@{status.base.commit}" in message
-    assert "Megaquant-Values: linear_fwd=mxfp8 linear_bwd=mxfp8 qk=mxfp4 pv=none" in message
+    values = "linear_fwd=mxfp8 linear_dgrad=mxfp8 linear_wgrad=mxfp8 qk=mxfp4 pv=none"
+    assert f"Megaquant-Values: {values}" in message
     assert api.diff(fork_repo).count("+        custom_quant_type") >= 2
     restored = api.restore(fork_repo)
     assert restored.restored and restored.branch == "megaquant/main"
@@ -271,7 +291,13 @@ def test_scan_cache_is_keyed_by_content(fork_repo: Path) -> None:
 
 
 VARIANTS = ("v1_three", "v2_label", "v3_env", "v4_override", "adversarial")
-TARGETS = {"linear_fwd": "hifp8", "linear_bwd": "mxfp4", "qk": "mxfp8", "pv": "mxfp4"}
+TARGETS = {
+    "linear_fwd": "hifp8",
+    "linear_dgrad": "mxfp4",
+    "linear_wgrad": "none",
+    "qk": "mxfp8",
+    "pv": "mxfp4",
+}
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -317,7 +343,7 @@ def test_spec_from_git_config(fork_repo: Path) -> None:
 
 
 ROLE_VALUES = st.dictionaries(
-    st.sampled_from(["linear_fwd", "linear_bwd", "qk", "pv"]),
+    st.sampled_from(["linear_fwd", "linear_dgrad", "linear_wgrad", "qk", "pv"]),
     st.sampled_from(["mxfp8", "mxfp4", "hifp8", "none", "bf16"]),
     min_size=1,
 )

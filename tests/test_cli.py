@@ -37,7 +37,17 @@ def test_status_json_shape(fork_repo: Path) -> None:
     code, out, err = invoke("status", "--repo", str(fork_repo), "--json")
     assert code == 0, err
     data = json.loads(out)
-    assert set(data) == {"repo", "branch", "head", "base", "sites", "warnings"}
+    assert set(data) == {
+        "repo",
+        "branch",
+        "head",
+        "base",
+        "spec",
+        "roles",
+        "absent_roles",
+        "sites",
+        "warnings",
+    }
     assert data["branch"] == "main" and data["base"] is None and data["warnings"] == []
     assert len(data["sites"]) == 5
     for site in data["sites"]:
@@ -60,8 +70,9 @@ def test_set_diff_restore_round_trip(fork_repo: Path) -> None:
     assert code == 0, err
     data = json.loads(out)
     assert data["branch"] == "megaquant/main" and len(data["commit"]) == 40
-    assert data["values"] == {"linear_fwd": "mxfp8", "linear_bwd": "mxfp8", "qk": "mxfp4", "pv": "none"}
-    assert {c["role"] for c in data["changes"]} == {"linear_fwd", "linear_bwd", "qk"}
+    linear = dict.fromkeys(("linear_fwd", "linear_dgrad", "linear_wgrad"), "mxfp8")
+    assert data["values"] == {**linear, "qk": "mxfp4", "pv": "none"}
+    assert {c["role"] for c in data["changes"]} == {*linear, "qk"}
     code, out, _ = invoke("status", "--repo", str(fork_repo), "--json")
     status = json.loads(out)
     assert status["base"]["branch"] == "main" and len(status["base"]["commit"]) == 40

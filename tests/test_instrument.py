@@ -37,13 +37,13 @@ EXPECTED_HOOKS = {
     (
         LAYERS,
         f"{LINEAR}.backward",
-        "linear_bwd",
+        "linear_dgrad",
         "_mq_ops.quant_matmul(grad_output, weight, custom_quant_type, grad=True)",
     ),
     (
         LAYERS,
         f"{LINEAR}.backward",
-        "linear_bwd",
+        "linear_wgrad",
         "_mq_ops.quant_matmul(grad_output.t(), total_input, custom_quant_type, grad=True)",
     ),
     (ATTENTION, "DotProductAttention.forward", "qk", "_mq_ops.quant_baddbmm("),
@@ -134,8 +134,8 @@ def test_recognised_by_sites_with_roles(stock: dict[str, bytes]) -> None:
     assert found == sorted(
         [
             (f"{LINEAR}.forward", ("linear_fwd",), "none"),
-            (f"{LINEAR}.backward", ("linear_bwd",), "none"),
-            (f"{LINEAR}.backward", ("linear_bwd",), "none"),
+            (f"{LINEAR}.backward", ("linear_dgrad",), "none"),
+            (f"{LINEAR}.backward", ("linear_wgrad",), "none"),
             ("DotProductAttention.forward", ("qk",), "none"),
             ("DotProductAttention.forward", ("pv",), "none"),
         ]
@@ -406,7 +406,7 @@ def test_cli_instrument_from_installed_then_repo(tmp_path: Path) -> None:
     first = runner.invoke(app, ["instrument", "--from-installed", str(tmp_path / "ws")])
     assert first.exit_code == 0, first.output
     assert "committed" in first.output and "on branch instrumented" in first.output
-    assert f"added    {LAYERS}:" in first.output and "linear_bwd" in first.output
+    assert f"added    {LAYERS}:" in first.output and "linear_dgrad" in first.output
     again = runner.invoke(app, ["instrument", "--repo", str(tmp_path / "ws")])
     assert again.exit_code == 0 and "already instrumented" in again.output
     both = runner.invoke(app, ["instrument", "--repo", "a", "--from-installed", "b"])

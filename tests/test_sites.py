@@ -32,9 +32,9 @@ def test_variant1_three_linear_sites_and_one_shared_attention_site() -> None:
     scan = scan_sources(fixture_sources("v1_three"), FORK)
     assert rows(scan.sites) == [
         (LAYERS, FWD, 26, "hifp8", False, False, ("linear_fwd",), 1),
-        (LAYERS, BWD, 47, "hifp8", False, False, ("linear_bwd",), 1),
+        (LAYERS, BWD, 47, "hifp8", False, False, ("linear_dgrad",), 1),
         # the weight-gradient site sits in the `else:` of `if ctx.gradient_accumulation_fusion:`
-        (LAYERS, BWD, 61, "hifp8", True, False, ("linear_bwd",), 1),
+        (LAYERS, BWD, 61, "hifp8", True, False, ("linear_wgrad",), 1),
         (ATTENTION, ATT, 18, "hifp8", False, False, ("qk", "pv"), 2),
     ]
     assert scan.warnings == ()
@@ -49,12 +49,25 @@ def test_early_version_one_backward_site_feeds_both_gradients() -> None:
     scan = scan_sources(fixture_sources("v0_early"), FORK)
     assert rows(scan.sites) == [
         (LAYERS, FWD, 12, "mxfp8", False, False, ("linear_fwd",), 1),
-        (LAYERS, BWD, 23, "mxfp8", False, False, ("linear_bwd",), 2),  # dgrad, and wgrad in the `else:`
+        (
+            LAYERS,
+            BWD,
+            23,
+            "mxfp8",
+            False,
+            False,
+            ("linear_dgrad", "linear_wgrad"),
+            2,
+        ),  # dgrad, and wgrad in the `else:`
     ]
     assert [g.line for g in scan.sites[1].governs] == [24, 32]
     # attention is absent from this tree: status says so instead of showing nothing
     assert scan.warnings == tuple(
-        f"no GEMM of role {role} found (spec fork expects it in {ATTENTION} {ATT})" for role in ("qk", "pv")
+        f"no GEMM of role {role} found (spec fork expects it in {ATTENTION} {ATT} calling {calls})"
+        for role, calls in (
+            ("qk", "*baddbmm or *baddbmm.apply"),
+            ("pv", "*bmm or *matmul or *bmm.apply or *matmul.apply"),
+        )
     )
 
 
@@ -62,9 +75,9 @@ def test_variant2_label_sites_follow_the_next_gemm() -> None:
     scan = scan_sources(fixture_sources("v2_label"), FORK)
     assert rows(scan.sites) == [
         (LAYERS, FWD, 17, "mxfp4", False, False, ("linear_fwd",), 1),
-        (LAYERS, BWD, 35, "mxfp4", True, False, ("linear_bwd",), 0),  # `if wgrad_compute:` label
-        (LAYERS, BWD, 38, "mxfp4", False, False, ("linear_bwd",), 1),
-        (LAYERS, BWD, 52, "mxfp4", True, False, ("linear_bwd",), 1),
+        (LAYERS, BWD, 35, "mxfp4", True, False, ("linear_dgrad",), 0),  # `if wgrad_compute:` label
+        (LAYERS, BWD, 38, "mxfp4", False, False, ("linear_dgrad",), 1),
+        (LAYERS, BWD, 52, "mxfp4", True, False, ("linear_wgrad",), 1),
         (ATTENTION, ATT, 18, "mxfp4", False, False, ("qk",), 0),  # label of the saved query/key
         (ATTENTION, ATT, 23, "mxfp4", False, False, ("qk", "pv"), 2),
     ]
@@ -77,8 +90,8 @@ def test_variant3_environment_reads_are_sites_without_a_value() -> None:
     env = "os.environ.get('CUSTOM_QUANT_TYPE', 'hifp8')"
     assert [(s.scope, s.line, s.value, s.roles) for s in scan.sites] == [
         (FWD, 16, None, ("linear_fwd",)),
-        (BWD, 32, None, ("linear_bwd",)),
-        (BWD, 43, None, ("linear_bwd",)),
+        (BWD, 32, None, ("linear_dgrad",)),
+        (BWD, 43, None, ("linear_wgrad",)),
         (ATT, 17, None, ("qk",)),
         (ATT, 25, "bf16", ("pv",)),
     ]
@@ -95,8 +108,8 @@ def test_variant4_run_time_overrides_are_listed_and_warned() -> None:
     assert rows(scan.sites) == [
         (LAYERS, FWD, 14, "hifp8", False, False, ("linear_fwd",), 1),
         (LAYERS, FWD, 16, None, True, True, ("linear_fwd",), 0),
-        (LAYERS, BWD, 30, "hifp8", False, False, ("linear_bwd",), 1),
-        (LAYERS, BWD, 41, "hifp8", True, False, ("linear_bwd",), 1),
+        (LAYERS, BWD, 30, "hifp8", False, False, ("linear_dgrad",), 1),
+        (LAYERS, BWD, 41, "hifp8", True, False, ("linear_wgrad",), 1),
         (ATTENTION, ATT, 15, "hifp8", False, False, ("qk", "pv"), 2),
         (ATTENTION, ATT, 18, None, True, True, ("qk", "pv"), 0),  # inside try: + if
     ]
@@ -125,8 +138,8 @@ def test_adversarial_tree() -> None:
         (nested, "make_projection.<locals>.project", 12, "mxfp8", False, False, (), 1),
         # tabs, double quotes, an annotated assignment; decoys and custom_quant_type_backup are not sites
         (LAYERS, FWD, 19, "mxfp8", False, False, ("linear_fwd",), 1),
-        (LAYERS, BWD, 35, "mxfp8", False, False, ("linear_bwd",), 1),
-        (LAYERS, BWD, 43, "mxfp8", True, False, ("linear_bwd",), 1),
+        (LAYERS, BWD, 35, "mxfp8", False, False, ("linear_dgrad",), 1),
+        (LAYERS, BWD, 43, "mxfp8", True, False, ("linear_wgrad",), 1),
         # CRLF + latin-1 coding cookie
         (ATTENTION, ATT, 13, "hifp8", False, False, ("qk", "pv"), 2),
         # the same class name in another file: listed, role-less (the spec names the fork's file)
@@ -233,8 +246,8 @@ def test_instrumented_stock_megatron_through_its_spec() -> None:
     scan = scan_sources(hooked, load_spec("megatron-core"))
     assert [(s.scope.split(".")[-1], s.value, s.roles, s.override) for s in scan.sites] == [
         ("forward", "none", ("linear_fwd",), False),
-        ("backward", "none", ("linear_bwd",), False),
-        ("backward", "none", ("linear_bwd",), False),
+        ("backward", "none", ("linear_dgrad",), False),
+        ("backward", "none", ("linear_wgrad",), False),
         ("forward", "none", ("qk",), False),
         ("forward", "none", ("pv",), False),
     ]
