@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import libcst as cst
 from libcst._nodes.internal import CodegenState
 
-from megaquant.errors import RoleError, SourceError, ValueNameError
-from megaquant.sites import FileAnalysis, Step, analyse_file, governed_roles
+from megaquant.errors import RoleError, SourceError, UnparsableError, ValueNameError
+from megaquant.sites import FileAnalysis, Step, analyse_file, governed_roles, unparsable_warning
 from megaquant.spec import ROLES, Spec, canonical_value
 
 __all__ = ["Change", "RewritePlan", "missing_role_error", "plan_rewrite"]
@@ -303,7 +303,13 @@ def plan_rewrite(sources: Mapping[str, bytes], targets: Mapping[str, str], spec:
         source = sources[file]
         if spec.variable.encode("ascii") not in source:
             continue
-        fa = analyse_file(file, source, spec)
+        try:
+            fa = analyse_file(file, source, spec)
+        except UnparsableError as exc:
+            if not set(spec.roles_in(file)).isdisjoint(wanted):
+                raise  # a file this change may have to edit: refuse, naming file, line and cause
+            warnings.append(unparsable_warning(exc, spec))
+            continue
         if not fa.assignments:
             continue
         roles = {r for site in fa.sites for r in site.roles}

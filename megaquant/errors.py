@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "MegaquantError",
     "SourceError",
+    "UnparsableError",
     "SpecError",
     "RoleError",
     "ValueNameError",
@@ -20,6 +21,16 @@ class MegaquantError(Exception):
 
 class SourceError(MegaquantError):
     """A source file cannot be read or parsed (message names file:line and the cause)."""
+
+
+class UnparsableError(SourceError):
+    """A file is not valid Python (or cannot be decoded): `file`, `line` and `cause` name where and why."""
+
+    def __init__(self, message: str, *, file: str, line: int, cause: str) -> None:
+        super().__init__(message)
+        self.file = file
+        self.line = line
+        self.cause = cause
 
 
 class SpecError(MegaquantError):

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from megaquant.errors import SourceError
+from megaquant.errors import UnparsableError
 from megaquant.spec import Spec
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "analyse_file",
     "candidate_paths",
     "governed_roles",
+    "unparsable_warning",
     "scan_sources",
     "scan_tree",
 ]
@@ -152,9 +153,12 @@ def _parse(file: str, source: bytes) -> tuple[ast.Module, str]:
         line, cause = _line_at(source, source.find(b"\0")), str(exc)
     except RecursionError:
         line, cause = 1, "nested too deeply"
-    raise SourceError(
+    raise UnparsableError(
         f"{file}:{line}: cannot parse this file ({cause}); megaquant changed nothing. "
-        "Fix the file or check out a commit where it is valid Python."
+        "Fix the file or check out a commit where it is valid Python.",
+        file=file,
+        line=line,
+        cause=cause,
     )
 
 
@@ -354,7 +358,12 @@ def analyse_file(file: str, source: bytes, spec: Spec) -> FileAnalysis:
     try:
         walker.visit(tree, "")
     except RecursionError as exc:
-        raise SourceError(f"{file}:1: nested too deeply to analyse; megaquant changed nothing") from exc
+        raise UnparsableError(
+            f"{file}:1: nested too deeply to analyse; megaquant changed nothing",
+            file=file,
+            line=1,
+            cause="nested too deeply to analyse",
+        ) from exc
     assignments: list[Assignment] = []
     uses: list[Use] = []
     warnings: list[str] = []
@@ -543,7 +552,11 @@ def scan_sources(sources: Mapping[str, bytes], spec: Spec) -> Scan:
     for file in sorted(sources):
         if spec.variable.encode("ascii") not in sources[file]:
             continue
-        analysis = analyse_file(file, sources[file], spec)
+        try:
+            analysis = analyse_file(file, sources[file], spec)
+        except UnparsableError as exc:  # list what can be listed; `set` refuses only files it must change
+            warnings.append(unparsable_warning(exc, spec))
+            continue
         sites.extend(analysis.sites)
         warnings.extend(analysis.warnings)
         found_roles.update(governed_roles(analysis))
@@ -553,6 +566,18 @@ def scan_sources(sources: Mapping[str, bytes], spec: Spec) -> Scan:
                 f"no GEMM of role {role} found (spec {spec.name} expects it in {spec.expected(role)})"
             )
     return Scan(tuple(sites), tuple(warnings), tuple(r for r in spec.roles() if r in found_roles))
+
+
+def unparsable_warning(exc: UnparsableError, spec: Spec) -> str:
+    """The warning for a file that mentions the variable but does not parse (its sites are unknown)."""
+    roles = spec.roles_in(exc.file)
+    consequence = (
+        f"; `set` of {', '.join(roles)} is refused until it parses" if roles else "; `set` leaves it alone"
+    )
+    return (
+        f"{exc.file}:{exc.line}: cannot parse this file ({exc.cause}): its {spec.variable} sites, if "
+        f"any, are not listed{consequence}"
+    )
 
 
 def governed_roles(analysis: FileAnalysis) -> set[str]:

@@ -101,6 +101,14 @@ class Spec:
         """The declared roles every tree of this codebase has: one missing means the spec does not match."""
         return tuple(role for role in self.roles() if role not in self.optional)
 
+    def roles_in(self, file: str) -> tuple[str, ...]:
+        """The roles whose GEMMs this spec looks for in `file` (`set` of them must be able to parse it)."""
+        return tuple(
+            role
+            for role in self.roles()
+            if any(r.role == role and fnmatchcase(file, r.file) for r in self.rules)
+        )
+
     def expected(self, role: str) -> str:
         """Where this spec looks for GEMMs of `role`, for messages."""
         return "; ".join(

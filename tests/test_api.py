@@ -251,6 +251,40 @@ def test_unparsable_file_names_file_and_line(tmp_path: Path) -> None:
     assert snapshot(root) == before
 
 
+UNRELATED = "megatron/core/tools/old_patch.py"  # mentions the variable, does not parse, governs nothing
+UNRELATED_SRC = "# left by an old sed script\ncustom_quant_type = \x01'hifp8'\n"
+
+
+def test_status_lists_what_it_can_beside_an_unrelated_unparsable_file(tmp_path: Path) -> None:
+    """Issue 13 item 4: one unrelated broken file used to refuse `status` as a whole."""
+    root = make_fork_repo(tmp_path / "fork", {**FILES, UNRELATED: UNRELATED_SRC})
+    status = api.status(root)
+    assert len(status.sites) == 5
+    (warning,) = (w for w in status.warnings if UNRELATED in w)
+    assert warning.startswith(f"{UNRELATED}:2: cannot parse this file (invalid non-printable character")
+    assert warning.endswith("`set` leaves it alone")
+
+
+def test_set_changes_past_an_unrelated_unparsable_file(tmp_path: Path) -> None:
+    root = make_fork_repo(tmp_path / "fork", {**FILES, UNRELATED: UNRELATED_SRC})
+    result = api.apply(root, linear="mxfp8", qk="mxfp4")
+    assert result.commit is not None and any(UNRELATED in w for w in result.warnings)
+    assert (root / UNRELATED).read_text() == UNRELATED_SRC
+
+
+def test_set_refuses_only_when_a_file_it_must_change_is_unparsable(tmp_path: Path) -> None:
+    root = make_fork_repo(tmp_path / "broken", {**FILES, LAYERS: BROKEN_LAYERS_SRC})
+    status = api.status(root)  # the attention sites are still listed, the linear file is warned about
+    assert [s.file for s in status.sites] == [ATTENTION, ATTENTION]
+    assert any(w.startswith(f"{LAYERS}:") and "`set` of linear_fwd" in w for w in status.warnings)
+    result = api.apply(root, qk="mxfp4")  # attention parses: setting qk does not need layers.py
+    assert result.commit is not None and [c.file for c in result.changes] == [ATTENTION]
+    api.restore(root)
+    with pytest.raises(SourceError, match=rf"^{LAYERS}:\d+: cannot parse this file"):
+        api.apply(root, linear_fwd="mxfp8")
+    assert [h.name for h in git.Repo(root).heads] == ["main"]
+
+
 def test_worktree_mode(fork_repo: Path, tmp_path: Path) -> None:
     before = snapshot(fork_repo)
     result = api.apply(fork_repo, linear="mxfp4", worktree=tmp_path / "exp")

@@ -158,6 +158,15 @@ def test_subprocess_unparsable_file_names_line(tmp_path: Path) -> None:
     assert git.Repo(root).active_branch.name == "main"
 
 
+def test_status_warns_about_an_unrelated_unparsable_file_and_exits_0(tmp_path: Path) -> None:
+    from test_api import FILES, UNRELATED, UNRELATED_SRC
+
+    root = make_fork_repo(tmp_path / "fork", {**FILES, UNRELATED: UNRELATED_SRC})
+    done = run_cli("status", cwd=root)
+    assert done.returncode == 0, done.stderr
+    assert f"warning: {UNRELATED}:2: cannot parse this file" in done.stderr and f"{LAYERS}\n" in done.stdout
+
+
 # ---------------------------------------------------------------- docs/cli.md
 
 

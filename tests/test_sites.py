@@ -9,7 +9,7 @@ import pytest
 from conftest import fixture_root, fixture_sources
 
 from megaquant.errors import SourceError
-from megaquant.sites import Site, candidate_paths, scan_sources, scan_tree
+from megaquant.sites import Site, analyse_file, candidate_paths, scan_sources, scan_tree
 from megaquant.spec import load_spec, parse_spec
 
 LAYERS = "megatron/core/tensor_parallel/layers.py"
@@ -122,10 +122,21 @@ def test_variant4_run_time_overrides_are_listed_and_warned() -> None:
 
 def test_variant7_broken_commit_names_file_line_and_cause() -> None:
     with pytest.raises(SourceError) as info:
-        scan_sources(fixture_sources("v7_broken"), FORK)
+        analyse_file(LAYERS, fixture_sources("v7_broken")[LAYERS], FORK)
     message = str(info.value)
     assert message.startswith(f"{LAYERS}:26: cannot parse this file (invalid non-printable character U+0001)")
     assert "changed nothing" in message
+
+
+def test_variant7_scan_lists_nothing_from_broken_files_and_warns_for_each() -> None:
+    scan = scan_sources(fixture_sources("v7_broken"), FORK)
+    assert scan.sites == () and scan.roles == ()
+    broken = [w for w in scan.warnings if "cannot parse this file" in w]
+    assert [w.split(" (")[0] for w in broken] == [
+        f"{LAYERS}:26: cannot parse this file",
+        f"{ATTENTION}:18: cannot parse this file",
+    ]
+    assert broken[0].endswith("`set` of linear_fwd, linear_dgrad, linear_wgrad is refused until it parses")
 
 
 def test_adversarial_tree() -> None:
@@ -170,8 +181,11 @@ def test_adversarial_tree() -> None:
 )
 def test_unreadable_sources_name_file_and_line(source: bytes, where: str) -> None:
     with pytest.raises(SourceError) as info:
-        scan_sources({"m.py": source}, FORK)
+        analyse_file("m.py", source, FORK)
     assert str(info.value).startswith(where)
+    # a scan lists what it can: an unrelated unreadable file is a warning that names file, line, cause
+    (warning,) = (w for w in scan_sources({"m.py": source}, FORK).warnings if "m.py" in w)
+    assert warning.startswith(where) and warning.endswith("`set` leaves it alone")
 
 
 def test_gemm_without_an_assignment_is_warned() -> None:
