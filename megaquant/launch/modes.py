@@ -35,10 +35,6 @@ class Mode:
         linear = dict.fromkeys(GROUPS["linear"], self.linear)
         return {**linear, "qk": self.qk, "pv": self.pv}
 
-    def settings(self) -> dict[str, str]:
-        """What `megaquant set` is asked: the `linear` group (the linear roles the tree has), qk, pv."""
-        return {"linear": self.linear, "qk": self.qk, "pv": self.pv}
-
     @property
     def quantizes(self) -> bool:
         return any(v != "none" for v in self.values().values())
