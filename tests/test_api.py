@@ -97,6 +97,10 @@ FILES = {
 }
 
 
+STATUS_KEYS = {"repo", "branch", "head", "base", "spec", "roles", "absent_roles", "sites", "warnings"}
+"""The keys of `status --json` (docs/cli.md)."""
+
+
 def make_fork_repo(root: Path, files: dict[str, str] | None = None) -> Path:
     """A git repository (branch main, one commit) holding the fork-shaped fixture tree."""
     root.mkdir(parents=True, exist_ok=True)
@@ -155,17 +159,7 @@ def test_status_lists_sites_with_roles(fork_repo: Path) -> None:
     assert [s.roles for s in status.sites if s.file == ATTENTION] == [("qk",), ("pv",)]
     assert all(s.value == "bf16" for s in status.sites)
     data = json.loads(json.dumps(status.to_json()))
-    assert set(data) == {
-        "repo",
-        "branch",
-        "head",
-        "base",
-        "spec",
-        "roles",
-        "absent_roles",
-        "sites",
-        "warnings",
-    }
+    assert set(data) == STATUS_KEYS
     assert data["roles"] == dict.fromkeys(("linear_fwd", "linear_dgrad", "linear_wgrad", "qk", "pv"), "none")
     assert data["spec"] == "fork" and data["absent_roles"] == []
     assert {"file", "scope", "line", "value", "expr", "conditional", "roles"} <= set(data["sites"][0])

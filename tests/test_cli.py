@@ -13,7 +13,7 @@ from pathlib import Path
 import git
 import pytest
 import typer.main
-from test_api import ATTENTION, LAYERS, make_fork_repo, snapshot
+from test_api import ATTENTION, LAYERS, STATUS_KEYS, make_fork_repo, snapshot
 from typer.testing import CliRunner
 
 from megaquant import api
@@ -37,17 +37,7 @@ def test_status_json_shape(fork_repo: Path) -> None:
     code, out, err = invoke("status", "--repo", str(fork_repo), "--json")
     assert code == 0, err
     data = json.loads(out)
-    assert set(data) == {
-        "repo",
-        "branch",
-        "head",
-        "base",
-        "spec",
-        "roles",
-        "absent_roles",
-        "sites",
-        "warnings",
-    }
+    assert set(data) == STATUS_KEYS
     assert data["branch"] == "main" and data["base"] is None and data["warnings"] == []
     assert len(data["sites"]) == 5
     for site in data["sites"]:
