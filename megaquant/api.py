@@ -11,7 +11,7 @@ import hashlib
 import os
 import pickle
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,6 +37,11 @@ class Status:
     base: Base | None
     sites: tuple[Site, ...]
     warnings: tuple[str, ...]
+    spec: str = "fork"
+    values: dict[str, str] = field(default_factory=dict)
+    """role -> value for every role: what its sites hold, `none` where the tree lacks the role."""
+    absent: tuple[str, ...] = ()
+    """Roles this tree does not have (its spec lacks them, or they are optional and not found)."""
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -44,6 +49,9 @@ class Status:
             "branch": self.branch,
             "head": self.head,
             "base": None if self.base is None else {"branch": self.base.branch, "commit": self.base.commit},
+            "spec": self.spec,
+            "roles": dict(self.values),
+            "absent_roles": list(self.absent),
             "sites": [site.to_json() for site in self.sites],
             "warnings": list(self.warnings),
         }
@@ -57,8 +65,11 @@ class ApplyResult:
     commit: str | None
     changes: tuple[Change, ...]
     values: dict[str, str]
+    """role -> value for every role after the change (`none` for a role the tree lacks)."""
     warnings: tuple[str, ...]
     diff: str
+    absent: tuple[str, ...] = ()
+    """Roles asked through a group (`--linear`, `--linear-bwd`) that this tree lacks: they run bf16."""
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -79,6 +90,7 @@ class ApplyResult:
                 for c in self.changes
             ],
             "values": dict(self.values),
+            "absent_roles": list(self.absent),
             "warnings": list(self.warnings),
             "diff": self.diff,
         }
@@ -104,6 +116,7 @@ def _read_sources(root: Path, spec: Spec) -> dict[str, bytes]:
 
 
 SCAN_CACHE = "megaquant-scan-cache.pickle"
+SET_OPTIONS = ("--linear", "--linear-fwd", "--linear-bwd", "--linear-dgrad", "--linear-wgrad", "--qk", "--pv")
 
 
 def _scan_key(sources: Mapping[str, bytes], spec: Spec) -> str:
@@ -156,55 +169,50 @@ def _throwaway_base(repo: git.Repo) -> tuple[Base | None, str | None]:
     return (journal.base if journal else _branch.recorded_base(repo, on)), on
 
 
-def _targets(
-    spec: Spec, values: Mapping[str, str] | None, linear: str | None, **roles: str | None
-) -> dict[str, str]:
-    from megaquant.spec import canonical_value
-
+def _asked(values: Mapping[str, str] | None, **options: str | None) -> dict[str, str]:
+    """Roles and groups asked for: the `values` mapping, then the keyword options given."""
     asked: dict[str, str] = dict(values or {})
-    if linear is not None:
-        asked.update(linear_fwd=linear, linear_bwd=linear)
-    asked.update({role: value for role, value in roles.items() if value is not None})
-    known = spec.roles()
-    if "linear_bwd" in asked and "linear_bwd" not in known:  # a spec with the backward GEMMs named apart
-        value = asked.pop("linear_bwd")
-        asked.update({r: asked.get(r, value) for r in ("linear_dgrad", "linear_wgrad") if r in known})
-    for role in asked:
-        if role not in known:
-            raise ValueNameError(f"unknown role {role!r}; spec {spec.name!r} has roles {', '.join(known)}")
+    asked.update({key: value for key, value in options.items() if value is not None})
     if not asked:
-        raise MegaquantError(
-            "nothing to set: give at least one of --linear, --linear-fwd, --linear-bwd, --qk, --pv"
-        )
-    return {role: canonical_value(value) for role, value in asked.items()}
+        raise MegaquantError(f"nothing to set: give at least one of {', '.join(SET_OPTIONS)}")
+    return asked
 
 
-def _role_values(
-    rep: git.Repo, sources: Mapping[str, bytes], targets: Mapping[str, str], spec: Spec
-) -> dict[str, str]:
-    """role -> canonical value for every role: the target, else what the (non-override) sites hold now."""
-    from megaquant.spec import canonical_value
+def _role_values(scan: Scan, targets: Mapping[str, str], spec: Spec) -> dict[str, str]:
+    """role -> canonical value for every role: the target, else what the (non-override) sites hold now,
+    `none` for a role this tree does not have (that GEMM runs bf16), `absent` when a role the spec
+    requires was not found (the tree does not match the spec)."""
+    from megaquant.spec import ROLES, canonical_value
 
-    untouched = [role for role in spec.roles() if role not in targets]
-    current: dict[str, set[str]] = {role: set() for role in untouched}
-    if untouched:
-        for site in _cached_scan(rep, sources, spec).sites:
-            for role in site.roles:
-                if role in current and not site.override:
-                    try:
-                        current[role].add(
-                            canonical_value(site.value) if site.value is not None else site.expr
-                        )
-                    except ValueNameError:
-                        current[role].add(str(site.value))
+    current: dict[str, set[str]] = {role: set() for role in ROLES}
+    for site in scan.sites:
+        for role in site.roles:
+            if not site.override:
+                try:
+                    current[role].add(canonical_value(site.value) if site.value is not None else site.expr)
+                except ValueNameError:
+                    current[role].add(str(site.value))
     values = {}
-    for role in spec.roles():
+    for role in ROLES:
+        found = current[role]
         if role in targets:
             values[role] = targets[role]
+        elif role not in spec.roles() or (role in spec.optional and role not in scan.roles):
+            values[role] = "none"
         else:
-            found = current[role]
             values[role] = next(iter(found)) if len(found) == 1 else ("mixed" if found else "absent")
     return values
+
+
+def lacking_roles(scan: Scan, spec: Spec) -> tuple[str, ...]:
+    """The roles this tree does not have: not declared by its spec, or optional and not found."""
+    from megaquant.spec import ROLES
+
+    return tuple(
+        role
+        for role in ROLES
+        if role not in spec.roles() or (role in spec.optional and role not in scan.roles)
+    )
 
 
 def unified_diff(before: Mapping[str, bytes], after: Mapping[str, bytes]) -> str:
@@ -239,15 +247,27 @@ def status(repo: str | Path = ".", *, spec: str | None = None) -> Status:
     scan = _cached_scan(rep, _read_sources(root, spec_obj), spec_obj)
     warnings = (*scan.warnings, *_branch.describe_state(rep))
     head = _branch.head_commit(rep) or ""
-    return Status(str(root), _branch.head_branch(rep), head, base, scan.sites, tuple(warnings))
+    return Status(
+        str(root),
+        _branch.head_branch(rep),
+        head,
+        base,
+        scan.sites,
+        tuple(warnings),
+        spec=spec_obj.name,
+        values=_role_values(scan, {}, spec_obj),
+        absent=lacking_roles(scan, spec_obj),
+    )
 
 
 def apply(
     repo: str | Path = ".",
     *,
     linear: str | None = None,
-    linear_fwd: str | None = None,
     linear_bwd: str | None = None,
+    linear_fwd: str | None = None,
+    linear_dgrad: str | None = None,
+    linear_wgrad: str | None = None,
     qk: str | None = None,
     pv: str | None = None,
     values: Mapping[str, str] | None = None,
@@ -255,13 +275,28 @@ def apply(
     worktree: str | Path | None = None,
     spec: str | None = None,
 ) -> ApplyResult:
-    """Set role values on the throwaway branch `megaquant/<base>` (or a new worktree) with one commit."""
+    """Set role values on the throwaway branch `megaquant/<base>` (or a new worktree) with one commit.
+
+    `linear` (all linear GEMMs) and `linear_bwd` (dgrad and wgrad) are groups: they set the member roles
+    the tree has and report the others in `ApplyResult.absent`; a narrower option wins over a group.
+    `values` maps roles or group names to values. Raises `RoleError` for a role named on its own that the
+    spec does not declare, and for any role asked for that has no GEMM in the tree (nothing is written)."""
     from megaquant.codemod import plan_rewrite
     from megaquant.spec import load_spec
 
     rep = _branch.open_repo(repo)
     spec_obj = load_spec(_spec_name(rep, spec))
-    targets = _targets(spec_obj, values, linear, linear_fwd=linear_fwd, linear_bwd=linear_bwd, qk=qk, pv=pv)
+    asked = _asked(
+        values,
+        linear=linear,
+        linear_bwd=linear_bwd,
+        linear_fwd=linear_fwd,
+        linear_dgrad=linear_dgrad,
+        linear_wgrad=linear_wgrad,
+        qk=qk,
+        pv=pv,
+    )
+    spec_obj.targets(asked, spec_obj.roles())  # names and values checked before anything else
     journal = _branch.read_journal(rep)
     if journal is not None:
         raise GitStateError(
@@ -277,17 +312,21 @@ def apply(
     elif worktree is not None:
         raise GitStateError(f"already on {name}; run `megaquant restore` before creating a worktree")
 
-    def plan_in(checkout: git.Repo) -> tuple[dict[str, bytes], RewritePlan, dict[str, str]]:
+    def plan_in(checkout: git.Repo) -> tuple[dict[str, bytes], RewritePlan, dict[str, str], tuple[str, ...]]:
         sources = _read_sources(_branch.worktree_root(checkout), spec_obj)
-        plan = plan_rewrite(sources, targets, spec_obj)
-        return sources, plan, _role_values(checkout, sources, targets, spec_obj)
+        scan = _cached_scan(checkout, sources, spec_obj)
+        targets = spec_obj.targets(asked, scan.roles)
+        plan = plan_rewrite(sources, targets.values, spec_obj)
+        return sources, plan, _role_values(scan, targets.values, spec_obj), targets.absent
 
     root = _branch.worktree_root(rep)
     if dry_run or worktree is None:
-        sources, plan, role_values = plan_in(rep)
+        sources, plan, role_values, absent = plan_in(rep)
         text = unified_diff(sources, plan.new_sources)
         if dry_run or not plan.new_sources:
-            return ApplyResult(str(root), name, base, None, plan.changes, role_values, plan.warnings, text)
+            return ApplyResult(
+                str(root), name, base, None, plan.changes, role_values, plan.warnings, text, absent
+            )
         with _branch.repo_lock(rep, "set"):
             done = _branch.commit_files(
                 rep,
@@ -297,14 +336,16 @@ def apply(
                 branch=name,
                 message=_commit_text(plan, base, role_values),
             )
-        return ApplyResult(done.repo, name, base, done.commit, plan.changes, role_values, plan.warnings, text)
+        return ApplyResult(
+            done.repo, name, base, done.commit, plan.changes, role_values, plan.warnings, text, absent
+        )
     with _branch.repo_lock(rep, "set"):
         wt = _branch.add_worktree(rep, Path(worktree).absolute(), base)
         wt_root = _branch.worktree_root(wt)
         wt_name = _branch.head_branch(wt)
         assert wt_name is not None
         try:
-            sources, plan, role_values = plan_in(wt)
+            sources, plan, role_values, absent = plan_in(wt)
         except MegaquantError:
             _branch.discard_worktree(rep, wt_root, wt_name)  # fresh, holds nothing of the user's
             raise
@@ -315,7 +356,9 @@ def apply(
             commit = _branch.commit_files(
                 wt, plan.new_sources, sources, base=base, branch=wt_name, message=message
             ).commit
-    return ApplyResult(str(wt_root), wt_name, base, commit, plan.changes, role_values, plan.warnings, text)
+    return ApplyResult(
+        str(wt_root), wt_name, base, commit, plan.changes, role_values, plan.warnings, text, absent
+    )
 
 
 def restore(repo: str | Path = ".", *, keep: bool = False) -> RestoreResult:

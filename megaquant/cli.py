@@ -85,6 +85,11 @@ def _show_status(result: Status) -> None:
     typer.echo(f"{typer.style(result.repo, bold=True)} on {where}")
     if result.base is not None:
         typer.echo(f"throwaway branch of {result.base.branch or 'detached'} @ {result.base.commit[:12]}")
+    roles = "  ".join(
+        f"{role}={'(not in this tree, runs bf16)' if role in result.absent else value}"
+        for role, value in result.values.items()
+    )
+    typer.echo(f"spec {result.spec}: {roles}")
     if not result.sites:
         typer.echo("no sites found")
     current = None
@@ -106,6 +111,8 @@ def _show_apply(result: ApplyResult, dry_run: bool) -> None:
     for change in result.changes:
         typer.echo(f"{change.file}:{change.line} {change.scope} [{change.role}] {change.old} -> {change.new}")
     values = " ".join(f"{role}={value}" for role, value in result.values.items())
+    for role in result.absent:
+        typer.echo(f"{role}: not in this tree, runs bf16")
     if dry_run:
         typer.echo(f"dry run: nothing written ({values})")
     elif result.commit is None:
@@ -127,9 +134,15 @@ def _add_core_commands(app: typer.Typer) -> None:
     @app.command("set")
     def set_command(
         repo: RepoOpt = Path("."),
-        linear: Annotated[str | None, typer.Option(help=f"Both linear roles: {ValueOpt}.")] = None,
+        linear: Annotated[
+            str | None, typer.Option(help=f"All linear roles the tree has (fwd, dgrad, wgrad): {ValueOpt}.")
+        ] = None,
         linear_fwd: Annotated[str | None, typer.Option(help="Linear forward GEMM.")] = None,
-        linear_bwd: Annotated[str | None, typer.Option(help="Linear backward (gradient) GEMMs.")] = None,
+        linear_bwd: Annotated[
+            str | None, typer.Option(help="Both linear backward roles the tree has (dgrad, wgrad).")
+        ] = None,
+        linear_dgrad: Annotated[str | None, typer.Option(help="Linear data-gradient GEMM.")] = None,
+        linear_wgrad: Annotated[str | None, typer.Option(help="Linear weight-gradient GEMM.")] = None,
         qk: Annotated[str | None, typer.Option(help="Attention Q·K^T GEMM.")] = None,
         pv: Annotated[str | None, typer.Option(help="Attention P·V GEMM.")] = None,
         dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the diff; write nothing.")] = False,
@@ -139,9 +152,15 @@ def _add_core_commands(app: typer.Typer) -> None:
         ] = None,
         spec: SpecOpt = None,
     ) -> None:
-        """Set role values on the throwaway branch megaquant/<base> (one commit; restore undoes it)."""
-        if all(v is None for v in (linear, linear_fwd, linear_bwd, qk, pv)):
-            raise typer.BadParameter("give at least one of --linear, --linear-fwd, --linear-bwd, --qk, --pv")
+        """Set role values on the throwaway branch megaquant/<base> (one commit; restore undoes it).
+
+        A group (--linear, --linear-bwd) sets the roles the tree has and names those it lacks; a role
+        named on its own that the tree lacks, or one with no GEMM found, is an error (exit 1)."""
+        options = (linear, linear_fwd, linear_bwd, linear_dgrad, linear_wgrad, qk, pv)
+        if all(v is None for v in options):
+            from megaquant.api import SET_OPTIONS
+
+            raise typer.BadParameter(f"give at least one of {', '.join(SET_OPTIONS)}")
         from megaquant import api
 
         result = api.apply(
@@ -149,6 +168,8 @@ def _add_core_commands(app: typer.Typer) -> None:
             linear=linear,
             linear_fwd=linear_fwd,
             linear_bwd=linear_bwd,
+            linear_dgrad=linear_dgrad,
+            linear_wgrad=linear_wgrad,
             qk=qk,
             pv=pv,
             dry_run=dry_run,

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 import libcst as cst
 from libcst._nodes.internal import CodegenState
 
-from megaquant.errors import SourceError, ValueNameError
-from megaquant.sites import FileAnalysis, Step, analyse_file
-from megaquant.spec import ROLES, SPEC_ONLY_ROLES, Spec, canonical_value
+from megaquant.errors import RoleError, SourceError, UnparsableError, ValueNameError
+from megaquant.sites import FileAnalysis, Step, analyse_file, governed_roles, unparsable_warning
+from megaquant.spec import ROLES, Spec, canonical_value
 
-__all__ = ["Change", "RewritePlan", "plan_rewrite"]
+__all__ = ["Change", "RewritePlan", "missing_role_error", "plan_rewrite"]
 
 
 @dataclass(frozen=True)
@@ -155,18 +155,29 @@ class _Edit(cst.CSTTransformer):
         return updated.with_changes(body=self._body(tuple(original.body), tuple(updated.body)))
 
 
-def _targets(targets: Mapping[str, str], spec: Spec) -> tuple[dict[str, str], list[str]]:
+def _targets(targets: Mapping[str, str], spec: Spec) -> dict[str, str]:
     wanted: dict[str, str] = {}
-    warnings: list[str] = []
     for role, value in targets.items():
-        if role not in ROLES + SPEC_ONLY_ROLES:
-            raise ValueNameError(f"unknown role {role!r}; roles are {', '.join(ROLES + SPEC_ONLY_ROLES)}")
+        if role not in ROLES:
+            raise ValueNameError(f"unknown role {role!r}; roles are {', '.join(ROLES)}")
         canonical_value(value)
         if role not in spec.roles():
-            warnings.append(f"role {role} is not defined by spec {spec.name}; nothing was changed for it")
-            continue
+            raise RoleError(
+                f"role {role} is not in trees of spec {spec.name} (it has {', '.join(spec.roles())}); "
+                "nothing was changed"
+            )
         wanted[role] = spec.literal(value)
-    return wanted, warnings
+    return wanted
+
+
+def missing_role_error(role: str, spec: Spec) -> RoleError:
+    """The refusal when a role asked for has no GEMM an assignment governs (never `nothing to change`)."""
+    return RoleError(
+        f"role {role} asked for, but this tree has no {role} GEMM that spec {spec.name} recognises "
+        f"(it looks in {spec.expected(role)}); nothing was changed, a run would keep the old value. "
+        "On stock Megatron run `megaquant instrument` first; on a tree spelled differently, pass a "
+        "matching spec with --spec (see `megaquant status`)"
+    )
 
 
 def _plan_file(
@@ -283,7 +294,8 @@ def _verify(fa: FileAnalysis, new: bytes, expected: Mapping[int, str], spec: Spe
 
 def plan_rewrite(sources: Mapping[str, bytes], targets: Mapping[str, str], spec: Spec) -> RewritePlan:
     """New sources setting each role in `targets` (role -> value, any spelling); other roles untouched."""
-    wanted, warnings = _targets(targets, spec)
+    wanted = _targets(targets, spec)
+    warnings: list[str] = []
     new_sources: dict[str, bytes] = {}
     changes: list[Change] = []
     found: set[str] = set()
@@ -291,11 +303,17 @@ def plan_rewrite(sources: Mapping[str, bytes], targets: Mapping[str, str], spec:
         source = sources[file]
         if spec.variable.encode("ascii") not in source:
             continue
-        fa = analyse_file(file, source, spec)
+        try:
+            fa = analyse_file(file, source, spec)
+        except UnparsableError as exc:
+            if not set(spec.roles_in(file)).isdisjoint(wanted):
+                raise  # a file this change may have to edit: refuse, naming file, line and cause
+            warnings.append(unparsable_warning(exc, spec))
+            continue
         if not fa.assignments:
             continue
         roles = {r for site in fa.sites for r in site.roles}
-        found.update(roles)
+        found.update(governed_roles(fa))
         if roles.isdisjoint(wanted):
             continue  # nothing here can change: skip the (slower) libcst parse
         module = cst.parse_module(source)
@@ -319,5 +337,5 @@ def plan_rewrite(sources: Mapping[str, bytes], targets: Mapping[str, str], spec:
         changes.extend(file_changes)
     for role in wanted:
         if role not in found:
-            warnings.append(f"no site of role {role} found (spec {spec.name}); nothing was changed for it")
+            raise missing_role_error(role, spec)
     return RewritePlan(new_sources, tuple(changes), tuple(warnings))

@@ -141,6 +141,7 @@ def run_demo(
 ) -> tuple[Corpus, list[DemoRow]]:
     """bf16, then `mode`: apply the role values (throwaway branch), train, restore; return the comparison."""
     from megaquant import api  # type: ignore[attr-defined,unused-ignore]
+    from megaquant.launch.argv import role_settings
     from megaquant.launch.minitrain import run_minitrain
     from megaquant.report import final_loss, step_time
 
@@ -153,7 +154,7 @@ def run_demo(
     on_event(f"corpus: {corpus.description}, {corpus.tokens:,} tokens at {corpus.prefix}")
     rows: list[DemoRow] = []
     for name in modes:
-        result = api.apply(workspace, values=plans[name], spec=SPEC)
+        result = api.apply(workspace, values=role_settings(plans[name]), spec=SPEC)
         try:
             on_event(
                 f"{name}: {_describe(plans[name])} (branch {result.branch}, commit {str(result.commit)[:12]})"

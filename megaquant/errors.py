@@ -5,7 +5,9 @@ from __future__ import annotations
 __all__ = [
     "MegaquantError",
     "SourceError",
+    "UnparsableError",
     "SpecError",
+    "RoleError",
     "ValueNameError",
     "GitStateError",
     "LockedError",
@@ -21,8 +23,22 @@ class SourceError(MegaquantError):
     """A source file cannot be read or parsed (message names file:line and the cause)."""
 
 
+class UnparsableError(SourceError):
+    """A file is not valid Python (or cannot be decoded): `file`, `line` and `cause` name where and why."""
+
+    def __init__(self, message: str, *, file: str, line: int, cause: str) -> None:
+        super().__init__(message)
+        self.file = file
+        self.line = line
+        self.cause = cause
+
+
 class SpecError(MegaquantError):
     """A rewrite spec in `rewrites/` is malformed."""
+
+
+class RoleError(MegaquantError):
+    """A role was asked for that the spec or the tree does not have (asking is never a silent no-op)."""
 
 
 class ValueNameError(MegaquantError):

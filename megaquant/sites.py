@@ -15,7 +15,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from megaquant.errors import SourceError
+from megaquant.errors import UnparsableError
 from megaquant.spec import Spec
 
 __all__ = [
@@ -25,6 +25,8 @@ __all__ = [
     "Site",
     "analyse_file",
     "candidate_paths",
+    "governed_roles",
+    "unparsable_warning",
     "scan_sources",
     "scan_tree",
 ]
@@ -80,6 +82,7 @@ class Site:
 class Scan:
     sites: tuple[Site, ...]
     warnings: tuple[str, ...]
+    roles: tuple[str, ...] = ()  # the roles with at least one GEMM that an assignment governs
 
 
 # A step into a branch of a compound statement: (id of the statement, branch name, branches exclusive?).
@@ -150,9 +153,12 @@ def _parse(file: str, source: bytes) -> tuple[ast.Module, str]:
         line, cause = _line_at(source, source.find(b"\0")), str(exc)
     except RecursionError:
         line, cause = 1, "nested too deeply"
-    raise SourceError(
+    raise UnparsableError(
         f"{file}:{line}: cannot parse this file ({cause}); megaquant changed nothing. "
-        "Fix the file or check out a commit where it is valid Python."
+        "Fix the file or check out a commit where it is valid Python.",
+        file=file,
+        line=line,
+        cause=cause,
     )
 
 
@@ -182,6 +188,29 @@ def _calls(nodes: list[ast.stmt]) -> list[str]:
 
 def _chain_callees(head: ast.If) -> tuple[str, ...]:
     return tuple(dict.fromkeys(_calls([*head.body, *head.orelse])))
+
+
+def _targets(statement: ast.AST) -> list[str]:
+    """The names (or dotted attributes) an assignment statement binds; [] for any other statement."""
+    if isinstance(statement, ast.Assign):
+        return [_callee(t) for t in statement.targets]
+    if isinstance(statement, ast.AnnAssign | ast.AugAssign):
+        return [_callee(statement.target)]
+    return []
+
+
+def _results(nodes: list[ast.stmt], spec: Spec) -> tuple[str, ...]:
+    """What the GEMM calls in `nodes` are assigned to (`grad_weight` in `grad_weight = x.matmul(y)`)."""
+    found: list[str] = []
+    todo: list[ast.AST] = list(nodes)
+    while todo:
+        node = todo.pop()
+        if _targets(node) and any(
+            isinstance(c, ast.Call) and spec.is_gemm_call(_callee(c.func)) for c in ast.walk(node)
+        ):
+            found.extend(_targets(node))
+        todo.extend(c for c in ast.iter_child_nodes(node) if isinstance(c, ast.stmt))
+    return tuple(dict.fromkeys(sorted(found)))
 
 
 def _scope(stack: list[Frame]) -> tuple[int, str]:
@@ -329,7 +358,12 @@ def analyse_file(file: str, source: bytes, spec: Spec) -> FileAnalysis:
     try:
         walker.visit(tree, "")
     except RecursionError as exc:
-        raise SourceError(f"{file}:1: nested too deeply to analyse; megaquant changed nothing") from exc
+        raise UnparsableError(
+            f"{file}:1: nested too deeply to analyse; megaquant changed nothing",
+            file=file,
+            line=1,
+            cause="nested too deeply to analyse",
+        ) from exc
     assignments: list[Assignment] = []
     uses: list[Use] = []
     warnings: list[str] = []
@@ -381,7 +415,7 @@ def analyse_file(file: str, source: bytes, spec: Spec) -> FileAnalysis:
                         enclosing=_enclosing(stack[:head]),
                         anchor_line=chain.lineno,
                         call=", ".join(callees),
-                        role=spec.role_of(file, scope, callees),
+                        role=spec.role_of(file, scope, callees, _results([chain], spec)),
                     )
                 )
             continue
@@ -403,7 +437,7 @@ def analyse_file(file: str, source: bytes, spec: Spec) -> FileAnalysis:
                         enclosing=_enclosing(stack[:call_at]),
                         anchor_line=anchor.lineno,
                         call=callee,
-                        role=spec.role_of(file, scope, (callee,)),
+                        role=spec.role_of(file, scope, (callee,), tuple(_targets(anchor))),
                     )
                 )
     analysis = FileAnalysis(file, assignments, uses, {}, {}, warnings=warnings)
@@ -518,15 +552,37 @@ def scan_sources(sources: Mapping[str, bytes], spec: Spec) -> Scan:
     for file in sorted(sources):
         if spec.variable.encode("ascii") not in sources[file]:
             continue
-        analysis = analyse_file(file, sources[file], spec)
+        try:
+            analysis = analyse_file(file, sources[file], spec)
+        except UnparsableError as exc:  # list what can be listed; `set` refuses only files it must change
+            warnings.append(unparsable_warning(exc, spec))
+            continue
         sites.extend(analysis.sites)
         warnings.extend(analysis.warnings)
-        found_roles.update(u.role for u in analysis.uses if u.role is not None)
-    for role in spec.roles():
+        found_roles.update(governed_roles(analysis))
+    for role in spec.required():
         if role not in found_roles:
-            places = "; ".join(f"{r.file} {r.scope}" for r in spec.rules if r.role == role)
-            warnings.append(f"no GEMM of role {role} found (spec {spec.name} expects it in {places})")
-    return Scan(tuple(sites), tuple(warnings))
+            warnings.append(
+                f"no GEMM of role {role} found (spec {spec.name} expects it in {spec.expected(role)})"
+            )
+    return Scan(tuple(sites), tuple(warnings), tuple(r for r in spec.roles() if r in found_roles))
+
+
+def unparsable_warning(exc: UnparsableError, spec: Spec) -> str:
+    """The warning for a file that mentions the variable but does not parse (its sites are unknown)."""
+    roles = spec.roles_in(exc.file)
+    consequence = (
+        f"; `set` of {', '.join(roles)} is refused until it parses" if roles else "; `set` leaves it alone"
+    )
+    return (
+        f"{exc.file}:{exc.line}: cannot parse this file ({exc.cause}): its {spec.variable} sites, if "
+        f"any, are not listed{consequence}"
+    )
+
+
+def governed_roles(analysis: FileAnalysis) -> set[str]:
+    """The roles of the file's GEMMs that an assignment governs (the ones `set` can change)."""
+    return {role for u in analysis.governor if (role := analysis.uses[u].role) is not None}
 
 
 def scan_tree(root: Path, spec: Spec) -> Scan:

@@ -7,17 +7,20 @@ from __future__ import annotations
 
 import sysconfig
 import tomllib
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 
-from megaquant.errors import SpecError, ValueNameError
+from megaquant.errors import RoleError, SpecError, ValueNameError
 
 __all__ = [
     "ALIASES",
+    "GROUPS",
     "ROLES",
     "VALUES",
     "RoleRule",
+    "RoleTargets",
     "Spec",
     "canonical_value",
     "load_spec",
@@ -26,10 +29,12 @@ __all__ = [
     "spec_path",
 ]
 
-ROLES: tuple[str, ...] = ("linear_fwd", "linear_bwd", "qk", "pv")
-# Accepted in specs ahead of the role split (issue 13 item 2): rewrites/megatron-core.toml already names
-# the two backward GEMMs of an instrumented tree apart. The roles change makes them ROLES and drops this.
-SPEC_ONLY_ROLES: tuple[str, ...] = ("linear_dgrad", "linear_wgrad")
+ROLES: tuple[str, ...] = ("linear_fwd", "linear_dgrad", "linear_wgrad", "qk", "pv")
+GROUPS: dict[str, tuple[str, ...]] = {
+    "linear": ("linear_fwd", "linear_dgrad", "linear_wgrad"),
+    "linear_bwd": ("linear_dgrad", "linear_wgrad"),
+}
+"""Group names (`--linear`, `--linear-bwd`): they set the member roles the tree has and name the others."""
 VALUES: tuple[str, ...] = ("mxfp8", "mxfp4", "hifp8", "none")
 ALIASES: dict[str, str] = {"bf16": "none"}
 
@@ -46,18 +51,34 @@ def canonical_value(value: str) -> str:
 
 @dataclass(frozen=True)
 class RoleRule:
-    """GEMMs of `role`: in files matching `file` (glob), scopes matching `scope`, calls matching `calls`."""
+    """GEMMs of `role`: in files matching `file` (glob), scopes matching `scope`, calls matching `calls`
+    (case-insensitive: `MXFPMatMul.apply` and `mxfp_matmul` are both `*matmul*` spellings), and, when
+    `assigns` is given, whose result is assigned to a name matching one of its patterns (what tells the
+    weight-gradient GEMM `grad_weight = ...` from the data-gradient GEMM `grad_input = ...`)."""
 
     role: str
     file: str
     scope: str
     calls: tuple[str, ...]
+    assigns: tuple[str, ...] = ()
 
     def covers(self, file: str, scope: str) -> bool:
         return fnmatchcase(file, self.file) and fnmatchcase(scope, self.scope)
 
     def matches_call(self, callee: str) -> bool:
-        return any(fnmatchcase(callee, pattern) for pattern in self.calls)
+        name = callee.lower()
+        return any(fnmatchcase(name, pattern.lower()) for pattern in self.calls)
+
+    def matches_result(self, results: tuple[str, ...]) -> bool:
+        return not self.assigns or any(fnmatchcase(r, p) for r in results for p in self.assigns)
+
+
+@dataclass(frozen=True)
+class RoleTargets:
+    """What a request for roles and groups sets: role -> value, and the group members this tree lacks."""
+
+    values: dict[str, str]
+    absent: tuple[str, ...]  # roles asked through a group that the tree does not have: they run bf16
 
 
 @dataclass(frozen=True)
@@ -68,9 +89,68 @@ class Spec:
     variable: str
     none_literal: str
     rules: tuple[RoleRule, ...]
+    optional: tuple[str, ...] = ()
+    """Declared roles that some trees of this codebase lack (a fork revision without a wgrad site)."""
 
     def roles(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(rule.role for rule in self.rules))
+        """The roles this codebase's trees have (in `ROLES` order), optional ones included."""
+        declared = {rule.role for rule in self.rules}
+        return tuple(role for role in ROLES if role in declared)
+
+    def required(self) -> tuple[str, ...]:
+        """The declared roles every tree of this codebase has: one missing means the spec does not match."""
+        return tuple(role for role in self.roles() if role not in self.optional)
+
+    def roles_in(self, file: str) -> tuple[str, ...]:
+        """The roles whose GEMMs this spec looks for in `file` (`set` of them must be able to parse it)."""
+        return tuple(
+            role
+            for role in self.roles()
+            if any(r.role == role and fnmatchcase(file, r.file) for r in self.rules)
+        )
+
+    def expected(self, role: str) -> str:
+        """Where this spec looks for GEMMs of `role`, for messages."""
+        return "; ".join(
+            f"{r.file} {r.scope} calling {' or '.join(r.calls)}"
+            + (f" into {' or '.join(r.assigns)}" if r.assigns else "")
+            for r in self.rules
+            if r.role == role
+        )
+
+    def targets(self, asked: Mapping[str, str], found: Collection[str]) -> RoleTargets:
+        """Resolve roles and groups (`linear`, `linear_bwd`) asked for into role -> canonical value.
+
+        Groups first (`linear` before `linear_bwd`), then single roles, so the narrower option wins. A
+        group sets its members this spec declares (an optional one only when the tree has it, `found`)
+        and names the rest in `absent`; a role named on its own that the spec does not declare is an
+        error. Whether the tree has the GEMMs of each role set is `codemod.plan_rewrite`'s check."""
+        values: dict[str, str] = {}
+        absent: list[str] = []
+        for key in asked:
+            if key not in GROUPS and key not in ROLES:
+                known = ", ".join([*ROLES, *GROUPS])
+                raise ValueNameError(f"unknown role {key!r}; roles are {known}")
+        for group, members in GROUPS.items():
+            if group in asked:
+                value = canonical_value(asked[group])
+                for role in members:
+                    if role in self.roles() and (role not in self.optional or role in found):
+                        values[role] = value
+                    elif role not in absent:
+                        absent.append(role)
+        for role in ROLES:
+            if role in asked:
+                if role not in self.roles():
+                    raise RoleError(
+                        f"role {role} is not in trees of spec {self.name} (it has "
+                        f"{', '.join(self.roles())}): that GEMM always runs bf16 there. Drop the option, "
+                        "or use a group (--linear, --linear-bwd), which sets the roles the tree has"
+                    )
+                values[role] = canonical_value(asked[role])
+                if role in absent:
+                    absent.remove(role)
+        return RoleTargets(values, tuple(r for r in absent if r not in values))
 
     def literal(self, value: str) -> str:
         """The string this codebase writes for `value` (any spelling)."""
@@ -81,10 +161,17 @@ class Spec:
         """Whether `callee` matches the call patterns of any rule (a GEMM somewhere, maybe role-less)."""
         return any(rule.matches_call(callee) for rule in self.rules)
 
-    def role_of(self, file: str, scope: str, callees: tuple[str, ...]) -> str | None:
-        """The role of a GEMM use in `file`/`scope` calling `callees`: the first rule that matches."""
+    def role_of(
+        self, file: str, scope: str, callees: tuple[str, ...], results: tuple[str, ...] = ()
+    ) -> str | None:
+        """The role of a GEMM use in `file`/`scope` calling `callees` and assigning to `results`: the
+        first rule that matches."""
         for rule in self.rules:
-            if rule.covers(file, scope) and any(rule.matches_call(c) for c in callees):
+            if (
+                rule.covers(file, scope)
+                and any(rule.matches_call(c) for c in callees)
+                and rule.matches_result(results)
+            ):
                 return rule.role
         return None
 
@@ -131,15 +218,32 @@ def _rule(raw: object, where: str) -> RoleRule:
     if not isinstance(raw, dict):
         raise SpecError(f"{where}: each [[rules]] entry must be a table")
     role = _text(raw, "role", where)
-    if role not in ROLES + SPEC_ONLY_ROLES:
-        raise SpecError(f"{where}: unknown role {role!r}; roles are {', '.join(ROLES + SPEC_ONLY_ROLES)}")
-    calls = raw.get("calls")
-    if not isinstance(calls, list) or not calls or not all(isinstance(c, str) and c for c in calls):
-        raise SpecError(f"{where}: `calls` must be a non-empty list of call-name patterns, got {calls!r}")
-    unknown = set(raw) - {"role", "file", "scope", "calls"}
+    if role not in ROLES:
+        raise SpecError(f"{where}: unknown role {role!r}; roles are {', '.join(ROLES)}")
+    calls = _patterns(raw, "calls", where, required=True)
+    unknown = set(raw) - {"role", "file", "scope", "calls", "assigns"}
     if unknown:
-        raise SpecError(f"{where}: unknown keys {sorted(unknown)} (expected role, file, scope, calls)")
-    return RoleRule(role, _text(raw, "file", where), _text(raw, "scope", where), tuple(calls))
+        raise SpecError(
+            f"{where}: unknown keys {sorted(unknown)} (expected role, file, scope, calls, assigns)"
+        )
+    return RoleRule(
+        role,
+        _text(raw, "file", where),
+        _text(raw, "scope", where),
+        calls,
+        _patterns(raw, "assigns", where, required=False),
+    )
+
+
+def _patterns(raw: dict[str, object], key: str, where: str, *, required: bool) -> tuple[str, ...]:
+    value = raw.get(key, None if required else [])
+    if (
+        not isinstance(value, list)
+        or (required and not value)
+        or not all(isinstance(c, str) and c for c in value)
+    ):
+        raise SpecError(f"{where}: `{key}` must be a non-empty list of name patterns, got {value!r}")
+    return tuple(value)
 
 
 def parse_spec(text: str, name: str, where: str) -> Spec:
@@ -151,9 +255,14 @@ def parse_spec(text: str, name: str, where: str) -> Spec:
     rules = raw.get("rules")
     if not isinstance(rules, list) or not rules:
         raise SpecError(f"{where}: expected at least one [[rules]] table (role, file, scope, calls)")
-    unknown = set(raw) - {"name", "variable", "none_literal", "rules"}
+    unknown = set(raw) - {"name", "variable", "none_literal", "optional_roles", "rules"}
     if unknown:
         raise SpecError(f"{where}: unknown top-level keys {sorted(unknown)}")
+    parsed = tuple(_rule(r, f"{where}: rules[{i}]") for i, r in enumerate(rules))
+    optional = _patterns(raw, "optional_roles", where, required=False)
+    for role in optional:
+        if role not in {rule.role for rule in parsed}:
+            raise SpecError(f"{where}: optional role {role!r} has no [[rules]] entry")
     variable = _text(raw, "variable", where)
     if not variable.isidentifier():
         raise SpecError(f"{where}: `variable` must be a Python identifier, got {variable!r}")
@@ -164,7 +273,8 @@ def parse_spec(text: str, name: str, where: str) -> Spec:
         name=spec_name,
         variable=variable,
         none_literal=_text(raw, "none_literal", where),
-        rules=tuple(_rule(r, f"{where}: rules[{i}]") for i, r in enumerate(rules)),
+        rules=parsed,
+        optional=optional,
     )
 
 

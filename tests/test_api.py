@@ -97,6 +97,10 @@ FILES = {
 }
 
 
+STATUS_KEYS = {"repo", "branch", "head", "base", "spec", "roles", "absent_roles", "sites", "warnings"}
+"""The keys of `status --json` (docs/cli.md)."""
+
+
 def make_fork_repo(root: Path, files: dict[str, str] | None = None) -> Path:
     """A git repository (branch main, one commit) holding the fork-shaped fixture tree."""
     root.mkdir(parents=True, exist_ok=True)
@@ -151,11 +155,13 @@ def test_status_lists_sites_with_roles(fork_repo: Path) -> None:
     fwd = "CustomLinearWithGradAccumulationAndAsyncCommunication.forward"
     bwd = "CustomLinearWithGradAccumulationAndAsyncCommunication.backward"
     assert (LAYERS, fwd, ("linear_fwd",)) in roles
-    assert [s.roles for s in status.sites if s.scope == bwd] == [("linear_bwd",), ("linear_bwd",)]
+    assert [s.roles for s in status.sites if s.scope == bwd] == [("linear_dgrad",), ("linear_wgrad",)]
     assert [s.roles for s in status.sites if s.file == ATTENTION] == [("qk",), ("pv",)]
     assert all(s.value == "bf16" for s in status.sites)
     data = json.loads(json.dumps(status.to_json()))
-    assert set(data) == {"repo", "branch", "head", "base", "sites", "warnings"}
+    assert set(data) == STATUS_KEYS
+    assert data["roles"] == dict.fromkeys(("linear_fwd", "linear_dgrad", "linear_wgrad", "qk", "pv"), "none")
+    assert data["spec"] == "fork" and data["absent_roles"] == []
     assert {"file", "scope", "line", "value", "expr", "conditional", "roles"} <= set(data["sites"][0])
 
 
@@ -163,8 +169,15 @@ def test_apply_commits_and_restore_returns(fork_repo: Path) -> None:
     before = snapshot(fork_repo)
     result = api.apply(fork_repo, linear="mxfp8", qk="mxfp4")
     assert result.branch == "megaquant/main" and result.commit is not None
-    assert result.values == {"linear_fwd": "mxfp8", "linear_bwd": "mxfp8", "qk": "mxfp4", "pv": "none"}
-    assert {c.role for c in result.changes} == {"linear_fwd", "linear_bwd", "qk"}
+    assert result.values == {
+        "linear_fwd": "mxfp8",
+        "linear_dgrad": "mxfp8",
+        "linear_wgrad": "mxfp8",
+        "qk": "mxfp4",
+        "pv": "none",
+    }
+    assert {c.role for c in result.changes} == {"linear_fwd", "linear_dgrad", "linear_wgrad", "qk"}
+    assert result.absent == ()
     assert (
         "-        custom_quant_type = 'bf16'" in result.diff
         and "+        custom_quant_type = 'mxfp4'" in result.diff
@@ -177,7 +190,8 @@ def test_apply_commits_and_restore_returns(fork_repo: Path) -> None:
     assert "custom_quant_type = 'mxfp8'  # chosen by hand before each run" in (fork_repo / LAYERS).read_text()
     message = str(git.Repo(fork_repo).head.commit.message)
     assert f"Megaquant-Base: main@{status.base.commit}" in message
-    assert "Megaquant-Values: linear_fwd=mxfp8 linear_bwd=mxfp8 qk=mxfp4 pv=none" in message
+    values = "linear_fwd=mxfp8 linear_dgrad=mxfp8 linear_wgrad=mxfp8 qk=mxfp4 pv=none"
+    assert f"Megaquant-Values: {values}" in message
     assert api.diff(fork_repo).count("+        custom_quant_type") >= 2
     restored = api.restore(fork_repo)
     assert restored.restored and restored.branch == "megaquant/main"
@@ -231,6 +245,40 @@ def test_unparsable_file_names_file_and_line(tmp_path: Path) -> None:
     assert snapshot(root) == before
 
 
+UNRELATED = "megatron/core/tools/old_patch.py"  # mentions the variable, does not parse, governs nothing
+UNRELATED_SRC = "# left by an old sed script\ncustom_quant_type = \x01'hifp8'\n"
+
+
+def test_status_lists_what_it_can_beside_an_unrelated_unparsable_file(tmp_path: Path) -> None:
+    """Issue 13 item 4: one unrelated broken file used to refuse `status` as a whole."""
+    root = make_fork_repo(tmp_path / "fork", {**FILES, UNRELATED: UNRELATED_SRC})
+    status = api.status(root)
+    assert len(status.sites) == 5
+    (warning,) = (w for w in status.warnings if UNRELATED in w)
+    assert warning.startswith(f"{UNRELATED}:2: cannot parse this file (invalid non-printable character")
+    assert warning.endswith("`set` leaves it alone")
+
+
+def test_set_changes_past_an_unrelated_unparsable_file(tmp_path: Path) -> None:
+    root = make_fork_repo(tmp_path / "fork", {**FILES, UNRELATED: UNRELATED_SRC})
+    result = api.apply(root, linear="mxfp8", qk="mxfp4")
+    assert result.commit is not None and any(UNRELATED in w for w in result.warnings)
+    assert (root / UNRELATED).read_text() == UNRELATED_SRC
+
+
+def test_set_refuses_only_when_a_file_it_must_change_is_unparsable(tmp_path: Path) -> None:
+    root = make_fork_repo(tmp_path / "broken", {**FILES, LAYERS: BROKEN_LAYERS_SRC})
+    status = api.status(root)  # the attention sites are still listed, the linear file is warned about
+    assert [s.file for s in status.sites] == [ATTENTION, ATTENTION]
+    assert any(w.startswith(f"{LAYERS}:") and "`set` of linear_fwd" in w for w in status.warnings)
+    result = api.apply(root, qk="mxfp4")  # attention parses: setting qk does not need layers.py
+    assert result.commit is not None and [c.file for c in result.changes] == [ATTENTION]
+    api.restore(root)
+    with pytest.raises(SourceError, match=rf"^{LAYERS}:\d+: cannot parse this file"):
+        api.apply(root, linear_fwd="mxfp8")
+    assert [h.name for h in git.Repo(root).heads] == ["main"]
+
+
 def test_worktree_mode(fork_repo: Path, tmp_path: Path) -> None:
     before = snapshot(fork_repo)
     result = api.apply(fork_repo, linear="mxfp4", worktree=tmp_path / "exp")
@@ -271,7 +319,13 @@ def test_scan_cache_is_keyed_by_content(fork_repo: Path) -> None:
 
 
 VARIANTS = ("v1_three", "v2_label", "v3_env", "v4_override", "adversarial")
-TARGETS = {"linear_fwd": "hifp8", "linear_bwd": "mxfp4", "qk": "mxfp8", "pv": "mxfp4"}
+TARGETS = {
+    "linear_fwd": "hifp8",
+    "linear_dgrad": "mxfp4",
+    "linear_wgrad": "none",
+    "qk": "mxfp8",
+    "pv": "mxfp4",
+}
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -317,7 +371,7 @@ def test_spec_from_git_config(fork_repo: Path) -> None:
 
 
 ROLE_VALUES = st.dictionaries(
-    st.sampled_from(["linear_fwd", "linear_bwd", "qk", "pv"]),
+    st.sampled_from(["linear_fwd", "linear_dgrad", "linear_wgrad", "qk", "pv"]),
     st.sampled_from(["mxfp8", "mxfp4", "hifp8", "none", "bf16"]),
     min_size=1,
 )

@@ -1,4 +1,4 @@
-"""branch.py on real git repositories with plain file edits: lock, journal, branch, worktree, restore."""
+"""megaquant.branch on real git repositories with plain file edits: lock, journal, worktree, restore."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import git
 import pytest
 import typer.main
-from test_api import ATTENTION, LAYERS, make_fork_repo, snapshot
+from test_api import ATTENTION, LAYERS, STATUS_KEYS, make_fork_repo, snapshot
 from typer.testing import CliRunner
 
 from megaquant import api
@@ -37,7 +37,7 @@ def test_status_json_shape(fork_repo: Path) -> None:
     code, out, err = invoke("status", "--repo", str(fork_repo), "--json")
     assert code == 0, err
     data = json.loads(out)
-    assert set(data) == {"repo", "branch", "head", "base", "sites", "warnings"}
+    assert set(data) == STATUS_KEYS
     assert data["branch"] == "main" and data["base"] is None and data["warnings"] == []
     assert len(data["sites"]) == 5
     for site in data["sites"]:
@@ -60,8 +60,9 @@ def test_set_diff_restore_round_trip(fork_repo: Path) -> None:
     assert code == 0, err
     data = json.loads(out)
     assert data["branch"] == "megaquant/main" and len(data["commit"]) == 40
-    assert data["values"] == {"linear_fwd": "mxfp8", "linear_bwd": "mxfp8", "qk": "mxfp4", "pv": "none"}
-    assert {c["role"] for c in data["changes"]} == {"linear_fwd", "linear_bwd", "qk"}
+    linear = dict.fromkeys(("linear_fwd", "linear_dgrad", "linear_wgrad"), "mxfp8")
+    assert data["values"] == {**linear, "qk": "mxfp4", "pv": "none"}
+    assert {c["role"] for c in data["changes"]} == {*linear, "qk"}
     code, out, _ = invoke("status", "--repo", str(fork_repo), "--json")
     status = json.loads(out)
     assert status["base"]["branch"] == "main" and len(status["base"]["commit"]) == 40
@@ -145,6 +146,15 @@ def test_subprocess_unparsable_file_names_line(tmp_path: Path) -> None:
     assert done.returncode == 1 and done.stderr.startswith("error: ") and "Traceback" not in done.stderr
     assert re.search(rf"{re.escape(LAYERS)}:{line}\b", done.stderr), done.stderr
     assert git.Repo(root).active_branch.name == "main"
+
+
+def test_status_warns_about_an_unrelated_unparsable_file_and_exits_0(tmp_path: Path) -> None:
+    from test_api import FILES, UNRELATED, UNRELATED_SRC
+
+    root = make_fork_repo(tmp_path / "fork", {**FILES, UNRELATED: UNRELATED_SRC})
+    done = run_cli("status", cwd=root)
+    assert done.returncode == 0, done.stderr
+    assert f"warning: {UNRELATED}:2: cannot parse this file" in done.stderr and f"{LAYERS}\n" in done.stdout
 
 
 # ---------------------------------------------------------------- docs/cli.md

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from megaquant.codemod import RewritePlan, plan_rewrite
-from megaquant.errors import SourceError, ValueNameError
+from megaquant.errors import RoleError, SourceError, ValueNameError
 from megaquant.sites import analyse_file, scan_sources
 from megaquant.spec import ROLES, VALUES, load_spec
 
@@ -42,7 +42,12 @@ def literal(value: str) -> str:
     ("variant", "targets", "file", "expected"),
     [
         ("v1_three", {"qk": "mxfp4", "pv": "none"}, ATTENTION, "v1_attention_qk-mxfp4_pv-none.py"),
-        ("v3_env", {"linear_fwd": "mxfp8", "linear_bwd": "mxfp8"}, LAYERS, "v3_layers_linear-mxfp8.py"),
+        (
+            "v3_env",
+            {"linear_fwd": "mxfp8", "linear_dgrad": "mxfp8", "linear_wgrad": "mxfp8"},
+            LAYERS,
+            "v3_layers_linear-mxfp8.py",
+        ),
         (
             "adversarial",
             {"qk": "mxfp4", "pv": "mxfp8"},
@@ -51,7 +56,7 @@ def literal(value: str) -> str:
         ),
         (
             "adversarial",
-            {"linear_fwd": "hifp8", "linear_bwd": "bf16"},
+            {"linear_fwd": "hifp8", "linear_dgrad": "bf16", "linear_wgrad": "bf16"},
             LAYERS,
             "adversarial_layers_fwd-hifp8_bwd-none.py",
         ),
@@ -85,17 +90,26 @@ def test_a_role_change_changes_every_gemm_of_that_role_and_none_of_another(varia
 
 def test_one_site_for_both_gradients_is_set_once() -> None:
     sources = fixture_sources("v0_early")
-    plan = plan_rewrite(sources, {"linear_bwd": "hifp8"}, FORK)
-    assert [(c.line, c.role, c.kind) for c in plan.changes] == [(23, "linear_bwd", "set")]
+    plan = plan_rewrite(sources, {"linear_dgrad": "hifp8", "linear_wgrad": "hifp8"}, FORK)
+    assert [(c.line, c.role, c.kind) for c in plan.changes] == [(23, "linear_dgrad", "set")]
     assert changed_lines(sources[LAYERS], plan.new_sources[LAYERS]) == [23]
 
 
+def test_one_site_for_both_gradients_gives_wgrad_its_own_value_when_they_differ() -> None:
+    plan = plan_rewrite(fixture_sources("v0_early"), {"linear_dgrad": "hifp8"}, FORK)
+    assert [(c.line, c.role, c.kind, c.new) for c in plan.changes] == [
+        (23, "linear_dgrad", "set", "'hifp8'"),
+        (32, "linear_wgrad", "insert", "'mxfp8'"),  # wgrad keeps the old value through its own assignment
+    ]
+
+
 def test_labels_follow_the_next_gemm() -> None:
-    plan = plan_rewrite(fixture_sources("v2_label"), {"linear_bwd": "hifp8", "qk": "mxfp8"}, FORK)
+    targets = {"linear_dgrad": "hifp8", "linear_wgrad": "hifp8", "qk": "mxfp8"}
+    plan = plan_rewrite(fixture_sources("v2_label"), targets, FORK)
     assert [(c.file, c.line, c.role, c.kind) for c in plan.changes] == [
-        (LAYERS, 35, "linear_bwd", "set"),  # the `if wgrad_compute:` label
-        (LAYERS, 38, "linear_bwd", "set"),
-        (LAYERS, 52, "linear_bwd", "set"),
+        (LAYERS, 35, "linear_dgrad", "set"),  # the `if wgrad_compute:` label
+        (LAYERS, 38, "linear_dgrad", "set"),
+        (LAYERS, 52, "linear_wgrad", "set"),
         (ATTENTION, 18, "qk", "set"),  # the label before the QK GEMM
         (ATTENTION, 23, "qk", "set"),
         (ATTENTION, 35, "pv", "insert"),  # PV keeps its value through its own assignment
@@ -151,10 +165,12 @@ def test_bad_roles_and_values() -> None:
         plan_rewrite(sources, {"qk": "fp8"}, FORK)
 
 
-def test_missing_role_is_warned_not_ignored() -> None:
-    plan = plan_rewrite({LAYERS: fixture_sources("v1_three")[LAYERS]}, {"qk": "mxfp8"}, FORK)
-    assert plan.new_sources == {}
-    assert plan.warnings == ("no site of role qk found (spec fork); nothing was changed for it",)
+def test_missing_role_is_refused_not_ignored() -> None:
+    with pytest.raises(
+        RoleError, match="^role qk asked for, but this tree has no qk GEMM that spec fork"
+    ) as info:
+        plan_rewrite({LAYERS: fixture_sources("v1_three")[LAYERS]}, {"qk": "mxfp8"}, FORK)
+    assert "megaquant instrument" in str(info.value) and "DotProductAttention.forward" in str(info.value)
 
 
 def test_closure_gemm_sharing_an_outer_site_cannot_get_its_own_value() -> None:
@@ -359,6 +375,10 @@ def test_property_random_bodies_change_exactly_the_asked_roles(body: str, target
         "        custom_quant_type = 'hifp8'\n" + "".join(f"        {line}\n" for line in body.splitlines())
     ).encode()
     before = gemm_governors(source)
+    if any(all(r != role or old is None for r, old in before) for role in targets):
+        with pytest.raises(RoleError):  # a role asked for without a governed GEMM: refused, never a no-op
+            plan_rewrite({ATTENTION: source}, targets, FORK)
+        return
     try:
         plan = plan_rewrite({ATTENTION: source}, targets, FORK)
     except SourceError as exc:  # only ever a refusal that names why, never a wrong rewrite

@@ -15,22 +15,31 @@ needs_megatron = pytest.mark.skipif(installed_megatron() is None, reason="megatr
 
 
 def test_mode_values_follow_the_mode_table() -> None:
-    assert mode_values("bf16") == {"linear_fwd": "none", "linear_bwd": "none", "qk": "none", "pv": "none"}
+    assert mode_values("bf16") == {
+        "linear_fwd": "none",
+        "linear_dgrad": "none",
+        "linear_wgrad": "none",
+        "qk": "none",
+        "pv": "none",
+    }
     assert mode_values("FA_mxfp4") == {
         "linear_fwd": "none",
-        "linear_bwd": "none",
+        "linear_dgrad": "none",
+        "linear_wgrad": "none",
         "qk": "mxfp4",
         "pv": "none",
     }
     assert mode_values("linear_hifp8") == {
         "linear_fwd": "hifp8",
-        "linear_bwd": "hifp8",
+        "linear_dgrad": "hifp8",
+        "linear_wgrad": "hifp8",
         "qk": "none",
         "pv": "none",
     }
     assert mode_values("FA_linear_mxfp8") == {
         "linear_fwd": "mxfp8",
-        "linear_bwd": "mxfp8",
+        "linear_dgrad": "mxfp8",
+        "linear_wgrad": "mxfp8",
         "qk": "mxfp8",
         "pv": "none",
     }

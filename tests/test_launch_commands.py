@@ -31,7 +31,13 @@ def test_train_dry_run_json() -> None:
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     payload = json.loads(result.output)
-    assert payload["values"] == {"linear_fwd": "none", "linear_bwd": "none", "qk": "mxfp4", "pv": "mxfp4"}
+    assert payload["values"] == {
+        "linear_fwd": "none",
+        "linear_dgrad": "none",
+        "linear_wgrad": "none",
+        "qk": "mxfp4",
+        "pv": "mxfp4",
+    }
     assert payload["argv"][1:5] == ["-m", "torch.distributed.run", "--nproc-per-node", "2"]
     assert payload["megatron_args"][-2:] == ["--log-interval", "5"]
     assert "--mock-data" in payload["megatron_args"] and payload["validated_against"] is None

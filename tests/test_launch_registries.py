@@ -23,6 +23,7 @@ from megaquant.launch.datasets import DATASETS
 from megaquant.launch.models import MODELS
 from megaquant.launch.modes import ATTENTION_MODES, MODES, SEED_MODES, get_mode
 from megaquant.launch.presets import PRESETS
+from megaquant.spec import ROLES
 
 ROOT = Path("/data")
 
@@ -112,25 +113,28 @@ def test_modes_cover_the_seed_ten_and_attention_variants() -> None:
     assert len(ATTENTION_MODES) == 9
     for mode in MODES.values():
         values = mode.values()
-        assert tuple(values) == ("linear_fwd", "linear_bwd", "qk", "pv")  # every mode sets every role
-        assert values["linear_fwd"] == values["linear_bwd"]
+        assert tuple(values) == ROLES  # every mode sets every role
+        assert values["linear_fwd"] == values["linear_dgrad"] == values["linear_wgrad"]
     assert set(MODES["bf16"].values().values()) == {"none"}
     assert MODES["FA_mxfp4"].values() == {
         "linear_fwd": "none",
-        "linear_bwd": "none",
+        "linear_dgrad": "none",
+        "linear_wgrad": "none",
         "qk": "mxfp4",
         "pv": "none",
     }
     assert MODES["linear_hifp8"].values()["qk"] == "none"
     assert MODES["FA_linear_mxfp8"].values() == {
         "linear_fwd": "mxfp8",
-        "linear_bwd": "mxfp8",
+        "linear_dgrad": "mxfp8",
+        "linear_wgrad": "mxfp8",
         "qk": "mxfp8",
         "pv": "none",
     }
     assert MODES["pv_hifp8"].values() == {
         "linear_fwd": "none",
-        "linear_bwd": "none",
+        "linear_dgrad": "none",
+        "linear_wgrad": "none",
         "qk": "none",
         "pv": "hifp8",
     }
@@ -139,7 +143,13 @@ def test_modes_cover_the_seed_ten_and_attention_variants() -> None:
 
 def test_role_overrides_and_value_names() -> None:
     values = role_values(get_mode("FA_mxfp8"), linear="bf16", pv="hifp8")
-    assert values == {"linear_fwd": "none", "linear_bwd": "none", "qk": "mxfp8", "pv": "hifp8"}
+    assert values == {
+        "linear_fwd": "none",
+        "linear_dgrad": "none",
+        "linear_wgrad": "none",
+        "qk": "mxfp8",
+        "pv": "hifp8",
+    }
     with pytest.raises(ValueNameError, match="mxfp8"):
         role_values(get_mode("bf16"), qk="fp8")
     with pytest.raises(LaunchError, match="FA_linear_mxfp8"):

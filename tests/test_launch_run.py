@@ -14,7 +14,7 @@ import pytest
 from conftest import make_git_repo
 
 from megaquant import api
-from megaquant.errors import LaunchError
+from megaquant.errors import LaunchError, RoleError
 from megaquant.launch.argv import Parallel
 from megaquant.launch.launcher import train
 from megaquant.launch.run import TRAIN_COMMAND_ENV, TrainRequest, execute, plan_run
@@ -77,7 +77,13 @@ def test_run_records_manifest_and_restores(fork_repo: Path, fake_trainer: Path, 
     assert "".join(lines) == log  # streamed and saved
     manifest = json.loads((record.run_dir / "manifest.json").read_text())
     assert manifest["status"] == "succeeded" and manifest["exit_code"] == 0
-    assert manifest["values"] == {"linear_fwd": "mxfp4", "linear_bwd": "mxfp4", "qk": "none", "pv": "none"}
+    assert manifest["values"] == {
+        "linear_fwd": "mxfp4",
+        "linear_dgrad": "mxfp4",
+        "linear_wgrad": "mxfp4",
+        "qk": "none",
+        "pv": "none",
+    }
     assert manifest["mode"] == "linear_mxfp4"
     assert manifest["base"] == {"branch": "main", "commit": head}
     assert manifest["commit"] != head and len(manifest["commit"]) == 40  # the commit that trained
@@ -102,7 +108,16 @@ def test_run_dir_is_readable_by_compare(fork_repo: Path, fake_trainer: Path, tmp
 
 
 def test_bf16_sets_every_role_to_none(fork_repo: Path, fake_trainer: Path, tmp_path: Path) -> None:
-    api.apply(fork_repo, values={"linear_fwd": "hifp8", "linear_bwd": "hifp8", "qk": "mxfp8", "pv": "mxfp8"})
+    api.apply(
+        fork_repo,
+        values={
+            "linear_fwd": "hifp8",
+            "linear_dgrad": "hifp8",
+            "linear_wgrad": "hifp8",
+            "qk": "mxfp8",
+            "pv": "mxfp8",
+        },
+    )
     git.Repo(fork_repo).git.checkout("main")  # leave a stale throwaway branch behind, as old runs did
     git.Repo(fork_repo).git.branch("-D", "megaquant/main")
     record = execute(plan_run(_request(fork_repo, tmp_path, "bf16")))
@@ -157,11 +172,12 @@ def test_role_without_sites_is_refused_and_restored(
     repo = git.Repo(fork_repo)
     repo.index.remove(["megatron/core/transformer/dot_product_attention.py"], working_tree=True)
     repo.index.commit("no attention sites")
-    with pytest.raises(LaunchError, match="no qk site"):
+    head = repo.head.commit.hexsha
+    with pytest.raises(RoleError, match="no qk GEMM"):  # refused by `set`, before anything is written
         execute(plan_run(_request(fork_repo, tmp_path, "FA_mxfp8")))
-    manifest = json.loads((tmp_path / "runs" / "FA_mxfp8" / "manifest.json").read_text())
-    assert "no qk site" in manifest["error"] and manifest["status"] == "failed"
-    assert repo.active_branch.name == "main"
+    assert not (tmp_path / "runs" / "FA_mxfp8" / "manifest.json").exists()
+    assert repo.active_branch.name == "main" and repo.head.commit.hexsha == head
+    assert [b.name for b in repo.branches] == ["main"]
 
 
 def test_existing_run_dir_is_refused(fork_repo: Path, fake_trainer: Path, tmp_path: Path) -> None:
@@ -177,11 +193,17 @@ def test_train_through_launcher_with_overrides(fork_repo: Path, fake_trainer: Pa
     request = _request(fork_repo, tmp_path, "FA_mxfp8", linear="mxfp8", parallel=Parallel())
     assert train(request, out=out, validate=False) == 0
     manifest = json.loads((tmp_path / "runs" / "FA_mxfp8" / "manifest.json").read_text())
-    assert manifest["values"] == {"linear_fwd": "mxfp8", "linear_bwd": "mxfp8", "qk": "mxfp8", "pv": "none"}
+    assert manifest["values"] == {
+        "linear_fwd": "mxfp8",
+        "linear_dgrad": "mxfp8",
+        "linear_wgrad": "mxfp8",
+        "qk": "mxfp8",
+        "pv": "none",
+    }
     assert manifest["mode"] == "FA_linear_mxfp8"  # the overrides landed on a registry mode
     assert "exit code 0" in out.getvalue()
     custom = plan_run(_request(fork_repo, tmp_path, "FA_mxfp8", linear="hifp8"))
-    assert custom.mode == "FA_mxfp8+overrides" and custom.values["linear_bwd"] == "hifp8"
+    assert custom.mode == "FA_mxfp8+overrides" and custom.values["linear_wgrad"] == "hifp8"
 
 
 def test_not_a_megatron_tree_is_refused(tmp_path: Path) -> None:

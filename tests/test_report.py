@@ -52,7 +52,13 @@ def write_metrics_run(
     ]
     (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     if manifest:
-        values = {"linear_fwd": "none", "linear_bwd": "none", "qk": "none", "pv": "none"}
+        values = {
+            "linear_fwd": "none",
+            "linear_dgrad": "none",
+            "linear_wgrad": "none",
+            "qk": "none",
+            "pv": "none",
+        }
         (run / "manifest.json").write_text(json.dumps({"mode": mode, "values": values}))
     return run
 

@@ -9,7 +9,7 @@ import pytest
 from conftest import fixture_root, fixture_sources
 
 from megaquant.errors import SourceError
-from megaquant.sites import Site, candidate_paths, scan_sources, scan_tree
+from megaquant.sites import Site, analyse_file, candidate_paths, scan_sources, scan_tree
 from megaquant.spec import load_spec, parse_spec
 
 LAYERS = "megatron/core/tensor_parallel/layers.py"
@@ -32,9 +32,9 @@ def test_variant1_three_linear_sites_and_one_shared_attention_site() -> None:
     scan = scan_sources(fixture_sources("v1_three"), FORK)
     assert rows(scan.sites) == [
         (LAYERS, FWD, 26, "hifp8", False, False, ("linear_fwd",), 1),
-        (LAYERS, BWD, 47, "hifp8", False, False, ("linear_bwd",), 1),
+        (LAYERS, BWD, 47, "hifp8", False, False, ("linear_dgrad",), 1),
         # the weight-gradient site sits in the `else:` of `if ctx.gradient_accumulation_fusion:`
-        (LAYERS, BWD, 61, "hifp8", True, False, ("linear_bwd",), 1),
+        (LAYERS, BWD, 61, "hifp8", True, False, ("linear_wgrad",), 1),
         (ATTENTION, ATT, 18, "hifp8", False, False, ("qk", "pv"), 2),
     ]
     assert scan.warnings == ()
@@ -49,12 +49,25 @@ def test_early_version_one_backward_site_feeds_both_gradients() -> None:
     scan = scan_sources(fixture_sources("v0_early"), FORK)
     assert rows(scan.sites) == [
         (LAYERS, FWD, 12, "mxfp8", False, False, ("linear_fwd",), 1),
-        (LAYERS, BWD, 23, "mxfp8", False, False, ("linear_bwd",), 2),  # dgrad, and wgrad in the `else:`
+        (
+            LAYERS,
+            BWD,
+            23,
+            "mxfp8",
+            False,
+            False,
+            ("linear_dgrad", "linear_wgrad"),
+            2,
+        ),  # dgrad, and wgrad in the `else:`
     ]
     assert [g.line for g in scan.sites[1].governs] == [24, 32]
     # attention is absent from this tree: status says so instead of showing nothing
     assert scan.warnings == tuple(
-        f"no GEMM of role {role} found (spec fork expects it in {ATTENTION} {ATT})" for role in ("qk", "pv")
+        f"no GEMM of role {role} found (spec fork expects it in {ATTENTION} {ATT} calling {calls})"
+        for role, calls in (
+            ("qk", "*baddbmm or *baddbmm.apply"),
+            ("pv", "*bmm or *matmul or *bmm.apply or *matmul.apply"),
+        )
     )
 
 
@@ -62,9 +75,9 @@ def test_variant2_label_sites_follow_the_next_gemm() -> None:
     scan = scan_sources(fixture_sources("v2_label"), FORK)
     assert rows(scan.sites) == [
         (LAYERS, FWD, 17, "mxfp4", False, False, ("linear_fwd",), 1),
-        (LAYERS, BWD, 35, "mxfp4", True, False, ("linear_bwd",), 0),  # `if wgrad_compute:` label
-        (LAYERS, BWD, 38, "mxfp4", False, False, ("linear_bwd",), 1),
-        (LAYERS, BWD, 52, "mxfp4", True, False, ("linear_bwd",), 1),
+        (LAYERS, BWD, 35, "mxfp4", True, False, ("linear_dgrad",), 0),  # `if wgrad_compute:` label
+        (LAYERS, BWD, 38, "mxfp4", False, False, ("linear_dgrad",), 1),
+        (LAYERS, BWD, 52, "mxfp4", True, False, ("linear_wgrad",), 1),
         (ATTENTION, ATT, 18, "mxfp4", False, False, ("qk",), 0),  # label of the saved query/key
         (ATTENTION, ATT, 23, "mxfp4", False, False, ("qk", "pv"), 2),
     ]
@@ -77,8 +90,8 @@ def test_variant3_environment_reads_are_sites_without_a_value() -> None:
     env = "os.environ.get('CUSTOM_QUANT_TYPE', 'hifp8')"
     assert [(s.scope, s.line, s.value, s.roles) for s in scan.sites] == [
         (FWD, 16, None, ("linear_fwd",)),
-        (BWD, 32, None, ("linear_bwd",)),
-        (BWD, 43, None, ("linear_bwd",)),
+        (BWD, 32, None, ("linear_dgrad",)),
+        (BWD, 43, None, ("linear_wgrad",)),
         (ATT, 17, None, ("qk",)),
         (ATT, 25, "bf16", ("pv",)),
     ]
@@ -95,8 +108,8 @@ def test_variant4_run_time_overrides_are_listed_and_warned() -> None:
     assert rows(scan.sites) == [
         (LAYERS, FWD, 14, "hifp8", False, False, ("linear_fwd",), 1),
         (LAYERS, FWD, 16, None, True, True, ("linear_fwd",), 0),
-        (LAYERS, BWD, 30, "hifp8", False, False, ("linear_bwd",), 1),
-        (LAYERS, BWD, 41, "hifp8", True, False, ("linear_bwd",), 1),
+        (LAYERS, BWD, 30, "hifp8", False, False, ("linear_dgrad",), 1),
+        (LAYERS, BWD, 41, "hifp8", True, False, ("linear_wgrad",), 1),
         (ATTENTION, ATT, 15, "hifp8", False, False, ("qk", "pv"), 2),
         (ATTENTION, ATT, 18, None, True, True, ("qk", "pv"), 0),  # inside try: + if
     ]
@@ -109,10 +122,21 @@ def test_variant4_run_time_overrides_are_listed_and_warned() -> None:
 
 def test_variant7_broken_commit_names_file_line_and_cause() -> None:
     with pytest.raises(SourceError) as info:
-        scan_sources(fixture_sources("v7_broken"), FORK)
+        analyse_file(LAYERS, fixture_sources("v7_broken")[LAYERS], FORK)
     message = str(info.value)
     assert message.startswith(f"{LAYERS}:26: cannot parse this file (invalid non-printable character U+0001)")
     assert "changed nothing" in message
+
+
+def test_variant7_scan_lists_nothing_from_broken_files_and_warns_for_each() -> None:
+    scan = scan_sources(fixture_sources("v7_broken"), FORK)
+    assert scan.sites == () and scan.roles == ()
+    broken = [w for w in scan.warnings if "cannot parse this file" in w]
+    assert [w.split(" (")[0] for w in broken] == [
+        f"{LAYERS}:26: cannot parse this file",
+        f"{ATTENTION}:18: cannot parse this file",
+    ]
+    assert broken[0].endswith("`set` of linear_fwd, linear_dgrad, linear_wgrad is refused until it parses")
 
 
 def test_adversarial_tree() -> None:
@@ -125,8 +149,8 @@ def test_adversarial_tree() -> None:
         (nested, "make_projection.<locals>.project", 12, "mxfp8", False, False, (), 1),
         # tabs, double quotes, an annotated assignment; decoys and custom_quant_type_backup are not sites
         (LAYERS, FWD, 19, "mxfp8", False, False, ("linear_fwd",), 1),
-        (LAYERS, BWD, 35, "mxfp8", False, False, ("linear_bwd",), 1),
-        (LAYERS, BWD, 43, "mxfp8", True, False, ("linear_bwd",), 1),
+        (LAYERS, BWD, 35, "mxfp8", False, False, ("linear_dgrad",), 1),
+        (LAYERS, BWD, 43, "mxfp8", True, False, ("linear_wgrad",), 1),
         # CRLF + latin-1 coding cookie
         (ATTENTION, ATT, 13, "hifp8", False, False, ("qk", "pv"), 2),
         # the same class name in another file: listed, role-less (the spec names the fork's file)
@@ -157,8 +181,11 @@ def test_adversarial_tree() -> None:
 )
 def test_unreadable_sources_name_file_and_line(source: bytes, where: str) -> None:
     with pytest.raises(SourceError) as info:
-        scan_sources({"m.py": source}, FORK)
+        analyse_file("m.py", source, FORK)
     assert str(info.value).startswith(where)
+    # a scan lists what it can: an unrelated unreadable file is a warning that names file, line, cause
+    (warning,) = (w for w in scan_sources({"m.py": source}, FORK).warnings if "m.py" in w)
+    assert warning.startswith(where) and warning.endswith("`set` leaves it alone")
 
 
 def test_gemm_without_an_assignment_is_warned() -> None:

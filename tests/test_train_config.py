@@ -31,7 +31,8 @@ def test_list_shows_every_registry() -> None:
     assert done.returncode == 0, done.stderr
     for name in [*MODELS, *MODES, *PRESETS, "wikipedia", "dolma", "sample"]:
         assert f"  {name} " in done.stdout
-    assert "FA_linear_mxfp8  mxfp8, mxfp8, mxfp8, none" in done.stdout
+    assert "quantization modes (linear_fwd, linear_dgrad, linear_wgrad, qk, pv):" in done.stdout
+    assert "FA_linear_mxfp8  mxfp8, mxfp8, mxfp8, mxfp8, none" in done.stdout
 
 
 def test_done_when_dry_run_prints_a_command_megatron_accepts(tmp_path: Path) -> None:
@@ -42,7 +43,7 @@ def test_done_when_dry_run_prints_a_command_megatron_accepts(tmp_path: Path) -> 
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     out = done.stdout
-    assert "role values: linear_fwd=mxfp8 linear_bwd=mxfp8 qk=mxfp8 pv=none" in out
+    assert "role values: linear_fwd=mxfp8 linear_dgrad=mxfp8 linear_wgrad=mxfp8 qk=mxfp8 pv=none" in out
     assert "validation: accepted by Megatron 0.19" in out
     command = out.split("command:\n", 1)[1]
     assert "-m torch.distributed.run" in command and "--transformer-impl local" in command
@@ -53,7 +54,7 @@ def test_done_when_dry_run_prints_a_command_megatron_accepts(tmp_path: Path) -> 
 def test_fa_quantization_variants_and_conflicts() -> None:
     done = _run("--fa-quantization", "pv_hifp8", "--dry-run", "--training-config", "smoke", "--model", "tiny")
     assert done.returncode == 0, done.stderr
-    assert "role values: linear_fwd=none linear_bwd=none qk=none pv=hifp8" in done.stdout
+    assert "role values: linear_fwd=none linear_dgrad=none linear_wgrad=none qk=none pv=hifp8" in done.stdout
     both = _run("--quantization", "bf16", "--fa-quantization", "qk_mxfp8", "--dry-run")
     assert both.returncode == 2 and "not both" in both.stderr
     bad = _run("--quantization", "mxfp8_everything")

@@ -12,7 +12,7 @@ from megaquant.launch.datasets import Dataset
 from megaquant.launch.models import Model
 from megaquant.launch.modes import ROLES, Mode
 from megaquant.launch.presets import Preset
-from megaquant.spec import canonical_value
+from megaquant.spec import GROUPS, canonical_value
 
 __all__ = [
     "FAKE_QUANT_FLAGS",
@@ -24,6 +24,7 @@ __all__ = [
     "entry_for",
     "megatron_args",
     "mla_supported",
+    "role_settings",
     "role_values",
     "torchrun_argv",
     "train_env",
@@ -57,13 +58,23 @@ def role_values(
     """Every role's canonical value: the mode's, then the --linear/--qk/--pv overrides."""
     values = mode.values()
     if linear is not None:
-        values["linear_fwd"] = values["linear_bwd"] = canonical_value(linear)
+        values.update(dict.fromkeys(GROUPS["linear"], canonical_value(linear)))
     if qk is not None:
         values["qk"] = canonical_value(qk)
     if pv is not None:
         values["pv"] = canonical_value(pv)
     assert tuple(values) == ROLES
     return values
+
+
+def role_settings(values: Mapping[str, str]) -> dict[str, str]:
+    """What to ask `megaquant set` for `values` (every role): the `linear` group when the linear roles
+    agree, so a tree without some of them (the fork's wgrad) runs as the mode means; else each role."""
+    linear = {values[role] for role in GROUPS["linear"]}
+    if len(linear) == 1:
+        rest = {role: value for role, value in values.items() if role not in GROUPS["linear"]}
+        return {"linear": linear.pop(), **rest}
+    return dict(values)
 
 
 @dataclass(frozen=True, kw_only=True)

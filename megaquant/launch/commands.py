@@ -39,7 +39,9 @@ def register(app: typer.Typer) -> None:
         mock_data: Annotated[bool, _Opt("--mock-data", help="Megatron's mock data; no dataset.")] = False,
         data_root: Annotated[Path | None, _Opt(help="Where dataset/ lives (default: the tree).")] = None,
         tokenizer: Annotated[str | None, _Opt(help="Tokenizer directory or hub name.")] = None,
-        linear: Annotated[str | None, _Opt(help="Override both linear roles.")] = None,
+        linear: Annotated[
+            str | None, _Opt(help="Override every linear role the tree has (fwd, dgrad, wgrad).")
+        ] = None,
         qk: Annotated[str | None, _Opt(help="Override the attention QK role.")] = None,
         pv: Annotated[str | None, _Opt(help="Override the attention PV role.")] = None,
         tp: Annotated[int, _Opt(help="Tensor model parallel size.")] = 1,

@@ -17,7 +17,7 @@ from typing import TextIO
 from megaquant.errors import LaunchError, MegaquantError
 from megaquant.launch.datasets import DATASETS
 from megaquant.launch.models import MODELS, get_model
-from megaquant.launch.modes import MODES
+from megaquant.launch.modes import MODES, ROLES
 from megaquant.launch.presets import PRESETS
 from megaquant.launch.run import RunPlan, TrainRequest, command_for, execute, plan_run
 from megaquant.launch.scripts import SlurmOptions, sbatch_script
@@ -41,7 +41,7 @@ def format_listing() -> str:
         lines.append(f"  {m.name:<16} {m.title} ({shape})")
     lines.append("datasets:")
     lines += [f"  {d.name:<16} {d.title}: {d.prefix}" for d in DATASETS.values()]
-    lines.append("quantization modes (linear_fwd, linear_bwd, qk, pv):")
+    lines.append(f"quantization modes ({', '.join(ROLES)}):")
     for mode in MODES.values():
         values = ", ".join(mode.values().values())
         lines.append(f"  {mode.name:<16} {values}{'' if mode.seed else '  (attention variant)'}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megaquant.errors import LaunchError
+from megaquant.spec import GROUPS, ROLES
 
 __all__ = [
     "ATTENTION_MODES",
@@ -17,7 +18,6 @@ __all__ = [
     "mode_for_values",
 ]
 
-ROLES = ("linear_fwd", "linear_bwd", "qk", "pv")
 FORMATS = ("mxfp8", "mxfp4", "hifp8")
 
 
@@ -31,8 +31,9 @@ class Mode:
     """One of the original system's ten modes (the ones `megaquant scripts` writes files for)."""
 
     def values(self) -> dict[str, str]:
-        """role -> canonical value, for every role."""
-        return {"linear_fwd": self.linear, "linear_bwd": self.linear, "qk": self.qk, "pv": self.pv}
+        """role -> canonical value, for every role (`linear` is all three linear GEMMs)."""
+        linear = dict.fromkeys(GROUPS["linear"], self.linear)
+        return {**linear, "qk": self.qk, "pv": self.pv}
 
     @property
     def quantizes(self) -> bool:

@@ -26,6 +26,7 @@ from megaquant.launch.argv import (
     entry_for,
     megatron_args,
     mla_supported,
+    role_settings,
     role_values,
     torchrun_argv,
     train_env,
@@ -288,7 +289,9 @@ def execute(
         raise LaunchError(f"{run_dir}: already holds a run (manifest.json); choose a new --run-dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     request = plan.request
-    applied = api.apply(plan.tree, values=plan.values, worktree=request.worktree, spec=plan.spec)
+    applied = api.apply(
+        plan.tree, values=role_settings(plan.values), worktree=request.worktree, spec=plan.spec
+    )
     checkout = Path(applied.repo)
     manifest: dict[str, object] = {
         "schema": 1,
@@ -297,6 +300,7 @@ def execute(
         "dataset": request.dataset or "mock",
         "preset": request.preset,
         "values": dict(applied.values),
+        "absent_roles": list(applied.absent),
         "spec": plan.spec,
         "repo": str(plan.tree),
         "checkout": str(checkout),

@@ -9,12 +9,12 @@ from typing import Any
 
 from megaquant.errors import ValueNameError
 from megaquant.formats import PRESETS
+from megaquant.spec import ROLES
 
 __all__ = ["QUANT_VALUES", "ROLES", "QuantConfig", "configure", "quant_config"]
 
 QUANT_VALUES = ("mxfp8", "mxfp4", "hifp8", "none")
 _ALIASES = {"bf16": "none"}
-ROLES = ("linear_fwd", "linear_bwd", "qk", "pv")
 _FORWARD_FORMAT = {"mxfp8": "mxfp8_e4m3", "mxfp4": "mxfp4_e2m1", "hifp8": "hifp8"}
 _GRADIENT_FORMAT = {"mxfp8": "mxfp8_e5m2", "mxfp4": "mxfp4_e2m1", "hifp8": "hifp8"}
 _PLAIN = frozenset(("none", "bf16"))
