@@ -153,6 +153,10 @@ def register(app: typer.Typer) -> None:
         ] = None,
         data_root: Annotated[Path, _Opt(help="Root the registry paths are relative to.")] = Path("."),
         append_eod: Annotated[bool, _Opt(help="Append the end-of-document token.")] = True,
+        megatron: Annotated[
+            Path | None,
+            _Opt(help="A Megatron-LM tree whose own megatron package writes the files (default: installed)."),
+        ] = None,
     ) -> None:
         """Tokenize JSON-lines text into `<prefix>.bin/.idx` with megatron-core's IndexedDatasetBuilder."""
         from megaquant.data import prepare_dataset
@@ -165,6 +169,7 @@ def register(app: typer.Typer) -> None:
             data_root=data_root,
             append_eod=append_eod,
             progress=True,
+            megatron=megatron,
         )
         typer.echo(
             f"wrote {result.prefix}.bin/.idx: {result.documents} documents, {result.tokens} tokens "
