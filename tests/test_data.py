@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -273,3 +274,51 @@ def test_prepare_with_a_checkout_and_killed_at_every_step(tmp_path: Path) -> Non
         assert dataset_problem(prefix) is None
         assert set(_files(prefix.parent)) == {"x_text_document.bin", "x_text_document.idx"}  # partials gone
         assert "3 documents" in again.stdout and len(Path(f"{prefix}.idx").read_text().split()) == 1 + 3
+
+
+@pytest.fixture(scope="module")
+def sample_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The whole built-in sample corpus, prepared as `megaquant data prepare --dataset sample` does."""
+    pytest.importorskip("megatron.core")
+    root = tmp_path_factory.mktemp("sample-root")
+    prepare_dataset(dataset="sample", data_root=root)
+    return root
+
+
+def _arg(argv: tuple[str, ...], flag: str) -> str:
+    return argv[argv.index(flag) + 1]
+
+
+@pytest.mark.parametrize("preset", ["smoke", "single-gpu", "fast", "standard"])
+def test_sample_corpus_builds_every_split_of_every_preset(sample_data: Path, preset: str) -> None:
+    """Megatron's GPTDataset over the sample corpus with each preset's argv: every split it builds must hold
+    a sample (its sampler asserts 'no sample to consume: 0' otherwise; the validation split of 99,1,0 at
+    1024 tokens used to be empty)."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    from megaquant.launch.run import TrainRequest, plan_run
+
+    request = TrainRequest(model="tiny", dataset="sample", preset=preset, megatron=sample_data,
+                           run_dir=sample_data / "run")  # fmt: skip
+    argv = plan_run(request, require_tree=False).megatron_args
+    assert _arg(argv, "--eval-iters") == "0"  # so Megatron asks for no validation / test samples
+    tokenizer, eod = load_tokenizer(Path(_arg(argv, "--tokenizer-model")))
+    config = GPTDatasetConfig(
+        random_seed=1234,
+        sequence_length=int(_arg(argv, "--seq-length")),
+        blend=([_arg(argv, "--data-path")], None),
+        split=_arg(argv, "--split"),
+        path_to_cache=str(sample_data / f"cache-{preset}"),
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        tokenizer=SimpleNamespace(
+            eod=eod, pad=-1, vocab_size=tokenizer.get_vocab_size(), unique_identifiers={"sample": preset}
+        ),  # fmt: skip
+        mid_level_dataset_surplus=0.005,
+    )
+    train_samples = min(int(_arg(argv, "--train-samples")), 2000)  # the length is not what is checked
+    splits = BlendedMegatronDatasetBuilder(GPTDataset, [train_samples, 0, 0], lambda: True, config).build()
+    assert splits[0] is not None and len(splits[0]) >= train_samples
+    assert {i: len(ds) for i, ds in enumerate(splits) if ds is not None and len(ds) == 0} == {}

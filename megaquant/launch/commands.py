@@ -65,6 +65,9 @@ def register(app: typer.Typer) -> None:
         time_limit: Annotated[str | None, _Opt("--time", help="Slurm time limit.")] = None,
         account: Annotated[str | None, _Opt(help="Slurm account.")] = None,
         srun: Annotated[bool, _Opt("--srun", hidden=True, help="Inside sbatch: torchrun per node.")] = False,
+        steps: Annotated[
+            int | None, _Opt(help="Optimizer steps instead of the preset's length (LR schedule follows).")
+        ] = None,
         list_registries: Annotated[bool, _Opt("--list", help="Show the registries.")] = False,
     ) -> None:
         """Train MODEL on DATASET under a quantization mode: set roles, launch torchrun, record, restore.
@@ -106,6 +109,7 @@ def register(app: typer.Typer) -> None:
             spec=spec,
             srun=srun,
             extra=tuple(ctx.args),
+            steps=steps,
         )
         options = SlurmOptions(partition=partition, time=time_limit, account=account) if slurm else None
         code = train(

@@ -98,6 +98,7 @@ def request_options(request: TrainRequest) -> list[str]:
         ("--run-dir", request.run_dir),
         ("--worktree", request.worktree),
         ("--spec", request.spec),
+        ("--steps", None if request.steps is None else str(request.steps)),
     ):
         if value is not None:
             opts += [flag, str(Path(value).absolute()) if isinstance(value, Path) else value]
