@@ -6,8 +6,8 @@ request from stdin ({"source": tree, "cases": [{"name", "argv"}]}), puts the tre
 for each case runs Megatron's parse_args + validate_args and then `megaquant.launch.pretrain`'s
 `_model_provider` (the code that builds the model under `megaquant train`) inside `torch.device("meta")`.
 Trees with `megatron/training` use Megatron's own `core_transformer_config_from_args`; a megatron-core
-without it (0.16.1) gets its TransformerConfig from the arguments that a parser child of the pinned
-sources printed, translated field by field (`config_from_namespace`).
+without it (0.16.1) gets its TransformerConfig from arguments parsed by sources that have one (a parser
+child, or `Built.namespace` of an earlier build), translated field by field (`config_from_namespace`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import subprocess
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -52,24 +51,19 @@ def build_args(argv: Sequence[str], *, layers: int, moe_layer_freq: str | None =
 
 
 def _run_child(module: str, request: Mapping[str, object], python: str) -> list[dict[str, Any]]:
+    from megaquant.launch.validate import json_child
+
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    root = str(Path(__file__).resolve().parents[2])
+    root = str(Path(__file__).resolve().parents[2])  # this megaquant, importable in the child
     env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
-    done = subprocess.run(
-        [python, "-m", module],
-        input=json.dumps(request),
-        capture_output=True,
-        text=True,
-        check=False,
-        env=env,
-    )
-    last = done.stdout.strip().splitlines()[-1:] if done.stdout.strip() else []
-    if done.returncode != 0 or not last:
+
+    answer, done = json_child(module, request, python=python, env=env)
+    if answer is None:
         raise LaunchError(
             f"the model-build check could not run over {request.get('source')} (exit {done.returncode}):\n"
             f"{done.stderr.strip()[-2000:]}"
         )
-    result: list[dict[str, Any]] = json.loads(last[0])
+    result: list[dict[str, Any]] = answer
     return result
 
 

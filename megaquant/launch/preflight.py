@@ -150,7 +150,8 @@ def data_problems(argv: Sequence[str]) -> tuple[list[str], list[str]]:
                 problems.append(f"tokenizer {path}: no tokenizer.json or tokenizer_config.json in it")
         elif path.exists() or not _HUB_NAME.match(name):
             problems.append(
-                f"tokenizer {name}: no such directory; pass --tokenizer DIR (a Hugging Face tokenizer "
+                f"tokenizer {name}: {'not a directory' if path.exists() else 'no such directory'}; "
+                "pass --tokenizer DIR (a Hugging Face tokenizer "
                 "directory), or prepare the sample dataset (`megaquant data prepare --dataset sample`)"
             )
         else:
