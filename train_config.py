@@ -35,6 +35,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--training-config", choices=list(PRESETS), default="fast")
     p.add_argument("--megatron", type=Path, default=Path("."), help="Megatron-LM tree (default: here)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps instead of the config's length")
     p.add_argument("--nproc-per-node", type=int, default=1)
     p.add_argument("--run-dir", type=Path, default=None)
     p.add_argument("--dry-run", action="store_true", help="print the command and role values; change nothing")
@@ -68,6 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parallel=Parallel(nproc_per_node=args.nproc_per_node),
         run_dir=args.run_dir,
         extra=tuple(extra),
+        steps=args.steps,
     )
     try:
         return train(request, out=sys.stdout, dry_run=args.dry_run)

@@ -148,3 +148,19 @@ def test_sbatch_passes_each_rendezvous_option_once_and_before_the_megatron_args(
     separator = argv.index("--")
     assert argv.index("--srun") < separator and argv.index("--master-port") < separator
     assert argv[separator:] == ["--", "--log-interval", "5"]
+
+
+def test_train_steps_option() -> None:
+    result = RUNNER.invoke(
+        APP,
+        ["train", "--model", "tiny", "--mock-data", "--training-config", "single-gpu", "--steps", "30",
+         "--dry-run", "--json", "--no-validate"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    args = json.loads(result.output)["megatron_args"]
+    assert args[args.index("--train-samples") + 1] == "480" == args[args.index("--lr-decay-samples") + 1]
+    assert args[args.index("--eval-interval") + 1] == "30"
+    refused = RUNNER.invoke(
+        APP, ["train", "--mock-data", "--dry-run", "--no-validate", "--", "--train-iters", "30"]
+    )
+    assert refused.exit_code == 1 and "use `--steps N`" in refused.output

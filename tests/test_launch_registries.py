@@ -255,3 +255,26 @@ def test_launcher_import_is_cheap() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_steps_rewrite_length_schedule_and_eval_interval_together(preset: str) -> None:
+    base = PRESETS[preset]
+    args = megatron_args(MODELS["tiny"], DATASETS["sample"], base.with_steps(30), Parallel(), data_root=ROOT)
+    samples = str(30 * base.global_batch_size)
+    assert _flag(args, "--train-samples") == samples and _flag(args, "--lr-decay-samples") == samples
+    assert _flag(args, "--eval-interval") == "30" and _flag(args, "--eval-iters") == "0"
+    assert _flag(args, "--lr-warmup-fraction") == repr(
+        base.lr_warmup_fraction
+    )  # a fraction of the new length
+    assert _flag(args, "--split") == "100,0,0"  # evaluation off: no validation split to run empty
+    assert base.with_steps(30).train_iters == 30 and base.train_samples == PRESETS[preset].train_samples
+    with pytest.raises(LaunchError, match="--steps must be >= 1"):
+        base.with_steps(0)
+
+
+@pytest.mark.parametrize("extra", [["--train-iters", "30"], ["--train-samples=100"],
+                                   ["--lr-decay-iters", "9"], ["--lr-warmup-iters", "1"]])  # fmt: skip
+def test_length_flags_after_double_dash_point_to_steps(extra: list[str]) -> None:
+    with pytest.raises(LaunchError, match=r"sample-based.*use `--steps N`"):
+        megatron_args(MODELS["tiny"], None, PRESETS["smoke"], Parallel(), data_root=ROOT, extra=extra)

@@ -32,7 +32,15 @@ def source() -> Path:
         pytest.skip(f"no Megatron sources with megatron/training available: {exc}")
 
 
-def _plan_args(tmp: Path, model: str, dataset: str | None, mode: str, preset: str, **par: object) -> Case:
+def _plan_args(
+    tmp: Path,
+    model: str,
+    dataset: str | None,
+    mode: str,
+    preset: str,
+    steps: int | None = None,
+    **par: object,
+) -> Case:
     request = TrainRequest(
         model=model,
         dataset=dataset,
@@ -42,6 +50,7 @@ def _plan_args(tmp: Path, model: str, dataset: str | None, mode: str, preset: st
         data_root=Path("/data"),
         parallel=Parallel(**par),  # type: ignore[arg-type]
         run_dir=tmp / "run",
+        steps=steps,
     )
     plan = plan_run(request, require_tree=False)
     return Case(argv=plan.megatron_args, world_size=request.parallel.world_size)
@@ -67,6 +76,13 @@ def test_whole_matrix_is_accepted_by_megatron(source: Path, tmp_path: Path) -> N
         ("deepseek2_lite", "ep8"): _plan_args(tmp_path, "deepseek2_lite", "wikipedia", "qk_pv_mxfp4", "fast",
                                               ep=8, nproc_per_node=8),
     }  # fmt: skip
+    layouts.update(  # --steps rewrites a sample-based preset; Megatron must accept every result
+        {
+            (preset, f"steps{n}"): _plan_args(tmp_path, "llama32-1b", "sample", "bf16", preset, steps=n)
+            for preset in PRESETS
+            for n in (1, 30)
+        }  # fmt: skip
+    )
     tiny = _plan_args(tmp_path, "tiny", None, "bf16", "smoke")
     must_fail = {
         "seq beyond positions": Case(argv=(*tiny.argv, "--seq-length", "16384")),  # tiny: 8192 positions

@@ -45,6 +45,11 @@ def test_done_when_dry_run_prints_a_command_megatron_accepts(tmp_path: Path) -> 
     out = done.stdout
     assert "role values: linear_fwd=mxfp8 linear_dgrad=mxfp8 linear_wgrad=mxfp8 qk=mxfp8 pv=none" in out
     assert "validation: accepted by Megatron 0.19" in out
+    from megaquant.launch.preflight import training_megatron
+
+    if training_megatron(None) is None:  # no Megatron here that trains: the note says whose parser it was
+        assert "(the pinned megatron-core sources" in out and "NOT the Megatron that would train" in out
+        assert "problem: " in out and "cannot train" in out  # shown; not a tree, so not refused
     command = out.split("command:\n", 1)[1]
     assert "-m torch.distributed.run" in command and "--transformer-impl local" in command
     assert "--bf16" in command and "--fp8" not in command and "--sequence-parallel" not in command

@@ -11,11 +11,12 @@ from megaquant.errors import LaunchError
 from megaquant.launch.datasets import Dataset
 from megaquant.launch.models import Model
 from megaquant.launch.modes import ROLES, Mode
-from megaquant.launch.presets import Preset
+from megaquant.launch.presets import DATA_SPLIT, Preset
 from megaquant.spec import GROUPS, canonical_value
 
 __all__ = [
     "FAKE_QUANT_FLAGS",
+    "LENGTH_FLAGS",
     "REFUSED_FLAGS",
     "TRAIN_ENV",
     "Entry",
@@ -50,6 +51,10 @@ REFUSED_FLAGS: Mapping[str, str] = {
     "unquantized)",
 }
 """Extra Megatron arguments the launcher refuses, with the reason."""
+
+LENGTH_FLAGS = ("--train-iters", "--train-samples", "--lr-decay-iters", "--lr-warmup-iters")
+"""Extra arguments that would change the run length without its schedule (the presets count samples):
+`megaquant train --steps N` rewrites length, LR decay, warmup and eval interval together instead."""
 
 
 def role_values(
@@ -115,6 +120,11 @@ def check_extra_args(extra: Sequence[str]) -> None:
         flag, _, inline = arg.partition("=")
         if flag in REFUSED_FLAGS:
             raise LaunchError(f"extra argument {arg!r}: refused, {REFUSED_FLAGS[flag]}; remove it")
+        if flag in LENGTH_FLAGS:
+            raise LaunchError(
+                f"extra argument {flag}: refused, the training configs are sample-based and set the length, "
+                "LR schedule and eval interval together; use `--steps N` (megaquant option) instead"
+            )
         if flag == "--transformer-impl":
             value = inline or (extra[i + 1] if i + 1 < len(extra) else "")
             if value != "local":
@@ -153,7 +163,7 @@ def megatron_args(
             tokenizer = str(data_root / dataset.tokenizer) if dataset.tokenizer else model.tokenizer
         args += [
             "--data-path", str(data_root / dataset.prefix),
-            "--split", "99,1,0",
+            "--split", DATA_SPLIT,
             "--tokenizer-type", "HuggingFaceTokenizer",
             "--tokenizer-model", tokenizer,
         ]  # fmt: skip

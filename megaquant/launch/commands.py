@@ -67,6 +67,9 @@ def register(app: typer.Typer) -> None:
         time_limit: Annotated[str | None, _Opt("--time", help="Slurm time limit.")] = None,
         account: Annotated[str | None, _Opt(help="Slurm account.")] = None,
         srun: Annotated[bool, _Opt("--srun", hidden=True, help="Inside sbatch: torchrun per node.")] = False,
+        steps: Annotated[
+            int | None, _Opt(help="Optimizer steps instead of the preset's length (LR schedule follows).")
+        ] = None,
         list_registries: Annotated[bool, _Opt("--list", help="Show the registries.")] = False,
     ) -> None:
         """Train MODEL on DATASET under a quantization mode: set roles, launch torchrun, record, restore.
@@ -108,6 +111,7 @@ def register(app: typer.Typer) -> None:
             spec=spec,
             srun=srun,
             extra=tuple(ctx.args),
+            steps=steps,
         )
         options = SlurmOptions(partition=partition, time=time_limit, account=account) if slurm else None
         code = train(
@@ -155,6 +159,10 @@ def register(app: typer.Typer) -> None:
         ] = None,
         data_root: Annotated[Path, _Opt(help="Root the registry paths are relative to.")] = Path("."),
         append_eod: Annotated[bool, _Opt(help="Append the end-of-document token.")] = True,
+        megatron: Annotated[
+            Path | None,
+            _Opt(help="A Megatron-LM tree whose own megatron package writes the files (default: installed)."),
+        ] = None,
     ) -> None:
         """Tokenize JSON-lines text into `<prefix>.bin/.idx` with megatron-core's IndexedDatasetBuilder."""
         from megaquant.data import prepare_dataset
@@ -167,6 +175,7 @@ def register(app: typer.Typer) -> None:
             data_root=data_root,
             append_eod=append_eod,
             progress=True,
+            megatron=megatron,
         )
         typer.echo(
             f"wrote {result.prefix}.bin/.idx: {result.documents} documents, {result.tokens} tokens "

@@ -6,21 +6,25 @@ Both front ends are thin shells over `train()`; it writes human text (or JSON) t
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from megaquant.errors import LaunchError, MegaquantError
 from megaquant.launch.datasets import DATASETS
 from megaquant.launch.models import MODELS, get_model
 from megaquant.launch.modes import MODES, ROLES
 from megaquant.launch.presets import PRESETS
-from megaquant.launch.run import RunPlan, TrainRequest, command_for, execute, plan_run
+from megaquant.launch.run import TRAIN_COMMAND_ENV, RunPlan, TrainRequest, command_for, execute, plan_run
 from megaquant.launch.scripts import SlurmOptions, sbatch_script
+
+if TYPE_CHECKING:
+    from megaquant.launch.preflight import Preflight, TrainingMegatron
 
 __all__ = ["Validation", "format_listing", "request_options", "train", "validate_plan"]
 
@@ -31,6 +35,8 @@ class Validation:
     version: str | None
     """megatron-core version whose parser accepted the argv (None: not checked)."""
     note: str
+    source: str | None = None
+    """Where that parser came from: 'tree' / 'installed' (the Megatron that trains) or 'pinned'."""
 
 
 def format_listing() -> str:
@@ -54,32 +60,45 @@ def format_listing() -> str:
     return "\n".join(lines) + "\n"
 
 
-def validate_plan(plan: RunPlan, *, enabled: bool = True) -> Validation:
-    """Megatron's own parse_args + validate_args on the plan's argv. Raises LaunchError when Megatron
-    rejects it; an unavailable parser (no megatron-core / triton, no network for the pinned sources) is a
-    note, not an error."""
+def validate_plan(
+    plan: RunPlan, *, enabled: bool = True, training: TrainingMegatron | None | bool = True
+) -> Validation:
+    """Megatron's own parse_args + validate_args on the plan's argv, with the parser of the Megatron that
+    will train (`training`; True: look it up), else the pinned megatron-core sources — and the note says
+    which. Raises LaunchError when Megatron rejects it; an unavailable parser (no megatron-core / triton, no
+    network for the pinned sources) is a note, not an error."""
     if not enabled:
         return Validation(checked=False, version=None, note="not validated (--no-validate)")
-    from megaquant.launch.validate import Case, megatron_version, source_for, validate
+    from megaquant.launch.preflight import training_megatron
+    from megaquant.launch.validate import Case, megatron_version, validate
+    from megaquant.megatron_src import PINNED_VERSION, megatron_sources
 
-    tree = plan.tree if (plan.tree / "megatron" / "core").is_dir() else None
+    if training is True:
+        training = training_megatron(plan.tree if (plan.tree / "megatron" / "core").is_dir() else None)
+    assert training is None or not isinstance(training, bool)
     try:
-        source = source_for(tree)
+        source = training.root if training is not None else megatron_sources(PINNED_VERSION)
         verdict = validate(
             [Case(argv=plan.megatron_args, world_size=plan.request.parallel.world_size)], source
         )
     except MegaquantError as exc:
         return Validation(checked=False, version=None, note=f"not validated: {exc}")
     version = megatron_version(source)
+    if training is not None:
+        where, origin = training.describe(), training.origin
+    else:
+        where = f"the pinned megatron-core sources {source}; NOT the Megatron that would train (it has none)"
+        origin = "pinned"
     if not verdict[0].ok:
         raise LaunchError(
-            f"Megatron {version} ({source}) rejects the generated arguments: {verdict[0].error}\n"
+            f"Megatron {version} ({where}) rejects the generated arguments: {verdict[0].error}\n"
             "Fix the conflicting option (model parallel sizes, extra arguments after --) and retry"
         )
     return Validation(
         checked=True,
         version=version,
-        note=f"accepted by Megatron {version} parse_args + validate_args ({source})",
+        note=f"accepted by Megatron {version} parse_args + validate_args ({where})",
+        source=origin,
     )
 
 
@@ -99,6 +118,7 @@ def request_options(request: TrainRequest) -> list[str]:
         ("--run-dir", request.run_dir),
         ("--worktree", request.worktree),
         ("--spec", request.spec),
+        ("--steps", None if request.steps is None else str(request.steps)),
     ):
         if value is not None:
             opts += [flag, str(Path(value).absolute()) if isinstance(value, Path) else value]
@@ -107,7 +127,9 @@ def request_options(request: TrainRequest) -> list[str]:
     return opts + (["--", *request.extra] if request.extra else [])
 
 
-def _describe(plan: RunPlan, argv: list[str], env: dict[str, str], validation: Validation) -> str:
+def _describe(
+    plan: RunPlan, argv: list[str], env: dict[str, str], validation: Validation, check: Preflight
+) -> str:
     model = get_model(plan.request.model)
     values = " ".join(f"{role}={value}" for role, value in plan.values.items())
     env_text = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
@@ -117,7 +139,9 @@ def _describe(plan: RunPlan, argv: list[str], env: dict[str, str], validation: V
         f"role values: {values}",
         f"spec: {plan.spec}   tree: {plan.tree}   run dir: {plan.run_dir}",
         f"validation: {validation.note}",
-        *(f"note: {n}" for n in plan.notes),
+        f"trains with: {check.training.describe() if check.training else '(no megatron/training found)'}",
+        *(f"note: {n}" for n in (*plan.notes, *check.notes)),
+        *(f"problem: {p}" for p in check.problems),
         "command:",
         f"  {env_text} {shlex.join(argv)}",
     ]
@@ -140,9 +164,28 @@ def train(
     submit: bool = False,
     echo: Callable[[str], None] | None = None,
 ) -> int:
-    """Run (or show, or script) one training run; returns the process exit code."""
+    """Run (or show, or script) one training run; returns the process exit code.
+
+    On a Megatron tree, a run that would fail at start-up (no megatron/training to import, a missing
+    dataset or tokenizer) is refused before anything is set; a dry run prints the plan first."""
+    from megaquant.launch.preflight import preflight
+
     plan = plan_run(request, require_tree=not dry_run and slurm is None)
-    validation = validate_plan(plan, enabled=validate)
+    is_tree = (plan.tree / "megatron" / "core").is_dir()
+    check = preflight(
+        plan.tree,
+        plan.megatron_args,
+        is_tree=is_tree,
+        environ=os.environ,
+        train_command_env=TRAIN_COMMAND_ENV,
+    )
+    refusal = None
+    if is_tree and check.problems:
+        refusal = LaunchError("the run would fail at start-up, nothing was set:\n" + "\n".join(
+            f"  {p}" for p in check.problems))  # fmt: skip
+        if not dry_run:
+            raise refusal
+    validation = validate_plan(plan, enabled=validate, training=check.training)
     if slurm is not None:
         script = sbatch_script(
             slurm,
@@ -178,11 +221,17 @@ def train(
                 "argv": argv,
                 "env": env,
                 "validated_against": validation.version,
-                "notes": list(plan.notes),
+                "validated_source": validation.source,
+                "trains_with": None if check.training is None else str(check.training.root),
+                "notes": [*plan.notes, *check.notes],
+                "problems": list(check.problems),
             }
             out.write(json.dumps(payload, indent=2) + "\n")
         else:
-            out.write(_describe(plan, argv, env, validation))
+            out.write(_describe(plan, argv, env, validation, check))
+        if refusal is not None:
+            out.flush()
+            raise refusal
         return 0
     out.write(f"run dir {plan.run_dir}; {validation.note}\n")
     record = execute(

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from megaquant.errors import LaunchError
 
-__all__ = ["PRESETS", "Preset", "get_preset"]
+__all__ = ["DATA_SPLIT", "PRESETS", "Preset", "get_preset"]
+
+DATA_SPLIT = "100,0,0"
+"""Megatron `--split` of every preset: evaluation is off (`--eval-iters 0`), so no validation or test split
+is built; a 1 % validation split of a small corpus (the built-in sample: ~8 documents) holds fewer tokens
+than one sequence, and Megatron's sampler asserts on an empty split even when it never evaluates."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -27,6 +33,13 @@ class Preset:
     def train_iters(self) -> int:
         return -(-self.train_samples // self.global_batch_size)
 
+    def with_steps(self, steps: int) -> Preset:
+        """The same preset run for `steps` optimizer steps: length, LR decay and warmup (a fraction of the
+        length) and the eval interval all follow, since each is derived from `train_samples`."""
+        if steps < 1:
+            raise LaunchError(f"--steps must be >= 1, got {steps}")
+        return dataclasses.replace(self, train_samples=steps * self.global_batch_size)
+
     def megatron_args(self) -> list[str]:
         args = [
             "--micro-batch-size", str(self.micro_batch_size),
@@ -44,7 +57,7 @@ class Preset:
             "--clip-grad", "1.0",
             "--log-interval", str(self.log_interval),
             "--log-throughput",
-            "--eval-iters", "0",
+            "--eval-iters", "0",  # with DATA_SPLIT: no validation split is needed
             "--eval-interval", str(self.train_iters),  # Megatron divides by it even with no eval iters
             "--seed", "1234",
         ]  # fmt: skip

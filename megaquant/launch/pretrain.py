@@ -26,6 +26,7 @@ __all__ = [
     "REFUSED_FLAGS",
     "StepRecord",
     "add_megaquant_args",
+    "build_gpt",
     "loss_from_reduced",
     "main",
     "masked_lm_loss",
@@ -135,6 +136,46 @@ def masked_lm_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor) -> tupl
 # ---------------------------------------------------------------- inside torchrun (needs megatron + CUDA)
 
 
+def build_gpt(
+    config: Any,
+    args: Any,
+    *,
+    vocab_size: int,
+    pre_process: bool = True,
+    post_process: bool = True,
+    vp_stage: int | None = None,
+    pg_collection: Any = None,
+) -> Any:
+    """A GPTModel on megatron-core's local (non-TE) block spec (`megaquant.launch.layer_spec`), so the
+    hooked GEMMs are the ones that run. `args`: Megatron's parsed arguments (a namespace or a mapping)."""
+    with quiet_megatron_import():
+        from megatron.core.models.gpt import GPTModel
+
+    from megaquant.launch.layer_spec import gpt_block_spec
+
+    def arg(name: str) -> Any:
+        return args[name] if isinstance(args, Mapping) else getattr(args, name)
+
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=gpt_block_spec(config, normalization=arg("normalization"), vp_stage=vp_stage),
+        vocab_size=vocab_size,
+        max_sequence_length=arg("max_position_embeddings"),
+        pre_process=pre_process,
+        post_process=post_process,
+        fp16_lm_cross_entropy=arg("fp16_lm_cross_entropy"),
+        parallel_output=True,
+        share_embeddings_and_output_weights=not arg("untie_embeddings_and_output_weights"),
+        position_embedding_type=arg("position_embedding_type"),
+        rotary_percent=arg("rotary_percent"),
+        rotary_base=arg("rotary_base"),
+        rope_scaling=arg("use_rope_scaling"),
+        rope_scaling_factor=arg("rope_scaling_factor"),
+        vp_stage=vp_stage,
+        pg_collection=pg_collection,
+    )
+
+
 def _model_provider(
     pre_process: bool = True,
     post_process: bool = True,
@@ -142,37 +183,18 @@ def _model_provider(
     config: Any = None,
     pg_collection: Any = None,
 ) -> Any:
-    """A GPTModel on megatron-core's local (non-TE) layer spec, so the hooked GEMMs are the ones that run."""
+    """Megatron's model provider: `build_gpt` from the parsed arguments (what `megaquant train` trains)."""
     with quiet_megatron_import():
-        from megatron.core.models.gpt import GPTModel
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
         from megatron.training import get_args
         from megatron.training.argument_utils import core_transformer_config_from_args
 
     args = get_args()
-    tconfig = core_transformer_config_from_args(args)
-    spec = get_gpt_layer_local_spec(
-        num_experts=args.num_experts,
-        moe_grouped_gemm=args.moe_grouped_gemm,
-        qk_layernorm=args.qk_layernorm,
-        multi_latent_attention=args.multi_latent_attention,
-        normalization=args.normalization,
-    )
-    return GPTModel(
-        config=tconfig,
-        transformer_layer_spec=spec,
+    return build_gpt(
+        core_transformer_config_from_args(args),
+        args,
         vocab_size=args.padded_vocab_size,
-        max_sequence_length=args.max_position_embeddings,
         pre_process=pre_process,
         post_process=post_process,
-        fp16_lm_cross_entropy=args.fp16_lm_cross_entropy,
-        parallel_output=True,
-        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-        position_embedding_type=args.position_embedding_type,
-        rotary_percent=args.rotary_percent,
-        rotary_base=args.rotary_base,
-        rope_scaling=args.use_rope_scaling,
-        rope_scaling_factor=args.rope_scaling_factor,
         vp_stage=vp_stage,
         pg_collection=pg_collection,
     )

@@ -83,6 +83,8 @@ class TrainRequest:
     srun: bool = False
     """Start torchrun once per node through `srun` (inside a Slurm allocation)."""
     extra: tuple[str, ...] = ()
+    steps: int | None = None
+    """Optimizer steps instead of the preset's length (LR schedule and eval interval follow)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -129,6 +131,8 @@ def plan_run(request: TrainRequest, *, require_tree: bool = True) -> RunPlan:
     model = get_model(request.model)
     dataset = None if request.dataset is None else get_dataset(request.dataset)
     preset = get_preset(request.preset)
+    if request.steps is not None:
+        preset = preset.with_steps(request.steps)
     values = role_values(get_mode(request.mode), linear=request.linear, qk=request.qk, pv=request.pv)
     mode = request.mode
     if (request.linear, request.qk, request.pv) != (None, None, None):

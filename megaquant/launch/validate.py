@@ -12,9 +12,10 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from megaquant.errors import LaunchError
 from megaquant.launch.argv import TRAIN_ENV
@@ -23,7 +24,7 @@ from megaquant.megatron_src import quiet_megatron_import
 TARGET_ARCH = 9
 """GPU major architecture assumed when validating on a machine without CUDA (9: Hopper, e.g. H100/H200)."""
 
-__all__ = ["TARGET_ARCH", "Case", "Verdict", "megatron_version", "source_for", "validate"]
+__all__ = ["TARGET_ARCH", "Case", "Verdict", "json_child", "megatron_version", "source_for", "validate"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,21 +68,31 @@ def validate(cases: Sequence[Case], source: Path, *, python: str = sys.executabl
     """One child process checks every case; a child that cannot import Megatron raises LaunchError."""
     batch = [{"argv": list(c.argv), "world_size": c.world_size, "env": dict(c.env)} for c in cases]
     request = {"source": str(source), "cases": batch}
-    done = subprocess.run(
-        [python, "-m", "megaquant.launch.validate"],
-        input=json.dumps(request),
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    last = done.stdout.strip().splitlines()[-1:] if done.stdout.strip() else []
-    if done.returncode != 0 or not last:
+    answer, done = json_child("megaquant.launch.validate", request, python=python)
+    if answer is None:
         raise LaunchError(
             f"could not run Megatron's argument parser from {source} (exit {done.returncode}):\n"
             f"{done.stderr.strip()[-1500:]}\nInstall the megatron extra (pip install 'megaquant[megatron]', "
             "which brings triton) or pass --no-validate"
         )
-    return [Verdict(ok=bool(r["ok"]), error=str(r["error"])) for r in json.loads(last[0])]
+    return [Verdict(ok=bool(r["ok"]), error=str(r["error"])) for r in answer]
+
+
+def json_child(
+    module: str, request: object, *, python: str, env: Mapping[str, str] | None = None
+) -> tuple[Any, subprocess.CompletedProcess[str]]:
+    """`python -m module` with `request` as JSON on stdin; (its last stdout line as JSON, or None when it
+    failed or printed nothing, and the finished process)."""
+    done = subprocess.run(
+        [python, "-m", module],
+        input=json.dumps(request),
+        capture_output=True,
+        text=True,
+        check=False,
+        env=None if env is None else dict(env),
+    )
+    last = done.stdout.strip().splitlines()[-1:] if done.stdout.strip() else []
+    return (json.loads(last[0]) if done.returncode == 0 and last else None), done
 
 
 def _child() -> int:
