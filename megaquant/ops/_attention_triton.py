@@ -10,6 +10,7 @@ unquantized operands. Design, predictions and measurements: benchmarks/NOTES.md.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Any
@@ -23,7 +24,7 @@ from megaquant.formats.registry import resolve_options
 from megaquant.ops.config import QuantConfig
 from megaquant.ops.gemm import _quant
 
-__all__ = ["attention", "supports"]
+__all__ = ["attention", "backward", "forward", "quantize_p", "supports"]
 
 _LOG2E = 1.4426950408889634
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -278,8 +279,14 @@ _DEFAULT_CONFIGS = {
 }
 
 
+@functools.lru_cache(maxsize=8)
+def _overrides(text: str) -> dict[str, list[int]]:
+    parsed: dict[str, list[int]] = json.loads(text or "{}")
+    return parsed
+
+
 def _config(kernel: str, bdk: int) -> tuple[int, int, int, int]:
-    override = json.loads(os.environ.get(CONFIG_ENV) or "{}")
+    override = _overrides(os.environ.get(CONFIG_ENV, ""))
     if kernel in override:
         bm, bn, warps, stages = override[kernel]
         return int(bm), int(bn), int(warps), int(stages)
@@ -434,4 +441,31 @@ def attention(
     """quant_attention through the kernels (the caller checked supports(); CPU tensors run only under
     TRITON_INTERPRET=1)."""
     out: torch.Tensor = _FlashAttention.apply(q, k, v, cfg_qk, cfg_pv, causal, scale)
+    return out
+
+
+@triton.jit
+def _quant_p_kernel(P, OUT, n_cols, BM: tl.constexpr, BN: tl.constexpr, PV_KIND: tl.constexpr,
+                    BS: tl.constexpr, EMAX: tl.constexpr, EMIN: tl.constexpr, MAN: tl.constexpr,
+                    MAXN: tl.constexpr, MAX_MANT: tl.constexpr, FILL_BITS: tl.constexpr,
+                    SATURATE: tl.constexpr, RCEIL: tl.constexpr, AWAY: tl.constexpr, FORK: tl.constexpr,
+                    MB_TABLE: tl.constexpr):  # fmt: skip
+    offs = (tl.program_id(0) * BM + tl.arange(0, BM))[:, None] * n_cols + (
+        tl.program_id(1) * BN + tl.arange(0, BN)
+    )[None, :]
+    p = tl.load(P + offs)
+    out = _quant_p(p, BM, BN, PV_KIND, BS, EMAX, EMIN, MAN, MAXN, MAX_MANT, FILL_BITS, SATURATE, RCEIL,
+                   AWAY, FORK, MB_TABLE)  # fmt: skip
+    tl.store(OUT + offs, out)
+
+
+def quantize_p(p: torch.Tensor, cfg_pv: QuantConfig) -> torch.Tensor:
+    """The forward kernel's in-register quantization of P on a whole fp32 [rows, cols] tensor (rows and
+    cols multiples of 64), for tests against megaquant.formats.fake_quant(p, fmt, axis=-1)."""
+    assert p.dtype == torch.float32 and p.dim() == 2 and p.shape[0] % 64 == 0 and p.shape[1] % 64 == 0
+    p = p.contiguous()
+    out = torch.empty_like(p)
+    _quant_p_kernel[(p.shape[0] // 64, p.shape[1] // 64)](
+        p, out, p.shape[1], BM=64, BN=64, **_pv_constants(cfg_pv, 64)
+    )
     return out

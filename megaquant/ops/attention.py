@@ -229,9 +229,12 @@ def quant_attention(
     if which == "sdpa":
         if cfg_qk.fmt is not None or cfg_pv.fmt is not None:
             raise ValueNameError("backend='sdpa' computes unquantized attention only (qk = pv = none)")
-        out: torch.Tensor = torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, is_causal=causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
-        )
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):  # never the math backend's s x s fallback
+            out: torch.Tensor = torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, is_causal=causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+            )
         return out
     if which == "triton":
         from megaquant.ops import _attention_triton
