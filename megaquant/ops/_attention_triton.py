@@ -29,7 +29,8 @@ __all__ = ["attention", "backward", "forward", "quantize_p", "supports"]
 _LOG2E = 1.4426950408889634
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 CONFIG_ENV = "MEGAQUANT_ATTENTION_CONFIG"
-"""JSON object overriding block sizes, e.g. {"fwd": [128, 64, 8, 3]} (BM, BN, warps, stages) for sweeps."""
+"""JSON object overriding block sizes (BM, BN, warps, stages) for sweeps: {"fwd": [128, 64, 8, 3]} for every
+head dim, {"fwd:128": [...]} for a padded QK head dim of 128; kernels fwd, fwd2 (pv quantized), dkdv, dq."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -287,10 +288,12 @@ def _overrides(text: str) -> dict[str, list[int]]:
 
 def _config(kernel: str, bdk: int) -> tuple[int, int, int, int]:
     override = _overrides(os.environ.get(CONFIG_ENV, ""))
-    if kernel in override:
-        bm, bn, warps, stages = override[kernel]
-        return int(bm), int(bn), int(warps), int(stages)
-    return _DEFAULT_CONFIGS[(kernel, max(64, bdk))]
+    bdk = max(64, bdk)
+    for key in (f"{kernel}:{bdk}", kernel):
+        if key in override:
+            bm, bn, warps, stages = override[key]
+            return int(bm), int(bn), int(warps), int(stages)
+    return _DEFAULT_CONFIGS[(kernel, bdk)]
 
 
 def _pv_constants(cfg: QuantConfig, bn: int) -> dict[str, Any]:
