@@ -17,6 +17,7 @@ import libcst as cst
 import typer
 from libcst.metadata import MetadataWrapper, PositionProvider
 
+from megaquant import instrument_attention
 from megaquant.errors import GitStateError, SourceError
 
 __all__ = [
@@ -594,6 +595,7 @@ def instrument_repo(
     root = Path(repo.working_tree_dir or repo_dir)
     sources = {f: (root / f).read_bytes() for f in rules.files() if (root / f).is_file()}
     plan = plan_instrument(sources, rules, include_lm_head=include_lm_head)
+    plan = instrument_attention.with_fused_attention(plan, sources, rules_path())
     current = None if repo.head.is_detached else repo.active_branch.name
     if not plan.changed:
         return InstrumentResult(str(root), current or repo.head.commit.hexsha, None, plan.edits)

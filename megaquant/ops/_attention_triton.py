@@ -264,18 +264,19 @@ def _dq_kernel(
 # Python side
 
 _DEFAULT_CONFIGS = {
-    # (BM, BN, warps, stages) by (kernel, padded QK head dim)
+    # (BM, BN, warps, stages) by (kernel, padded QK head dim); 128: the fastest of benchmarks/attention.py
+    # --sweep on the H200 (benchmarks/NOTES.md), 64 and 256: first guesses
     ("fwd", 64): (128, 64, 4, 3),
-    ("fwd", 128): (128, 64, 8, 3),
+    ("fwd", 128): (64, 64, 4, 3),
     ("fwd", 256): (64, 64, 4, 2),
     ("fwd2", 64): (128, 64, 4, 3),
-    ("fwd2", 128): (128, 64, 8, 3),
+    ("fwd2", 128): (64, 64, 4, 2),
     ("fwd2", 256): (64, 64, 4, 2),
     ("dkdv", 64): (64, 64, 4, 3),
-    ("dkdv", 128): (64, 64, 8, 3),
+    ("dkdv", 128): (64, 128, 8, 3),
     ("dkdv", 256): (32, 64, 8, 2),
     ("dq", 64): (64, 64, 4, 3),
-    ("dq", 128): (64, 64, 8, 3),
+    ("dq", 128): (64, 32, 4, 3),
     ("dq", 256): (64, 32, 8, 2),
 }
 
