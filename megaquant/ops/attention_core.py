@@ -5,9 +5,9 @@
 quant_attention computes exactly (causal or no mask, no dropout in effect, plain softmax, no extra
 scaling, [s, b, heads, dim] inputs); the forward then skips the unfused scores/softmax/PV statements and
 returns `core(qk_value, pv_value)` with the values of its qk and pv sites. `None` keeps the unfused path.
-Each distinct decision is printed once per process, `ATTENTION_MARK ...`, so train.log (and, through
-`cores_in_log`, the run's manifest) says which core ran. MEGAQUANT_ATTENTION=unfused forces the unfused
-path, =fused refuses to fall back (an error says why a call is not supported).
+Each distinct decision is printed once per process (`megaquant: attention core: ...`, on stderr), so
+train.log and, through instrument_attention.cores_in_log, the run's manifest say which core ran.
+MEGAQUANT_ATTENTION=unfused forces the unfused path, =fused refuses to fall back (an error says why).
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ from typing import Any
 import torch
 
 from megaquant.errors import ValueNameError
+from megaquant.instrument_attention import ATTENTION_MARK
 from megaquant.ops.attention import attention_backend, quant_attention
 
-__all__ = ["ATTENTION_ENV", "ATTENTION_MARK", "FusedCore", "cores_in_log", "fused_core"]
+__all__ = ["ATTENTION_ENV", "FusedCore", "fused_core"]
 
 ATTENTION_ENV = "MEGAQUANT_ATTENTION"
 """auto (default): fused when supported; unfused: always the unfused path; fused: error when unsupported."""
-ATTENTION_MARK = "megaquant: attention core:"
 _SEEN: set[str] = set()
 _CAUSAL_MASKS: dict[tuple[int, int, str], torch.Tensor] = {}
 
@@ -130,9 +130,3 @@ def fused_core(
         return None
     causal = attention_mask is not None or module.scale_mask_softmax.attn_mask_type == AttnMaskType.causal
     return FusedCore(query, key, value, causal and query.shape[0] > 1, float(module.softmax_scale))
-
-
-def cores_in_log(text: str) -> list[str]:
-    """The attention-core lines of a training log (without the mark), in order, each once."""
-    found = [line.split(ATTENTION_MARK, 1)[1].strip() for line in text.splitlines() if ATTENTION_MARK in line]
-    return list(dict.fromkeys(found))
