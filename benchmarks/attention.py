@@ -129,12 +129,30 @@ def measure(heads: str, s: int, b: int, path: str, site: str) -> dict[str, objec
     return row
 
 
-SWEEP = {
-    "fwd": [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3)],
-    "fwd2": [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 64, 4, 2)],
-    "dkdv": [(64, 64, 8, 3), (32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3)],
-    "dq": [(64, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 3), (128, 64, 8, 3)],
+SWEEP = {  # candidate (BM, BN, warps, stages) per kernel, by padded QK head dim
+    128: {
+        "fwd": [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3)],
+        "fwd2": [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 64, 4, 2)],
+        "dkdv": [(64, 64, 8, 3), (32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3)],
+        "dq": [(64, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 3), (128, 64, 8, 3)],
+    },
+    64: {
+        "fwd": [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3)],
+        "fwd2": [(128, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3), (128, 32, 8, 3)],
+        "dkdv": [(64, 64, 4, 3), (64, 128, 8, 3), (32, 128, 4, 3), (128, 64, 8, 3)],
+        "dq": [(64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3)],
+    },
+    256: {
+        "fwd": [(64, 64, 4, 2), (64, 32, 4, 2), (128, 32, 8, 2), (64, 64, 8, 2)],
+        "fwd2": [(64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2), (64, 32, 8, 2)],
+        "dkdv": [(32, 64, 8, 2), (64, 64, 8, 2), (32, 32, 4, 2), (64, 32, 8, 2)],
+        "dq": [(64, 32, 8, 2), (32, 32, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2)],
+    },
 }
+
+
+def _padded(dk: int) -> int:
+    return max(64, 1 << (dk - 1).bit_length())
 
 
 def sweep(heads: str) -> list[dict[str, object]]:
@@ -148,9 +166,7 @@ def sweep(heads: str) -> list[dict[str, object]]:
     dov = do.view(8192, 1, hq, dv).permute(1, 2, 0, 3)
     cfg_none, cfg_mx = quant_config("none"), quant_config("mxfp8")
     rows: list[dict[str, object]] = []
-    for kernel, candidates in SWEEP.items():
-        if heads == "mla":
-            candidates = [c for c in candidates if c[0] * max(c[1], 64) <= 8192]
+    for kernel, candidates in SWEEP[_padded(dk)].items():
         for cand in candidates:
             os.environ[kernels.CONFIG_ENV] = json.dumps({kernel: list(cand)})
             try:
@@ -214,14 +230,14 @@ def main() -> None:
 
         best: dict[str, tuple[float, list[int]]] = {}
         for r in swept:
-            key = f"{r['kernel']}:{max(64, 1 << (HEADS[str(r['heads'])][2] - 1).bit_length())}"
+            key = f"{r['kernel']}:{_padded(HEADS[str(r['heads'])][2])}"
             ms = float(r["ms"])  # type: ignore[arg-type]
             if ms == ms and (key not in best or ms < best[key][0]):
                 best[key] = (ms, r["config"])  # type: ignore[assignment]
         os.environ[kernels.CONFIG_ENV] = json.dumps({key: cfg for key, (_, cfg) in best.items()})
         print(f"configurations: {os.environ[kernels.CONFIG_ENV]}", flush=True)
     rows: list[dict[str, object]] = []
-    for heads in args.heads:
+    for heads in [] if args.sweep_only else args.heads:
         for s, b in SEQS:
             plan = [("sdpa", "none")] + [("triton", site) for site in SITES]
             if not args.no_unfused:
