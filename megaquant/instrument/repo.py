@@ -6,6 +6,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megaquant import instrument_attention
 from megaquant.errors import GitStateError
 from megaquant.instrument.plan import plan_instrument
 from megaquant.instrument.rules import (
@@ -14,6 +15,7 @@ from megaquant.instrument.rules import (
     InstrumentError,
     InstrumentRules,
     load_rules,
+    rules_path,
 )
 from megaquant.instrument.transform import Edit
 
@@ -110,7 +112,9 @@ def instrument_repo(
             f"{repo_dir}: not a git repository; `git init` it or use --from-installed DIR"
         ) from exc
     root = Path(repo.working_tree_dir or repo_dir)
-    plan = plan_instrument(read_sources(root, rules), rules, include_lm_head=include_lm_head)
+    sources = read_sources(root, rules)
+    plan = plan_instrument(sources, rules, include_lm_head=include_lm_head)
+    plan = instrument_attention.with_fused_attention(plan, dict(sources), rules_path())
     current = None if repo.head.is_detached else repo.active_branch.name
     if not plan.changed:
         return InstrumentResult(str(root), current or repo.head.commit.hexsha, None, plan.edits)

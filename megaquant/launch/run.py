@@ -250,6 +250,13 @@ def environment_summary(environ: Mapping[str, str] | None = None) -> dict[str, o
     }
 
 
+def _attention_cores(log: Path) -> list[str]:
+    """Which attention core(s) the run used (the lines megaquant.ops.attention_core prints into the log)."""
+    from megaquant.instrument_attention import cores_in_log
+
+    return cores_in_log(log.read_text(encoding="utf-8", errors="replace")) if log.is_file() else []
+
+
 def _write_manifest(run_dir: Path, manifest: Mapping[str, object]) -> None:
     tmp = run_dir / "manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
@@ -363,6 +370,7 @@ def execute(
             exit_code=exit_code,
             status="interrupted" if interrupted else ("succeeded" if exit_code == 0 else "failed"),
             restored=restored.message,
+            attention_core=_attention_cores(run_dir / "train.log"),
         )
         _write_manifest(run_dir, manifest)
     return RunRecord(run_dir=run_dir, exit_code=exit_code, manifest=manifest)

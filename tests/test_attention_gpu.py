@@ -1,0 +1,112 @@
+"""GPU tests of quant_attention's Triton kernels: against the reference at real head shapes (8B, 1B, MLA),
+P's in-kernel quantization bit for bit against fake_quant, O(s) memory (skipped without CUDA/triton)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megaquant.formats import fake_quant
+from megaquant.ops import quant_attention
+from megaquant.ops.attention import attention_backend
+from megaquant.ops.config import quant_config
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+kernels = pytest.importorskip("megaquant.ops._attention_triton", reason="needs triton")
+
+# (query heads, kv heads, qk head dim, v head dim, seq)
+SHAPES = {
+    "8b": (8, 2, 128, 128, 1000),
+    "1b": (8, 2, 64, 64, 777),
+    "mla": (4, 4, 192, 128, 513),
+}
+PAIRS = [("none", "none"), ("mxfp8", "none"), ("none", "mxfp8"), ("mxfp8", "mxfp8"), ("hifp8", "hifp8"),
+         ("mxfp4", "mxfp4")]  # fmt: skip
+
+
+def _inputs(hq: int, hkv: int, dk: int, dv: int, s: int, seed: int = 0):  # type: ignore[no-untyped-def]
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    shapes = [(1, hq, s, dk), (1, hkv, s, dk), (1, hkv, s, dv), (1, hq, s, dv)]
+    return [torch.randn(sh, generator=g, device="cuda").to(torch.bfloat16) for sh in shapes]
+
+
+def _run(q, k, v, do, **kw):  # type: ignore[no-untyped-def]
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out = quant_attention(*leaves, **kw)
+    return (out.detach(), *torch.autograd.grad(out, leaves, do))
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+CASES = [
+    *(("8b", pair, True) for pair in PAIRS),
+    ("8b", ("none", "none"), False),
+    ("8b", ("mxfp8", "hifp8"), False),
+    ("1b", ("none", "none"), True),
+    ("1b", ("mxfp8", "mxfp8"), True),
+    ("1b", ("hifp8", "hifp8"), True),
+    ("mla", ("none", "none"), True),
+    ("mla", ("mxfp8", "mxfp8"), True),
+    ("mla", ("mxfp4", "none"), True),
+]
+
+
+@pytest.mark.parametrize(("shape", "pair", "causal"), CASES)
+def test_triton_matches_reference(shape: str, pair: tuple[str, str], causal: bool) -> None:
+    qk, pv = pair
+    q, k, v, do = _inputs(*SHAPES[shape])
+    ours = _run(q, k, v, do, qk=qk, pv=pv, causal=causal, backend="triton")
+    ref = _run(q, k, v, do, qk=qk, pv=pv, causal=causal, backend="reference")
+    for name, a, b in zip(("out", "dq", "dk", "dv"), ours, ref, strict=True):
+        assert a.dtype == torch.bfloat16 and a.shape == b.shape
+        assert _rel(a, b) < 2e-2, (name, _rel(a, b))
+
+
+def test_auto_uses_sdpa_for_unquantized_and_triton_otherwise() -> None:
+    q, k, v, do = _inputs(*SHAPES["8b"])
+    assert attention_backend(q, k, v) == "sdpa"
+    assert attention_backend(q, k, v, qk="mxfp8") == "triton"
+    assert attention_backend(q, k, v, pv="hifp8", quantize_grads=True) == "reference"
+    ours = _run(q, k, v, do)
+    ref = _run(q, k, v, do, backend="reference")
+    for a, b in zip(ours, ref, strict=True):
+        assert _rel(a, b) < 2e-2
+
+
+@pytest.mark.parametrize(
+    ("value", "kw"),
+    [("mxfp8", {}), ("mxfp4", {}), ("hifp8", {}), ("mxfp8", {"scale": "rceil", "rounding": "away"}),
+     ("mxfp4", {"preset": "fork"}), ("hifp8", {"preset": "fork"}), ("mxfp8", {"block_size": 16})],
+)  # fmt: skip
+def test_p_quantization_is_bit_exact(value: str, kw: dict[str, object]) -> None:
+    g = torch.Generator(device="cuda").manual_seed(1)
+    p = torch.softmax(torch.randn(256, 512, generator=g, device="cuda") * 4, -1)
+    p = p.to(torch.bfloat16).float()
+    p[0, :64] = 0.25 * (1 + torch.arange(64, device="cuda") / 16)  # exact ties on every grid
+    p[1] = 0.0
+    cfg = quant_config(value, **kw)
+    ours = kernels.quantize_p(p, cfg)
+    assert cfg.fmt is not None
+    ref = fake_quant(p, cfg.fmt, axis=-1, block_size=cfg.block_size, scale=cfg.scale, rounding=cfg.rounding,
+                     preset=cfg.preset, backend="reference")  # fmt: skip
+    assert torch.equal(ours, ref)
+
+
+def test_memory_is_linear_in_the_sequence() -> None:
+    """seq 8192, 32 heads: an s x s bf16 tensor alone would be 4 GiB."""
+    q, k, v, do = _inputs(32, 8, 128, 128, 8192)
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = quant_attention(q, k, v, qk="mxfp8", pv="mxfp8")
+    out.backward(do)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert extra < 1 << 30, extra
