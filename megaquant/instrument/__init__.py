@@ -17,6 +17,7 @@ from megaquant.instrument.rules import (
     InstrumentRules,
     Unhooked,
     load_rules,
+    rules_path,
 )
 from megaquant.instrument.transform import Edit
 
@@ -36,4 +37,5 @@ __all__ = [
     "plan_instrument",
     "read_sources",
     "register",
+    "rules_path",
 ]
