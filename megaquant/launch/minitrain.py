@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from megaquant.errors import LaunchError
+from megaquant.errors import LaunchError, MegaquantError
 
 if TYPE_CHECKING:
     import torch
@@ -54,6 +54,8 @@ class MinitrainConfig:
     init_std: float = 0.02
     rope_base: float = 500000.0
     seed: int = 1234
+    recipe: str = "default"
+    """megaquant.recipes name: `megaquant.ops.configure(recipe=...)` in the training process."""
     device: str = "auto"
     """"auto" (CUDA when available), "cpu" or "cuda"."""
     dtype: str = "auto"
@@ -260,6 +262,10 @@ def train(config: MinitrainConfig) -> int:
     else:
         _cpu_adjustments()
 
+    from megaquant import ops
+
+    ops.configure(recipe=config.recipe)  # an unknown recipe fails here, before any training
+    ops.reset_state(seed=config.seed)  # stochastic rounding / Hadamard seeds: reproducible per run
     tokens = _load_tokens(config)
     vocab = config.vocab_size or int(tokens.max()) + 1
     window = config.seq_len + 1
@@ -299,6 +305,7 @@ def train(config: MinitrainConfig) -> int:
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name(device) if on_cuda else "cpu",
         "dtype": dtype,
+        "recipe": config.recipe,
         "vocab_size": vocab,
         "parameters": n_params,
         "tokens": len(tokens),
@@ -328,6 +335,7 @@ def train(config: MinitrainConfig) -> int:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
+        ops.next_step()
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
             per_token = model(batch_t[:, :-1], positions, mask, labels=batch_t[:, 1:])
@@ -400,7 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = _parse(sys.argv[1:] if argv is None else argv)
     try:
         return train(config)
-    except LaunchError as exc:
+    except MegaquantError as exc:  # a LaunchError, or an unknown/refused recipe
         print(f"error: {exc}", file=sys.stderr)
         config.out.mkdir(parents=True, exist_ok=True)
         with (config.out / "train.log").open("a") as log:
