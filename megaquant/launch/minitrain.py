@@ -234,6 +234,10 @@ def train(config: MinitrainConfig) -> int:
     import numpy as np
     import torch
 
+    from megaquant import ops
+
+    ops.configure(recipe=config.recipe)  # an unknown recipe fails here, before anything starts
+    ops.reset_state(seed=config.seed)  # stochastic rounding / Hadamard seeds: reproducible per run
     # CPU: arithmetic on denormals is up to ~50x slower (measured: 1.8 s vs 0.03 s per step). Set before torch
     # starts worker threads, which inherit the flag.
     torch.set_flush_denormal(True)
@@ -262,10 +266,6 @@ def train(config: MinitrainConfig) -> int:
     else:
         _cpu_adjustments()
 
-    from megaquant import ops
-
-    ops.configure(recipe=config.recipe)  # an unknown recipe fails here, before any training
-    ops.reset_state(seed=config.seed)  # stochastic rounding / Hadamard seeds: reproducible per run
     tokens = _load_tokens(config)
     vocab = config.vocab_size or int(tokens.max()) + 1
     window = config.seq_len + 1
