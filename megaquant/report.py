@@ -54,6 +54,7 @@ class Run:
     peak_mem_bytes: int | None
     source: str  # "metrics.jsonl" | "train.log"
     values: tuple[tuple[str, str], ...] = ()  # role -> value, from the manifest when recorded
+    recipe: str = "default"  # megaquant.recipes name from the manifest (runs before recipes: default)
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class Row:
     time_ratio: float | None
     peak_mem_bytes: int | None
     mem_ratio: float | None
+    recipe: str = "default"
 
 
 def parse_megatron_log(text: str) -> list[tuple[int, float, float | None]]:
@@ -100,6 +102,7 @@ def load_run(path: Path) -> Run:
         )
     manifest = _manifest(path)
     mode = str(manifest.get("mode") or manifest.get("quantization") or path.name)
+    recipe = str(manifest.get("recipe") or "default")
     raw_values = manifest.get("values")
     values = (
         tuple(sorted((str(k), str(v)) for k, v in raw_values.items())) if isinstance(raw_values, dict) else ()
@@ -132,6 +135,7 @@ def load_run(path: Path) -> Run:
             max(peaks, default=None),
             "metrics.jsonl",
             values,
+            recipe,
         )
     if log.is_file():
         text = log.read_text(errors="replace")
@@ -150,6 +154,7 @@ def load_run(path: Path) -> Run:
             int(max(mem) * 2**20) if mem else None,
             "train.log",
             values,
+            recipe,
         )
     raise ReportError(f"{path}: holds neither metrics.jsonl nor train.log; is it a run directory?")
 
@@ -179,6 +184,7 @@ def compare(runs: Sequence[Run], *, tail: int = 10) -> tuple[Row, ...]:
                 None,
                 run.peak_mem_bytes,
                 None,
+                run.recipe,
             )
         )
     base = next((r for r in rows if r.mode == BASELINE), None)
@@ -198,6 +204,7 @@ def compare(runs: Sequence[Run], *, tail: int = 10) -> tuple[Row, ...]:
             ratio(r.step_time_s, base.step_time_s),
             r.peak_mem_bytes,
             ratio(r.peak_mem_bytes, base.peak_mem_bytes),
+            r.recipe,
         )
         for r in rows
     )
@@ -235,12 +242,15 @@ def table_cells(rows: Sequence[Row]) -> tuple[tuple[str, ...], list[tuple[str, .
         )
         for r in rows
     ]
+    if any(r.recipe != "default" for r in rows):  # the recipe column, once a run used one
+        header = (header[0], "recipe", *header[1:])
+        body = [(cells[0], r.recipe, *cells[1:]) for cells, r in zip(body, rows, strict=True)]
     return header, body
 
 
 def markdown_table(rows: Sequence[Row]) -> str:
     header, body = table_cells(rows)
-    align = ["---"] + ["---:"] * (len(header) - 1)
+    align = ["---" if column in ("mode", "recipe") else "---:" for column in header]
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
     lines += ["| " + " | ".join(cells) + " |" for cells in body]
     return "\n".join(lines) + "\n"
@@ -325,7 +335,7 @@ def register(app: typer.Typer) -> None:
         header, body = table_cells(rows)
         table = Table(title=f"final loss = mean of the last {tail} steps; step time = median after warm-up")
         for column in header:
-            table.add_column(column, justify="left" if column == "mode" else "right")
+            table.add_column(column, justify="left" if column in ("mode", "recipe") else "right")
         for cells in body:
             table.add_row(*cells)
         console = Console()

@@ -21,6 +21,7 @@ from megaquant.launch.modes import MODES
 from megaquant.launch.presets import PRESETS
 from megaquant.launch.run import RunPlan, TrainRequest, command_for, execute, plan_run
 from megaquant.launch.scripts import SlurmOptions, sbatch_script
+from megaquant.recipes import RECIPES, get_recipe
 
 __all__ = ["Validation", "format_listing", "request_options", "train", "validate_plan"]
 
@@ -51,6 +52,8 @@ def format_listing() -> str:
             f"  {p.name:<16} {p.title}; micro/global batch {p.micro_batch_size}/{p.global_batch_size}, "
             f"seq {p.seq_length}, lr {p.lr:g} -> {p.min_lr:g}"
         )
+    lines.append("training recipes (--recipe; docs/recipes.md):")
+    lines += [f"  {r.name:<16} {r.title}" for r in RECIPES.values()]
     return "\n".join(lines) + "\n"
 
 
@@ -87,6 +90,7 @@ def request_options(request: TrainRequest) -> list[str]:
     """The `megaquant train` options that reproduce a request (for generated Slurm scripts)."""
     p = request.parallel
     opts = ["--model", request.model, "--quantization", request.mode, "--training-config", request.preset]
+    opts += ["--recipe", request.recipe]
     opts += ["--dataset", request.dataset] if request.dataset else ["--mock-data"]
     opts += ["--megatron", str(request.megatron.absolute())]
     for flag, value in (
@@ -115,6 +119,7 @@ def _describe(plan: RunPlan, argv: list[str], env: dict[str, str], validation: V
         f"model {model.name} ({model.title}) | dataset {plan.request.dataset or 'mock'} | mode {plan.mode} | "
         f"training config {plan.request.preset}",
         f"role values: {values}",
+        f"recipe: {plan.request.recipe} ({get_recipe(plan.request.recipe).title})",
         f"spec: {plan.spec}   tree: {plan.tree}   run dir: {plan.run_dir}",
         f"validation: {validation.note}",
         *(f"note: {n}" for n in plan.notes),
@@ -172,6 +177,7 @@ def train(
                 "dataset": plan.request.dataset,
                 "mode": plan.mode,
                 "preset": plan.request.preset,
+                "recipe": plan.request.recipe,
                 "values": plan.values,
                 "spec": plan.spec,
                 "megatron_args": list(plan.megatron_args),

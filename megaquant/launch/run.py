@@ -34,6 +34,7 @@ from megaquant.launch.datasets import get_dataset
 from megaquant.launch.models import get_model
 from megaquant.launch.modes import get_mode, mode_for_values
 from megaquant.launch.presets import get_preset
+from megaquant.recipes import RECIPE_ENV, check_recipe
 
 if TYPE_CHECKING:
     from megaquant.sites import Site
@@ -82,6 +83,8 @@ class TrainRequest:
     srun: bool = False
     """Start torchrun once per node through `srun` (inside a Slurm allocation)."""
     extra: tuple[str, ...] = ()
+    recipe: str = "default"
+    """megaquant.recipes name; the training process gets it as MEGAQUANT_RECIPE."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -165,6 +168,7 @@ def plan_run(request: TrainRequest, *, require_tree: bool = True) -> RunPlan:
         extra=request.extra,
     )
     spec = request.spec or (detect_spec(tree) if is_tree else "fork")
+    check_recipe(request.recipe, values, spec=spec)  # unknown, or not expressible on this tree: refused
     run_dir = request.run_dir or default_run_dir(request, mode)
     return RunPlan(
         request=request,
@@ -199,7 +203,7 @@ def command_for(
         argv = torchrun_argv(python, plan.request.parallel, entry, args)
         if plan.request.srun:
             argv = srun_prefix(plan.request.parallel) + argv
-    return argv, train_env(entry, environ), entry
+    return argv, {**train_env(entry, environ), RECIPE_ENV: plan.request.recipe}, entry
 
 
 def check_roles(sites: Sequence[Site], values: Mapping[str, str]) -> None:
@@ -296,6 +300,7 @@ def execute(
         "model": request.model,
         "dataset": request.dataset or "mock",
         "preset": request.preset,
+        "recipe": request.recipe,
         "values": dict(applied.values),
         "spec": plan.spec,
         "repo": str(plan.tree),

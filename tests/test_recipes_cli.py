@@ -1,0 +1,93 @@
+"""`megaquant train --recipe` through the real CLI: listing, dry run, refusals, manifest, the training env."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import make_git_repo
+from typer.testing import CliRunner
+
+from megaquant.cli import build_app
+from megaquant.launch.run import TRAIN_COMMAND_ENV
+from megaquant.recipes import RECIPES
+
+APP = build_app(("megaquant.launch.commands",))
+RUNNER = CliRunner()
+DRY = ["train", "--model", "tiny", "--mock-data", "--training-config", "smoke", "--dry-run", "--no-validate"]
+FAKE = (
+    "import os\nprint('recipe in the trainer:', os.environ.get('MEGAQUANT_RECIPE'))\n"
+    "print(' iteration        1/       1 | lm loss: 2.5E+00 |')\n"
+)
+
+
+def test_list_has_a_recipe_heading_with_every_recipe() -> None:
+    result = RUNNER.invoke(APP, ["train", "--list"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    heading = next(i for i, line in enumerate(lines) if "recipe" in line and line.endswith(":"))
+    listed = [line.split()[0] for line in lines[heading + 1 :] if line.startswith("  ")]
+    assert listed[: len(RECIPES)] == list(RECIPES)
+
+
+def test_dry_run_shows_the_recipe_and_sets_it_for_the_trainer() -> None:
+    result = RUNNER.invoke(
+        APP, [*DRY, "-q", "linear_hifp8", "--spec", "megatron-core", "--recipe", "hifp8_scaled"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "recipe: hifp8_scaled (HiF8 with per-tensor" in result.output
+    assert "MEGAQUANT_RECIPE=hifp8_scaled" in result.output
+    payload = json.loads(RUNNER.invoke(APP, [*DRY, "--json", "--spec", "megatron-core"]).output)
+    assert payload["recipe"] == "default" and payload["env"]["MEGAQUANT_RECIPE"] == "default"
+
+
+def test_unknown_recipe_exits_1_with_the_list() -> None:
+    result = RUNNER.invoke(APP, [*DRY, "--recipe", "nope"])
+    assert result.exit_code == 1
+    assert "error: unknown recipe 'nope'; choose one of: " + ", ".join(RECIPES) in result.output
+
+
+def test_fork_tree_refuses_recipes_its_ops_cannot_run(tmp_path: Path) -> None:
+    repo = make_git_repo(tmp_path, "v1_three")
+    base = [*DRY, "--megatron", str(repo), "-q", "linear_hifp8"]
+    refused = RUNNER.invoke(APP, [*base, "--recipe", "hifp8_scaled"])
+    assert refused.exit_code == 1
+    assert "recipe 'hifp8_scaled' cannot run on a fork tree: the fork's own ops do only fork numerics" in (
+        refused.output
+    )
+    assert RUNNER.invoke(APP, [*base, "--recipe", "fork"]).exit_code == 0
+    assert RUNNER.invoke(APP, [*base, "--recipe", "default"]).exit_code == 0
+
+
+def test_a_real_run_records_the_recipe_and_the_trainer_gets_it(tmp_path: Path) -> None:
+    repo = make_git_repo(tmp_path, "v1_three")
+    fake = tmp_path / "fake.py"
+    fake.write_text(FAKE)
+    run_dir = tmp_path / "run"
+    result = RUNNER.invoke(
+        APP,
+        ["train", "--model", "tiny", "--mock-data", "-q", "FA_linear_mxfp4", "--training-config", "smoke",
+         "--megatron", str(repo), "--run-dir", str(run_dir), "--no-validate", "--recipe", "fork"],
+        env={TRAIN_COMMAND_ENV: shlex.join([sys.executable, str(fake)])},
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "recipe in the trainer: fork" in result.output
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["recipe"] == "fork" and manifest["env"]["MEGAQUANT_RECIPE"] == "fork"
+
+
+def test_train_config_front_end_takes_the_recipe(tmp_path: Path) -> None:
+    script = Path(__file__).resolve().parents[1] / "train_config.py"
+    spec = importlib.util.spec_from_file_location("train_config", script)
+    assert spec is not None and spec.loader is not None
+    front = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(front)
+    assert front.parser().parse_args(["--recipe", "nvfp4_paper"]).recipe == "nvfp4_paper"
+    repo = make_git_repo(tmp_path, "v1_three")
+    base = [sys.executable, str(script), "--model", "tiny", "--megatron", str(repo), "--dry-run"]
+    refused = subprocess.run([*base, "--recipe", "mxfp4_tseng"], capture_output=True, text=True, check=False)
+    assert refused.returncode == 1 and "fork's own ops do only fork numerics" in refused.stderr
