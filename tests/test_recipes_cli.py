@@ -91,3 +91,77 @@ def test_train_config_front_end_takes_the_recipe(tmp_path: Path) -> None:
     base = [sys.executable, str(script), "--model", "tiny", "--megatron", str(repo), "--dry-run"]
     refused = subprocess.run([*base, "--recipe", "mxfp4_tseng"], capture_output=True, text=True, check=False)
     assert refused.returncode == 1 and "fork's own ops do only fork numerics" in refused.stderr
+
+
+# ---------------------------------------------------------------- the value nvfp4: modes, specs, set
+
+STOCK_LAYERS = """class LinearWithGradAccumulationAndAsyncCommunication:
+    def forward(ctx, total_input, weight):
+        custom_quant_type = 'none'
+        output = _mq_ops.quant_matmul(total_input, weight.t(), custom_quant_type, gemm='fprop')
+        return output
+"""
+
+
+def _instrumented_repo(tmp_path: Path) -> Path:
+    import git
+
+    repo = tmp_path / "instrumented"
+    path = repo / "megatron" / "core" / "tensor_parallel" / "layers.py"
+    path.parent.mkdir(parents=True)
+    path.write_text(STOCK_LAYERS)
+    rep = git.Repo.init(repo, initial_branch="main")
+    with rep.config_writer() as cfg:
+        cfg.set_value("user", "name", "t")
+        cfg.set_value("user", "email", "t@example.invalid")
+        cfg.set_value("megaquant", "spec", "megatron-core")
+    rep.index.add([str(path.relative_to(repo))])
+    rep.index.commit("instrumented")
+    return repo
+
+
+def test_specs_declare_their_values() -> None:
+    import pytest
+
+    from megaquant.errors import SpecError, ValueNameError
+    from megaquant.spec import load_spec, parse_spec
+
+    assert "nvfp4" not in load_spec("fork").values
+    assert "nvfp4" in load_spec("megatron-core").values
+    with pytest.raises(ValueNameError, match="not supported by spec fork.*fork's own ops have no NVFP4"):
+        load_spec("fork").literal("nvfp4")
+    rule = '[[rules]]\nrole = "qk"\nfile = "a.py"\nscope = "f"\ncalls = ["*bmm"]\n'
+    head = 'variable = "v"\nnone_literal = "none"\n'
+    assert parse_spec(head + rule, "x", "x.toml").values == ("mxfp8", "mxfp4", "hifp8", "none")  # default
+    with pytest.raises(SpecError, match="`values` must list canonical values"):
+        parse_spec(head + 'values = ["fp8", "none"]\n' + rule, "x", "x.toml")
+
+
+def test_set_nvfp4_works_on_an_instrumented_tree_and_is_refused_on_the_fork(tmp_path: Path) -> None:
+    app = build_app(())
+    repo = _instrumented_repo(tmp_path)
+    done = RUNNER.invoke(app, ["set", "--repo", str(repo), "--linear-fwd", "nvfp4"])
+    assert done.exit_code == 0, done.output
+    assert "'none' -> 'nvfp4'" in done.output and "committed" in done.output
+    assert "custom_quant_type = 'nvfp4'" in (repo / "megatron/core/tensor_parallel/layers.py").read_text()
+    fork = make_git_repo(tmp_path, "v1_three")
+    refused = RUNNER.invoke(app, ["set", "--repo", str(fork), "--linear", "nvfp4"])
+    assert refused.exit_code == 1
+    assert "error: value 'nvfp4' is not supported by spec fork" in refused.output
+
+
+def test_nvfp4_modes_launch_only_where_the_spec_has_nvfp4(tmp_path: Path) -> None:
+    listing = RUNNER.invoke(APP, ["train", "--list"]).output
+    for mode in ("FA_nvfp4", "linear_nvfp4", "FA_linear_nvfp4", "qk_nvfp4", "pv_nvfp4", "qk_pv_nvfp4"):
+        assert f"  {mode} " in listing
+    assert "linear_nvfp4     nvfp4, nvfp4, none, none\n" in listing  # not labelled an attention variant
+    ok = RUNNER.invoke(
+        APP, [*DRY, "-q", "FA_linear_nvfp4", "--spec", "megatron-core", "--recipe", "nvfp4_paper"]
+    )
+    assert ok.exit_code == 0, ok.output
+    assert "role values: linear_fwd=nvfp4 linear_bwd=nvfp4 qk=nvfp4 pv=none" in ok.output
+    fork = make_git_repo(tmp_path, "v1_three")
+    refused = RUNNER.invoke(APP, [*DRY, "-q", "linear_nvfp4", "--megatron", str(fork)])
+    assert refused.exit_code == 1 and "not supported by spec fork" in refused.output
+    no_fp4 = RUNNER.invoke(APP, [*DRY, "-q", "linear_nvfp4", "--spec", "megatron-core", "--recipe", "fork"])
+    assert no_fp4.exit_code == 1 and "recipe 'fork' cannot express linear_fwd = nvfp4" in no_fp4.output

@@ -17,7 +17,7 @@ from typing import TextIO
 from megaquant.errors import LaunchError, MegaquantError
 from megaquant.launch.datasets import DATASETS
 from megaquant.launch.models import MODELS, get_model
-from megaquant.launch.modes import MODES
+from megaquant.launch.modes import ATTENTION_MODES, MODES
 from megaquant.launch.presets import PRESETS
 from megaquant.launch.run import RunPlan, TrainRequest, command_for, execute, plan_run
 from megaquant.launch.scripts import SlurmOptions, sbatch_script
@@ -45,7 +45,8 @@ def format_listing() -> str:
     lines.append("quantization modes (linear_fwd, linear_bwd, qk, pv):")
     for mode in MODES.values():
         values = ", ".join(mode.values().values())
-        lines.append(f"  {mode.name:<16} {values}{'' if mode.seed else '  (attention variant)'}")
+        variant = "  (attention variant)" if mode.name in ATTENTION_MODES else ""
+        lines.append(f"  {mode.name:<16} {values}{variant}")
     lines.append("training configs:")
     for p in PRESETS.values():
         lines.append(

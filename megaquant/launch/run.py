@@ -35,6 +35,7 @@ from megaquant.launch.models import get_model
 from megaquant.launch.modes import get_mode, mode_for_values
 from megaquant.launch.presets import get_preset
 from megaquant.recipes import RECIPE_ENV, check_recipe
+from megaquant.spec import load_spec
 
 if TYPE_CHECKING:
     from megaquant.sites import Site
@@ -168,6 +169,9 @@ def plan_run(request: TrainRequest, *, require_tree: bool = True) -> RunPlan:
         extra=request.extra,
     )
     spec = request.spec or (detect_spec(tree) if is_tree else "fork")
+    tree_spec = load_spec(spec)
+    for value in values.values():  # a value this tree's ops lack: refused before anything is set
+        tree_spec.check_value(value)
     check_recipe(request.recipe, values, spec=spec)  # unknown, or not expressible on this tree: refused
     run_dir = request.run_dir or default_run_dir(request, mode)
     return RunPlan(
