@@ -165,3 +165,20 @@ def test_nvfp4_modes_launch_only_where_the_spec_has_nvfp4(tmp_path: Path) -> Non
     assert refused.exit_code == 1 and "not supported by spec fork" in refused.output
     no_fp4 = RUNNER.invoke(APP, [*DRY, "-q", "linear_nvfp4", "--spec", "megatron-core", "--recipe", "fork"])
     assert no_fp4.exit_code == 1 and "recipe 'fork' cannot express linear_fwd = nvfp4" in no_fp4.output
+
+
+def test_published_hifp8_scaling_table_matches_the_stored_runs() -> None:
+    """docs/results/hifp8_scaling.md is what `megaquant compare` makes of the stored runs, and the results
+    page shows those rows."""
+    from megaquant.report import compare, load_run, markdown_table
+
+    results = Path(__file__).resolve().parents[1] / "docs" / "results"
+    names = ["bf16", "linear_hifp8", "linear_hifp8_rerun", "linear_hifp8_scaled", "FA_linear_hifp8"]
+    names += ["FA_linear_hifp8_scaled", "bf16_seed1235"]
+    runs = [load_run(results / "runs" / "minitrain" / name) for name in names]
+    table = (results / "hifp8_scaling.md").read_text()
+    assert markdown_table(compare(runs)) == table
+    readme = (results / "README.md").read_text()
+    assert all(line in readme for line in table.splitlines())
+    assert [r.recipe for r in runs if r.mode.endswith("_scaled")] == ["hifp8_scaled", "hifp8_scaled"]
+    assert runs[2].losses == runs[1].losses  # the unscaled rerun: bit-identical to the published run
