@@ -296,3 +296,14 @@ def test_nvfp4_paper_quantizes_weights_in_2d_blocks_in_fprop_and_dgrad(recorder:
     blocks = [bool(kw.get("block_2d")) for _, kw, _ in recorder.calls]
     assert blocks == [False, True, False, True, False, True]
     assert all(fmt == "nvfp4" for fmt, _, _ in recorder.calls)
+
+
+def test_trainers_keep_an_environment_preset_when_they_configure_a_recipe(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MEGAQUANT_PRESET", "fork")
+    monkeypatch.setenv("MEGAQUANT_RECIPE", "sr_gradients")
+    assert ops.environment_defaults() == {"preset": "fork", "recipe": "sr_gradients"}
+    configure(**{**ops.environment_defaults(), "recipe": "hifp8_scaled"})  # what minitrain does
+    cfg = quant_config("hifp8")
+    assert (cfg.preset, cfg.recipe, cfg.tensor_scaling) == ("fork", "hifp8_scaled", "current")

@@ -236,7 +236,7 @@ def train(config: MinitrainConfig) -> int:
 
     from megaquant import ops
 
-    ops.configure(recipe=config.recipe)  # an unknown recipe fails here, before anything starts
+    ops.configure(**{**ops.environment_defaults(), "recipe": config.recipe})  # unknown: fails here, first
     ops.reset_state(seed=config.seed)  # stochastic rounding / Hadamard seeds: reproducible per run
     # CPU: arithmetic on denormals is up to ~50x slower (measured: 1.8 s vs 0.03 s per step). Set before torch
     # starts worker threads, which inherit the flag.

@@ -267,14 +267,11 @@ def _use_prebuilt_dataset_helpers() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import os
-
     import torch
 
     from megaquant import ops
-    from megaquant.recipes import DEFAULT_RECIPE, RECIPE_ENV
 
-    ops.configure(recipe=os.environ.get(RECIPE_ENV) or DEFAULT_RECIPE)  # the launcher's --recipe
+    ops.configure(**ops.environment_defaults())  # MEGAQUANT_RECIPE (the launcher's --recipe): checked now
     argv = prepare_argv(sys.argv[1:] if argv is None else argv)
     sys.argv = [sys.argv[0], *argv]  # Megatron's parser reads sys.argv
 

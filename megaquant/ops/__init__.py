@@ -3,7 +3,15 @@ run-time state of the recipes (state.py: step, seeds, amax histories)."""
 
 from __future__ import annotations
 
-from megaquant.ops.config import GEMMS, QUANT_VALUES, ROLES, QuantConfig, configure, quant_config
+from megaquant.ops.config import (
+    GEMMS,
+    QUANT_VALUES,
+    ROLES,
+    QuantConfig,
+    configure,
+    environment_defaults,
+    quant_config,
+)
 from megaquant.ops.gemm import quant_baddbmm, quant_bmm, quant_linear, quant_matmul
 from megaquant.ops.state import next_step, reset_state
 
@@ -13,6 +21,7 @@ __all__ = [
     "ROLES",
     "QuantConfig",
     "configure",
+    "environment_defaults",
     "next_step",
     "quant_baddbmm",
     "quant_bmm",

@@ -11,7 +11,16 @@ from megaquant.errors import ValueNameError
 from megaquant.formats import PRESETS
 from megaquant.recipes import DEFAULT_RECIPE, RECIPE_ENV, check_recipe
 
-__all__ = ["GEMMS", "QUANT_VALUES", "RECIPE_ENV", "ROLES", "QuantConfig", "configure", "quant_config"]
+__all__ = [
+    "GEMMS",
+    "QUANT_VALUES",
+    "RECIPE_ENV",
+    "ROLES",
+    "QuantConfig",
+    "configure",
+    "environment_defaults",
+    "quant_config",
+]
 
 QUANT_VALUES = ("mxfp8", "mxfp4", "hifp8", "nvfp4", "none")
 _ALIASES = {"bf16": "none"}
@@ -25,11 +34,16 @@ _STOCHASTIC_VALUES = frozenset(("mxfp8", "mxfp4", "nvfp4"))  # HiF8 defines ties
 _PLAIN = frozenset(("none", "bf16"))
 PRESET_ENV = "MEGAQUANT_PRESET"
 """Environment variable read at import: its value becomes the default `preset` of every op call."""
-_DEFAULTS: dict[str, Any] = {
-    key: os.environ[env]
-    for key, env in (("preset", PRESET_ENV), ("recipe", RECIPE_ENV))
-    if os.environ.get(env)
-}
+
+
+def environment_defaults() -> dict[str, Any]:
+    """The defaults MEGAQUANT_PRESET / MEGAQUANT_RECIPE set (read at import; trainers that call configure()
+    pass them on, so configure(recipe=...) does not drop an environment preset)."""
+    pairs = (("preset", PRESET_ENV), ("recipe", RECIPE_ENV))
+    return {key: os.environ[env] for key, env in pairs if os.environ.get(env)}
+
+
+_DEFAULTS: dict[str, Any] = environment_defaults()
 
 
 @dataclass(frozen=True, kw_only=True)
