@@ -16,6 +16,7 @@ from megaquant.launch.datasets import DATASETS
 from megaquant.launch.models import MODELS
 from megaquant.launch.modes import ATTENTION_MODES, MODES, SEED_MODES
 from megaquant.launch.presets import PRESETS
+from megaquant.recipes import RECIPES
 
 
 def parser() -> argparse.ArgumentParser:
@@ -34,6 +35,7 @@ def parser() -> argparse.ArgumentParser:
         help="attention variant (the old flash_attention_config.py): qk_F, pv_F, qk_pv_F",
     )
     p.add_argument("--training-config", choices=list(PRESETS), default="fast")
+    p.add_argument("--recipe", choices=list(RECIPES), default="default", help="training recipe")
     p.add_argument("--megatron", type=Path, default=Path("."), help="Megatron-LM tree (default: here)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps instead of the config's length")
     p.add_argument("--nproc-per-node", type=int, default=1)
@@ -70,6 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_dir=args.run_dir,
         extra=tuple(extra),
         steps=args.steps,
+        recipe=args.recipe,
     )
     try:
         return train(request, out=sys.stdout, dry_run=args.dry_run)

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from megaquant.demo import ensure_workspace, mode_values, prepare_corpus  # noqa: E402
 from megaquant.launch.minitrain import MinitrainConfig, build_argv, run_minitrain  # noqa: E402
+from megaquant.recipes import RECIPE_ENV, RECIPES  # noqa: E402
 
 SPEC = "megatron-core"
 MODES = (  # most telling first, so a run cut short by its time budget still answers the key questions
@@ -63,7 +64,7 @@ class Shape:
     seed: int = 1234
 
 
-def minitrain_config(shape: Shape, out: Path, data: Path) -> MinitrainConfig:
+def minitrain_config(shape: Shape, out: Path, data: Path, recipe: str = "default") -> MinitrainConfig:
     return MinitrainConfig(
         out=out,
         data=data,
@@ -82,6 +83,7 @@ def minitrain_config(shape: Shape, out: Path, data: Path) -> MinitrainConfig:
         init_std=0.02,
         rope_base=shape.rope_base,
         seed=shape.seed,
+        recipe=recipe,
         log_interval=max(1, shape.steps // 10),
         progress=False,
     )
@@ -117,7 +119,9 @@ def pretrain_argv(shape: Shape, out: Path, data: Path) -> list[str]:
     ]
 
 
-def run_pretrain(shape: Shape, out: Path, data: Path, tree: Path, timeout_s: float) -> int:
+def run_pretrain(
+    shape: Shape, out: Path, data: Path, tree: Path, timeout_s: float, recipe: str = "default"
+) -> int:
     out.mkdir(parents=True, exist_ok=True)
     root = Path(__file__).resolve().parents[1]
     paths = [str(tree.resolve()), str(root), os.environ.get("PYTHONPATH", "")]
@@ -125,6 +129,7 @@ def run_pretrain(shape: Shape, out: Path, data: Path, tree: Path, timeout_s: flo
         **os.environ,
         "PYTHONPATH": os.pathsep.join(p for p in paths if p),
         "CUDA_DEVICE_MAX_CONNECTIONS": "1",
+        RECIPE_ENV: recipe,
     }
     with (out / "train.log").open("w") as log:
         try:
@@ -178,6 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=0.0, help="stop starting modes past this (0: none)")
     parser.add_argument("--pretrain-timeout-s", type=float, default=300.0, help="per mode, pretrain trainer")
     parser.add_argument("--suffix", default="", help="appended to run dir and mode label (e.g. _seed1235)")
+    parser.add_argument("--recipe", default="default", choices=tuple(RECIPES), help="megaquant.recipes name")
     parser.add_argument("--tar", type=Path, default=None, help="also pack the run dirs into this .tar.gz")
     for name, default in asdict(Shape()).items():
         parser.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
@@ -203,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         t0 = time.monotonic()
         applied = api.apply(workspace, values=values, spec=SPEC)
         try:
-            config = minitrain_config(shape, out, corpus.prefix)
+            config = minitrain_config(shape, out, corpus.prefix, args.recipe)
             manifest = {
                 "mode": mode + args.suffix,
                 "values": dict(applied.values),
@@ -211,6 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "commit": applied.commit,
                 "base": None if applied.base is None else asdict(applied.base),
                 "trainer": args.trainer,
+                "recipe": args.recipe,
                 "shape": asdict(shape),
                 "argv": build_argv(config)
                 if args.trainer == "minitrain"
@@ -231,7 +238,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(f"{mode}: FAILED: {exc}", flush=True)
                     code = 1
             else:
-                code = run_pretrain(shape, out, corpus.prefix, workspace, timeout_s=args.pretrain_timeout_s)
+                code = run_pretrain(
+                    shape,
+                    out,
+                    corpus.prefix,
+                    workspace,
+                    timeout_s=args.pretrain_timeout_s,
+                    recipe=args.recipe,
+                )
                 print(f"{mode}: pretrain exit {code}", flush=True)
             manifest["exit_code"] = code
             manifest["wall_s"] = round(time.monotonic() - t0, 1)

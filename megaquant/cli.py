@@ -67,7 +67,7 @@ SpecOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")]
-ValueOpt = "mxfp8 | mxfp4 | hifp8 | none (bf16 = none)"
+ValueOpt = "mxfp8 | mxfp4 | hifp8 | nvfp4 (not on the fork) | none (bf16 = none)"
 
 
 def _print_json(data: object) -> None:

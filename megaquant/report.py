@@ -73,6 +73,7 @@ class Run:
     values: tuple[tuple[str, str], ...] = ()  # role -> value, from the manifest when recorded
     setup: tuple[tuple[str, str], ...] = ()  # what must match to compare runs (`run_setup`), as recorded
     status: str | None = None  # the manifest's status ("succeeded", "failed", ...); None: not recorded
+    recipe: str = "default"  # megaquant.recipes name from the manifest (runs before recipes: default)
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,7 @@ class Row:
     time_ratio: float | None
     peak_mem_bytes: int | None
     mem_ratio: float | None
+    recipe: str = "default"
 
 
 def final_loss(losses: Sequence[float], tail: int = FINAL_LOSS_TAIL) -> float:
@@ -211,6 +213,7 @@ def load_run(path: Path) -> Run:
         )
     manifest = _manifest(path)
     mode = str(manifest.get("mode") or manifest.get("quantization") or path.name)
+    recipe = str(manifest.get("recipe") or "default")
     raw_values = manifest.get("values")
     values = (
         tuple(sorted((str(k), str(v)) for k, v in raw_values.items())) if isinstance(raw_values, dict) else ()
@@ -249,6 +252,7 @@ def load_run(path: Path) -> Run:
             values,
             setup,
             status,
+            recipe,
         )
     if log.is_file():
         text = log.read_text(errors="replace")
@@ -269,6 +273,7 @@ def load_run(path: Path) -> Run:
             values,
             setup,
             status,
+            recipe,
         )
     raise ReportError(f"{path}: holds neither metrics.jsonl nor train.log; is it a run directory?")
 
@@ -348,6 +353,7 @@ def compare(runs: Sequence[Run], *, tail: int = FINAL_LOSS_TAIL) -> tuple[Row, .
                 None,
                 run.peak_mem_bytes,
                 None,
+                run.recipe,
             )
         )
     if runs[0].mode != BASELINE:
@@ -367,6 +373,7 @@ def compare(runs: Sequence[Run], *, tail: int = FINAL_LOSS_TAIL) -> tuple[Row, .
             ratio(r.step_time_s, base.step_time_s),
             r.peak_mem_bytes,
             ratio(r.peak_mem_bytes, base.peak_mem_bytes),
+            r.recipe,
         )
         for r in rows
     )
@@ -404,12 +411,15 @@ def table_cells(rows: Sequence[Row]) -> tuple[tuple[str, ...], list[tuple[str, .
         )
         for r in rows
     ]
+    if any(r.recipe != "default" for r in rows):  # the recipe column, once a run used one
+        header = (header[0], "recipe", *header[1:])
+        body = [(cells[0], r.recipe, *cells[1:]) for cells, r in zip(body, rows, strict=True)]
     return header, body
 
 
 def markdown_table(rows: Sequence[Row]) -> str:
     header, body = table_cells(rows)
-    align = ["---"] + ["---:"] * (len(header) - 1)
+    align = ["---" if column in ("mode", "recipe") else "---:" for column in header]
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
     lines += ["| " + " | ".join(cells) + " |" for cells in body]
     return "\n".join(lines) + "\n"

@@ -18,6 +18,7 @@ __all__ = [
     "ALIASES",
     "GROUPS",
     "ROLES",
+    "SPEC_VALUES_DEFAULT",
     "VALUES",
     "RoleRule",
     "RoleTargets",
@@ -35,7 +36,10 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "linear_bwd": ("linear_dgrad", "linear_wgrad"),
 }
 """Group names (`--linear`, `--linear-bwd`): they set the member roles the tree has and name the others."""
-VALUES: tuple[str, ...] = ("mxfp8", "mxfp4", "hifp8", "none")
+VALUES: tuple[str, ...] = ("mxfp8", "mxfp4", "hifp8", "nvfp4", "none")
+SPEC_VALUES_DEFAULT: tuple[str, ...] = ("mxfp8", "mxfp4", "hifp8", "none")
+"""The values of a spec that declares none (`values` in its TOML): the ones every tree's ops had before
+nvfp4; a spec whose ops do more lists them."""
 ALIASES: dict[str, str] = {"bf16": "none"}
 
 
@@ -83,7 +87,8 @@ class RoleTargets:
 
 @dataclass(frozen=True)
 class Spec:
-    """A codebase's sites: the variable, how it spells `none`, and the role rules (first match wins)."""
+    """A codebase's sites: the variable, how it spells `none`, the role rules (first match wins), and the
+    quantization values its ops implement."""
 
     name: str
     variable: str
@@ -91,6 +96,7 @@ class Spec:
     rules: tuple[RoleRule, ...]
     optional: tuple[str, ...] = ()
     """Declared roles that some trees of this codebase lack (a fork revision without a wgrad site)."""
+    values: tuple[str, ...] = SPEC_VALUES_DEFAULT
 
     def roles(self) -> tuple[str, ...]:
         """The roles this codebase's trees have (in `ROLES` order), optional ones included."""
@@ -153,9 +159,24 @@ class Spec:
         return RoleTargets(values, tuple(r for r in absent if r not in values))
 
     def literal(self, value: str) -> str:
-        """The string this codebase writes for `value` (any spelling)."""
-        name = canonical_value(value)
+        """The string this codebase writes for `value` (any spelling); a value its ops lack is refused."""
+        name = self.check_value(value)
         return self.none_literal if name == "none" else name
+
+    def check_value(self, value: str) -> str:
+        """The canonical name of `value`, or ValueNameError when this codebase's ops do not implement it."""
+        name = canonical_value(value)
+        if name not in self.values:
+            raise ValueNameError(
+                f"value {name!r} is not supported by spec {self.name}: its tree's ops implement "
+                f"{', '.join(self.values)} (the spec's `values`); "
+                + (
+                    "the fork's own ops have no NVFP4 — run `megaquant instrument` on stock Megatron for it"
+                    if self.name == "fork"
+                    else "choose one of those"
+                )
+            )
+        return name
 
     def is_gemm_call(self, callee: str) -> bool:
         """Whether `callee` matches the call patterns of any rule (a GEMM somewhere, maybe role-less)."""
@@ -255,7 +276,7 @@ def parse_spec(text: str, name: str, where: str) -> Spec:
     rules = raw.get("rules")
     if not isinstance(rules, list) or not rules:
         raise SpecError(f"{where}: expected at least one [[rules]] table (role, file, scope, calls)")
-    unknown = set(raw) - {"name", "variable", "none_literal", "optional_roles", "rules"}
+    unknown = set(raw) - {"name", "variable", "none_literal", "optional_roles", "rules", "values"}
     if unknown:
         raise SpecError(f"{where}: unknown top-level keys {sorted(unknown)}")
     parsed = tuple(_rule(r, f"{where}: rules[{i}]") for i, r in enumerate(rules))
@@ -269,12 +290,20 @@ def parse_spec(text: str, name: str, where: str) -> Spec:
     spec_name = raw.get("name", name)
     if not isinstance(spec_name, str):
         raise SpecError(f"{where}: `name` must be a string")
+    values = raw.get("values", list(SPEC_VALUES_DEFAULT))
+    if (
+        not isinstance(values, list)
+        or not all(isinstance(v, str) and v in VALUES for v in values)
+        or "none" not in values
+    ):
+        raise SpecError(f"{where}: `values` must list canonical values ({', '.join(VALUES)}) incl. none")
     return Spec(
         name=spec_name,
         variable=variable,
         none_literal=_text(raw, "none_literal", where),
         rules=parsed,
         optional=optional,
+        values=tuple(values),
     )
 
 

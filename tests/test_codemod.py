@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from megaquant.codemod import RewritePlan, plan_rewrite
 from megaquant.errors import RoleError, SourceError, ValueNameError
 from megaquant.sites import analyse_file, scan_sources
-from megaquant.spec import ROLES, VALUES, load_spec
+from megaquant.spec import ROLES, load_spec
 
 LAYERS = "megatron/core/tensor_parallel/layers.py"
 ATTENTION = "megatron/core/transformer/dot_product_attention.py"
@@ -189,7 +189,9 @@ def test_closure_gemm_sharing_an_outer_site_cannot_get_its_own_value() -> None:
 
 
 LITERAL_VARIANTS = ("v1_three", "v2_label", "v4_override", "adversarial")
-targets_strategy = st.dictionaries(st.sampled_from(ROLES), st.sampled_from((*VALUES, "bf16")), min_size=1)
+targets_strategy = st.dictionaries(
+    st.sampled_from(ROLES), st.sampled_from((*FORK.values, "bf16")), min_size=1
+)
 
 
 def original_values(sources: Mapping[str, bytes]) -> dict[str, str]:
@@ -367,7 +369,8 @@ def gemm_governors(source: bytes) -> list[tuple[str | None, str | None]]:
 
 @settings(max_examples=60, deadline=None)
 @given(
-    body=blocks, targets=st.dictionaries(st.sampled_from(("qk", "pv")), st.sampled_from(VALUES), min_size=1)
+    body=blocks,
+    targets=st.dictionaries(st.sampled_from(("qk", "pv")), st.sampled_from(FORK.values), min_size=1),
 )
 def test_property_random_bodies_change_exactly_the_asked_roles(body: str, targets: dict[str, str]) -> None:
     source = (

@@ -34,19 +34,19 @@ EXPECTED_HOOKS = {
         LAYERS,
         f"{LINEAR}.forward",
         "linear_fwd",
-        "_mq_ops.quant_matmul(total_input, weight.t(), custom_quant_type)",
+        "_mq_ops.quant_matmul(total_input, weight.t(), custom_quant_type, gemm='fprop')",
     ),
     (
         LAYERS,
         f"{LINEAR}.backward",
         "linear_dgrad",
-        "_mq_ops.quant_matmul(grad_output, weight, custom_quant_type, grad=True)",
+        "_mq_ops.quant_matmul(grad_output, weight, custom_quant_type, grad=True, gemm='dgrad')",
     ),
     (
         LAYERS,
         f"{LINEAR}.backward",
         "linear_wgrad",
-        "_mq_wgrad_matmul(grad_output.t(), total_input, custom_quant_type, grad=True)",
+        "_mq_wgrad_matmul(grad_output.t(), total_input, custom_quant_type, grad=True, gemm='wgrad')",
     ),
     (ATTENTION, "DotProductAttention.forward", "qk", "_mq_ops.quant_baddbmm("),
     (

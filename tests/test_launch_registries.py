@@ -110,7 +110,10 @@ def test_deepseek_has_mla_and_moe() -> None:
 
 def test_modes_cover_the_seed_ten_and_attention_variants() -> None:
     assert len(SEED_MODES) == 10 and SEED_MODES[0] == "bf16"
-    assert len(ATTENTION_MODES) == 9
+    assert len(ATTENTION_MODES) == 12  # qk_, pv_, qk_pv_ x mxfp8, mxfp4, hifp8, nvfp4
+    nvfp4 = [m for m in MODES if m.endswith("nvfp4")]
+    assert nvfp4 == ["FA_nvfp4", "linear_nvfp4", "FA_linear_nvfp4", "qk_nvfp4", "pv_nvfp4", "qk_pv_nvfp4"]
+    assert not any(MODES[m].seed for m in nvfp4)  # not one of the original ten
     for mode in MODES.values():
         values = mode.values()
         assert tuple(values) == ROLES  # every mode sets every role

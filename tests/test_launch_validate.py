@@ -51,6 +51,7 @@ def _plan_args(
         parallel=Parallel(**par),  # type: ignore[arg-type]
         run_dir=tmp / "run",
         steps=steps,
+        spec="megatron-core",  # declares every value, nvfp4 modes included (the argv does not depend on it)
     )
     plan = plan_run(request, require_tree=False)
     return Case(argv=plan.megatron_args, world_size=request.parallel.world_size)

@@ -101,3 +101,17 @@ def test_too_little_data_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(LaunchError, match=r"minitrain failed \(exit 1\): error: only 50 tokens: too few"):
         run_minitrain(_config(tmp_path / "run", tokens), tree)
     assert read_metrics(tmp_path / "run" / "metrics.jsonl") == ()
+
+
+@needs_megatron
+def test_recipe_is_configured_recorded_and_an_unknown_one_fails_first(tmp_path: Path) -> None:
+    tree = installed_megatron()
+    assert tree is not None
+    tokens = _tokens(tmp_path)
+    with pytest.raises(LaunchError, match=r"exit 1\): error: unknown recipe 'nope'; choose one of: default"):
+        run_minitrain(_config(tmp_path / "bad", tokens, recipe="nope"), tree)
+    assert read_metrics(tmp_path / "bad" / "metrics.jsonl") == ()
+    run = run_minitrain(
+        _config(tmp_path / "run", tokens, steps=1, log_interval=1, recipe="hifp8_scaled"), tree
+    )
+    assert json.loads((run.out / "minitrain.json").read_text())["recipe"] == "hifp8_scaled"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from megaquant.errors import ValueNameError  # noqa: E402
-from megaquant.formats import fake_quant  # noqa: E402
+from megaquant.formats import FORMATS, fake_quant  # noqa: E402
 from megaquant.ops import (  # noqa: E402
     QUANT_VALUES,
     configure,
@@ -18,8 +18,8 @@ from megaquant.ops import (  # noqa: E402
     quant_matmul,
 )
 
-FMT = {"mxfp8": "mxfp8_e4m3", "mxfp4": "mxfp4_e2m1", "hifp8": "hifp8"}
-QUANTIZED = [v for v in QUANT_VALUES if v != "none"]
+FMT = {"mxfp8": "mxfp8_e4m3", "mxfp4": "mxfp4_e2m1", "hifp8": "hifp8", "nvfp4": "nvfp4"}
+QUANTIZED = [v for v in QUANT_VALUES if v != "none" and FMT[v] in FORMATS]  # nvfp4: once formats has it
 
 
 def _rand(*shape: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:
@@ -127,7 +127,7 @@ def test_configure_sets_process_defaults() -> None:
 
 def test_unknown_names_raise() -> None:
     a = _rand(2, 4)
-    with pytest.raises(ValueNameError, match="mxfp8, mxfp4, hifp8, none"):
+    with pytest.raises(ValueNameError, match="mxfp8, mxfp4, hifp8, nvfp4, none"):
         quant_matmul(a, a.T, "fp8")
     with pytest.raises(ValueNameError, match="qk"):
         quant_matmul(a, a.T, "mxfp8", role="attention")

@@ -430,3 +430,23 @@ def test_real_cli_compare(tmp_path: Path, runs: list[Path]) -> None:
     missing = CliRunner().invoke(app, ["compare", str(tmp_path / "nope")])
     assert missing.exit_code == 1
     assert "not a directory" in missing.output
+
+
+def test_recipe_from_the_manifest_becomes_a_column(tmp_path: Path, runs: list[Path]) -> None:
+    scaled = write_metrics_run(tmp_path, "linear_hifp8_scaled", [5.0, 3.0, 2.0], [1.0, 0.2, 0.2], 2**30)
+    manifest = json.loads((scaled / "manifest.json").read_text())
+    (scaled / "manifest.json").write_text(json.dumps({**manifest, "recipe": "hifp8_scaled"}))
+    loaded = [load_run(p) for p in (*runs, scaled)]
+    assert [r.recipe for r in loaded] == ["default", "default", "hifp8_scaled"]  # no key: default
+    lines = markdown_table(compare(loaded, tail=2)).splitlines()
+    assert lines[0].startswith("| mode | recipe | steps | final loss |")
+    assert lines[1].startswith("| --- | --- | ---: |")
+    assert lines[-1].startswith("| linear_hifp8_scaled | hifp8_scaled | 3 | 2.5000 | +0.2500 |")
+    assert "recipe" not in markdown_table(compare(loaded[:2]))  # all default: the published tables stay
+    from megaquant.cli import app
+
+    result = CliRunner().invoke(
+        app, ["compare", *map(str, (*runs, scaled)), "--out", str(tmp_path / "o")], env={"COLUMNS": "200"}
+    )
+    assert result.exit_code == 0, result.output
+    assert "hifp8_scaled" in result.output.replace("linear_hifp8_scaled", "")

@@ -12,6 +12,7 @@ from megaquant.launch.datasets import DATASETS
 from megaquant.launch.models import MODELS
 from megaquant.launch.modes import MODES
 from megaquant.launch.presets import PRESETS
+from megaquant.recipes import DEFAULT_RECIPE, RECIPES
 
 __all__ = ["register"]
 
@@ -44,6 +45,9 @@ def register(app: typer.Typer) -> None:
         ] = None,
         qk: Annotated[str | None, _Opt(help="Override the attention QK role.")] = None,
         pv: Annotated[str | None, _Opt(help="Override the attention PV role.")] = None,
+        recipe: Annotated[
+            str, _Opt(help=f"Training recipe (docs/recipes.md): {', '.join(RECIPES)}.")
+        ] = DEFAULT_RECIPE,
         tp: Annotated[int, _Opt(help="Tensor model parallel size.")] = 1,
         pp: Annotated[int, _Opt(help="Pipeline model parallel size.")] = 1,
         ep: Annotated[int, _Opt(help="Expert model parallel size (MoE models).")] = 1,
@@ -112,6 +116,7 @@ def register(app: typer.Typer) -> None:
             srun=srun,
             extra=tuple(ctx.args),
             steps=steps,
+            recipe=recipe,
         )
         options = SlurmOptions(partition=partition, time=time_limit, account=account) if slurm else None
         code = train(

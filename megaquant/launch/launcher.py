@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING, TextIO
 from megaquant.errors import LaunchError, MegaquantError
 from megaquant.launch.datasets import DATASETS
 from megaquant.launch.models import MODELS, get_model
-from megaquant.launch.modes import MODES, ROLES
+from megaquant.launch.modes import ATTENTION_MODES, MODES, ROLES
 from megaquant.launch.presets import PRESETS
 from megaquant.launch.run import TRAIN_COMMAND_ENV, RunPlan, TrainRequest, command_for, execute, plan_run
 from megaquant.launch.scripts import SlurmOptions, sbatch_script
+from megaquant.recipes import RECIPES, get_recipe
 
 if TYPE_CHECKING:
     from megaquant.launch.preflight import Preflight, TrainingMegatron
@@ -50,13 +51,16 @@ def format_listing() -> str:
     lines.append(f"quantization modes ({', '.join(ROLES)}):")
     for mode in MODES.values():
         values = ", ".join(mode.values().values())
-        lines.append(f"  {mode.name:<16} {values}{'' if mode.seed else '  (attention variant)'}")
+        variant = "  (attention variant)" if mode.name in ATTENTION_MODES else ""
+        lines.append(f"  {mode.name:<16} {values}{variant}")
     lines.append("training configs:")
     for p in PRESETS.values():
         lines.append(
             f"  {p.name:<16} {p.title}; micro/global batch {p.micro_batch_size}/{p.global_batch_size}, "
             f"seq {p.seq_length}, lr {p.lr:g} -> {p.min_lr:g}"
         )
+    lines.append("training recipes (--recipe; docs/recipes.md):")
+    lines += [f"  {r.name:<16} {r.title}" for r in RECIPES.values()]
     return "\n".join(lines) + "\n"
 
 
@@ -107,6 +111,7 @@ def request_options(request: TrainRequest) -> list[str]:
     options (`--srun`, `--master-addr`, `--master-port`, `--rdzv-id`) are left to `sbatch_script`."""
     p = request.parallel
     opts = ["--model", request.model, "--quantization", request.mode, "--training-config", request.preset]
+    opts += ["--recipe", request.recipe]
     opts += ["--dataset", request.dataset] if request.dataset else ["--mock-data"]
     opts += ["--megatron", str(request.megatron.absolute())]
     for flag, value in (
@@ -137,6 +142,7 @@ def _describe(
         f"model {model.name} ({model.title}) | dataset {plan.request.dataset or 'mock'} | mode {plan.mode} | "
         f"training config {plan.request.preset}",
         f"role values: {values}",
+        f"recipe: {plan.request.recipe} ({get_recipe(plan.request.recipe).title})",
         f"spec: {plan.spec}   tree: {plan.tree}   run dir: {plan.run_dir}",
         f"validation: {validation.note}",
         f"trains with: {check.training.describe() if check.training else '(no megatron/training found)'}",
@@ -215,6 +221,7 @@ def train(
                 "dataset": plan.request.dataset,
                 "mode": plan.mode,
                 "preset": plan.request.preset,
+                "recipe": plan.request.recipe,
                 "values": plan.values,
                 "spec": plan.spec,
                 "megatron_args": list(plan.megatron_args),

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from megaquant.errors import LaunchError
+from megaquant.errors import LaunchError, MegaquantError
 from megaquant.megatron_src import quiet_megatron_import
 
 if TYPE_CHECKING:
@@ -55,6 +55,8 @@ class MinitrainConfig:
     init_std: float = 0.02
     rope_base: float = 500000.0
     seed: int = 1234
+    recipe: str = "default"
+    """megaquant.recipes name: `megaquant.ops.configure(recipe=...)` in the training process."""
     device: str = "auto"
     """"auto" (CUDA when available), "cpu" or "cuda"."""
     dtype: str = "auto"
@@ -234,6 +236,10 @@ def train(config: MinitrainConfig) -> int:
     import numpy as np
     import torch
 
+    from megaquant import ops
+
+    ops.configure(**{**ops.environment_defaults(), "recipe": config.recipe})  # unknown: fails here, first
+    ops.reset_state(seed=config.seed)  # stochastic rounding / Hadamard seeds: reproducible per run
     # CPU: arithmetic on denormals is up to ~50x slower (measured: 1.8 s vs 0.03 s per step). Set before torch
     # starts worker threads, which inherit the flag.
     torch.set_flush_denormal(True)
@@ -302,6 +308,7 @@ def train(config: MinitrainConfig) -> int:
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name(device) if on_cuda else "cpu",
         "dtype": dtype,
+        "recipe": config.recipe,
         "vocab_size": vocab,
         "parameters": n_params,
         "tokens": len(tokens),
@@ -331,6 +338,7 @@ def train(config: MinitrainConfig) -> int:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
+        ops.next_step()
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
             per_token = model(batch_t[:, :-1], positions, mask, labels=batch_t[:, 1:])
@@ -403,7 +411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = _parse(sys.argv[1:] if argv is None else argv)
     try:
         return train(config)
-    except LaunchError as exc:
+    except MegaquantError as exc:  # a LaunchError, or an unknown/refused recipe
         print(f"error: {exc}", file=sys.stderr)
         config.out.mkdir(parents=True, exist_ok=True)
         with (config.out / "train.log").open("a") as log:

@@ -18,7 +18,8 @@ __all__ = [
     "mode_for_values",
 ]
 
-FORMATS = ("mxfp8", "mxfp4", "hifp8")
+FORMATS = ("mxfp8", "mxfp4", "hifp8", "nvfp4")
+_SEED_FORMATS = ("mxfp8", "mxfp4", "hifp8")  # the original system's ten modes use these
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,11 +44,11 @@ class Mode:
 def _modes() -> list[Mode]:
     modes = [Mode(name="bf16", linear="none", qk="none", pv="none", seed=True)]
     for f in FORMATS:
-        modes.append(Mode(name=f"FA_{f}", linear="none", qk=f, pv="none", seed=True))
+        modes.append(Mode(name=f"FA_{f}", linear="none", qk=f, pv="none", seed=f in _SEED_FORMATS))
     for f in FORMATS:
-        modes.append(Mode(name=f"linear_{f}", linear=f, qk="none", pv="none", seed=True))
+        modes.append(Mode(name=f"linear_{f}", linear=f, qk="none", pv="none", seed=f in _SEED_FORMATS))
     for f in FORMATS:
-        modes.append(Mode(name=f"FA_linear_{f}", linear=f, qk=f, pv="none", seed=True))
+        modes.append(Mode(name=f"FA_linear_{f}", linear=f, qk=f, pv="none", seed=f in _SEED_FORMATS))
     for f in FORMATS:
         modes.append(Mode(name=f"qk_{f}", linear="none", qk=f, pv="none", seed=False))
         modes.append(Mode(name=f"pv_{f}", linear="none", qk="none", pv=f, seed=False))

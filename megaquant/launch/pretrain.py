@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from megaquant.errors import LaunchError
+from megaquant.errors import LaunchError, MegaquantError
 from megaquant.launch.argv import REFUSED_FLAGS  # one list for the launcher and this entry
 from megaquant.megatron_src import quiet_megatron_import
 
@@ -255,7 +255,10 @@ def _timed_train_step(original: Callable[..., Any], sink: IO[str] | None) -> Cal
 
     state = {"step": 0}
 
+    from megaquant import ops
+
     def train_step(*args: Any, **kwargs: Any) -> Any:
+        ops.next_step()  # stochastic rounding / Hadamard seeds and amax histories advance per step
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
@@ -293,6 +296,9 @@ def _use_prebuilt_dataset_helpers() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
+    from megaquant import ops
+
+    ops.configure(**ops.environment_defaults())  # MEGAQUANT_RECIPE (the launcher's --recipe): checked now
     argv = prepare_argv(sys.argv[1:] if argv is None else argv)
     sys.argv = [sys.argv[0], *argv]  # Megatron's parser reads sys.argv
 
@@ -303,6 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from megatron.training.arguments import parse_and_validate_args
 
     args = parse_and_validate_args(extra_args_provider=add_megaquant_args)
+    ops.reset_state(seed=args.seed)
     cfg = pretrain_cfg_container_from_args(args, None)
     rank0 = int(__import__("os").environ.get("RANK", "0")) == 0
     sink = None
@@ -327,6 +334,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except LaunchError as exc:
+    except MegaquantError as exc:  # a LaunchError, or a refused recipe
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)

@@ -35,6 +35,8 @@ from megaquant.launch.datasets import get_dataset
 from megaquant.launch.models import get_model
 from megaquant.launch.modes import get_mode, mode_for_values
 from megaquant.launch.presets import get_preset
+from megaquant.recipes import RECIPE_ENV, check_recipe
+from megaquant.spec import load_spec
 
 if TYPE_CHECKING:
     from megaquant.sites import Site
@@ -85,6 +87,8 @@ class TrainRequest:
     extra: tuple[str, ...] = ()
     steps: int | None = None
     """Optimizer steps instead of the preset's length (LR schedule and eval interval follow)."""
+    recipe: str = "default"
+    """megaquant.recipes name; the training process gets it as MEGAQUANT_RECIPE."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -170,6 +174,10 @@ def plan_run(request: TrainRequest, *, require_tree: bool = True) -> RunPlan:
         extra=request.extra,
     )
     spec = request.spec or (detect_spec(tree) if is_tree else "fork")
+    tree_spec = load_spec(spec)
+    for value in values.values():  # a value this tree's ops lack: refused before anything is set
+        tree_spec.check_value(value)
+    check_recipe(request.recipe, values, spec=spec)  # unknown, or not expressible on this tree: refused
     run_dir = request.run_dir or default_run_dir(request, mode)
     return RunPlan(
         request=request,
@@ -204,7 +212,7 @@ def command_for(
         argv = torchrun_argv(python, plan.request.parallel, entry, args)
         if plan.request.srun:
             argv = srun_prefix(plan.request.parallel) + argv
-    return argv, train_env(entry, environ), entry
+    return argv, {**train_env(entry, environ), RECIPE_ENV: plan.request.recipe}, entry
 
 
 def check_roles(sites: Sequence[Site], values: Mapping[str, str]) -> None:
@@ -310,6 +318,7 @@ def execute(
         "model": request.model,
         "dataset": request.dataset or "mock",
         "preset": request.preset,
+        "recipe": request.recipe,
         "values": dict(applied.values),
         "absent_roles": list(applied.absent),
         "spec": plan.spec,

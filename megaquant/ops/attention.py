@@ -96,14 +96,20 @@ def _pv_fwd(p: torch.Tensor, vq: torch.Tensor, cfg_pv: QuantConfig, dtype: torch
     return torch.matmul(p, vq.float())
 
 
+# How the unfused quant_bmm / quant_baddbmm backward names these GEMMs for the recipes: dV = P^T dO and
+# dK = dS^T Q are "wgrad"-like, dP = dO V^T and dQ = dS K are "dgrad"-like.
+_WGRAD = ("wgrad", ("activation", "gradient"))
+_DGRAD = ("dgrad", ("gradient", "activation"))
+
+
 def _grouped_mm(a: torch.Tensor, b: torch.Tensor, cfg: QuantConfig, g: int) -> torch.Tensor:
     """sum over the g folded query heads of a_h @ b_h, a: [.., n, g*c], b: [.., g*c, d] (reduction over
     the folded rows). Quantized gradient GEMMs quantize per head, as the unfused path does on repeated K/V."""
     if not (cfg.quantize_grads and cfg.grad_fmt is not None) or g == 1:
-        return _mm(a, b, cfg)
+        return _mm(a, b, cfg, *_WGRAD)
     c = a.shape[-1] // g
     return sum(
-        (_mm(a[..., i * c : (i + 1) * c], b[..., i * c : (i + 1) * c, :], cfg) for i in range(g)),
+        (_mm(a[..., i * c : (i + 1) * c], b[..., i * c : (i + 1) * c, :], cfg, *_WGRAD) for i in range(g)),
         start=torch.zeros((), device=a.device),
     )
 
@@ -153,9 +159,9 @@ class _ReferenceAttention(torch.autograd.Function):
             n = c.kend
             do = _fold(grad[:, :, c.q0 : c.q1].float(), hkv)
             dv[:, :, :n] += _grouped_mm(c.p.mT, do, cfg_pv, g)
-            dp = _mm(do, vf[:, :, :n].mT, cfg_pv)
+            dp = _mm(do, vf[:, :, :n].mT, cfg_pv, *_DGRAD)
             ds = c.p * (dp - (c.p * dp).sum(-1, keepdim=True))
-            dq[:, :, c.q0 : c.q1] = _unfold(_mm(ds, kf[:, :, :n], cfg_qk), hq) * scale
+            dq[:, :, c.q0 : c.q1] = _unfold(_mm(ds, kf[:, :, :n], cfg_qk, *_DGRAD), hq) * scale
             qc = _fold(q[:, :, c.q0 : c.q1].float(), hkv)
             dk[:, :, :n] += _grouped_mm(ds.mT, qc, cfg_qk, g) * scale
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None

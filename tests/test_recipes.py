@@ -1,0 +1,309 @@
+"""Recipes: the registry, configure(recipe=...), and what each recipe makes the quantized GEMMs do.
+
+Formats that are not in this tree yet (nvfp4, stochastic rounding, 2-D blocks, the Hadamard transform)
+are exercised through a recording fake_quant and a reference Hadamard module injected for the test: what is
+tested here is that the ops pass the right options to the right operands, with the right seeds.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import types
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+
+from megaquant import ops
+from megaquant.errors import ValueNameError
+from megaquant.formats import fake_quant
+from megaquant.ops import configure, quant_config, quant_linear, quant_matmul
+from megaquant.ops import gemm as gemm_mod
+from megaquant.recipes import RECIPES, check_recipe, get_recipe
+
+
+@pytest.fixture(autouse=True)
+def _clean_defaults() -> Iterator[None]:
+    configure()
+    ops.reset_state()
+    yield
+    configure()
+    ops.reset_state()
+
+
+def _rand(*shape: int, scale: float = 1.0, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+
+class Recorder:
+    """Stands in for fake_quant: records each call's format, options and input; returns the input."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict[str, Any], torch.Tensor]] = []
+
+    def __call__(self, x: torch.Tensor, fmt: str, **kw: Any) -> torch.Tensor:
+        self.calls.append((fmt, kw, x.detach().clone()))
+        return x.detach().clone()
+
+
+@pytest.fixture
+def recorder(monkeypatch: pytest.MonkeyPatch) -> Recorder:
+    rec = Recorder()
+    monkeypatch.setattr(gemm_mod, "fake_quant", rec)
+    return rec
+
+
+def _hadamard(n: int) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / math.sqrt(n)
+
+
+class FakeRHT:
+    """A reference blockwise random Hadamard transform (signs from the seed), as a module."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int, int]] = []
+
+    def random_hadamard(self, x: torch.Tensor, *, axis: int, block: int, seed: int) -> torch.Tensor:
+        self.calls.append((axis, block, seed))
+        g = torch.Generator().manual_seed(seed)
+        signs = torch.randint(0, 2, (block,), generator=g).to(torch.float64) * 2 - 1
+        m = signs[:, None] * _hadamard(block)  # orthogonal
+        moved = x.movedim(axis, -1).to(torch.float64)
+        shape = moved.shape
+        out = (moved.reshape(*shape[:-1], shape[-1] // block, block) @ m).reshape(shape)
+        return out.movedim(-1, axis).to(x.dtype)
+
+
+@pytest.fixture
+def rht(monkeypatch: pytest.MonkeyPatch) -> FakeRHT:
+    fake = FakeRHT()
+    module = types.ModuleType("megaquant_test_rht")
+    module.random_hadamard = fake.random_hadamard  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "megaquant_test_rht", module)
+    monkeypatch.setattr(gemm_mod, "_HADAMARD_MODULES", ("megaquant_test_rht",))
+    return fake
+
+
+# ---------------------------------------------------------------- registry
+
+
+def test_registry_has_the_issue_recipes_each_with_a_source() -> None:
+    for name in (
+        "default",
+        "fork",
+        "hifp8_scaled",
+        "hifp8_delayed",
+        "sr_gradients",
+        "nvfp4_paper",
+        "mxfp4_tseng",
+    ):
+        recipe = get_recipe(name)
+        assert recipe.name == name and recipe.title and recipe.source
+        described = recipe.per_role(ops.ROLES)
+        assert set(described) == set(ops.ROLES) and all(described.values())
+    assert "arXiv:2509.25149" in RECIPES["nvfp4_paper"].source
+    assert "Tseng" in RECIPES["mxfp4_tseng"].source
+    assert "random Hadamard" in RECIPES["nvfp4_paper"].per_gemm()["wgrad"]
+    assert "random Hadamard" not in RECIPES["nvfp4_paper"].per_gemm()["dgrad"]
+
+
+def test_unknown_recipe_lists_every_recipe() -> None:
+    with pytest.raises(
+        ValueNameError, match="unknown recipe 'nope'; choose one of: default, fork, hifp8_scaled"
+    ):
+        get_recipe("nope")
+    with pytest.raises(ValueNameError, match="unknown recipe 'nope'"):
+        configure(recipe="nope")
+
+
+def test_fork_trees_run_only_fork_numerics_and_fork_has_no_nvfp4() -> None:
+    assert check_recipe("fork", spec="fork").name == "fork"
+    assert check_recipe("default", spec="fork").name == "default"
+    with pytest.raises(ValueNameError, match="fork's own ops do only fork numerics"):
+        check_recipe("hifp8_scaled", spec="fork")
+    with pytest.raises(ValueNameError, match="cannot express linear_fwd = nvfp4"):
+        check_recipe("fork", {"linear_fwd": "nvfp4"})
+    configure(recipe="fork")
+    assert quant_config("mxfp8").preset == "fork"
+    assert quant_config("mxfp8", role="qk").fmt == "mxfp8_e5m2"
+    with pytest.raises(ValueNameError, match="no nvfp4"):
+        quant_config("nvfp4")
+    with pytest.raises(ValueNameError, match="implies preset 'fork'"):
+        quant_config("mxfp8", preset="spec")
+
+
+def test_recipe_resolves_into_config_fields() -> None:
+    assert quant_config("nvfp4").fmt == quant_config("nvfp4", grad=True).fmt == "nvfp4"
+    cfg = quant_config("hifp8", recipe="hifp8_delayed")
+    assert (cfg.recipe, cfg.tensor_scaling, cfg.amax_history) == ("hifp8_delayed", "delayed", 64)
+    assert quant_config("mxfp8", recipe="hifp8_scaled").tensor_scaling == "none"  # HiF8 operands only
+    assert quant_config("hifp8", tensor_scale=True).tensor_scaling == "current"  # the old keyword
+    assert quant_config("hifp8", recipe="sr_gradients").stochastic == "none"  # HiF8: ties away only
+    paper = quant_config("nvfp4", recipe="nvfp4_paper", gemm="wgrad")
+    assert (paper.grad, paper.stochastic, paper.hadamard, paper.weight_block_2d) == (
+        True,
+        "gradients",
+        "wgrad",
+        True,
+    )
+    assert not quant_config("mxfp4", recipe="nvfp4_paper").weight_block_2d  # 2-D blocks: NVFP4 only
+    with pytest.raises(ValueNameError, match="unknown GEMM kind"):
+        quant_config("mxfp8", gemm="fwd")
+
+
+def test_recipe_environment_variable_is_the_process_default() -> None:
+    code = (
+        "from megaquant.ops import quant_config; c = quant_config('hifp8'); print(c.recipe, c.tensor_scaling)"
+    )
+    env = {**os.environ, "MEGAQUANT_RECIPE": "hifp8_scaled"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["hifp8_scaled", "current"]
+
+
+# ---------------------------------------------------------------- HiF8 tensor scaling
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("magnitude", [1e-7, 1e-2, 300.0])
+def test_current_scaling_equals_fake_quant_tensor_scale(dtype: torch.dtype, magnitude: float) -> None:
+    a, w = _rand(6, 64, scale=magnitude, dtype=dtype), _rand(32, 64, seed=1, dtype=dtype)
+    out = quant_matmul(a, w.t(), "hifp8", recipe="hifp8_scaled")
+    ref = fake_quant(a, "hifp8", tensor_scale=True) @ fake_quant(w.t(), "hifp8", tensor_scale=True)
+    assert torch.equal(out, ref)
+    unscaled = quant_matmul(a, w.t(), "hifp8")
+    assert not torch.equal(out, unscaled)  # the scale matters at every one of these magnitudes
+
+
+def test_delayed_scaling_uses_the_slot_history_and_acts_as_current_before_the_first_step() -> None:
+    big, small = _rand(4, 64), _rand(4, 64, scale=1e-3, seed=2)
+    w = _rand(64, 8, seed=3)
+    current = quant_matmul(small, w, "hifp8", recipe="hifp8_scaled")
+    assert torch.equal(quant_matmul(small, w, "hifp8", recipe="hifp8_delayed"), current)  # step 0
+    ops.next_step()
+    quant_matmul(big, w, "hifp8", recipe="hifp8_delayed")  # step 1 records amax(big) ~ 3
+    ops.next_step()
+    out = quant_matmul(small, w, "hifp8", recipe="hifp8_delayed")  # step 2: scaled by the history max
+    s = 3 - math.floor(math.log2(float(big.abs().max())))
+    expected = (fake_quant(small * 2.0**s, "hifp8") * 2.0**-s) @ fake_quant(
+        w, "hifp8", tensor_scale=True
+    )  # w's slot saw the same w both steps: its history amax is its own
+    assert torch.equal(out, expected)
+    assert not torch.equal(out, current)
+
+
+# ---------------------------------------------------------------- stochastic rounding and seeds
+
+
+def _roundings(rec: Recorder) -> list[str]:
+    return [kw["rounding"] for _, kw, _ in rec.calls]
+
+
+def test_sr_gradients_rounds_only_the_gradient_operand_of_backward_gemms(recorder: Recorder) -> None:
+    configure(recipe="sr_gradients")
+    x, w, g = _rand(8, 32), _rand(16, 32, seed=1), _rand(8, 16, seed=2)
+    quant_matmul(x, w.t(), "mxfp8", gemm="fprop")
+    quant_matmul(g, w, "mxfp8", grad=True, gemm="dgrad")
+    quant_matmul(g.t(), x, "mxfp8", grad=True, gemm="wgrad")
+    assert _roundings(recorder) == ["even", "even", "stochastic", "even", "stochastic", "even"]
+    seeds = [kw["seed"] for _, kw, _ in recorder.calls if "seed" in kw]
+    assert len(set(seeds)) == 2 and all(isinstance(s, int) and 0 <= s < 2**31 for s in seeds)
+
+
+def test_seeds_advance_per_step_and_gemm_and_repeat_for_the_same_run(recorder: Recorder) -> None:
+    configure(recipe="sr_gradients")
+    g, w = _rand(8, 16), _rand(16, 32, seed=1)
+
+    def run(seed: int) -> list[int]:
+        recorder.calls.clear()
+        ops.reset_state(seed=seed)
+        for _ in range(3):
+            ops.next_step()
+            quant_matmul(g, w, "mxfp4", grad=True, gemm="dgrad")
+            quant_matmul(g, w, "mxfp4", grad=True, gemm="dgrad")
+        return [kw["seed"] for _, kw, _ in recorder.calls if "seed" in kw]
+
+    first = run(1234)
+    assert len(first) == 6 and len(set(first)) == 6
+    assert run(1234) == first
+    assert set(run(1235)).isdisjoint(first)
+
+
+def test_mxfp4_tseng_rounds_both_backward_operands_prescaled_by_three_quarters(recorder: Recorder) -> None:
+    configure(recipe="mxfp4_tseng")
+    g, w = _rand(8, 64, dtype=torch.bfloat16), _rand(64, 32, seed=1, dtype=torch.bfloat16)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gemm_mod, "_hadamard_pair", lambda a, b, cfg: (a, b))  # RHT tested below
+        out = quant_matmul(g, w, "mxfp4", grad=True, gemm="dgrad")
+    assert _roundings(recorder) == ["stochastic", "stochastic"]
+    (_, _, qa), (_, _, qb) = recorder.calls
+    assert qa.dtype == torch.float32 and torch.equal(qa.reshape(g.shape), g.float() * 0.75)
+    assert torch.equal(qb.reshape(w.shape), w.float() * 0.75)
+    assert out.dtype == torch.bfloat16
+
+
+def test_ops_own_backward_applies_the_recipe_to_its_gradient_gemms(recorder: Recorder, rht: FakeRHT) -> None:
+    x = _rand(4, 16, 32).requires_grad_(True)
+    w = _rand(24, 32, seed=1).requires_grad_(True)
+    quant_linear(x, w, "mxfp8", quantize_grads=True, recipe="nvfp4_paper").sum().backward()
+    # forward x, w (nearest); dgrad g (SR), w; wgrad g^T (SR), x^T, both after one RHT along the tokens
+    assert _roundings(recorder) == ["even", "even", "stochastic", "even", "stochastic", "even"]
+    assert [c[:2] for c in rht.calls] == [(-1, 16), (-2, 16)] and rht.calls[0][2] == rht.calls[1][2]
+
+
+# ---------------------------------------------------------------- Hadamard transforms and 2-D weights
+
+
+def test_rht_on_wgrad_keeps_the_product_and_shares_one_seed(recorder: Recorder, rht: FakeRHT) -> None:
+    configure(recipe="nvfp4_paper")
+    g, x = _rand(64, 24), _rand(64, 40, seed=1)
+    out = quant_matmul(g.t(), x, "nvfp4", grad=True, gemm="wgrad")  # fake_quant is the identity here
+    torch.testing.assert_close(out, g.t() @ x, rtol=1e-5, atol=1e-5)
+    assert [c[:2] for c in rht.calls] == [(-1, 16), (-2, 16)] and rht.calls[0][2] == rht.calls[1][2]
+    (_, _, qa), _ = recorder.calls
+    assert not torch.allclose(qa, g.t())  # the quantizer saw the transformed operand
+    quant_matmul(g, _rand(24, 8), "nvfp4", grad=True, gemm="dgrad")
+    assert len(rht.calls) == 2  # nvfp4_paper: wgrad only
+
+
+def test_rht_needs_the_gemm_kind_and_a_divisible_reduction(recorder: Recorder, rht: FakeRHT) -> None:
+    g = _rand(8, 24)
+    with pytest.raises(ValueNameError, match="gemm='dgrad' or gemm='wgrad'"):
+        quant_matmul(g, _rand(24, 8), "nvfp4", grad=True, recipe="nvfp4_paper")
+    with pytest.raises(ValueNameError, match="not a multiple of the Hadamard block 64"):
+        quant_matmul(g, _rand(24, 8), "mxfp4", grad=True, recipe="mxfp4_tseng")
+
+
+def test_missing_hadamard_module_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gemm_mod, "_HADAMARD_MODULES", ("megaquant_no_such_module",))
+    with pytest.raises(ValueNameError, match="random Hadamard transforms.*megaquant_no_such_module"):
+        quant_matmul(_rand(8, 64), _rand(64, 8), "mxfp4", grad=True, gemm="dgrad", recipe="mxfp4_tseng")
+
+
+def test_nvfp4_paper_quantizes_weights_in_2d_blocks_in_fprop_and_dgrad(recorder: Recorder) -> None:
+    configure(recipe="nvfp4_paper")
+    x, w, g = _rand(8, 32), _rand(16, 32, seed=1), _rand(8, 16, seed=2)
+    quant_matmul(x, w.t(), "nvfp4", gemm="fprop")
+    quant_matmul(g, w, "nvfp4", grad=True, gemm="dgrad")
+    quant_linear(x, w, "nvfp4")
+    blocks = [bool(kw.get("block_2d")) for _, kw, _ in recorder.calls]
+    assert blocks == [False, True, False, True, False, True]
+    assert all(fmt == "nvfp4" for fmt, _, _ in recorder.calls)
+
+
+def test_trainers_keep_an_environment_preset_when_they_configure_a_recipe(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MEGAQUANT_PRESET", "fork")
+    monkeypatch.setenv("MEGAQUANT_RECIPE", "sr_gradients")
+    assert ops.environment_defaults() == {"preset": "fork", "recipe": "sr_gradients"}
+    configure(**{**ops.environment_defaults(), "recipe": "hifp8_scaled"})  # what minitrain does
+    cfg = quant_config("hifp8")
+    assert (cfg.preset, cfg.recipe, cfg.tensor_scaling) == ("fork", "hifp8_scaled", "current")
