@@ -6,7 +6,9 @@ the request. Importing this package imports torch (`import megaquant` does not).
 
 from __future__ import annotations
 
+import functools
 import importlib
+from collections.abc import Callable
 from types import ModuleType
 
 import torch
@@ -38,6 +40,7 @@ __all__ = [
     "element_format",
     "encode",
     "fake_quant",
+    "quantizer",
 ]
 
 BACKENDS = ("auto", "reference", "triton")
@@ -125,6 +128,46 @@ def fake_quant(
         if opts.fmt.block_scaled:
             return fake_quant_mx(x, opts)
         return fake_quant_hif8(x, opts)
+
+
+def _triton_gap(x: torch.Tensor, fmt: str, kw: dict[str, object]) -> tuple[ModuleType | None, str | None]:
+    """(the Triton module, None) when it serves fake_quant(x, fmt, **kw), else (None, why not)."""
+    if not x.is_cuda:
+        return None, f"not a CUDA tensor ({x.device})"
+    try:
+        _triton = importlib.import_module("megaquant.formats._triton")
+    except ImportError as err:
+        return None, f"the Triton kernels cannot load: {err}"
+    if _triton.supports(x, fmt, **kw):
+        return _triton, None
+    return None, f"the Triton kernels do not cover fmt={fmt!r} with {kw} on {x.dtype}"
+
+
+def _reference_fake_quant(opts: Options, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return fake_quant_mx(x, opts) if opts.fmt.block_scaled else fake_quant_hif8(x, opts)
+
+
+def quantizer(
+    x: torch.Tensor, fmt: str, **kw: object
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], str, str | None]:
+    """fake_quant(·, fmt, **kw) resolved once for tensors like `x`: (function, path, reason).
+
+    The function equals fake_quant(y, fmt, **kw) bit for bit for every non-empty y with x's device type,
+    dtype and number of dimensions, without re-resolving the keywords per call (megaquant.ops keeps one
+    per option set: it is the short launch path). path is "triton" or "reference"; reason says why the
+    kernels do not serve the call (None for "triton"). Keywords as fake_quant's, backend excluded.
+    """
+    opts = _checked(x, resolve_options(fmt, **{**_KW_DEFAULTS, **kw}))  # type: ignore[arg-type]
+    kernels, reason = _triton_gap(x, fmt, {k: v for k, v in kw.items() if k != "tensor_scale" or v})
+    if kernels is not None:
+        return functools.partial(kernels.fake_quant_resolved, opts=opts), "triton", None
+    return functools.partial(_reference_fake_quant, opts), "reference", reason
+
+
+_KW_DEFAULTS: dict[str, object] = dict(
+    axis=-1, block_size=32, scale="floor", rounding="even", saturate=True, preset=None, tensor_scale=False
+)
 
 
 def encode(

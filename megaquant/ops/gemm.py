@@ -3,48 +3,114 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from megaquant.errors import ValueNameError
-from megaquant.formats import fake_quant
-from megaquant.ops.config import _PLAIN, QuantConfig, quant_config
+from megaquant.formats import fake_quant, quantizer
+from megaquant.ops import counters, weights
+from megaquant.ops.config import _DEFAULTS, _PLAIN, QuantConfig, quant_config
 
 __all__ = ["quant_baddbmm", "quant_bmm", "quant_linear", "quant_matmul"]
 
 
-def _quant(t: torch.Tensor, fmt: str, axis: int, cfg: QuantConfig) -> torch.Tensor:
-    """fake_quant `t` along `axis` in one pass over its storage, without a layout copy.
+_Quantizer = tuple[Callable[[torch.Tensor], torch.Tensor], str, "str | None"]
+_QUANTIZERS: dict[tuple[object, ...], _Quantizer] = {}
+
+
+def _quantizer(x: torch.Tensor, fmt: str, axis: int, cfg: QuantConfig) -> _Quantizer:
+    """formats.quantizer for this option set and kind of tensor, resolved once (the short launch path)."""
+    key = (fmt, cfg, axis, x.dim(), x.dtype, x.is_cuda)
+    found = _QUANTIZERS.get(key)
+    if found is None:
+        found = _QUANTIZERS[key] = quantizer(x, fmt, axis=axis, **_fq_keywords(cfg))
+    return found
+
+
+def _fq_keywords(cfg: QuantConfig) -> dict[str, Any]:
+    return dict(
+        block_size=cfg.block_size, scale=cfg.scale, rounding=cfg.rounding, preset=cfg.preset,
+        tensor_scale=cfg.tensor_scale,
+    )  # fmt: skip
+
+
+def _fake_quant(
+    x: torch.Tensor, fmt: str, axis: int, cfg: QuantConfig, role: str
+) -> tuple[torch.Tensor, str]:
+    """fake_quant(x, fmt, axis=axis, ...cfg) and the path that served it; counts the operand, and logs a
+    CUDA fallback to the reference once per shape."""
+    if x.numel() == 0:  # nothing to quantize: no kernel, no fallback worth a line
+        return fake_quant(x, fmt, axis=axis, **_fq_keywords(cfg)), "reference"
+    fn, path, reason = _quantizer(x, fmt, axis, cfg)
+    counters.count_operand(role, path)
+    if reason is not None and x.is_cuda:
+        counters.note_fallback(role, tuple(x.shape), x.dtype, fmt, reason)
+    return fn(x), path
+
+
+def _quant(t: torch.Tensor, fmt: str, axis: int, cfg: QuantConfig, role: str = "") -> torch.Tensor:
+    """fake_quant `t` along `axis` in one pass over its storage, without a layout copy (see _quant_path)."""
+    return _quant_path(t, fmt, axis, cfg, role)[0]
+
+
+def _quant_path(
+    t: torch.Tensor, fmt: str, axis: int, cfg: QuantConfig, role: str
+) -> tuple[torch.Tensor, str]:
+    """fake_quant `t` along `axis` in one pass over its storage, without a layout copy; and its path.
 
     A strided view (weight.t(), query.transpose(0, 1), key.transpose(0, 1).transpose(1, 2)) is quantized
     in its memory order: permute to the dense base tensor, view that as (rows, n) with the blocks along
     the last axis or (batch, n, inner) with the blocks along axis -2 (the two layouts the kernels take),
     quantize, and return the same view of the result. The blocks cover the same elements as in `t`, so the
     values equal fake_quant(t, fmt, axis=axis); the GEMM then reads the result as the strided operand it
-    would have read anyway.
+    would have read anyway. A parameter may come from the weight cache (megaquant.ops.weights).
     """
-    kw: dict[str, Any] = dict(
-        block_size=cfg.block_size, scale=cfg.scale, rounding=cfg.rounding, preset=cfg.preset,
-        tensor_scale=cfg.tensor_scale,
-    )  # fmt: skip
+    op_key = (fmt, axis, cfg)
+    cached = weights.lookup(t, op_key)
+    if cached is not None:
+        counters.count_operand(role, "cache")
+        return cached
     if t.dim() < 2:
-        return fake_quant(t, fmt, axis=axis, **kw)
-    ax = axis % t.dim()
-    perm = sorted(range(t.dim()), key=lambda d: (-t.stride()[d], d))
-    base = t.permute(perm)
-    if not base.is_contiguous():  # overlapping or gapped storage: one copy is unavoidable
-        base = base.contiguous()
-    a = perm.index(ax)
-    shape = base.shape
-    lead, n, inner = math.prod(shape[:a]), shape[a], math.prod(shape[a + 1 :])
-    if inner == 1:
-        q = fake_quant(base.reshape(lead, n), fmt, axis=-1, **kw)
+        q, path = _fake_quant(t, fmt, axis, cfg, role)
+    elif t.dim() == 2 and t.is_contiguous() and axis % 2 == 1:  # the common case: no view to undo
+        q, path = _fake_quant(t, fmt, -1, cfg, role)
     else:
-        q = fake_quant(base.reshape(lead, n, inner), fmt, axis=-2, **kw)
-    inverse = [perm.index(d) for d in range(t.dim())]
-    return q.reshape(shape).permute(inverse)
+        ax = axis % t.dim()
+        perm = sorted(range(t.dim()), key=lambda d: (-t.stride()[d], d))
+        base = t.permute(perm)
+        if not base.is_contiguous():  # overlapping or gapped storage: one copy is unavoidable
+            base = base.contiguous()
+        a = perm.index(ax)
+        shape = base.shape
+        lead, n, inner = math.prod(shape[:a]), shape[a], math.prod(shape[a + 1 :])
+        if inner == 1:
+            q, path = _fake_quant(base.reshape(lead, n), fmt, -1, cfg, role)
+        else:
+            q, path = _fake_quant(base.reshape(lead, n, inner), fmt, -2, cfg, role)
+        inverse = [perm.index(d) for d in range(t.dim())]
+        q = q.reshape(shape).permute(inverse)
+    weights.store(t, op_key, q, path)
+    return q, path
+
+
+def _gemm_path(*paths: str) -> str:
+    return "reference" if "reference" in paths else "triton"
+
+
+def _role(op: str, kw: dict[str, Any]) -> str:
+    """The counters' key: the role keyword (or configure()'s), else the op's name (`.grad` when grad)."""
+    role = kw.get("role") or _DEFAULTS.get("role")
+    if role:
+        return str(role)
+    return f"{op}.grad" if kw.get("grad", _DEFAULTS.get("grad")) else op
+
+
+def _needs_graph(*tensors: torch.Tensor | None) -> bool:
+    """True when autograd will record this op (else the autograd.Function is skipped: same result)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -58,34 +124,70 @@ def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return t.sum(dim=dims, keepdim=True) if dims else t
 
 
-def _mm(a: torch.Tensor, b: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
+def _mm(a: torch.Tensor, b: torch.Tensor, cfg: QuantConfig, role: str) -> torch.Tensor:
     """a @ b for a backward GEMM: plain (straight-through) or with both operands in the gradient format."""
     if not cfg.quantize_grads or cfg.grad_fmt is None:
         return torch.matmul(a, b)
-    return torch.matmul(_quant(a, cfg.grad_fmt, -1, cfg), _quant(b, cfg.grad_fmt, -2, cfg))
+    qa, pa = _quant_path(a, cfg.grad_fmt, -1, cfg, role)
+    qb, pb = _quant_path(b, cfg.grad_fmt, -2, cfg, role)
+    counters.count_gemm(role, _gemm_path(pa, pb))
+    return torch.matmul(qa, qb)
+
+
+def _fwd_matmul(a: torch.Tensor, b: torch.Tensor, cfg: QuantConfig, role: str) -> torch.Tensor:
+    assert cfg.fmt is not None
+    qa, pa = _quant_path(a, cfg.fmt, -1, cfg, role)
+    qb, pb = _quant_path(b, cfg.fmt, -2, cfg, role)
+    counters.count_gemm(role, _gemm_path(pa, pb))
+    return torch.matmul(qa, qb)
+
+
+def _fwd_baddbmm(
+    inp: torch.Tensor,
+    b1: torch.Tensor,
+    b2: torch.Tensor,
+    beta: float,
+    alpha: float,
+    cfg: QuantConfig,
+    role: str,
+) -> torch.Tensor:
+    assert cfg.fmt is not None
+    q1, p1 = _quant_path(b1, cfg.fmt, -1, cfg, role)
+    q2, p2 = _quant_path(b2, cfg.fmt, -2, cfg, role)
+    counters.count_gemm(role, _gemm_path(p1, p2))
+    return torch.baddbmm(inp, q1, q2, beta=beta, alpha=alpha)
+
+
+def _fwd_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cfg: QuantConfig, role: str
+) -> torch.Tensor:
+    assert cfg.fmt is not None
+    qx, px = _quant_path(x, cfg.fmt, -1, cfg, role)
+    qw, pw = _quant_path(weight, cfg.fmt, -1, cfg, role)
+    counters.count_gemm(role, _gemm_path(px, pw))
+    return F.linear(qx, qw, bias)
 
 
 class _QuantMatmul(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
-        assert cfg.fmt is not None
+    def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor, cfg: QuantConfig, role: str) -> torch.Tensor:
         ctx.save_for_backward(a, b)  # the unquantized inputs: the same memory a plain matmul keeps
-        ctx.cfg = cfg
-        return torch.matmul(_quant(a, cfg.fmt, -1, cfg), _quant(b, cfg.fmt, -2, cfg))
+        ctx.cfg, ctx.role = cfg, role
+        return _fwd_matmul(a, b, cfg, role)
 
     @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
         a, b = ctx.saved_tensors
         cfg: QuantConfig = ctx.cfg
         grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_a = _sum_to(_mm(g, b.mT, cfg), a.shape)
+            grad_a = _sum_to(_mm(g, b.mT, cfg, ctx.role), a.shape)
         if ctx.needs_input_grad[1]:
             if b.dim() == 2:  # fold the batch into the reduction: one GEMM, like torch.matmul's backward
-                grad_b = _mm(a.reshape(-1, a.shape[-1]).mT, g.reshape(-1, g.shape[-1]), cfg)
+                grad_b = _mm(a.reshape(-1, a.shape[-1]).mT, g.reshape(-1, g.shape[-1]), cfg, ctx.role)
             else:
-                grad_b = _sum_to(_mm(a.mT, g, cfg), b.shape)
-        return grad_a, grad_b, None
+                grad_b = _sum_to(_mm(a.mT, g, cfg, ctx.role), b.shape)
+        return grad_a, grad_b, None, None
 
 
 class _QuantBaddbmm(torch.autograd.Function):
@@ -98,12 +200,11 @@ class _QuantBaddbmm(torch.autograd.Function):
         beta: float,
         alpha: float,
         cfg: QuantConfig,
+        role: str,
     ) -> torch.Tensor:
-        assert cfg.fmt is not None
         ctx.save_for_backward(b1, b2)
-        ctx.cfg, ctx.beta, ctx.alpha, ctx.inp_shape = cfg, beta, alpha, inp.shape
-        q1, q2 = _quant(b1, cfg.fmt, -1, cfg), _quant(b2, cfg.fmt, -2, cfg)
-        return torch.baddbmm(inp, q1, q2, beta=beta, alpha=alpha)
+        ctx.cfg, ctx.beta, ctx.alpha, ctx.inp_shape, ctx.role = cfg, beta, alpha, inp.shape, role
+        return _fwd_baddbmm(inp, b1, b2, beta, alpha, cfg, role)
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -113,23 +214,27 @@ class _QuantBaddbmm(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grads[0] = _sum_to(g if ctx.beta == 1 else g * ctx.beta, ctx.inp_shape)
         if ctx.needs_input_grad[1]:
-            grads[1] = _mm(g, b2.mT, cfg)
+            grads[1] = _mm(g, b2.mT, cfg, ctx.role)
             grads[1] = grads[1] if ctx.alpha == 1 else grads[1] * ctx.alpha
         if ctx.needs_input_grad[2]:
-            grads[2] = _mm(b1.mT, g, cfg)
+            grads[2] = _mm(b1.mT, g, cfg, ctx.role)
             grads[2] = grads[2] if ctx.alpha == 1 else grads[2] * ctx.alpha
-        return (*grads, None, None, None)
+        return (*grads, None, None, None, None)
 
 
 class _QuantLinear(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cfg: QuantConfig
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        cfg: QuantConfig,
+        role: str,
     ) -> torch.Tensor:
-        assert cfg.fmt is not None
         ctx.save_for_backward(x, weight)
-        ctx.cfg, ctx.has_bias = cfg, bias is not None
-        return F.linear(_quant(x, cfg.fmt, -1, cfg), _quant(weight, cfg.fmt, -1, cfg), bias)
+        ctx.cfg, ctx.has_bias, ctx.role = cfg, bias is not None, role
+        return _fwd_linear(x, weight, bias, cfg, role)
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -138,12 +243,12 @@ class _QuantLinear(torch.autograd.Function):
         grad_x = grad_w = grad_bias = None
         g2 = g.reshape(-1, g.shape[-1])
         if ctx.needs_input_grad[0]:
-            grad_x = _mm(g, weight, cfg)
+            grad_x = _mm(g, weight, cfg, ctx.role)
         if ctx.needs_input_grad[1]:
-            grad_w = _mm(g2.mT, x.reshape(-1, x.shape[-1]), cfg)
+            grad_w = _mm(g2.mT, x.reshape(-1, x.shape[-1]), cfg, ctx.role)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = g2.sum(0)
-        return grad_x, grad_w, grad_bias, None
+        return grad_x, grad_w, grad_bias, None, None
 
 
 def quant_matmul(a: torch.Tensor, b: torch.Tensor, value: str, **kw: Any) -> torch.Tensor:
@@ -155,14 +260,18 @@ def quant_matmul(a: torch.Tensor, b: torch.Tensor, value: str, **kw: Any) -> tor
     or quantized gradient GEMMs when quantize_grads=True. value "none"/"bf16" is exactly torch.matmul.
     1-D operands follow torch.matmul (promoted to a matrix and the extra dim removed).
     """
+    role = _role("matmul", kw)
     if value in _PLAIN:
+        counters.count_gemm(role, "plain")
         return torch.matmul(a, b)
     cfg = quant_config(value, **kw)
     if a.dim() == 1:
         return quant_matmul(a.unsqueeze(0), b, value, **kw).squeeze(-2)
     if b.dim() == 1:
         return quant_matmul(a, b.unsqueeze(-1), value, **kw).squeeze(-1)
-    out: torch.Tensor = _QuantMatmul.apply(a, b, cfg)
+    if not _needs_graph(a, b):  # e.g. inside Megatron's linear autograd functions: same result, no node
+        return _fwd_matmul(a, b, cfg, role)
+    out: torch.Tensor = _QuantMatmul.apply(a, b, cfg, role)
     return out
 
 
@@ -175,11 +284,15 @@ def _check_3d(name: str, **tensors: torch.Tensor) -> None:
 
 def quant_bmm(a: torch.Tensor, b: torch.Tensor, value: str, **kw: Any) -> torch.Tensor:
     """Batched a @ b for 3-D tensors (torch.bmm), quantized like quant_matmul."""
+    role = _role("bmm", kw)
     if value in _PLAIN:
+        counters.count_gemm(role, "plain")
         return torch.bmm(a, b)
     cfg = quant_config(value, **kw)
     _check_3d("quant_bmm", a=a, b=b)
-    out: torch.Tensor = _QuantMatmul.apply(a, b, cfg)
+    if not _needs_graph(a, b):
+        return _fwd_matmul(a, b, cfg, role)
+    out: torch.Tensor = _QuantMatmul.apply(a, b, cfg, role)
     return out
 
 
@@ -195,11 +308,15 @@ def quant_baddbmm(
 ) -> torch.Tensor:
     """beta * input + alpha * (batch1 @ batch2) (torch.baddbmm) with batch1/batch2 quantized along the
     reduction axis; `input` is not quantized. Gradients follow torch.baddbmm's formulas (straight-through)."""
+    role = _role("baddbmm", kw)
     if value in _PLAIN:
+        counters.count_gemm(role, "plain")
         return torch.baddbmm(input, batch1, batch2, beta=beta, alpha=alpha)
     cfg = quant_config(value, **kw)
     _check_3d("quant_baddbmm", batch1=batch1, batch2=batch2)
-    out: torch.Tensor = _QuantBaddbmm.apply(input, batch1, batch2, beta, alpha, cfg)
+    if not _needs_graph(input, batch1, batch2):
+        return _fwd_baddbmm(input, batch1, batch2, beta, alpha, cfg, role)
+    out: torch.Tensor = _QuantBaddbmm.apply(input, batch1, batch2, beta, alpha, cfg, role)
     return out
 
 
@@ -208,8 +325,12 @@ def quant_linear(
 ) -> torch.Tensor:
     """x @ weight.T (+ bias), the Megatron linear forward: x and weight both quantized along the input
     features (their last axis); bias is added unquantized. value "none" is exactly F.linear."""
+    role = _role("linear", kw)
     if value in _PLAIN:
+        counters.count_gemm(role, "plain")
         return F.linear(x, weight, bias)
     cfg = quant_config(value, **kw)
-    out: torch.Tensor = _QuantLinear.apply(x, weight, bias, cfg)
+    if not _needs_graph(x, weight, bias):
+        return _fwd_linear(x, weight, bias, cfg, role)
+    out: torch.Tensor = _QuantLinear.apply(x, weight, bias, cfg, role)
     return out
