@@ -50,8 +50,17 @@ def megatron_args(ns: argparse.Namespace, steps: int) -> list[str]:
     from megaquant.launch.run import TrainRequest, plan_run
 
     preset = get_preset(ns.preset)
-    extra = ["--split", "100,0,0", "--train-samples", str(steps * preset.global_batch_size)]
-    extra += ["--log-interval", "1", "--eval-interval", str(steps + 1)]
+    # the data order depends on --train-samples: fixed, so processes running different numbers of steps
+    # see the same batches; --exit-interval stops after `steps`
+    extra = ["--split", "100,0,0", "--train-samples", str(ns.train_steps * preset.global_batch_size)]
+    extra += [
+        "--exit-interval",
+        str(steps),
+        "--log-interval",
+        "1",
+        "--eval-interval",
+        str(ns.train_steps + 1),
+    ]
     request = TrainRequest(
         model=ns.model,
         dataset="sample",
@@ -89,7 +98,7 @@ def analyse(prof: Any, wall_s: float) -> dict[str, Any]:
     launch_cpu_us = 0.0
     roles: dict[str, dict[str, float]] = {}
     for e in prof.events():
-        if e.device_type == DeviceType.CUDA:
+        if e.device_type == DeviceType.CUDA and not e.name.startswith("mq."):  # not the GPU-side spans
             kernels.append((e.time_range.start, e.time_range.end, e.name))
         elif e.name in _LAUNCH_NAMES:
             launches += 1
@@ -323,6 +332,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1, help="steps per variant before the profiled one")
     parser.add_argument("--timed", type=int, default=1, help="unprofiled steps per variant after it")
     parser.add_argument("--timeout-s", type=float, default=400.0)
+    parser.add_argument(
+        "--train-steps", type=int, default=64, help="--train-samples / global batch (>= steps)"
+    )
     parser.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--microbench", action="store_true")
     parser.add_argument("--compare", nargs=2, type=Path, metavar=("A", "B"))

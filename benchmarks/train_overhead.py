@@ -41,7 +41,7 @@ SHAPES: dict[str, tuple[str, str, tuple[str, ...], int]] = {
     "8b-2l": ("llama31-8b", "standard", ("--num-layers", "2", "--global-batch-size", "2"), 2),
 }
 MODES = ("bf16", "FA_linear_mxfp8", "FA_linear_hifp8+ts", "FA_linear_hifp8", "FA_linear_mxfp4")
-_SITECUSTOMIZE = """# written by benchmarks/train_overhead.py: tensor-scaled HiF8 in the training processes only
+_SITECUSTOMIZE = """# by benchmarks/train_overhead.py: tensor-scaled HiF8 in the training processes only
 import os
 if os.environ.get("RANK") is not None:
     from megaquant import ops

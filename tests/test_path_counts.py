@@ -230,11 +230,13 @@ def test_training_with_the_cache_is_bit_identical() -> None:
 
 
 def test_weight_cache_setting() -> None:
-    assert weight_cache_bound(None) == (True, None)
-    assert weight_cache_bound("off") == (False, None)
-    assert weight_cache_bound("512") == (True, 512 * 2**20)
+    gpu = 140 * 2**30
+    assert weight_cache_bound(None, gpu) == (True, int(0.05 * gpu))  # default: bounded by the GPU's memory
+    assert weight_cache_bound("on", gpu) == (True, None)
+    assert weight_cache_bound("off", gpu) == (False, None)
+    assert weight_cache_bound("512", gpu) == (True, 512 * 2**20)
     with pytest.raises(LaunchError, match="MEGAQUANT_WEIGHT_CACHE"):
-        weight_cache_bound("lots")
+        weight_cache_bound("lots", gpu)
 
 
 # ------------------------------------------------------------------------------------ launch path

@@ -1,4 +1,5 @@
-"""The tensor-scaled HiF8 Triton kernels (amax pass + quantize pass) equal the torch reference bit for bit,
+"""The tensor-scaled HiF8 Triton kernels (amax pass + quantize pass) and the short launch path
+(`fake_quant_fn`) equal the torch reference bit for bit,
 run on CPU under the Triton interpreter (a subprocess: TRITON_INTERPRET must be set before triton loads).
 Bf16 subnormal inputs are left out here: the interpreter converts them to fp32 inexactly (seen: -1.0286e-38
 loaded as -8.816e-39), a CPU emulation artifact; tests/test_triton.py checks them on the GPU."""
@@ -53,12 +54,25 @@ for name, x in inputs.items():
                 same_enc = same_enc and torch.equal(enc.tensor_scale_exp, ref.tensor_scale_exp)
             if not (same and same_enc):
                 failures.append((name, str(dtype), kw, same, same_enc))
+# the short launch path (fake_quant_fn: constants bound once) equals the reference on both kernel layouts
+layouts = [((37, 96), -1), ((5, 70), -1), ((3, 67, 20), -2), ((1, 64, 3), -2), ((130,), -1)]
+for fmt in ("mxfp8_e4m3", "mxfp4_e2m1", "hifp8"):
+    for dtype in (torch.float32, torch.bfloat16):
+        for shape, axis in layouts:
+            x = (torch.randn(shape, generator=g) * 4.0).to(dtype)
+            opts = resolve_options(
+                fmt, axis=axis, block_size=32, scale="rceil", rounding="even", preset=None, saturate=True,
+            )
+            got = T.fake_quant_fn(opts)(x)
+            want = fake_quant(x, fmt, axis=axis, scale="rceil", backend="reference")
+            if not torch.equal(got, want):
+                failures.append(("fake_quant_fn", fmt, str(dtype), shape, axis))
 print("FAILURES", failures)
 assert not failures
 """
 
 
-def test_tensor_scaled_hif8_kernels_equal_the_reference_under_the_interpreter() -> None:
+def test_new_kernel_paths_equal_the_reference_under_the_interpreter() -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONWARNINGS": "ignore"}
     done = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]

@@ -161,7 +161,7 @@ def quantizer(
     opts = _checked(x, resolve_options(fmt, **{**_KW_DEFAULTS, **kw}))  # type: ignore[arg-type]
     kernels, reason = _triton_gap(x, fmt, {k: v for k, v in kw.items() if k != "tensor_scale" or v})
     if kernels is not None:
-        return functools.partial(kernels.fake_quant_resolved, opts=opts), "triton", None
+        return kernels.fake_quant_fn(opts), "triton", None
     return functools.partial(_reference_fake_quant, opts), "reference", reason
 
 

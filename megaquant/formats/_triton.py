@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import math
 import struct
+from collections.abc import Callable
 
 import torch
 import triton
@@ -17,7 +18,7 @@ import triton.language as tl
 from megaquant.errors import MegaquantError
 from megaquant.formats.registry import ElementFormat, Encoded, Options, resolve_options
 
-__all__ = ["encode", "fake_quant", "fake_quant_resolved", "supports"]
+__all__ = ["encode", "fake_quant", "fake_quant_fn", "fake_quant_resolved", "supports"]
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _ELEMS_PER_PROGRAM = 2048
@@ -574,6 +575,59 @@ def _hif8_scaled(x: torch.Tensor, opts: Options, encode: bool) -> torch.Tensor |
         block_size=1,
         tensor_scale_exp=s,
     )
+
+
+def fake_quant_fn(opts: Options) -> Callable[[torch.Tensor], torch.Tensor]:
+    """fake_quant for one resolved option set as a function of the tensor: the same kernels with the same
+    arguments as fake_quant_resolved (so the same compiled variants and bits), with the launch constants
+    bound once and the grid computed in integers. For callers that checked supports() per kind of tensor
+    (megaquant.ops keeps one per option set): a call costs a few microseconds of Python less."""
+    if not opts.fmt.block_scaled:
+        if opts.tensor_scale:
+            return functools.partial(fake_quant_resolved, opts=opts)
+        hkw = dict(BLOCK=_ELEMS_PER_PROGRAM, ENCODE=False, SATURATE=opts.saturate, FORK=opts.fork_clamp,
+                   MB_TABLE=_HIF8_MB_TABLE, num_warps=_NUM_WARPS)  # fmt: skip
+
+        def hif8(x: torch.Tensor) -> torch.Tensor:
+            xc = x if x.is_contiguous() else x.contiguous()
+            out = torch.empty(xc.shape, dtype=x.dtype, device=x.device)
+            bf16 = x.dtype == torch.bfloat16
+            numel = xc.numel()
+            grid = (-(-numel // _ELEMS_PER_PROGRAM),)
+            _hif8_kernel[grid](xc, out.view(torch.int16) if bf16 else out, numel, BF16_BITS=bf16, **hkw)
+            return out
+
+        return hif8
+    bs = opts.block_size
+    g = max(1, _ELEMS_PER_PROGRAM // bs)
+    common = {**_format_constants(opts.fmt, opts), "BS": bs, "ENCODE": False, "num_warps": _NUM_WARPS}
+    last_kw = {**common, "G": g}
+    packed = opts.fmt.bits == 4
+
+    def mx(x: torch.Tensor) -> torch.Tensor:
+        x = x if x.is_contiguous() else x.contiguous()
+        shape = x.shape
+        ax = opts.axis % len(shape)
+        n = shape[ax]
+        lead, inner = math.prod(shape[:ax]), math.prod(shape[ax + 1 :])
+        n_blocks = -(-n // bs)
+        n_codes = -(-n // 2) if packed else n
+        out = torch.empty_like(x)
+        bf16 = x.dtype == torch.bfloat16
+        out_arg = out.view(torch.int16) if bf16 else out
+        if inner == 1:
+            total = lead * n_blocks
+            _mx_lastaxis_kernel[(-(-total // g),)](
+                x, out_arg, x, x, total, n, n_blocks, n_codes, BF16_BITS=bf16, **last_kw
+            )
+        else:
+            bk = max(1, min(1 << (inner - 1).bit_length(), _ELEMS_PER_PROGRAM // bs))
+            _mx_inner_kernel[(lead * n_blocks, -(-inner // bk))](
+                x, out_arg, x, x, n, inner, n_blocks, n_codes, BK=bk, BF16_BITS=bf16, **common
+            )
+        return out
+
+    return mx
 
 
 def _run(x: torch.Tensor, opts: Options, encode: bool) -> torch.Tensor | Encoded:

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "REFUSED_FLAGS",
+    "WEIGHT_CACHE_DEFAULT_FRACTION",
     "WEIGHT_CACHE_ENV",
     "StepRecord",
     "add_megaquant_args",
@@ -228,13 +229,17 @@ def _forward_step(data_iterator: Any, model: Any, checkpoint_activations_microba
 
 
 WEIGHT_CACHE_ENV = "MEGAQUANT_WEIGHT_CACHE"
-"""`off`: quantize every weight at every use; `on` (default): once per optimizer step (megaquant.ops.weights);
-a number: on, holding at most that many MiB of quantized weights."""
+"""Quantize each weight once per optimizer step (megaquant.ops.weights). Unset (default): on, holding at
+most WEIGHT_CACHE_DEFAULT_FRACTION of the GPU's memory; `on`: no bound; `off`: quantize at every use; a
+number: on, at most that many MiB."""
+WEIGHT_CACHE_DEFAULT_FRACTION = 0.05
 
 
-def weight_cache_bound(value: str | None) -> tuple[bool, int | None]:
-    """(enabled, max_bytes) from the MEGAQUANT_WEIGHT_CACHE value. Pure."""
-    text = (value or "on").strip().lower()
+def weight_cache_bound(value: str | None, device_bytes: int) -> tuple[bool, int | None]:
+    """(enabled, max_bytes) from the MEGAQUANT_WEIGHT_CACHE value and the GPU's memory. Pure."""
+    if value is None or not value.strip():
+        return True, int(WEIGHT_CACHE_DEFAULT_FRACTION * device_bytes)
+    text = value.strip().lower()
     if text in ("on", "1", "true", "yes"):
         return True, None
     if text in ("off", "0", "false", "no"):
@@ -315,7 +320,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sink = args.mq_metrics.open("w")
     from megaquant.ops import counters, weights
 
-    enabled, max_bytes = weight_cache_bound(os.environ.get(WEIGHT_CACHE_ENV))
+    device_bytes = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    enabled, max_bytes = weight_cache_bound(os.environ.get(WEIGHT_CACHE_ENV), device_bytes)
     if enabled:
         weights.enable_weight_cache(max_bytes)
     training.train_step = _timed_train_step(training.train_step, sink)

@@ -18,16 +18,20 @@ __all__ = ["quant_baddbmm", "quant_bmm", "quant_linear", "quant_matmul"]
 
 
 _Quantizer = tuple[Callable[[torch.Tensor], torch.Tensor], str, "str | None"]
-_QUANTIZERS: dict[tuple[object, ...], _Quantizer] = {}
+_QUANTIZERS: dict[tuple[object, ...], tuple[QuantConfig, _Quantizer]] = {}
 
 
 def _quantizer(x: torch.Tensor, fmt: str, axis: int, cfg: QuantConfig) -> _Quantizer:
-    """formats.quantizer for this option set and kind of tensor, resolved once (the short launch path)."""
-    key = (fmt, cfg, axis, x.dim(), x.dtype, x.is_cuda)
+    """formats.quantizer for this option set and kind of tensor, resolved once (the short launch path).
+    Keyed by the config object's identity (quant_config caches them; the entry keeps it alive, so the id
+    is not reused while it is in the table) to skip hashing a dataclass per call."""
+    key = (fmt, id(cfg), axis, x.dim(), x.dtype, x.is_cuda)
     found = _QUANTIZERS.get(key)
-    if found is None:
-        found = _QUANTIZERS[key] = quantizer(x, fmt, axis=axis, **_fq_keywords(cfg))
-    return found
+    if found is None or found[0] is not cfg:
+        if len(_QUANTIZERS) > 4096:  # configs built per call elsewhere: keep the table bounded
+            _QUANTIZERS.clear()
+        found = _QUANTIZERS[key] = (cfg, quantizer(x, fmt, axis=axis, **_fq_keywords(cfg)))
+    return found[1]
 
 
 def _fq_keywords(cfg: QuantConfig) -> dict[str, Any]:
@@ -75,8 +79,22 @@ def _quant_path(
         return cached
     if t.dim() < 2:
         q, path = _fake_quant(t, fmt, axis, cfg, role)
-    elif t.dim() == 2 and t.is_contiguous() and axis % 2 == 1:  # the common case: no view to undo
-        q, path = _fake_quant(t, fmt, -1, cfg, role)
+    elif t.dim() == 2 and t.is_contiguous():  # the linear layers' operands: the general case, shortened
+        if axis % 2:
+            q, path = _fake_quant(t, fmt, -1, cfg, role)
+        else:
+            rows, cols = t.shape
+            q, path = _fake_quant(t.view(1, rows, cols), fmt, -2, cfg, role)
+            q = q.view(rows, cols)
+    elif t.dim() == 2 and t.t().is_contiguous():  # weight.t(), grad_output.t()
+        tt = t.t()
+        if axis % 2:
+            rows, cols = tt.shape
+            q, path = _fake_quant(tt.view(1, rows, cols), fmt, -2, cfg, role)
+            q = q.view(rows, cols).t()
+        else:
+            q, path = _fake_quant(tt, fmt, -1, cfg, role)
+            q = q.t()
     else:
         ax = axis % t.dim()
         perm = sorted(range(t.dim()), key=lambda d: (-t.stride()[d], d))
