@@ -24,6 +24,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -124,8 +125,9 @@ def table(results: dict[str, dict[str, Any]], rows: list[Row]) -> str:
         mem = f"{r['peak_bytes'] / base['peak_bytes']:.3f}×" if "peak_bytes" in base else "—"
         g = r["gemms_per_step"]
         paths = " / ".join(f"{g.get(p, 0):.0f}" for p in ("triton", "reference", "plain"))
+        mode = row.mode if r.get("status") == "succeeded" else f"{row.mode} ({r.get('status')})"
         lines.append(
-            f"| {row.shape} | {row.mode} | {r['steps']} | {r['median_ms']:.1f} ms | {ratio} | "
+            f"| {row.shape} | {mode} | {r['steps']} | {r['median_ms']:.1f} ms | {ratio} | "
             f"{r['peak_bytes'] / 2**30:.2f} GiB | {mem} | {paths} | {r['cache_hits_per_step']:.0f} |"
         )
     return "\n".join(lines) + "\n"
@@ -172,17 +174,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutil.rmtree(run_dir)
         t0 = time.monotonic()
         with (ns.out / f"{row.name}.log").open("w") as log:
+            proc = subprocess.Popen(
+                argv_for(row, ns, run_dir), env=env_for(row, ns), stdout=log, stderr=subprocess.STDOUT
+            )
             try:
-                done = subprocess.run(
-                    argv_for(row, ns, run_dir),
-                    env=env_for(row, ns),
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    timeout=ns.row_timeout_s,
-                    check=False,
-                )
-                code = done.returncode
+                code = proc.wait(timeout=ns.row_timeout_s)
             except subprocess.TimeoutExpired:
+                # Ctrl-C, not a kill: megaquant train stops torchrun, records 'interrupted' and restores the
+                # tree, so the next row starts from the instrumented base
+                proc.send_signal(signal.SIGINT)
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
                 code = 124
         took.append(time.monotonic() - t0)
         try:
