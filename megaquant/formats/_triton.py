@@ -537,16 +537,13 @@ def _hif8(x: torch.Tensor, opts: Options, encode: bool) -> torch.Tensor | Encode
         SATURATE=opts.saturate, FORK=opts.fork_clamp, MB_TABLE=_HIF8_MB_TABLE, BF16_BITS=bf16_bits,
         num_warps=_NUM_WARPS,
     )  # fmt: skip
-    if not encode:
-        return out
-    return Encoded(
-        codes=out,
-        scales=None,
-        shape=tuple(x.shape),
-        axis=opts.axis % max(x.dim(), 1),
-        fmt="hifp8",
-        block_size=1,
-    )
+    return out if not encode else _hif8_encoded(x, opts, out, None)
+
+
+def _hif8_encoded(x: torch.Tensor, opts: Options, codes: torch.Tensor, s: torch.Tensor | None) -> Encoded:
+    axis = opts.axis % max(x.dim(), 1)
+    return Encoded(codes=codes, scales=None, shape=tuple(x.shape), axis=axis, fmt="hifp8", block_size=1,
+                   tensor_scale_exp=s)  # fmt: skip
 
 
 def _hif8_scaled(x: torch.Tensor, opts: Options, encode: bool) -> torch.Tensor | Encoded:
@@ -564,17 +561,7 @@ def _hif8_scaled(x: torch.Tensor, opts: Options, encode: bool) -> torch.Tensor |
         xc, out, amax, s, numel, BLOCK=block, ENCODE=encode, SATURATE=opts.saturate, FORK=opts.fork_clamp,
         MB_TABLE=_HIF8_MB_TABLE, num_warps=_NUM_WARPS,
     )  # fmt: skip
-    if not encode:
-        return out
-    return Encoded(
-        codes=out,
-        scales=None,
-        shape=tuple(x.shape),
-        axis=opts.axis % max(x.dim(), 1),
-        fmt="hifp8",
-        block_size=1,
-        tensor_scale_exp=s,
-    )
+    return out if not encode else _hif8_encoded(x, opts, out, s)
 
 
 def fake_quant_fn(opts: Options) -> Callable[[torch.Tensor], torch.Tensor]:

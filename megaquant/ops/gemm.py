@@ -142,22 +142,26 @@ def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return t.sum(dim=dims, keepdim=True) if dims else t
 
 
+def _quant_pair(
+    a: torch.Tensor, b: torch.Tensor, fmt: str, axis_b: int, cfg: QuantConfig, role: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both operands of one GEMM quantized (a along its last axis, b along `axis_b`); counts the GEMM."""
+    qa, pa = _quant_path(a, fmt, -1, cfg, role)
+    qb, pb = _quant_path(b, fmt, axis_b, cfg, role)
+    counters.count_gemm(role, _gemm_path(pa, pb))
+    return qa, qb
+
+
 def _mm(a: torch.Tensor, b: torch.Tensor, cfg: QuantConfig, role: str) -> torch.Tensor:
     """a @ b for a backward GEMM: plain (straight-through) or with both operands in the gradient format."""
     if not cfg.quantize_grads or cfg.grad_fmt is None:
         return torch.matmul(a, b)
-    qa, pa = _quant_path(a, cfg.grad_fmt, -1, cfg, role)
-    qb, pb = _quant_path(b, cfg.grad_fmt, -2, cfg, role)
-    counters.count_gemm(role, _gemm_path(pa, pb))
-    return torch.matmul(qa, qb)
+    return torch.matmul(*_quant_pair(a, b, cfg.grad_fmt, -2, cfg, role))
 
 
 def _fwd_matmul(a: torch.Tensor, b: torch.Tensor, cfg: QuantConfig, role: str) -> torch.Tensor:
     assert cfg.fmt is not None
-    qa, pa = _quant_path(a, cfg.fmt, -1, cfg, role)
-    qb, pb = _quant_path(b, cfg.fmt, -2, cfg, role)
-    counters.count_gemm(role, _gemm_path(pa, pb))
-    return torch.matmul(qa, qb)
+    return torch.matmul(*_quant_pair(a, b, cfg.fmt, -2, cfg, role))
 
 
 def _fwd_baddbmm(
@@ -170,9 +174,7 @@ def _fwd_baddbmm(
     role: str,
 ) -> torch.Tensor:
     assert cfg.fmt is not None
-    q1, p1 = _quant_path(b1, cfg.fmt, -1, cfg, role)
-    q2, p2 = _quant_path(b2, cfg.fmt, -2, cfg, role)
-    counters.count_gemm(role, _gemm_path(p1, p2))
+    q1, q2 = _quant_pair(b1, b2, cfg.fmt, -2, cfg, role)
     return torch.baddbmm(inp, q1, q2, beta=beta, alpha=alpha)
 
 
@@ -180,9 +182,7 @@ def _fwd_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cfg: QuantConfig, role: str
 ) -> torch.Tensor:
     assert cfg.fmt is not None
-    qx, px = _quant_path(x, cfg.fmt, -1, cfg, role)
-    qw, pw = _quant_path(weight, cfg.fmt, -1, cfg, role)
-    counters.count_gemm(role, _gemm_path(px, pw))
+    qx, qw = _quant_pair(x, weight, cfg.fmt, -1, cfg, role)
     return F.linear(qx, qw, bias)
 
 
