@@ -149,13 +149,68 @@ def test_supports_refuses_what_it_does_not_cover() -> None:
     assert triton_kernels.supports(x, "mxfp8_e4m3", axis=-1)
     assert not triton_kernels.supports(x.cpu(), "mxfp8_e4m3")
     assert not triton_kernels.supports(x.double(), "mxfp8_e4m3")
-    assert not triton_kernels.supports(x, "hifp8", tensor_scale=True)
+    assert triton_kernels.supports(x, "hifp8", tensor_scale=True)  # amax + quantize kernels
     assert not triton_kernels.supports(x, "mxfp8_e4m3", block_size=24)
     assert not triton_kernels.supports(x, "mxfp8_e4m3", axis=2)
     assert not triton_kernels.supports(x, "nvfp4")
     assert not triton_kernels.supports(x[:0], "mxfp8_e4m3")
-    # tensor_scale falls back to the reference under auto dispatch
+    # tensor_scale runs on the kernels under auto dispatch, bit-identical
     _assert_bit_equal(
         fake_quant(x, "hifp8", tensor_scale=True),
         fake_quant(x, "hifp8", tensor_scale=True, backend="reference"),
     )
+
+
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+def test_tensor_scaled_hif8_equals_reference(dtype: str) -> None:
+    """Per-tensor scaled HiF8 (amax pass + quantize pass): values, codes and the scale exponent, over inputs
+    whose amax puts the scale at both ends (huge, tiny incl. bf16 subnormals) and the specials."""
+    g = torch.Generator().manual_seed(5)
+    cases = [
+        _inputs((37, 96), DTYPES[dtype], seed=11),
+        (torch.randn(4096, generator=g) * 2.0**-115).to(DTYPES[dtype]).cuda(),
+        (torch.randn(4096, generator=g) * 1e30).to(DTYPES[dtype]).cuda(),
+        torch.zeros(64, dtype=DTYPES[dtype], device="cuda"),
+        _inputs((1024, 2048), DTYPES[dtype], seed=12),  # many programs: the atomic amax across them
+    ]
+    for x in cases:
+        for kw in (dict(saturate=True), dict(saturate=False), dict(preset="fork")):
+            _check(x, "hifp8", tensor_scale=True, **kw)
+            ref = encode(x, "hifp8", backend="reference", tensor_scale=True, **kw)  # type: ignore[arg-type]
+            got = encode(x, "hifp8", backend="triton", tensor_scale=True, **kw)  # type: ignore[arg-type]
+            assert got.tensor_scale_exp is not None and ref.tensor_scale_exp is not None
+            assert got.tensor_scale_exp.device == x.device and got.tensor_scale_exp.dtype == torch.int32
+            assert int(got.tensor_scale_exp) == int(ref.tensor_scale_exp)
+
+
+def test_ops_count_paths_and_log_a_cuda_fallback_once(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from megaquant.ops import counters, quant_matmul, weights
+
+    counters.reset()
+    a = _inputs((64, 256), torch.bfloat16, seed=21)
+    w = torch.nn.Parameter(_inputs((128, 256), torch.bfloat16, seed=22))
+    want = torch.matmul(fake_quant(a, "mxfp8_e4m3", backend="reference"),
+                        fake_quant(w.detach(), "mxfp8_e4m3", backend="reference").t())  # fmt: skip
+    weights.enable_weight_cache()
+    try:
+        with torch.no_grad():
+            got = [quant_matmul(a, w.t(), "mxfp8", role="linear_fwd") for _ in range(3)]
+    finally:
+        weights.disable_weight_cache()
+    for g in got:
+        _assert_bit_equal(g, want)
+    snap = counters.snapshot()
+    assert snap["gemms"]["linear_fwd"] == {"triton": 3}
+    assert snap["operands"]["linear_fwd"] == {"triton": 4, "cache": 2}
+    d = a.double()
+    with caplog.at_level(logging.WARNING, logger="megaquant.ops"):
+        for _ in range(3):
+            out = quant_matmul(d, d.t(), "mxfp8", role="qk")
+    want64 = torch.matmul(fake_quant(d, "mxfp8_e4m3"), fake_quant(d, "mxfp8_e4m3").t())
+    torch.testing.assert_close(out, want64, rtol=0, atol=0, equal_nan=True)  # float64: the reference
+    assert counters.snapshot()["gemms"]["qk"] == {"reference": 3}
+    lines = [r.getMessage() for r in caplog.records if "ran the torch reference" in r.getMessage()]
+    assert len(lines) == 1 and "(64, 256)" in lines[0] and "float64" in lines[0]
+    counters.reset()

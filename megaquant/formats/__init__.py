@@ -7,7 +7,9 @@ the request. Importing this package imports torch (`import megaquant` does not).
 
 from __future__ import annotations
 
+import functools
 import importlib
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -45,6 +47,7 @@ __all__ = [
     "hadamard_matrix",
     "inverse_random_hadamard",
     "random_hadamard",
+    "quantizer",
 ]
 
 BACKENDS = ("auto", "reference", "triton")
@@ -164,6 +167,53 @@ def fake_quant(
         if opts.fmt.block_scaled:
             return fake_quant_mx(x, opts)
         return fake_quant_hif8(x, opts, amax)
+
+
+def _reference_fake_quant(opts: Options, amax: torch.Tensor | float | None, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        if opts.fmt.block_scale == "e4m3":
+            return fake_quant_nvfp4(x, opts, amax)
+        if opts.fmt.block_scaled:
+            return fake_quant_mx(x, opts)
+        return fake_quant_hif8(x, opts, amax)
+
+
+def quantizer(
+    x: torch.Tensor, fmt: str, **keywords: Any
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], str, str | None]:
+    """fake_quant(·, fmt, **keywords) resolved once for tensors like `x`: (function, path, reason).
+
+    The function equals fake_quant(y, fmt, **keywords) bit for bit for every non-empty y with x's device
+    type, dtype and number of dimensions, without re-resolving the keywords per call (megaquant.ops keeps
+    one per option set: it is the short launch path). path is "triton" or "reference"; reason says why the
+    kernels do not serve the call (None for "triton"). Keywords as fake_quant's, backend excluded.
+    """
+    given = {**_KW_DEFAULTS, **keywords}
+    amax = given.pop("amax", None)
+    opts, kernels, kw = _prepare(x, fmt, "auto", amax, **given)
+    if kernels is None:
+        reason = (
+            f"not a CUDA tensor ({x.device})"
+            if not x.is_cuda
+            else f"the Triton kernels do not cover fmt={fmt!r} with {kw} on {x.dtype}"
+        )
+        return functools.partial(_reference_fake_quant, opts, amax), "reference", reason
+    bound = getattr(kernels, "fake_quant_fn", None)
+    if bound is not None and "seed" not in kw and "block_2d" not in kw and "amax" not in kw:
+        return bound(opts), "triton", None
+    return functools.partial(_kernel_fake_quant, kernels, fmt, kw), "triton", None
+
+
+def _kernel_fake_quant(kernels: ModuleType, fmt: str, kw: dict[str, object], x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        out: torch.Tensor = kernels.fake_quant(x, fmt, **kw)
+        return out
+
+
+_KW_DEFAULTS: dict[str, object] = dict(
+    axis=-1, block_size=None, scale="floor", rounding="even", saturate=True, preset=None,
+    tensor_scale=False, seed=None, block_2d=False,
+)  # fmt: skip
 
 
 def encode(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import math
 import struct
+from collections.abc import Callable
 
 import torch
 import triton
@@ -17,7 +18,7 @@ import triton.language as tl
 from megaquant.errors import MegaquantError
 from megaquant.formats.registry import ElementFormat, Encoded, Options, resolve_options
 
-__all__ = ["encode", "fake_quant", "supports"]
+__all__ = ["encode", "fake_quant", "fake_quant_fn", "fake_quant_resolved", "supports"]
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _ELEMS_PER_PROGRAM = 2048
@@ -375,6 +376,43 @@ def _hif8_kernel(x_ptr, out_ptr, numel, BLOCK: tl.constexpr, ENCODE: tl.constexp
 
 
 # ---------------------------------------------------------------------------------------------------------
+# HiF8 with a per-tensor power-of-two scale: one amax pass, one quantize pass (no host synchronisation)
+
+
+@triton.jit
+def _amax_bits_kernel(x_ptr, amax_ptr, numel, BLOCK: tl.constexpr):
+    """amax_ptr[0] = max over the finite |x| of their fp32 bits (int32; 0 for none): the bits of a
+    non-negative float order like its value, so an integer atomic max reduces across programs."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < numel, other=0.0).to(tl.float32)
+    abits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    abits = tl.where(abits < 0x7F800000, abits, 0)  # Inf and NaN do not count (hif8._tensor_scale_exp)
+    tl.atomic_max(amax_ptr, tl.max(abits, axis=0))
+
+
+@triton.jit
+def _hif8_scaled_kernel(x_ptr, out_ptr, amax_ptr, s_ptr, numel, BLOCK: tl.constexpr, ENCODE: tl.constexpr,
+                        SATURATE: tl.constexpr, FORK: tl.constexpr, MB_TABLE: tl.constexpr):  # fmt: skip
+    """hif8 fake-quant/encode with tensor scaling, as hif8._quantize + fake_quant_hif8: s = clamp(3 -
+    floor(log2 amax), -127, 127) (0 for amax 0), x * 2^s rounded to the grid, times 2^-s in fp32, then
+    cast to the output dtype with round-to-nearest-even (not truncated: x 2^-s can be inexact in bf16)."""
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    amax_bits = tl.load(amax_ptr)
+    s = tl.minimum(tl.maximum(3 - ((amax_bits >> 23) - 127), -127), 127)
+    s = tl.where(amax_bits > 0, s, 0)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    q = _hif8_quant(x * _pow2(s), SATURATE, FORK, MB_TABLE)
+    if ENCODE:
+        tl.store(out_ptr + offs, _hif8_codes(q).to(tl.uint8), mask=mask)
+        if pid == 0:
+            tl.store(s_ptr, s)
+    else:
+        tl.store(out_ptr + offs, (q * _pow2(-s)).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Python side
 
 
@@ -382,11 +420,9 @@ def _options(x: torch.Tensor, fmt: str, **opts: object) -> Options | None:
     """Resolved options when the kernels cover this call, else None."""
     if not x.is_cuda or x.dtype not in _DTYPES or x.numel() == 0 or set(opts) - _KEYWORDS:
         return None
-    if opts.get("tensor_scale", False):  # HiF8 per-tensor scaling: served by the reference
-        return None
     key = tuple(opts.get(k, d) for k, d in _DEFAULTS)
     try:
-        resolved = _resolve(fmt, *key)
+        resolved = _resolve(fmt, *key, opts.get("tensor_scale", False))
     except TypeError:  # an unhashable keyword value: not ours to interpret
         return None
     in_range = x.dim() > 0 and -x.dim() <= (resolved.axis if resolved else 0) < x.dim()
@@ -401,15 +437,22 @@ _DEFAULTS = (("axis", -1), ("block_size", 32), ("scale", "floor"), ("rounding", 
 
 @functools.lru_cache(maxsize=1024)
 def _resolve(
-    fmt: str, axis: int, block_size: int, scale: str, rounding: str, saturate: bool, preset: str | None
+    fmt: str,
+    axis: int,
+    block_size: int,
+    scale: str,
+    rounding: str,
+    saturate: bool,
+    preset: str | None,
+    tensor_scale: object = False,
 ) -> Options | None:
     """resolve_options, cached (a call costs microseconds of Python per launch otherwise)."""
-    if not all(isinstance(v, int) for v in (axis, block_size)):
+    if not all(isinstance(v, int) for v in (axis, block_size)) or not isinstance(tensor_scale, bool):
         return None
     try:
         resolved = resolve_options(
             fmt, axis=axis, block_size=block_size, scale=scale, rounding=rounding, saturate=saturate,
-            preset=preset,
+            preset=preset, tensor_scale=tensor_scale,
         )  # fmt: skip
     except MegaquantError:
         return None
@@ -427,7 +470,8 @@ _KEYWORDS = frozenset(("axis", "block_size", "scale", "rounding", "saturate", "p
 def supports(x: torch.Tensor, fmt: str, **opts: object) -> bool:
     """True when the kernels serve fake_quant/encode(x, fmt, **opts) (same keywords as the contract):
     a CUDA bf16/fp16/fp32 tensor, any format, both scale rules and roundings, saturating or not, the fork
-    preset, MX blocks of a power of two (2..256) along any axis. Not covered: HiF8 tensor_scale, float64."""
+    preset, MX blocks of a power of two (2..256) along any axis, HiF8 tensor_scale (MX ignores it).
+    Not covered: float64."""
     return _options(x, fmt, **opts) is not None
 
 
@@ -495,16 +539,99 @@ def _hif8(x: torch.Tensor, opts: Options, encode: bool) -> torch.Tensor | Encode
         SATURATE=opts.saturate, FORK=opts.fork_clamp, MB_TABLE=_HIF8_MB_TABLE, BF16_BITS=bf16_bits,
         num_warps=_NUM_WARPS,
     )  # fmt: skip
-    if not encode:
+    return out if not encode else _hif8_encoded(x, opts, out, None)
+
+
+def _hif8_encoded(x: torch.Tensor, opts: Options, codes: torch.Tensor, s: torch.Tensor | None) -> Encoded:
+    axis = opts.axis % max(x.dim(), 1)
+    return Encoded(codes=codes, scales=None, shape=tuple(x.shape), axis=axis, fmt="hifp8", block_size=1,
+                   tensor_scale_exp=s)  # fmt: skip
+
+
+def _hif8_scaled(x: torch.Tensor, opts: Options, encode: bool) -> torch.Tensor | Encoded:
+    """HiF8 with tensor scaling: the amax pass into a one-element int32 buffer, then the quantize pass
+    reading it on the device (no host synchronisation)."""
+    xc = x.contiguous()
+    numel = xc.numel()
+    block = _ELEMS_PER_PROGRAM
+    grid = (triton.cdiv(numel, block),)
+    amax = torch.zeros(1, dtype=torch.int32, device=x.device)
+    _amax_bits_kernel[grid](xc, amax, numel, BLOCK=block, num_warps=_NUM_WARPS)
+    out = torch.empty(xc.shape, dtype=torch.uint8 if encode else x.dtype, device=x.device)
+    s = torch.empty((), dtype=torch.int32, device=x.device) if encode else amax
+    _hif8_scaled_kernel[grid](
+        xc, out, amax, s, numel, BLOCK=block, ENCODE=encode, SATURATE=opts.saturate, FORK=opts.fork_clamp,
+        MB_TABLE=_HIF8_MB_TABLE, num_warps=_NUM_WARPS,
+    )  # fmt: skip
+    return out if not encode else _hif8_encoded(x, opts, out, s)
+
+
+def fake_quant_fn(opts: Options) -> Callable[[torch.Tensor], torch.Tensor]:
+    """fake_quant for one resolved option set as a function of the tensor: the same kernels with the same
+    arguments as fake_quant_resolved (so the same compiled variants and bits), with the launch constants
+    bound once and the grid computed in integers. For callers that checked supports() per kind of tensor
+    (megaquant.ops keeps one per option set): a call costs a few microseconds of Python less."""
+    if not opts.fmt.block_scaled:
+        if opts.tensor_scale:
+            return functools.partial(fake_quant_resolved, opts=opts)
+        hkw = dict(BLOCK=_ELEMS_PER_PROGRAM, ENCODE=False, SATURATE=opts.saturate, FORK=opts.fork_clamp,
+                   MB_TABLE=_HIF8_MB_TABLE, num_warps=_NUM_WARPS)  # fmt: skip
+
+        def hif8(x: torch.Tensor) -> torch.Tensor:
+            xc = x if x.is_contiguous() else x.contiguous()
+            out = torch.empty(xc.shape, dtype=x.dtype, device=x.device)
+            bf16 = x.dtype == torch.bfloat16
+            numel = xc.numel()
+            grid = (-(-numel // _ELEMS_PER_PROGRAM),)
+            _hif8_kernel[grid](xc, out.view(torch.int16) if bf16 else out, numel, BF16_BITS=bf16, **hkw)
+            return out
+
+        return hif8
+    bs = opts.block_size
+    g = max(1, _ELEMS_PER_PROGRAM // bs)
+    common = {**_format_constants(opts.fmt, opts), "BS": bs, "ENCODE": False, "num_warps": _NUM_WARPS}
+    last_kw = {**common, "G": g}
+    packed = opts.fmt.bits == 4
+
+    def mx(x: torch.Tensor) -> torch.Tensor:
+        x = x if x.is_contiguous() else x.contiguous()
+        shape = x.shape
+        ax = opts.axis % len(shape)
+        n = shape[ax]
+        lead, inner = math.prod(shape[:ax]), math.prod(shape[ax + 1 :])
+        n_blocks = -(-n // bs)
+        n_codes = -(-n // 2) if packed else n
+        out = torch.empty_like(x)
+        bf16 = x.dtype == torch.bfloat16
+        out_arg = out.view(torch.int16) if bf16 else out
+        if inner == 1:
+            total = lead * n_blocks
+            _mx_lastaxis_kernel[(-(-total // g),)](
+                x, out_arg, x, x, total, n, n_blocks, n_codes, BF16_BITS=bf16, **last_kw
+            )
+        else:
+            bk = max(1, min(1 << (inner - 1).bit_length(), _ELEMS_PER_PROGRAM // bs))
+            _mx_inner_kernel[(lead * n_blocks, -(-inner // bk))](
+                x, out_arg, x, x, n, inner, n_blocks, n_codes, BK=bk, BF16_BITS=bf16, **common
+            )
         return out
-    return Encoded(
-        codes=out,
-        scales=None,
-        shape=tuple(x.shape),
-        axis=opts.axis % max(x.dim(), 1),
-        fmt="hifp8",
-        block_size=1,
-    )
+
+    return mx
+
+
+def _run(x: torch.Tensor, opts: Options, encode: bool) -> torch.Tensor | Encoded:
+    if opts.fmt.block_scaled:
+        return _mx(x, opts, encode)
+    return _hif8_scaled(x, opts, encode) if opts.tensor_scale else _hif8(x, opts, encode)
+
+
+def fake_quant_resolved(x: torch.Tensor, opts: Options) -> torch.Tensor:
+    """fake_quant with options already resolved and checked by supports() for this kind of tensor (CUDA,
+    dtype, non-empty, axis in range): the launch path without re-validating (megaquant.ops caches the
+    check per option set). Bit-identical to fake_quant."""
+    out = _run(x, opts, False)
+    assert isinstance(out, torch.Tensor)
+    return out
 
 
 def _resolved(x: torch.Tensor, fmt: str, opts: dict[str, object]) -> Options:
@@ -519,15 +646,13 @@ def _resolved(x: torch.Tensor, fmt: str, opts: dict[str, object]) -> Options:
 
 def fake_quant(x: torch.Tensor, fmt: str, **opts: object) -> torch.Tensor:
     """Kernel fake-quant with the contract's keywords; bit-identical to the reference. Needs supports()."""
-    resolved = _resolved(x, fmt, opts)
-    out = _mx(x, resolved, False) if resolved.fmt.block_scaled else _hif8(x, resolved, False)
+    out = _run(x, _resolved(x, fmt, opts), False)
     assert isinstance(out, torch.Tensor)
     return out
 
 
 def encode(x: torch.Tensor, fmt: str, **opts: object) -> Encoded:
     """Kernel encode with the contract's keywords; bit-identical to the reference. Needs supports()."""
-    resolved = _resolved(x, fmt, opts)
-    enc = _mx(x, resolved, True) if resolved.fmt.block_scaled else _hif8(x, resolved, True)
+    enc = _run(x, _resolved(x, fmt, opts), True)
     assert isinstance(enc, Encoded)
     return enc

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "REFUSED_FLAGS",
+    "WEIGHT_CACHE_DEFAULT_FRACTION",
+    "WEIGHT_CACHE_ENV",
     "StepRecord",
     "add_megaquant_args",
     "build_gpt",
@@ -32,6 +35,7 @@ __all__ = [
     "masked_lm_loss",
     "prepare_argv",
     "step_record",
+    "weight_cache_bound",
 ]
 
 
@@ -249,20 +253,52 @@ def _forward_step(data_iterator: Any, model: Any, checkpoint_activations_microba
     return output, functools.partial(masked_lm_loss, loss_mask)
 
 
+WEIGHT_CACHE_ENV = "MEGAQUANT_WEIGHT_CACHE"
+"""Quantize each weight once per optimizer step (megaquant.ops.weights). Unset (default): on, holding at
+most WEIGHT_CACHE_DEFAULT_FRACTION of the GPU's memory; `on`: no bound; `off`: quantize at every use; a
+number: on, at most that many MiB."""
+WEIGHT_CACHE_DEFAULT_FRACTION = 0.05
+
+
+def weight_cache_bound(value: str | None, device_bytes: int) -> tuple[bool, int | None]:
+    """(enabled, max_bytes) from the MEGAQUANT_WEIGHT_CACHE value and the GPU's memory. Pure."""
+    if value is None or not value.strip():
+        return True, int(WEIGHT_CACHE_DEFAULT_FRACTION * device_bytes)
+    text = value.strip().lower()
+    if text in ("on", "1", "true", "yes"):
+        return True, None
+    if text in ("off", "0", "false", "no"):
+        return False, None
+    try:
+        mib = float(text)
+    except ValueError:
+        raise LaunchError(f"{WEIGHT_CACHE_ENV}={value!r}: expected on, off or a size in MiB") from None
+    if mib < 0:
+        raise LaunchError(f"{WEIGHT_CACHE_ENV}={value!r}: a size in MiB must be >= 0")
+    return True, int(mib * 2**20)
+
+
 def _timed_train_step(original: Callable[..., Any], sink: IO[str] | None) -> Callable[..., Any]:
-    """Wrap megatron.training.training.train_step: per-step wall time (synchronized) and peak memory."""
+    """Wrap megatron.training.training.train_step: per-step wall time (synchronized) and peak memory; each
+    call is one optimizer step for megaquant.ops (the weight cache starts over, the counters count it)."""
     import torch
 
-    state = {"step": 0}
-
     from megaquant import ops
+    from megaquant.ops import counters, weights
+
+    state = {"step": 0}
 
     def train_step(*args: Any, **kwargs: Any) -> Any:
         ops.next_step()  # stochastic rounding / Hadamard seeds and amax histories advance per step
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        result = original(*args, **kwargs)
+        weights.next_step()
+        try:
+            result = original(*args, **kwargs)
+        finally:
+            weights.next_step()  # the optimizer changed the weights; free the copies until the next step
+            counters.mark_step()
         torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
         state["step"] += 1
@@ -311,21 +347,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_and_validate_args(extra_args_provider=add_megaquant_args)
     ops.reset_state(seed=args.seed)
     cfg = pretrain_cfg_container_from_args(args, None)
-    rank0 = int(__import__("os").environ.get("RANK", "0")) == 0
+    rank0 = int(os.environ.get("RANK", "0")) == 0
     sink = None
     if args.mq_metrics is not None and rank0:
         args.mq_metrics.parent.mkdir(parents=True, exist_ok=True)
         sink = args.mq_metrics.open("w")
+    from megaquant.ops import counters, weights
+
+    device_bytes = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    enabled, max_bytes = weight_cache_bound(os.environ.get(WEIGHT_CACHE_ENV), device_bytes)
+    if enabled:
+        weights.enable_weight_cache(max_bytes)
     training.train_step = _timed_train_step(training.train_step, sink)
     _use_prebuilt_dataset_helpers()
     torch.backends.cuda.matmul.allow_tf32 = False  # bf16 GEMMs either way; keep fp32 paths exact
-    training.pretrain(
-        cfg,
-        _datasets_provider,
-        ModelType.encoder_or_decoder,
-        _forward_step,
-        model_provider=_model_provider,
-    )
+    try:
+        training.pretrain(
+            cfg,
+            _datasets_provider,
+            ModelType.encoder_or_decoder,
+            _forward_step,
+            model_provider=_model_provider,
+        )
+    finally:
+        counters.write()  # $MEGAQUANT_PATH_COUNTS (set by megaquant train); also written at exit
     if sink is not None:
         sink.close()
     return 0

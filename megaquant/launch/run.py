@@ -35,6 +35,7 @@ from megaquant.launch.datasets import get_dataset
 from megaquant.launch.models import get_model
 from megaquant.launch.modes import get_mode, mode_for_values
 from megaquant.launch.presets import get_preset
+from megaquant.pathcounts import PATH_COUNTS_ENV, collect
 from megaquant.recipes import RECIPE_ENV, check_recipe
 from megaquant.spec import load_spec
 
@@ -344,6 +345,7 @@ def execute(
         manifest["commit"] = status.head
         check_roles(status.sites, applied.values)
         argv, env_add, entry = command_for(plan, checkout)
+        env_add = {**env_add, PATH_COUNTS_ENV: str(run_dir)}  # megaquant.ops writes its path counts here
         manifest.update(argv=argv, env=env_add, metrics="metrics.jsonl" if entry.own_metrics else None)
         manifest["status"] = "running"
         _write_manifest(run_dir, manifest)
@@ -374,6 +376,7 @@ def execute(
         raise
     finally:
         restored = api.restore(checkout)
+        manifest["path_counts"] = collect(run_dir)  # None: nothing counted (e.g. the fork's own ops)
         manifest.update(
             end=_now(),
             exit_code=exit_code,

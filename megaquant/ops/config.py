@@ -109,7 +109,7 @@ def _resolve(
     preset: str | None = None,
     role: str | None = None,
     quantize_grads: bool = False,
-    block_size: int = 32,
+    block_size: int | None = None,
     scale: str = "floor",
     rounding: str = "even",
     tensor_scale: bool = False,
@@ -153,6 +153,8 @@ def _resolve(
         grad_fmt = _GRADIENT_FORMAT[canonical]
         if preset == "fork" and role == "qk" and canonical in ("mxfp8", "mxfp4"):
             fmt = grad_fmt = "mxfp8_e5m2"
+    if block_size is None:  # the format's own block: 16 for NVFP4, 32 for MX (unused by HiF8)
+        block_size = 16 if canonical == "nvfp4" else 32
     tensor_scaling = r.tensor_scaling if canonical == "hifp8" else "none"
     if tensor_scale and tensor_scaling == "none":  # the keyword: current scaling (HiF8 only, as before)
         tensor_scaling = "current" if canonical == "hifp8" else "none"

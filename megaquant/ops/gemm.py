@@ -1,4 +1,8 @@
-"""Quantized GEMMs the hook sites call: operands fake-quantized, one plain GEMM, straight-through backward."""
+"""Quantized GEMMs the hook sites call: operands fake-quantized, one plain GEMM, straight-through backward.
+
+Each operand goes through the recipe's options (`_quant`: stochastic rounding, 2-D weight tiles, HiF8
+tensor scaling) over one layout-preserving fake-quant (`_quant_path`: the short launch path, the
+per-step weight cache, the path counters)."""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import dataclasses
 import functools
 import importlib
 import math
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -13,10 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from megaquant.errors import ValueNameError
-from megaquant.formats import fake_quant
+from megaquant.formats import fake_quant, quantizer
 from megaquant.formats._bits import binade, pow2  # exact power-of-two scale of HiF8 tensor scaling
-from megaquant.ops import state
-from megaquant.ops.config import _PLAIN, QuantConfig, quant_config
+from megaquant.ops import counters, state, weights
+from megaquant.ops.config import _DEFAULTS, _PLAIN, QuantConfig, quant_config
 
 __all__ = ["quant_baddbmm", "quant_bmm", "quant_linear", "quant_matmul"]
 
@@ -27,40 +32,49 @@ _HADAMARD_MODULES = ("megaquant.formats.rht", "megaquant.formats.hadamard")
 
 
 def _quant(
-    t: torch.Tensor, fmt: str, axis: int, cfg: QuantConfig, operand: str = "activation"
+    t: torch.Tensor, fmt: str, axis: int, cfg: QuantConfig, operand: str = "activation", role: str = ""
 ) -> torch.Tensor:
+    """fake_quant `t` along `axis` with the recipe's options for this operand (see `_quant_op`)."""
+    return _quant_op(t, fmt, axis, cfg, operand, role)[0]
+
+
+def _quant_op(
+    t: torch.Tensor, fmt: str, axis: int, cfg: QuantConfig, operand: str, role: str
+) -> tuple[torch.Tensor, str]:
     """fake_quant `t` along `axis` with the recipe's options for this operand ("activation", "weight" or
-    "gradient"): stochastic rounding in backward GEMMs (seed from megaquant.ops.state, optional pre-scale),
-    16x16 NVFP4 weight tiles, HiF8 per-tensor scaling (current or delayed). Otherwise, and underneath,
-    `_quant_layout`."""
-    kw: dict[str, Any] = dict(
-        block_size=cfg.block_size, scale=cfg.scale, rounding=cfg.rounding, preset=cfg.preset
-    )
+    "gradient"), and the path that served it: stochastic rounding in backward GEMMs (seed from
+    megaquant.ops.state, optional pre-scale), 16x16 NVFP4 weight tiles, HiF8 per-tensor scaling (current:
+    fake_quant's tensor_scale, on the Triton kernels; delayed: from the amax history). Underneath,
+    `_quant_path`."""
+    extra: dict[str, Any] = {}
     if cfg.grad and (
         cfg.stochastic == "backward" or (cfg.stochastic == "gradients" and operand == "gradient")
     ):
-        kw.update(rounding="stochastic", seed=state.draw_seed())
+        extra = {"rounding": "stochastic", "seed": state.draw_seed()}
         if cfg.sr_prescale != 1.0:  # quantize p*t (exact in fp32), divide back in fp32
             p = cfg.sr_prescale
-            return (_quant_scaled(t.float() * p, fmt, axis, cfg, operand, kw) / p).to(t.dtype)
-    return _quant_scaled(t, fmt, axis, cfg, operand, kw)
+            q, path = _quant_scaled(t.float() * p, fmt, axis, cfg, operand, role, extra)
+            return (q / p).to(t.dtype), path
+    return _quant_scaled(t, fmt, axis, cfg, operand, role, extra)
 
 
 def _quant_scaled(
-    t: torch.Tensor, fmt: str, axis: int, cfg: QuantConfig, operand: str, kw: dict[str, Any]
-) -> torch.Tensor:
+    t: torch.Tensor, fmt: str, axis: int, cfg: QuantConfig, operand: str, role: str, extra: dict[str, Any]
+) -> tuple[torch.Tensor, str]:
     if cfg.weight_block_2d and operand == "weight" and t.dim() == 2:
-        return fake_quant(t, fmt, axis=axis, **{**kw, "block_2d": True})
+        # 16x16 tiles over the matrix as it is (the same tiles for W and W.T)
+        return _fake_quant(t, fmt, axis, cfg, role, {**extra, "block_2d": True})
     if fmt != "hifp8" or cfg.tensor_scaling == "none":
-        return _quant_layout(t, fmt, axis, kw)
-    # t * 2^s, HiF8, * 2^-s: both scalings exact in fp32 and bf16 (the same exponent range), so the result
-    # equals fake_quant(t, "hifp8", tensor_scale=True) when the amax is the current one (tested)
+        return _quant_path(t, fmt, axis, cfg, role, extra)
+    if cfg.tensor_scaling == "current":  # amax + scale on the device (Triton), equal to the ops-level form
+        return _quant_path(t, fmt, axis, cfg, role, {**extra, "tensor_scale": True})
+    # delayed: t * 2^s, HiF8, * 2^-s, both scalings exact in fp32 and bf16 (the same exponent range), so
+    # the result equals fake_quant(t, "hifp8", tensor_scale=True) when the amax is the current one (tested)
     key = (cfg.role, cfg.gemm, cfg.grad, operand, axis % max(t.dim(), 1), t.dtype, tuple(t.shape))
     scale = _hif8_scale(t, cfg, key)
     work = t if t.dtype in (torch.float32, torch.bfloat16) else t.float()
-    return (_quant_layout(work * scale.to(work.dtype), fmt, axis, kw) * (1.0 / scale).to(work.dtype)).to(
-        t.dtype
-    )
+    q, path = _quant_path(work * scale.to(work.dtype), fmt, axis, cfg, role, extra)
+    return (q * (1.0 / scale).to(work.dtype)).to(t.dtype), path
 
 
 def _hif8_scale(t: torch.Tensor, cfg: QuantConfig, key: tuple[object, ...]) -> torch.Tensor:
@@ -116,32 +130,121 @@ def _hadamard_pair(a: torch.Tensor, b: torch.Tensor, cfg: QuantConfig) -> tuple[
     return rht(a, axis=-1, block=block, seed=seed), rht(b, axis=-2, block=block, seed=seed)
 
 
-def _quant_layout(t: torch.Tensor, fmt: str, axis: int, kw: dict[str, Any]) -> torch.Tensor:
-    """fake_quant `t` along `axis` in one pass over its storage, without a layout copy.
+_Quantizer = tuple[Callable[[torch.Tensor], torch.Tensor], str, "str | None"]
+_QUANTIZERS: dict[tuple[object, ...], tuple[QuantConfig, _Quantizer]] = {}
 
+
+def _quantizer(x: torch.Tensor, fmt: str, axis: int, cfg: QuantConfig, extra: dict[str, Any]) -> _Quantizer:
+    """formats.quantizer for this option set and kind of tensor, resolved once (the short launch path).
+    Keyed by the config object's identity (quant_config caches them; the entry keeps it alive, so the id
+    is not reused while it is in the table) to skip hashing a dataclass per call. A stochastic-rounding
+    seed changes every call: those are resolved per call."""
+    if "seed" in extra:
+        return quantizer(x, fmt, axis=axis, **_fq_keywords(cfg), **extra)
+    key = (fmt, id(cfg), axis, x.dim(), x.dtype, x.is_cuda, *sorted(extra.items()))
+    found = _QUANTIZERS.get(key)
+    if found is None or found[0] is not cfg:
+        if len(_QUANTIZERS) > 4096:  # configs built per call elsewhere: keep the table bounded
+            _QUANTIZERS.clear()
+        found = _QUANTIZERS[key] = (cfg, quantizer(x, fmt, axis=axis, **_fq_keywords(cfg), **extra))
+    return found[1]
+
+
+def _fq_keywords(cfg: QuantConfig) -> dict[str, Any]:
+    """fake_quant's keywords from the config; tensor scaling and rounding overrides come as `extra`."""
+    return dict(block_size=cfg.block_size, scale=cfg.scale, rounding=cfg.rounding, preset=cfg.preset)
+
+
+def _fake_quant(
+    x: torch.Tensor, fmt: str, axis: int, cfg: QuantConfig, role: str, extra: dict[str, Any]
+) -> tuple[torch.Tensor, str]:
+    """fake_quant(x, fmt, axis=axis, ...cfg, ...extra) and the path that served it; counts the operand, and
+    logs a CUDA fallback to the reference once per shape."""
+    if x.numel() == 0:  # nothing to quantize: no kernel, no fallback worth a line
+        return fake_quant(x, fmt, axis=axis, **{**_fq_keywords(cfg), **extra}), "reference"
+    fn, path, reason = _quantizer(x, fmt, axis, cfg, extra)
+    counters.count_operand(role, path)
+    if reason is not None and x.is_cuda:
+        counters.note_fallback(role, tuple(x.shape), x.dtype, fmt, reason)
+    return fn(x), path
+
+
+def _quant_path(
+    t: torch.Tensor, fmt: str, axis: int, cfg: QuantConfig, role: str, extra: dict[str, Any]
+) -> tuple[torch.Tensor, str]:
+    """fake_quant `t` along `axis` in one pass over its storage, without a layout copy; and its path.
     A strided view (weight.t(), query.transpose(0, 1), key.transpose(0, 1).transpose(1, 2)) is quantized
     in its memory order: permute to the dense base tensor, view that as (rows, n) with the blocks along
     the last axis or (batch, n, inner) with the blocks along axis -2 (the two layouts the kernels take),
     quantize, and return the same view of the result. The blocks cover the same elements as in `t`, so the
     values equal fake_quant(t, fmt, axis=axis); the GEMM then reads the result as the strided operand it
-    would have read anyway.
+    would have read anyway. A parameter may come from the weight cache (megaquant.ops.weights).
     """
+    cacheable = "seed" not in extra  # a stochastic rounding is drawn anew every call
+    op_key = (fmt, axis, cfg, *sorted(extra.items()))
+    cached = weights.lookup(t, op_key) if cacheable else None
+    if cached is not None:
+        counters.count_operand(role, "cache")
+        return cached
     if t.dim() < 2:
-        return fake_quant(t, fmt, axis=axis, **kw)
-    ax = axis % t.dim()
-    perm = sorted(range(t.dim()), key=lambda d: (-t.stride()[d], d))
-    base = t.permute(perm)
-    if not base.is_contiguous():  # overlapping or gapped storage: one copy is unavoidable
-        base = base.contiguous()
-    a = perm.index(ax)
-    shape = base.shape
-    lead, n, inner = math.prod(shape[:a]), shape[a], math.prod(shape[a + 1 :])
-    if inner == 1:
-        q = fake_quant(base.reshape(lead, n), fmt, axis=-1, **kw)
+        q, path = _fake_quant(t, fmt, axis, cfg, role, extra)
+    elif t.dim() == 2 and t.is_contiguous():  # the linear layers' operands: the general case, shortened
+        if axis % 2:
+            q, path = _fake_quant(t, fmt, -1, cfg, role, extra)
+        else:
+            rows, cols = t.shape
+            q, path = _fake_quant(t.view(1, rows, cols), fmt, -2, cfg, role, extra)
+            q = q.view(rows, cols)
+    elif t.dim() == 2 and t.t().is_contiguous():  # weight.t(), grad_output.t()
+        tt = t.t()
+        if axis % 2:
+            rows, cols = tt.shape
+            q, path = _fake_quant(tt.view(1, rows, cols), fmt, -2, cfg, role, extra)
+            q = q.view(rows, cols).t()
+        else:
+            q, path = _fake_quant(tt, fmt, -1, cfg, role, extra)
+            q = q.t()
     else:
-        q = fake_quant(base.reshape(lead, n, inner), fmt, axis=-2, **kw)
-    inverse = [perm.index(d) for d in range(t.dim())]
-    return q.reshape(shape).permute(inverse)
+        ax = axis % t.dim()
+        perm = sorted(range(t.dim()), key=lambda d: (-t.stride()[d], d))
+        base = t.permute(perm)
+        if not base.is_contiguous():  # overlapping or gapped storage: one copy is unavoidable
+            base = base.contiguous()
+        a = perm.index(ax)
+        shape = base.shape
+        lead, n, inner = math.prod(shape[:a]), shape[a], math.prod(shape[a + 1 :])
+        if inner == 1:
+            q, path = _fake_quant(base.reshape(lead, n), fmt, -1, cfg, role, extra)
+        else:
+            q, path = _fake_quant(base.reshape(lead, n, inner), fmt, -2, cfg, role, extra)
+        inverse = [perm.index(d) for d in range(t.dim())]
+        q = q.reshape(shape).permute(inverse)
+    if cacheable:
+        weights.store(t, op_key, q, path)
+    return q, path
+
+
+def _gemm_path(*paths: str) -> str:
+    return "reference" if "reference" in paths else "triton"
+
+
+_GEMM_ROLES = {"fprop": "linear_fwd", "dgrad": "linear_dgrad", "wgrad": "linear_wgrad"}
+
+
+def _role(op: str, kw: dict[str, Any]) -> str:
+    """The counters' key: the role keyword (or configure()'s); else the linear role the hook's `gemm`
+    names (fprop, dgrad, wgrad); else the op's name (`.grad` when grad)."""
+    role = kw.get("role") or _DEFAULTS.get("role")
+    if role:
+        return str(role)
+    if kw.get("gemm") in _GEMM_ROLES:
+        return _GEMM_ROLES[kw["gemm"]]
+    return f"{op}.grad" if kw.get("grad", _DEFAULTS.get("grad")) else op
+
+
+def _needs_graph(*tensors: torch.Tensor | None) -> bool:
+    """True when autograd will record this op (else the autograd.Function is skipped: same result)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -160,20 +263,6 @@ def _backward_config(cfg: QuantConfig, gemm: str) -> QuantConfig:
     return dataclasses.replace(cfg, gemm=gemm, grad=True)
 
 
-def _mm(
-    a: torch.Tensor, b: torch.Tensor, cfg: QuantConfig, gemm: str, operands: tuple[str, str]
-) -> torch.Tensor:
-    """a @ b for a backward GEMM (`gemm` dgrad or wgrad; `operands` says which of a, b is the gradient):
-    plain (straight-through), or with both operands in the gradient format and the recipe's options."""
-    if not cfg.quantize_grads or cfg.grad_fmt is None:
-        return torch.matmul(a, b)
-    bcfg = _backward_config(cfg, gemm)
-    a, b = _hadamard_pair(a, b, bcfg)
-    return torch.matmul(
-        _quant(a, cfg.grad_fmt, -1, bcfg, operands[0]), _quant(b, cfg.grad_fmt, -2, bcfg, operands[1])
-    )
-
-
 def _operands(cfg: QuantConfig) -> tuple[str, str]:
     """What the two operands of a quant_matmul/bmm call are: a gradient GEMM's first operand is the
     incoming gradient; the second is the weight in fprop and dgrad (the hooks say gemm=...)."""
@@ -181,31 +270,89 @@ def _operands(cfg: QuantConfig) -> tuple[str, str]:
     return ("gradient" if cfg.grad else "activation", second)
 
 
+def _quant_pair(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    fmt: str,
+    axis_b: int,
+    cfg: QuantConfig,
+    role: str,
+    operands: tuple[str, str],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both operands of one GEMM quantized (a along its last axis, b along `axis_b`) after the recipe's
+    Hadamard transform, if any; counts the GEMM."""
+    a, b = _hadamard_pair(a, b, cfg)
+    qa, pa = _quant_op(a, fmt, -1, cfg, operands[0], role)
+    qb, pb = _quant_op(b, fmt, axis_b, cfg, operands[1], role)
+    counters.count_gemm(role, _gemm_path(pa, pb))
+    return qa, qb
+
+
+def _mm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    cfg: QuantConfig,
+    gemm: str,
+    operands: tuple[str, str],
+    role: str = "",
+) -> torch.Tensor:
+    """a @ b for a backward GEMM (`gemm` dgrad or wgrad; `operands` says which of a, b is the gradient):
+    plain (straight-through), or with both operands in the gradient format and the recipe's options."""
+    if not cfg.quantize_grads or cfg.grad_fmt is None:
+        return torch.matmul(a, b)
+    bcfg = _backward_config(cfg, gemm)
+    return torch.matmul(*_quant_pair(a, b, cfg.grad_fmt, -2, bcfg, role, operands))
+
+
+def _fwd_matmul(a: torch.Tensor, b: torch.Tensor, cfg: QuantConfig, role: str) -> torch.Tensor:
+    assert cfg.fmt is not None
+    return torch.matmul(*_quant_pair(a, b, cfg.fmt, -2, cfg, role, _operands(cfg)))
+
+
+def _fwd_baddbmm(
+    inp: torch.Tensor,
+    b1: torch.Tensor,
+    b2: torch.Tensor,
+    beta: float,
+    alpha: float,
+    cfg: QuantConfig,
+    role: str,
+) -> torch.Tensor:
+    assert cfg.fmt is not None
+    q1, q2 = _quant_pair(b1, b2, cfg.fmt, -2, cfg, role, ("activation", "activation"))  # attention
+    return torch.baddbmm(inp, q1, q2, beta=beta, alpha=alpha)
+
+
+def _fwd_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cfg: QuantConfig, role: str
+) -> torch.Tensor:
+    assert cfg.fmt is not None
+    qx, qw = _quant_pair(x, weight, cfg.fmt, -1, cfg, role, ("activation", "weight"))
+    return F.linear(qx, qw, bias)
+
+
 class _QuantMatmul(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
-        assert cfg.fmt is not None
+    def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor, cfg: QuantConfig, role: str) -> torch.Tensor:
         ctx.save_for_backward(a, b)  # the unquantized inputs: the same memory a plain matmul keeps
-        ctx.cfg = cfg
-        kinds = _operands(cfg)
-        qa, qb = _hadamard_pair(a, b, cfg)
-        return torch.matmul(_quant(qa, cfg.fmt, -1, cfg, kinds[0]), _quant(qb, cfg.fmt, -2, cfg, kinds[1]))
+        ctx.cfg, ctx.role = cfg, role
+        return _fwd_matmul(a, b, cfg, role)
 
     @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
         a, b = ctx.saved_tensors
         cfg: QuantConfig = ctx.cfg
         grad_a = grad_b = None
         kinds = _operands(cfg)
         if ctx.needs_input_grad[0]:
-            grad_a = _sum_to(_mm(g, b.mT, cfg, "dgrad", ("gradient", kinds[1])), a.shape)
+            grad_a = _sum_to(_mm(g, b.mT, cfg, "dgrad", ("gradient", kinds[1]), ctx.role), a.shape)
         if ctx.needs_input_grad[1]:
             if b.dim() == 2:  # fold the batch into the reduction: one GEMM, like torch.matmul's backward
                 a2, g2 = a.reshape(-1, a.shape[-1]).mT, g.reshape(-1, g.shape[-1])
-                grad_b = _mm(a2, g2, cfg, "wgrad", (kinds[0], "gradient"))
+                grad_b = _mm(a2, g2, cfg, "wgrad", (kinds[0], "gradient"), ctx.role)
             else:
-                grad_b = _sum_to(_mm(a.mT, g, cfg, "wgrad", (kinds[0], "gradient")), b.shape)
-        return grad_a, grad_b, None
+                grad_b = _sum_to(_mm(a.mT, g, cfg, "wgrad", (kinds[0], "gradient"), ctx.role), b.shape)
+        return grad_a, grad_b, None, None
 
 
 class _QuantBaddbmm(torch.autograd.Function):
@@ -218,12 +365,11 @@ class _QuantBaddbmm(torch.autograd.Function):
         beta: float,
         alpha: float,
         cfg: QuantConfig,
+        role: str,
     ) -> torch.Tensor:
-        assert cfg.fmt is not None
         ctx.save_for_backward(b1, b2)
-        ctx.cfg, ctx.beta, ctx.alpha, ctx.inp_shape = cfg, beta, alpha, inp.shape
-        q1, q2 = _quant(b1, cfg.fmt, -1, cfg), _quant(b2, cfg.fmt, -2, cfg)  # attention: activations
-        return torch.baddbmm(inp, q1, q2, beta=beta, alpha=alpha)
+        ctx.cfg, ctx.beta, ctx.alpha, ctx.inp_shape, ctx.role = cfg, beta, alpha, inp.shape, role
+        return _fwd_baddbmm(inp, b1, b2, beta, alpha, cfg, role)
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -233,23 +379,27 @@ class _QuantBaddbmm(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grads[0] = _sum_to(g if ctx.beta == 1 else g * ctx.beta, ctx.inp_shape)
         if ctx.needs_input_grad[1]:
-            grads[1] = _mm(g, b2.mT, cfg, "dgrad", ("gradient", "activation"))
+            grads[1] = _mm(g, b2.mT, cfg, "dgrad", ("gradient", "activation"), ctx.role)
             grads[1] = grads[1] if ctx.alpha == 1 else grads[1] * ctx.alpha
         if ctx.needs_input_grad[2]:
-            grads[2] = _mm(b1.mT, g, cfg, "wgrad", ("activation", "gradient"))
+            grads[2] = _mm(b1.mT, g, cfg, "wgrad", ("activation", "gradient"), ctx.role)
             grads[2] = grads[2] if ctx.alpha == 1 else grads[2] * ctx.alpha
-        return (*grads, None, None, None)
+        return (*grads, None, None, None, None)
 
 
 class _QuantLinear(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cfg: QuantConfig
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        cfg: QuantConfig,
+        role: str,
     ) -> torch.Tensor:
-        assert cfg.fmt is not None
         ctx.save_for_backward(x, weight)
-        ctx.cfg, ctx.has_bias = cfg, bias is not None
-        return F.linear(_quant(x, cfg.fmt, -1, cfg), _quant(weight, cfg.fmt, -1, cfg, "weight"), bias)
+        ctx.cfg, ctx.has_bias, ctx.role = cfg, bias is not None, role
+        return _fwd_linear(x, weight, bias, cfg, role)
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -258,12 +408,14 @@ class _QuantLinear(torch.autograd.Function):
         grad_x = grad_w = grad_bias = None
         g2 = g.reshape(-1, g.shape[-1])
         if ctx.needs_input_grad[0]:
-            grad_x = _mm(g, weight, cfg, "dgrad", ("gradient", "weight"))
+            grad_x = _mm(g, weight, cfg, "dgrad", ("gradient", "weight"), ctx.role)
         if ctx.needs_input_grad[1]:
-            grad_w = _mm(g2.mT, x.reshape(-1, x.shape[-1]), cfg, "wgrad", ("gradient", "activation"))
+            grad_w = _mm(
+                g2.mT, x.reshape(-1, x.shape[-1]), cfg, "wgrad", ("gradient", "activation"), ctx.role
+            )
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = g2.sum(0)
-        return grad_x, grad_w, grad_bias, None
+        return grad_x, grad_w, grad_bias, None, None
 
 
 def quant_matmul(a: torch.Tensor, b: torch.Tensor, value: str, **kw: Any) -> torch.Tensor:
@@ -275,14 +427,18 @@ def quant_matmul(a: torch.Tensor, b: torch.Tensor, value: str, **kw: Any) -> tor
     or quantized gradient GEMMs when quantize_grads=True. value "none"/"bf16" is exactly torch.matmul.
     1-D operands follow torch.matmul (promoted to a matrix and the extra dim removed).
     """
+    role = _role("matmul", kw)
     if value in _PLAIN:
+        counters.count_gemm(role, "plain")
         return torch.matmul(a, b)
     cfg = quant_config(value, **kw)
     if a.dim() == 1:
         return quant_matmul(a.unsqueeze(0), b, value, **kw).squeeze(-2)
     if b.dim() == 1:
         return quant_matmul(a, b.unsqueeze(-1), value, **kw).squeeze(-1)
-    out: torch.Tensor = _QuantMatmul.apply(a, b, cfg)
+    if not _needs_graph(a, b):  # e.g. inside Megatron's linear autograd functions: same result, no node
+        return _fwd_matmul(a, b, cfg, role)
+    out: torch.Tensor = _QuantMatmul.apply(a, b, cfg, role)
     return out
 
 
@@ -295,11 +451,15 @@ def _check_3d(name: str, **tensors: torch.Tensor) -> None:
 
 def quant_bmm(a: torch.Tensor, b: torch.Tensor, value: str, **kw: Any) -> torch.Tensor:
     """Batched a @ b for 3-D tensors (torch.bmm), quantized like quant_matmul."""
+    role = _role("bmm", kw)
     if value in _PLAIN:
+        counters.count_gemm(role, "plain")
         return torch.bmm(a, b)
     cfg = quant_config(value, **kw)
     _check_3d("quant_bmm", a=a, b=b)
-    out: torch.Tensor = _QuantMatmul.apply(a, b, cfg)
+    if not _needs_graph(a, b):
+        return _fwd_matmul(a, b, cfg, role)
+    out: torch.Tensor = _QuantMatmul.apply(a, b, cfg, role)
     return out
 
 
@@ -315,11 +475,15 @@ def quant_baddbmm(
 ) -> torch.Tensor:
     """beta * input + alpha * (batch1 @ batch2) (torch.baddbmm) with batch1/batch2 quantized along the
     reduction axis; `input` is not quantized. Gradients follow torch.baddbmm's formulas (straight-through)."""
+    role = _role("baddbmm", kw)
     if value in _PLAIN:
+        counters.count_gemm(role, "plain")
         return torch.baddbmm(input, batch1, batch2, beta=beta, alpha=alpha)
     cfg = quant_config(value, **kw)
     _check_3d("quant_baddbmm", batch1=batch1, batch2=batch2)
-    out: torch.Tensor = _QuantBaddbmm.apply(input, batch1, batch2, beta, alpha, cfg)
+    if not _needs_graph(input, batch1, batch2):
+        return _fwd_baddbmm(input, batch1, batch2, beta, alpha, cfg, role)
+    out: torch.Tensor = _QuantBaddbmm.apply(input, batch1, batch2, beta, alpha, cfg, role)
     return out
 
 
@@ -328,8 +492,12 @@ def quant_linear(
 ) -> torch.Tensor:
     """x @ weight.T (+ bias), the Megatron linear forward: x and weight both quantized along the input
     features (their last axis); bias is added unquantized. value "none" is exactly F.linear."""
+    role = _role("linear", kw)
     if value in _PLAIN:
+        counters.count_gemm(role, "plain")
         return F.linear(x, weight, bias)
     cfg = quant_config(value, **kw)
-    out: torch.Tensor = _QuantLinear.apply(x, weight, bias, cfg)
+    if not _needs_graph(x, weight, bias):
+        return _fwd_linear(x, weight, bias, cfg, role)
+    out: torch.Tensor = _QuantLinear.apply(x, weight, bias, cfg, role)
     return out

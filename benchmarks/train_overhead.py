@@ -1,0 +1,206 @@
+"""Fake-quantization overhead through the real launcher: `megaquant train` per shape x mode, one table.
+
+Each row is one `megaquant train` run (argv list, subprocess): set the roles on the instrumented tree,
+torchrun -> megaquant.launch.pretrain, metrics.jsonl + manifest.json (with the path counts), restore. The
+table: median step time after the warm-up steps, ratio to bf16 at the same shape, peak memory and its
+ratio, GEMMs per step by path (Triton / reference / plain) and weight-cache hits per step.
+
+    python benchmarks/train_overhead.py --tree MQ_MEGATRON --data-root DATA --out OUT
+    python benchmarks/train_overhead.py ... --only 1b-single,tiny-smoke --modes bf16,FA_linear_mxfp8
+
+Shapes (the issue's): `1b-single` Llama-3.2-1B full depth, single-gpu preset (micro 2 x 1024, global 16);
+`1b-fast` the same model with the fast preset (micro 1 x 2048, global 32); `8b-2l` Llama-3.1-8B cut to 2
+layers at the standard preset's shape (micro 1 x 8192, global 2); `tiny-smoke` the tiny model, smoke preset.
+Modes: bf16, FA_linear_{mxfp8, mxfp4, hifp8} and `FA_linear_hifp8+ts` (configure(tensor_scale=True) in the
+training processes, through a sitecustomize this script puts on PYTHONPATH: there is no launcher option for
+it yet). `MODE+nocache` runs with MEGAQUANT_WEIGHT_CACHE=off (for the bit-identity check: same losses).
+The sample corpus needs `--split 100,0,0` at seq >= 1024, so every row passes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SHAPES: dict[str, tuple[str, str, tuple[str, ...], int]] = {
+    # name: (model, preset, extra Megatron args, global batch)
+    "1b-single": ("llama32-1b", "single-gpu", (), 16),
+    "tiny-smoke": ("tiny", "smoke", (), 8),
+    "1b-fast": ("llama32-1b", "fast", (), 32),
+    "8b-2l": ("llama31-8b", "standard", ("--num-layers", "2", "--global-batch-size", "2"), 2),
+}
+MODES = ("bf16", "FA_linear_mxfp8", "FA_linear_hifp8+ts", "FA_linear_hifp8", "FA_linear_mxfp4")
+_SITECUSTOMIZE = """# by benchmarks/train_overhead.py: tensor-scaled HiF8 in the training processes only
+import os
+if os.environ.get("RANK") is not None:
+    from megaquant import ops
+    ops.configure(tensor_scale=True)
+"""
+
+
+@dataclass(frozen=True)
+class Row:
+    shape: str
+    mode: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.shape}-{self.mode}".replace("+", "_")
+
+
+def argv_for(row: Row, ns: argparse.Namespace, run_dir: Path) -> list[str]:
+    model, preset, extra, global_batch = SHAPES[row.shape]
+    mode = row.mode.split("+")[0]
+    argv = [*ns.megaquant, "train", "--megatron", str(ns.tree), "--model", model, "--dataset", "sample"]
+    argv += ["--data-root", str(ns.data_root), "--training-config", preset, "-q", mode]
+    argv += ["--run-dir", str(run_dir), "--no-validate", "--"]
+    argv += ["--split", "100,0,0", "--train-samples", str(ns.steps * global_batch), *extra]
+    argv += ["--eval-interval", str(ns.steps + 1), "--log-interval", "1"]
+    return argv
+
+
+def env_for(row: Row, ns: argparse.Namespace) -> dict[str, str]:
+    env = dict(os.environ)
+    parts = row.mode.split("+")[1:]
+    if "ts" in parts:
+        site = ns.out / "ts_site"
+        site.mkdir(parents=True, exist_ok=True)
+        (site / "sitecustomize.py").write_text(_SITECUSTOMIZE)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), env.get("PYTHONPATH", "")) if p)
+    if "nocache" in parts:
+        env["MEGAQUANT_WEIGHT_CACHE"] = "off"
+    return env
+
+
+def measure(run_dir: Path, warmup: int) -> dict[str, Any]:
+    """Median step time after `warmup` steps, peak memory, losses, path counts of one run dir."""
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    timed = metrics[warmup:] or metrics
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    counts = manifest.get("path_counts") or {}
+    steps = max(1, int(counts.get("steps") or len(metrics)))
+    per_step: dict[str, float] = {}
+    for paths in counts.get("gemms", {}).values():
+        for path, n in paths.items():
+            per_step[path] = per_step.get(path, 0) + n / steps
+    cache = sum(paths.get("cache", 0) for paths in counts.get("operands", {}).values()) / steps
+    return {
+        "steps": len(metrics),
+        "median_ms": statistics.median(m["step_time_s"] for m in timed) * 1e3,
+        "peak_bytes": max(m["peak_mem_bytes"] for m in metrics),
+        "losses": [m["loss"] for m in metrics],
+        "gemms_per_step": per_step,
+        "cache_hits_per_step": cache,
+        "fallbacks": counts.get("fallbacks", []),
+        "status": manifest.get("status"),
+    }
+
+
+def table(results: dict[str, dict[str, Any]], rows: list[Row]) -> str:
+    lines = [
+        "| shape | mode | steps | median step | vs bf16 | peak memory | vs bf16 | GEMMs/step triton / "
+        "reference / plain | weight-cache hits/step |",
+        "|---|---|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for row in rows:
+        r = results.get(row.name)
+        if r is None or "median_ms" not in r:
+            why = "not run" if r is None else r.get("error", "failed")
+            lines.append(f"| {row.shape} | {row.mode} | — | {why} | | | | | |")
+            continue
+        base = results.get(Row(row.shape, "bf16").name, {})
+        ratio = f"{r['median_ms'] / base['median_ms']:.2f}×" if "median_ms" in base else "—"
+        mem = f"{r['peak_bytes'] / base['peak_bytes']:.3f}×" if "peak_bytes" in base else "—"
+        g = r["gemms_per_step"]
+        paths = " / ".join(f"{g.get(p, 0):.0f}" for p in ("triton", "reference", "plain"))
+        mode = row.mode if r.get("status") == "succeeded" else f"{row.mode} ({r.get('status')})"
+        lines.append(
+            f"| {row.shape} | {mode} | {r['steps']} | {r['median_ms']:.1f} ms | {ratio} | "
+            f"{r['peak_bytes'] / 2**30:.2f} GiB | {mem} | {paths} | {r['cache_hits_per_step']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--tree", type=Path, required=True, help="instrumented Megatron tree")
+    parser.add_argument("--data-root", type=Path, required=True, help="with the prepared sample dataset")
+    parser.add_argument("--out", type=Path, required=True, help="run dirs, results.json, table.md")
+    parser.add_argument("--only", default=",".join(SHAPES), help="shapes, comma-separated")
+    parser.add_argument("--modes", default=",".join(MODES), help="modes, comma-separated")
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=3, help="steps left out of the median")
+    parser.add_argument("--budget-s", type=float, default=0.0, help="start no row past this (0: none)")
+    parser.add_argument("--row-timeout-s", type=float, default=300.0)
+    parser.add_argument(
+        "--megaquant", default=None, help="the CLI as words (default: `megaquant` on PATH, else python -m)"
+    )
+    ns = parser.parse_args(argv)
+    if ns.megaquant is None:
+        found = shutil.which("megaquant")
+        ns.megaquant = [found] if found else [sys.executable, "-m", "megaquant"]
+    else:
+        ns.megaquant = shlex.split(ns.megaquant)
+    ns.tree, ns.data_root, ns.out = ns.tree.resolve(), ns.data_root.resolve(), ns.out.resolve()
+    unknown = [s for s in ns.only.split(",") if s not in SHAPES]
+    if unknown:
+        parser.error(f"unknown shape(s) {unknown}; choose from {', '.join(SHAPES)}")
+    rows = [Row(s, m) for s in ns.only.split(",") for m in ns.modes.split(",")]
+    ns.out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict[str, Any]] = {}
+    start = time.monotonic()
+    took: list[float] = []
+    for row in rows:
+        elapsed = time.monotonic() - start
+        if ns.budget_s and took and elapsed + max(took) > ns.budget_s:
+            print(f"train_overhead: budget: {elapsed:.0f} s spent, not starting {row.name}", flush=True)
+            continue
+        run_dir = ns.out / "runs" / row.name
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        t0 = time.monotonic()
+        with (ns.out / f"{row.name}.log").open("w") as log:
+            proc = subprocess.Popen(
+                argv_for(row, ns, run_dir), env=env_for(row, ns), stdout=log, stderr=subprocess.STDOUT
+            )
+            try:
+                code = proc.wait(timeout=ns.row_timeout_s)
+            except subprocess.TimeoutExpired:
+                # Ctrl-C, not a kill: megaquant train stops torchrun, records 'interrupted' and restores the
+                # tree, so the next row starts from the instrumented base
+                proc.send_signal(signal.SIGINT)
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                code = 124
+        took.append(time.monotonic() - t0)
+        try:
+            results[row.name] = measure(run_dir, ns.warmup)
+        except (OSError, ValueError, KeyError, statistics.StatisticsError) as exc:
+            results[row.name] = {"error": f"exit {code}: {type(exc).__name__}"}
+        results[row.name].update(exit_code=code, wall_s=round(took[-1], 1))
+        print(f"train_overhead: {row.name}: exit {code}, {took[-1]:.0f} s", flush=True)
+        (ns.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+        (ns.out / "table.md").write_text(table(results, rows))
+    print(table(results, rows), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Path counters: per role, how many GEMMs and operands took the Triton kernels, the torch reference, the
+plain op or the weight cache; on CUDA a reference fallback logs one line per shape with the reason.
+
+The counts live in this process (`snapshot`, `reset`); with PATH_COUNTS_ENV (megaquant.pathcounts) set,
+`write()` and interpreter exit store them in that directory, one file per rank, for the launcher to fold
+into the run's manifest. Counting is a dictionary increment per call: it is always on.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from megaquant.pathcounts import PATH_COUNTS_ENV, file_name
+
+__all__ = ["count_gemm", "count_operand", "mark_step", "note_fallback", "reset", "snapshot", "write"]
+
+_LOG = logging.getLogger("megaquant.ops")
+_GEMMS: Counter[tuple[str, str]] = Counter()
+_OPERANDS: Counter[tuple[str, str]] = Counter()
+_FALLBACKS: dict[tuple[object, ...], dict[str, Any]] = {}
+_STEPS = [0]
+
+
+def count_gemm(role: str, path: str) -> None:
+    _GEMMS[role, path] += 1
+
+
+def count_operand(role: str, path: str) -> None:
+    _OPERANDS[role, path] += 1
+
+
+def mark_step() -> None:
+    """One optimizer step done (trainers call it; the files report how many steps the counts cover)."""
+    _STEPS[0] += 1
+
+
+def note_fallback(role: str, shape: tuple[int, ...], dtype: object, fmt: str, reason: str) -> None:
+    """A CUDA operand ran the torch reference: count it, and log one line the first time for this shape."""
+    key = (role, shape, str(dtype), fmt, reason)
+    entry = _FALLBACKS.get(key)
+    if entry is None:
+        _FALLBACKS[key] = {
+            "role": role, "shape": list(shape), "dtype": str(dtype), "fmt": fmt, "reason": reason, "calls": 1,
+        }  # fmt: skip
+        _LOG.warning(
+            "megaquant: %s operand %s %s in %s ran the torch reference on CUDA (slow): %s",
+            role, tuple(shape), dtype, fmt, reason,
+        )  # fmt: skip
+    else:
+        entry["calls"] += 1
+
+
+def _table(counter: Counter[tuple[str, str]]) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for (role, path), n in sorted(counter.items()):
+        out.setdefault(role, {})[path] = n
+    return out
+
+
+def snapshot() -> dict[str, Any]:
+    """The counts so far, in the file format of megaquant.pathcounts."""
+    return {
+        "gemms": _table(_GEMMS),
+        "operands": _table(_OPERANDS),
+        "fallbacks": [dict(e) for e in _FALLBACKS.values()],
+        "steps": _STEPS[0],
+    }
+
+
+def reset() -> None:
+    _GEMMS.clear()
+    _OPERANDS.clear()
+    _FALLBACKS.clear()
+    _STEPS[0] = 0
+
+
+def write(directory: Path | str | None = None) -> Path | None:
+    """Store snapshot() as `path_counts.rank<RANK>.json` in `directory` (default: $MEGAQUANT_PATH_COUNTS);
+    nothing when there is no directory or nothing was counted. Returns the file written."""
+    target = directory if directory is not None else os.environ.get(PATH_COUNTS_ENV)
+    if not target or not (_GEMMS or _OPERANDS):
+        return None
+    path = Path(target) / file_name(int(os.environ.get("RANK", "0") or 0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(snapshot(), indent=1) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _write_at_exit() -> None:
+    try:
+        write()
+    except OSError as exc:  # a full disk must not turn a finished run into a traceback
+        _LOG.warning("megaquant: could not write the path counts: %s", exc)
+
+
+if os.environ.get(PATH_COUNTS_ENV):
+    atexit.register(_write_at_exit)

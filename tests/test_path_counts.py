@@ -1,0 +1,273 @@
+"""Path counters (megaquant.ops.counters, megaquant.pathcounts), the per-step weight cache
+(megaquant.ops.weights) and the short launch path: what they count, that results do not change by a bit,
+and that `megaquant train` folds the counts of the training process into manifest.json."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_git_repo
+
+from megaquant import pathcounts
+from megaquant.errors import LaunchError
+from megaquant.formats import fake_quant, quantizer
+from megaquant.launch.pretrain import weight_cache_bound
+from megaquant.launch.run import TRAIN_COMMAND_ENV, TrainRequest, execute, plan_run
+from megaquant.ops import configure, counters, quant_baddbmm, quant_bmm, quant_linear, quant_matmul, weights
+
+
+@pytest.fixture(autouse=True)
+def _clean() -> Iterator[None]:
+    counters.reset()
+    weights.disable_weight_cache()
+    yield
+    counters.reset()
+    weights.disable_weight_cache()
+    configure()
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int32 if t.dtype == torch.float32 else torch.int16)
+
+
+def _rand(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------------------------------ counters
+
+
+def test_counts_per_role_and_path_on_cpu() -> None:
+    a, b = _rand(4, 64), _rand(64, 8, seed=1)
+    quant_matmul(a, b, "mxfp8", role="linear_fwd")
+    quant_matmul(a, b, "mxfp8", role="linear_fwd")
+    quant_matmul(a, b, "none", role="linear_fwd")
+    quant_matmul(a, b, "hifp8", grad=True)  # no role: keyed by the op
+    quant_bmm(a[None], b[None], "mxfp4")
+    quant_baddbmm(torch.zeros(1, 4, 8), a[None], b[None], "bf16")
+    quant_linear(a, b.t(), "mxfp8", role="pv")  # keyed by whatever role the op gets
+    snap = counters.snapshot()
+    assert snap["gemms"] == {
+        "linear_fwd": {"reference": 2, "plain": 1},
+        "matmul.grad": {"reference": 1},
+        "bmm": {"reference": 1},
+        "baddbmm": {"plain": 1},
+        "pv": {"reference": 1},
+    }
+    assert snap["operands"]["linear_fwd"] == {"reference": 4}
+    assert snap["fallbacks"] == []  # CPU tensors: the reference is the path, not a fallback
+
+
+def test_configured_role_keys_the_counts() -> None:
+    configure(role="qk")
+    quant_matmul(_rand(4, 32), _rand(32, 4), "mxfp8")
+    assert counters.snapshot()["gemms"] == {"qk": {"reference": 1}}
+
+
+def test_quantized_backward_gemms_are_counted() -> None:
+    a = _rand(4, 64).requires_grad_(True)
+    b = _rand(64, 8, seed=1).requires_grad_(True)
+    quant_matmul(a, b, "mxfp8", role="linear_fwd", quantize_grads=True).sum().backward()
+    assert counters.snapshot()["gemms"] == {"linear_fwd": {"reference": 3}}  # forward, dgrad, wgrad
+
+
+def test_fallback_logs_one_line_per_shape(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="megaquant.ops"):
+        for _ in range(3):
+            counters.note_fallback("qk", (32, 64), torch.float64, "mxfp8_e4m3", "float64 is not covered")
+        counters.note_fallback("qk", (16, 64), torch.float64, "mxfp8_e4m3", "float64 is not covered")
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2
+    assert "(32, 64)" in lines[0] and "float64 is not covered" in lines[0] and "qk" in lines[0]
+    fallbacks = counters.snapshot()["fallbacks"]
+    assert [(f["shape"], f["calls"]) for f in fallbacks] == [([32, 64], 3), ([16, 64], 1)]
+
+
+def test_write_collect_merge(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert counters.write(tmp_path) is None  # nothing counted: no file
+    quant_matmul(_rand(4, 32), _rand(32, 4), "mxfp8", role="linear_fwd")
+    counters.mark_step()
+    monkeypatch.setenv("RANK", "1")
+    written = counters.write(tmp_path)
+    assert written == tmp_path / "path_counts.rank1.json"
+    (tmp_path / "path_counts.rank0.json").write_text(
+        json.dumps({"gemms": {"linear_fwd": {"triton": 5}}, "operands": {}, "fallbacks": [], "steps": 2})
+    )
+    merged = pathcounts.collect(tmp_path)
+    assert merged is not None
+    assert merged["gemms"] == {"linear_fwd": {"triton": 5, "reference": 1}}
+    assert merged["ranks"] == [0, 1] and merged["steps"] == 2
+    assert pathcounts.summary(merged) == "triton 5, reference 1, plain 0"
+    (tmp_path / "path_counts.rank2.json").write_text("{not json")
+    assert pathcounts.collect(tmp_path)["unreadable"] == ["path_counts.rank2.json"]  # type: ignore[index]
+    assert pathcounts.collect(tmp_path / "empty") is None
+
+
+FAKE_TRAINER = r"""
+import os, sys, torch
+from megaquant import ops
+ops.quant_matmul(torch.randn(4, 64), torch.randn(64, 8), "mxfp8", role="linear_fwd")
+ops.quant_matmul(torch.randn(4, 64), torch.randn(64, 8), "none", role="linear_fwd")
+print("counted into", os.environ.get("MEGAQUANT_PATH_COUNTS"), flush=True)
+"""  # no explicit write: the at-exit hook of megaquant.ops.counters stores the counts
+
+
+def test_train_folds_the_counts_into_the_manifest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    repo = make_git_repo(tmp_path, "v1_three")
+    script = tmp_path / "fake_trainer.py"
+    script.write_text(FAKE_TRAINER)
+    monkeypatch.setenv(TRAIN_COMMAND_ENV, shlex.join([sys.executable, str(script)]))
+    request = TrainRequest(
+        model="tiny",
+        dataset=None,
+        mode="linear_mxfp8",
+        preset="smoke",
+        megatron=repo,
+        run_dir=tmp_path / "run",
+    )
+    record = execute(plan_run(request))
+    assert record.exit_code == 0, (record.run_dir / "train.log").read_text()
+    manifest = json.loads((record.run_dir / "manifest.json").read_text())
+    assert manifest["env"][pathcounts.PATH_COUNTS_ENV] == str(record.run_dir)
+    counts = manifest["path_counts"]
+    assert counts["gemms"] == {"linear_fwd": {"reference": 1, "plain": 1}}
+    assert counts["ranks"] == [0]
+
+
+# ------------------------------------------------------------------------------------- weight cache
+
+
+def test_weight_cache_reuses_within_a_step_and_never_changes_a_bit() -> None:
+    x = _rand(8, 64)
+    w = torch.nn.Parameter(_rand(32, 64, seed=2))
+    with torch.no_grad():
+        fresh = quant_matmul(x, w.t(), "mxfp8")
+        weights.enable_weight_cache()
+        first = quant_matmul(x, w.t(), "mxfp8")
+        again = quant_matmul(x, w.t(), "mxfp8")
+        dgrad = quant_matmul(x[:, :32], w, "mxfp8", grad=True)  # another format and axis: its own entry
+        dgrad_again = quant_matmul(x[:, :32], w, "mxfp8", grad=True)
+    assert torch.equal(_bits(fresh), _bits(first)) and torch.equal(_bits(first), _bits(again))
+    assert torch.equal(_bits(dgrad), _bits(dgrad_again))
+    assert counters.snapshot()["operands"]["matmul"]["cache"] == 1
+    assert counters.snapshot()["operands"]["matmul.grad"]["cache"] == 1
+    s = weights.stats()
+    assert s["entries"] == 2 and s["bytes"] == 2 * w.numel() * 4 and s["hits"] == 2
+
+
+def test_weight_cache_sees_in_place_updates_and_steps() -> None:
+    x = _rand(8, 64)
+    w = torch.nn.Parameter(_rand(32, 64, seed=3))
+    weights.enable_weight_cache()
+    with torch.no_grad():
+        quant_matmul(x, w.t(), "mxfp8")
+        w.add_(1.0)  # bumps the version counter: the entry is stale
+        after = quant_matmul(x, w.t(), "mxfp8")
+        want = torch.matmul(fake_quant(x, "mxfp8_e4m3"), fake_quant(w, "mxfp8_e4m3").t())
+        assert torch.equal(_bits(after), _bits(want))
+        w.data.mul_(0.5)  # through .data: no version bump, so only the step boundary makes it safe
+        weights.next_step()
+        stepped = quant_matmul(x, w.t(), "mxfp8")
+        want = torch.matmul(fake_quant(x, "mxfp8_e4m3"), fake_quant(w, "mxfp8_e4m3").t())
+        assert torch.equal(_bits(stepped), _bits(want))
+    assert "cache" not in counters.snapshot()["operands"]["matmul"]
+
+
+def test_weight_cache_holds_parameters_only_and_respects_the_bound() -> None:
+    weights.enable_weight_cache(max_bytes=32 * 64 * 4)
+    x = _rand(8, 64)
+    small = torch.nn.Parameter(_rand(32, 64, seed=4))
+    big = torch.nn.Parameter(_rand(64, 64, seed=5))
+    with torch.no_grad():
+        for _ in range(2):
+            quant_matmul(x, x.t(), "mxfp8")  # activations: never cached
+            quant_matmul(x, small.t(), "mxfp8")
+            quant_matmul(x, big.t(), "mxfp8")  # past the bound: quantized per use
+    s = weights.stats()
+    assert s["entries"] == 1 and s["hits"] == 1 and s["over_bound"] == 2
+    assert counters.snapshot()["operands"]["matmul"] == {"reference": 11, "cache": 1}
+    with pytest.raises(ValueError):
+        weights.enable_weight_cache(max_bytes=-1)
+
+
+def test_training_with_the_cache_is_bit_identical() -> None:
+    """Several microbatches per optimizer step, quantized forward and gradient GEMMs: the same weights and
+    losses at every step with and without the cache."""
+
+    def train(cache: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        w1 = torch.nn.Parameter(torch.randn(48, 64) * 0.1)
+        w2 = torch.nn.Parameter(torch.randn(16, 48) * 0.1)
+        opt = torch.optim.SGD([w1, w2], lr=0.1)
+        data = torch.randn(3, 4, 8, 64, generator=torch.Generator().manual_seed(1))
+        if cache:
+            weights.enable_weight_cache()
+        else:
+            weights.disable_weight_cache()
+        seen: list[torch.Tensor] = []
+        for step in range(3):
+            weights.next_step()
+            opt.zero_grad()
+            for micro in data[step]:
+                h = quant_matmul(micro, w1.t(), "mxfp8", quantize_grads=True)
+                loss = quant_matmul(torch.relu(h), w2.t(), "hifp8", quantize_grads=True).square().mean()
+                loss.backward()
+                seen.append(loss.detach())
+            opt.step()
+        seen += [w1.detach().clone(), w2.detach().clone()]
+        return seen
+
+    plain, cached = train(False), train(True)
+    assert weights.stats()["hits"] > 0
+    assert all(torch.equal(_bits(p), _bits(c)) for p, c in zip(plain, cached, strict=True))
+
+
+def test_weight_cache_setting() -> None:
+    gpu = 140 * 2**30
+    assert weight_cache_bound(None, gpu) == (True, int(0.05 * gpu))  # default: bounded by the GPU's memory
+    assert weight_cache_bound("on", gpu) == (True, None)
+    assert weight_cache_bound("off", gpu) == (False, None)
+    assert weight_cache_bound("512", gpu) == (True, 512 * 2**20)
+    with pytest.raises(LaunchError, match="MEGAQUANT_WEIGHT_CACHE"):
+        weight_cache_bound("lots", gpu)
+
+
+# ------------------------------------------------------------------------------------ launch path
+
+
+@pytest.mark.parametrize("fmt", ["mxfp8_e4m3", "mxfp4_e2m1", "hifp8"])
+def test_quantizer_equals_fake_quant(fmt: str) -> None:
+    x = _rand(6, 96).to(torch.bfloat16)
+    fn, path, reason = quantizer(x, fmt, axis=-1, scale="rceil", tensor_scale=fmt == "hifp8")
+    assert path == "reference" and reason is not None and "CUDA" in reason
+    want = fake_quant(x, fmt, scale="rceil", tensor_scale=fmt == "hifp8")
+    other = _rand(3, 96, seed=9).to(torch.bfloat16)  # any tensor of the same kind
+    assert torch.equal(_bits(fn(x)), _bits(want))
+    assert torch.equal(
+        _bits(fn(other)), _bits(fake_quant(other, fmt, scale="rceil", tensor_scale=fmt == "hifp8"))
+    )
+
+
+def test_ops_without_autograd_equal_the_autograd_path() -> None:
+    """Inside Megatron's autograd functions (grad off) the ops skip their own Function: same bits."""
+    a, b = _rand(4, 64, seed=6), _rand(64, 8, seed=7).requires_grad_(True)
+    with_graph = quant_matmul(a, b, "mxfp8")
+    assert with_graph.requires_grad
+    with torch.no_grad():
+        without = quant_matmul(a, b, "mxfp8")
+    assert not without.requires_grad and torch.equal(_bits(with_graph.detach()), _bits(without))
+    inp = torch.zeros(2, 4, 8)
+    with torch.no_grad():
+        bad = quant_baddbmm(
+            inp, a.expand(2, 4, 64), b.detach().expand(2, 64, 8), "hifp8", beta=0.0, alpha=0.5
+        )
+    qa, qb = fake_quant(a, "hifp8").expand(2, 4, 64), fake_quant(b.detach(), "hifp8").expand(2, 64, 8)
+    ref = torch.baddbmm(inp, qa, qb, beta=0.0, alpha=0.5)
+    assert torch.equal(_bits(bad), _bits(ref))
