@@ -50,11 +50,17 @@ class Recorder:
         self.calls.append((fmt, kw, x.detach().clone()))
         return x.detach().clone()
 
+    def quantizer(self, x: torch.Tensor, fmt: str, **kw: Any) -> tuple[Any, str, None]:
+        """Stands in for formats.quantizer (the ops' launch path): each quantized tensor is one call."""
+        return (lambda y: self(y, fmt, **kw)), "reference", None
+
 
 @pytest.fixture
 def recorder(monkeypatch: pytest.MonkeyPatch) -> Recorder:
     rec = Recorder()
     monkeypatch.setattr(gemm_mod, "fake_quant", rec)
+    monkeypatch.setattr(gemm_mod, "quantizer", rec.quantizer)
+    monkeypatch.setattr(gemm_mod, "_QUANTIZERS", {})  # resolved quantizers of earlier tests: none
     return rec
 
 

@@ -53,6 +53,9 @@ def test_unknown_recipe_exits_1_with_the_list() -> None:
 
 def test_fork_tree_refuses_recipes_its_ops_cannot_run(tmp_path: Path) -> None:
     repo = make_git_repo(tmp_path, "v1_three")
+    # a fork checkout trains with its own megatron/training (else the preflight refuses the run itself)
+    (repo / "megatron" / "training").mkdir()
+    (repo / "megatron" / "training" / "arguments.py").write_text("")
     base = [*DRY, "--megatron", str(repo), "-q", "linear_hifp8"]
     refused = RUNNER.invoke(APP, [*base, "--recipe", "hifp8_scaled"])
     assert refused.exit_code == 1
@@ -154,12 +157,12 @@ def test_nvfp4_modes_launch_only_where_the_spec_has_nvfp4(tmp_path: Path) -> Non
     listing = RUNNER.invoke(APP, ["train", "--list"]).output
     for mode in ("FA_nvfp4", "linear_nvfp4", "FA_linear_nvfp4", "qk_nvfp4", "pv_nvfp4", "qk_pv_nvfp4"):
         assert f"  {mode} " in listing
-    assert "linear_nvfp4     nvfp4, nvfp4, none, none\n" in listing  # not labelled an attention variant
+    assert "linear_nvfp4     nvfp4, nvfp4, nvfp4, none, none\n" in listing  # not labelled an attention variant
     ok = RUNNER.invoke(
         APP, [*DRY, "-q", "FA_linear_nvfp4", "--spec", "megatron-core", "--recipe", "nvfp4_paper"]
     )
     assert ok.exit_code == 0, ok.output
-    assert "role values: linear_fwd=nvfp4 linear_bwd=nvfp4 qk=nvfp4 pv=none" in ok.output
+    assert "linear_fwd=nvfp4 linear_dgrad=nvfp4 linear_wgrad=nvfp4 qk=nvfp4 pv=none" in ok.output
     fork = make_git_repo(tmp_path, "v1_three")
     refused = RUNNER.invoke(APP, [*DRY, "-q", "linear_nvfp4", "--megatron", str(fork)])
     assert refused.exit_code == 1 and "not supported by spec fork" in refused.output

@@ -337,8 +337,8 @@ def supports(
     if min(q.shape[2], k.shape[2]) == 0:
         return False
     for cfg in (cfg_qk, cfg_pv):
-        if cfg.fmt is not None and (cfg.quantize_grads or cfg.tensor_scale):
-            return False
+        if cfg.fmt is not None and (cfg.quantize_grads or cfg.tensor_scale or cfg.value == "nvfp4"):
+            return False  # (NVFP4's tensor scale needs P's global amax: the reference serves it)
     bs = cfg_pv.block_size
     return cfg_pv.fmt is None or cfg_pv.fmt == "hifp8" or (2 <= bs <= 32 and not bs & (bs - 1))
 

@@ -252,7 +252,8 @@ def quant_attention(
             )
         out = _attention_triton.attention(q, k, v, cfg_qk, cfg_pv, causal, scale)
         return out
-    whole = cfg_qk.tensor_scale or cfg_pv.tensor_scale  # one tensor scale over all of P: no chunking
+    # one tensor scale over all of P (HiF8 tensor scaling, NVFP4's FP32 scale): no chunking
+    whole = cfg_qk.tensor_scale or cfg_pv.tensor_scale or "nvfp4" in (cfg_qk.value, cfg_pv.value)
     block = max(cfg_qk.block_size, cfg_pv.block_size)
     rows = q.shape[2] if whole else _chunk_rows(q.shape[0], q.shape[1], k.shape[2], block, chunk)
     out = _ReferenceAttention.apply(q, k, v, cfg_qk, cfg_pv, causal, scale, rows)

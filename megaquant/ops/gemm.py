@@ -140,13 +140,13 @@ def _quantizer(x: torch.Tensor, fmt: str, axis: int, cfg: QuantConfig, extra: di
     is not reused while it is in the table) to skip hashing a dataclass per call. A stochastic-rounding
     seed changes every call: those are resolved per call."""
     if "seed" in extra:
-        return quantizer(x, fmt, axis=axis, **_fq_keywords(cfg), **extra)
+        return quantizer(x, fmt, axis=axis, **{**_fq_keywords(cfg), **extra})
     key = (fmt, id(cfg), axis, x.dim(), x.dtype, x.is_cuda, *sorted(extra.items()))
     found = _QUANTIZERS.get(key)
     if found is None or found[0] is not cfg:
         if len(_QUANTIZERS) > 4096:  # configs built per call elsewhere: keep the table bounded
             _QUANTIZERS.clear()
-        found = _QUANTIZERS[key] = (cfg, quantizer(x, fmt, axis=axis, **_fq_keywords(cfg), **extra))
+        found = _QUANTIZERS[key] = (cfg, quantizer(x, fmt, axis=axis, **{**_fq_keywords(cfg), **extra}))
     return found[1]
 
 
