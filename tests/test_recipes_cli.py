@@ -157,7 +157,7 @@ def test_nvfp4_modes_launch_only_where_the_spec_has_nvfp4(tmp_path: Path) -> Non
     listing = RUNNER.invoke(APP, ["train", "--list"]).output
     for mode in ("FA_nvfp4", "linear_nvfp4", "FA_linear_nvfp4", "qk_nvfp4", "pv_nvfp4", "qk_pv_nvfp4"):
         assert f"  {mode} " in listing
-    assert "linear_nvfp4     nvfp4, nvfp4, nvfp4, none, none\n" in listing  # not labelled an attention variant
+    assert "linear_nvfp4     nvfp4, nvfp4, nvfp4, none, none\n" in listing  # no attention label
     ok = RUNNER.invoke(
         APP, [*DRY, "-q", "FA_linear_nvfp4", "--spec", "megatron-core", "--recipe", "nvfp4_paper"]
     )
