@@ -37,7 +37,7 @@ def test_forward_gemm_in_a_helper_is_hooked_on_the_trainable_path_only(main_tree
     layers = plan.new_sources[LAYERS].decode()
     # the helper's GEMM takes the value through a keyword parameter that defaults to the stock GEMM
     assert "    _mq_quant_type: str = 'none',\n) -> torch.Tensor:" in layers
-    assert "output = _mq_ops.quant_matmul(input, weight.t(), _mq_quant_type)" in layers
+    assert "output = _mq_ops.quant_matmul(input, weight.t(), _mq_quant_type, gemm='fprop')" in layers
     # only the trainable forward passes it, behind its own site and the LM-head guard
     assert (
         "        custom_quant_type = 'none'\n"
@@ -50,9 +50,8 @@ def test_forward_gemm_in_a_helper_is_hooked_on_the_trainable_path_only(main_tree
     frozen = layers[layers.index("class LinearWithFrozenWeight") : layers.index("def _wgrad_gemm")]
     assert "return _linear_forward(input, weight, bias, output_dtype)\n" in frozen
     assert "custom_quant_type" not in frozen and "_mq_" not in frozen
-    assert (
-        "grad_weight = _mq_wgrad_matmul(grad_output.t(), total_input, custom_quant_type, grad=True)" in layers
-    )
+    wgrad = "_mq_wgrad_matmul(grad_output.t(), total_input, custom_quant_type, grad=True, gemm='wgrad')"
+    assert f"grad_weight = {wgrad}" in layers
     edits = {(e.kind, e.scope, e.role) for e in plan.edits}
     assert ("helper", "_linear_forward", "linear_fwd") in edits
     assert ("hook", f"{LINEAR}.forward", "linear_fwd") in edits
@@ -121,7 +120,9 @@ def test_spelling_variants_are_hooked(main_tree: dict[str, bytes], old: bytes, n
     assert layers.count("custom_quant_type = 'none'") == 3
     assert {e.role for e in plan.edits if e.kind == "hook"} >= {"linear_fwd", "linear_dgrad", "linear_wgrad"}
     if b"return torch.matmul" in new:
-        assert "return _mq_ops.quant_matmul(total_input, weight.t(), custom_quant_type)" in layers
+        assert (
+            "return _mq_ops.quant_matmul(total_input, weight.t(), custom_quant_type, gemm='fprop')" in layers
+        )
 
 
 def test_missing_gemm_error_lists_the_calls_found_helpers_included(main_tree: dict[str, bytes]) -> None:

@@ -35,7 +35,9 @@ def _instrumented(root: Path, dest: Path) -> Path:
 
 
 def _argv(model: str, mode: str) -> tuple[str, ...]:
-    request = TrainRequest(model=model, dataset=None, mode=mode, preset="smoke", megatron=Path("/nowhere"))
+    request = TrainRequest(
+        model=model, dataset=None, mode=mode, preset="smoke", megatron=Path("/nowhere"), spec="megatron-core"
+    )  # an instrumented tree's spec: it declares every value (the nvfp4 modes included)
     return plan_run(request, require_tree=False).megatron_args
 
 

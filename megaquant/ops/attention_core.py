@@ -21,6 +21,7 @@ import torch
 
 from megaquant.errors import ValueNameError
 from megaquant.instrument_attention import ATTENTION_MARK
+from megaquant.megatron_src import quiet_megatron_import
 from megaquant.ops.attention import attention_backend, quant_attention
 
 __all__ = ["ATTENTION_ENV", "FusedCore", "fused_core"]
@@ -77,7 +78,8 @@ def _is_causal_mask(mask: torch.Tensor, sq: int, sk: int) -> bool:
 def _unsupported(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  mask: torch.Tensor | None) -> str | None:  # fmt: skip
     """Why the fused core cannot compute this call exactly (None: it can)."""
-    from megatron.core.transformer.enums import AttnMaskType
+    with quiet_megatron_import():
+        from megatron.core.transformer.enums import AttnMaskType
 
     softmax = module.scale_mask_softmax
     if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
@@ -110,7 +112,8 @@ def fused_core(
     attention_mask: torch.Tensor | None,
 ) -> FusedCore | None:
     """The fused core for this DotProductAttention call, or None for the unfused path (see module doc)."""
-    from megatron.core.transformer.enums import AttnMaskType
+    with quiet_megatron_import():
+        from megatron.core.transformer.enums import AttnMaskType
 
     choice = os.environ.get(ATTENTION_ENV, "auto")
     if choice not in ("auto", "fused", "unfused"):
