@@ -13,7 +13,8 @@ put it first on the path, e.g.
     PYTHONPATH=/tmp/triton36:. python benchmarks/triton_aot_check.py --arch 90
 
 Tensors are on the meta device (no memory, no data); nothing is checked numerically. Exit status 1 when a
-kernel fails to compile.
+kernel fails to compile, 3 when this Triton has no CUDA backend or a JIT interface other than 3.6-3.9's.
+`--smoke` (a few variants of every kernel, ~20 s) runs in CI: tests/test_triton_interpret.py.
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ LAYOUTS: list[tuple[tuple[int, ...], int]] = [
 ]  # fmt: skip
 TILE_SHAPES = [(96, 160), (70, 45), (3, 33, 64), (1024, 512), (8192, 2048)]
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+UNSUPPORTED = 3
+"""Exit status when this Triton cannot be driven this way (no CUDA backend, another JIT interface)."""
 
 
 class _CompileOnlyDriver:
@@ -91,13 +94,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability (90 = H100/H200)")
     parser.add_argument("--quick", action="store_true", help="the GPU tests' layouts only")
+    parser.add_argument(
+        "--smoke", action="store_true", help="a few variants of each kernel (seconds; tests/ runs it)"
+    )
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET"):
         raise SystemExit("error: unset TRITON_INTERPRET (this compiles for the GPU)")
+    import inspect
+
     import triton
+    from triton.backends import backends
     from triton.backends.compiler import GPUTarget
     from triton.runtime import driver
     from triton.runtime.jit import JITFunction
+
+    run_params = set(inspect.signature(JITFunction.run).parameters)
+    if "nvidia" not in backends or not {"grid", "warmup"} <= run_params:
+        print(f"triton {triton.__version__}: no CUDA backend or another JIT interface; nothing checked")
+        raise SystemExit(UNSUPPORTED)
 
     driver.set_active(_CompileOnlyDriver(GPUTarget("cuda", args.arch, 32)))  # type: ignore[arg-type]
     compiled: dict[str, int] = {}
@@ -122,9 +136,14 @@ def main() -> None:
     from megaquant.formats.registry import resolve_options
 
     layouts = LAYOUTS[:6] if args.quick else LAYOUTS
+    fmt_cases, tile_cases, tile_shapes, dtypes = FMT_CASES, TILE_CASES, TILE_SHAPES, DTYPES
+    if args.smoke:  # every kernel, NVFP4 and MX, nearest and stochastic, last axis and inner, fp16 and bf16
+        fmt_cases = [FMT_CASES[i] for i in (0, 1, 4, 10, 13, 18)]
+        layouts, dtypes = [LAYOUTS[0], LAYOUTS[2]], (torch.bfloat16, torch.float16)
+        tile_cases, tile_shapes = [TILE_CASES[1], TILE_CASES[3]], TILE_SHAPES[:1]
     t0 = time.perf_counter()
     calls = 0
-    for (fmt, kw), (shape, axis), dtype, enc in itertools.product(FMT_CASES, layouts, DTYPES, (False, True)):
+    for (fmt, kw), (shape, axis), dtype, enc in itertools.product(fmt_cases, layouts, dtypes, (False, True)):
         x = torch.empty(shape, dtype=dtype, device="meta")
         d: dict[str, object] = dict(axis=axis, block_size=None, scale="floor", rounding="even",
                                     saturate=True, preset=None)  # fmt: skip
@@ -139,7 +158,7 @@ def main() -> None:
             mx_kernels._mx(x, opts, enc)
         else:
             mx_kernels._hif8(x, opts, enc)
-    for (fmt, kw), shape, dtype, axis in itertools.product(TILE_CASES, TILE_SHAPES, DTYPES, (-1, -2)):
+    for (fmt, kw), shape, dtype, axis in itertools.product(tile_cases, tile_shapes, dtypes, (-1, -2)):
         d = dict(axis=axis, block_size=None, scale="floor", rounding="even", saturate=True, preset=None,
                  block_2d=True)  # fmt: skip
         d.update(kw)
