@@ -29,23 +29,15 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+import test_triton_nvfp4 as gpu_tests  # noqa: E402  (the GPU tests' cases; it imports without a GPU)
 
+# the GPU tests' cases, round-to-nearest MX and HiF8 (formats._triton), the benchmarks' shapes, and a few
+# edge shapes (a length-1 axis, one block)
 FMT_CASES: list[tuple[str, dict[str, object]]] = [
-    ("nvfp4", {}),
-    ("nvfp4", dict(rounding="stochastic", seed=11)),
-    ("nvfp4", dict(block_size=32)),
-    ("nvfp4", dict(rounding="stochastic", seed=(1 << 50) + 7, block_size=64)),
-    ("mxfp4_e2m1", dict(rounding="stochastic", seed=3)),
-    ("mxfp4_e2m1", dict(rounding="stochastic", seed=3, scale="rceil")),
-    ("mxfp8_e4m3", dict(rounding="stochastic", seed=4)),
-    ("mxfp8_e4m3", dict(rounding="stochastic", seed=4, scale="rceil", saturate=False)),
-    ("mxfp8_e5m2", dict(rounding="stochastic", seed=5, saturate=False)),
-    ("mxfp8_e5m2", dict(rounding="stochastic", seed=5, preset="fork")),
-    ("hifp8", dict(rounding="stochastic", seed=6)),
-    ("hifp8", dict(rounding="stochastic", seed=6, saturate=False)),
-    ("hifp8", dict(rounding="stochastic", seed=7, preset="fork")),
-    # round-to-nearest MX and HiF8: formats._triton
+    *gpu_tests.CASES,
     ("mxfp8_e4m3", {}),
     ("mxfp8_e5m2", dict(scale="rceil", saturate=False)),
     ("mxfp4_e2m1", dict(rounding="away")),
@@ -53,22 +45,13 @@ FMT_CASES: list[tuple[str, dict[str, object]]] = [
     ("hifp8", {}),
     ("hifp8", dict(saturate=False, preset="fork")),
 ]
-TILE_CASES: list[tuple[str, dict[str, object]]] = [
-    ("nvfp4", {}),
-    ("nvfp4", dict(rounding="stochastic", seed=8)),
-    ("nvfp4", dict(block_size=32)),
-    ("mxfp8_e4m3", {}),
-    ("mxfp8_e5m2", dict(scale="rceil", saturate=False)),
-    ("mxfp4_e2m1", dict(rounding="away")),
-    ("mxfp4_e2m1", dict(rounding="stochastic", seed=5, block_size=16)),
-]
-# the GPU tests' layouts, the benchmarks' shapes, and a few edge shapes (a length-1 axis, one block)
+TILE_CASES: list[tuple[str, dict[str, object]]] = gpu_tests.TILES
 LAYOUTS: list[tuple[tuple[int, ...], int]] = [
-    ((37, 96), -1), ((5, 70), -1), ((3, 67, 20), -2), ((2, 64, 3), -2), ((4, 96), 0), ((129,), -1),
-    ((64, 96), -1), ((1024, 4096), -1), ((1024, 4096), -2), ((16384, 8192), -1), ((8192, 2048), -1),
-    ((1, 2048, 8192), -2), ((32, 2048, 64), -1), ((32, 2048, 64), -2), ((16, 1), -1), ((1, 16), -1),
+    *gpu_tests.LAYOUTS, ((64, 96), -1), ((1024, 4096), -1), ((1024, 4096), -2), ((16384, 8192), -1),
+    ((8192, 2048), -1), ((1, 2048, 8192), -2), ((32, 2048, 64), -1), ((32, 2048, 64), -2), ((16, 1), -1),
+    ((1, 16), -1),
 ]  # fmt: skip
-TILE_SHAPES = [(96, 160), (70, 45), (3, 33, 64), (1024, 512), (8192, 2048)]
+TILE_SHAPES = [*gpu_tests.TILE_SHAPES, (8192, 2048)]
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 UNSUPPORTED = 3
 """Exit status when this Triton cannot be driven this way (no CUDA backend, another JIT interface)."""

@@ -93,17 +93,8 @@ def main() -> None:
         check(x, "nvfp4")
         check(x, "mxfp8_e4m3", rounding="stochastic", seed=1)
     print(f"+ given amax, special tensors: {checks} calls, {time.perf_counter() - t0:.0f}s", flush=True)
-    tiles = [
-        ("nvfp4", {}),
-        ("nvfp4", dict(rounding="stochastic", seed=8)),
-        ("nvfp4", dict(block_size=32)),
-        ("mxfp8_e4m3", {}),
-        ("mxfp8_e5m2", dict(scale="rceil", saturate=False)),
-        ("mxfp4_e2m1", dict(rounding="away")),
-        ("mxfp4_e2m1", dict(rounding="stochastic", seed=5, block_size=16)),
-    ]
     for dtype in [] if large else sorted(dtypes):
-        for (fmt, kw), shape in itertools.product(tiles, [(96, 160), (70, 45), (3, 33, 64), (1024, 512)]):
+        for (fmt, kw), shape in itertools.product(gpu_tests.TILES, gpu_tests.TILE_SHAPES):
             x = gpu_tests._inputs(shape, dtypes[dtype], seed=zlib.crc32(f"{fmt}{kw}{shape}".encode()))
             check(x, fmt, block_2d=True, **kw)
             check(x, fmt, block_2d=True, axis=-2, **kw)
