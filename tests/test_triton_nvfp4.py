@@ -36,6 +36,16 @@ CASES = [
     ("hifp8", dict(rounding="stochastic", seed=6, saturate=False)),
     ("hifp8", dict(rounding="stochastic", seed=7, preset="fork")),
 ]
+TILES = [  # block_2d
+    ("nvfp4", {}),
+    ("nvfp4", dict(rounding="stochastic", seed=8)),
+    ("nvfp4", dict(block_size=32)),
+    ("mxfp8_e4m3", {}),
+    ("mxfp8_e5m2", dict(scale="rceil", saturate=False)),
+    ("mxfp4_e2m1", dict(rounding="away")),
+    ("mxfp4_e2m1", dict(rounding="stochastic", seed=5, block_size=16)),
+]
+TILE_SHAPES = [(96, 160), (70, 45), (3, 33, 64), (1024, 512)]
 
 
 def _inputs(shape: tuple[int, ...], dtype: torch.dtype, seed: int, specials: bool = True) -> torch.Tensor:
@@ -132,16 +142,7 @@ def test_large_tensor_many_programs(fmt: str) -> None:
 def test_block_2d_tiles(dtype: str) -> None:
     """Tiles over the last two axes (ragged edges, batch dims); fake_quant in the kernel, encode by the
     reference (so _check also compares the kernel module's encode with the reference's)."""
-    tiles = [
-        ("nvfp4", {}),
-        ("nvfp4", dict(rounding="stochastic", seed=8)),
-        ("nvfp4", dict(block_size=32)),
-        ("mxfp8_e4m3", {}),
-        ("mxfp8_e5m2", dict(scale="rceil", saturate=False)),
-        ("mxfp4_e2m1", dict(rounding="away")),
-        ("mxfp4_e2m1", dict(rounding="stochastic", seed=5, block_size=16)),
-    ]
-    for (fmt, kw), shape in itertools.product(tiles, [(96, 160), (70, 45), (3, 33, 64), (1024, 512)]):
+    for (fmt, kw), shape in itertools.product(TILES, TILE_SHAPES):
         x = _inputs(shape, DTYPES[dtype], seed=zlib.crc32(f"{fmt}{kw}{shape}".encode()))
         _check(x, fmt, block_2d=True, **kw)
         _check(x, fmt, block_2d=True, axis=-2, **kw)

@@ -43,6 +43,11 @@ _KEYWORDS = frozenset(
     ("axis", "block_size", "scale", "rounding", "saturate", "preset", "seed", "amax", "block_2d")
 )
 _E2M1 = dict(EMIN=0, MAN=1, BIAS=1, BITS=4, EXP_BITS=2, SUB_SCALE=2.0)
+# The hash multipliers as constexpr globals: a compiled @triton.jit function may read a module global only
+# when it is a tl.constexpr (Triton 3.6 refuses a plain int: "Cannot access global variable M1"; the CPU
+# interpreter reads either, so only benchmarks/triton_aot_check.py catches it without a GPU).
+_M1 = tl.constexpr(M1)
+_M2 = tl.constexpr(M2)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -53,9 +58,9 @@ _E2M1 = dict(EMIN=0, MAN=1, BIAS=1, BITS=4, EXP_BITS=2, SUB_SCALE=2.0)
 def _hash32(x):
     """formats._random.hash32 in uint32 arithmetic (products wrap mod 2^32)."""
     x = x ^ (x >> 16)
-    x = x * M1
+    x = x * _M1
     x = x ^ (x >> 15)
-    x = x * M2
+    x = x * _M2
     return x ^ (x >> 15)
 
 
@@ -242,6 +247,9 @@ def _lastaxis_kernel(
         codes = _mx_codes(q, e, EMIN, MAN, BIAS, BITS, EXP_BITS, HAS_INF, HAS_NAN, NAN_BLOCK_CODE, SUB_SCALE)
         tl.store(scales_ptr + blk, _scale_codes(e, e4m3, NV).to(tl.uint8), mask=blk < total_blocks)
         if BITS == 4:
+            # padding lanes (col >= n) code 0: the odd tail's high nibble is 0 (mx.pack_e2m1), even when
+            # the block's NaN scale or an infinite 1/ts made the padding's zeros NaN
+            codes = tl.where(mask, codes, 0)
             lo, hi = tl.split(tl.reshape(codes, (G, BS // 2, 2)))
             pcol = col0[:, None] // 2 + tl.arange(0, BS // 2)[None, :]
             pmask = (blk < total_blocks)[:, None] & (pcol < n_packed)
@@ -281,7 +289,7 @@ def _inner_kernel(
     )  # fmt: skip
     if ENCODE:
         codes = _mx_codes(q, e, EMIN, MAN, BIAS, BITS, EXP_BITS, HAS_INF, HAS_NAN, NAN_BLOCK_CODE, SUB_SCALE)
-        codes = tl.reshape(codes, (BS, BK))
+        codes = tl.where(mask, tl.reshape(codes, (BS, BK)), 0)  # padding lanes 0, as in _lastaxis_kernel
         scale_offs = (lead * n_blocks + b) * inner + k
         tl.store(
             scales_ptr + scale_offs, tl.reshape(_scale_codes(e, e4m3, NV), (BK,)).to(tl.uint8), mask=kmask
