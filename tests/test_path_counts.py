@@ -65,6 +65,21 @@ def test_counts_per_role_and_path_on_cpu() -> None:
     assert snap["fallbacks"] == []  # CPU tensors: the reference is the path, not a fallback
 
 
+def test_an_expert_without_tokens_counts_as_empty_not_reference() -> None:
+    """An MoE expert that got no tokens quantizes an empty input: no kernel ran, and it is no fallback (the
+    DeepSeek smoke run on the H200 counted 96 such GEMMs per linear role as "reference" before)."""
+    empty, w = _rand(0, 64), _rand(64, 8, seed=1)
+    assert quant_matmul(empty, w, "mxfp8", gemm="fprop").shape == (0, 8)
+    quant_matmul(_rand(4, 64), w, "mxfp8", gemm="fprop")
+    snap = counters.snapshot()
+    assert set(snap["gemms"]) == {"linear_fwd"}  # gemm= names the linear role
+    assert snap["operands"]["linear_fwd"] == {"empty": 1, "reference": 3}
+    from megaquant.ops.gemm import _gemm_path
+
+    # on CUDA the weight runs the kernels: an empty activation makes the GEMM "empty", not "reference"
+    assert _gemm_path("empty", "triton") == "empty" and _gemm_path("empty", "reference") == "reference"
+
+
 def test_configured_role_keys_the_counts() -> None:
     configure(role="qk")
     quant_matmul(_rand(4, 32), _rand(32, 4), "mxfp8")

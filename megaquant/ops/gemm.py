@@ -160,8 +160,9 @@ def _fake_quant(
 ) -> tuple[torch.Tensor, str]:
     """fake_quant(x, fmt, axis=axis, ...cfg, ...extra) and the path that served it; counts the operand, and
     logs a CUDA fallback to the reference once per shape."""
-    if x.numel() == 0:  # nothing to quantize: no kernel, no fallback worth a line
-        return fake_quant(x, fmt, axis=axis, **{**_fq_keywords(cfg), **extra}), "reference"
+    if x.numel() == 0:  # nothing to quantize (an MoE expert that got no tokens): no kernel, no fallback
+        counters.count_operand(role, "empty")
+        return fake_quant(x, fmt, axis=axis, **{**_fq_keywords(cfg), **extra}), "empty"
     fn, path, reason = _quantizer(x, fmt, axis, cfg, extra)
     counters.count_operand(role, path)
     if reason is not None and x.is_cuda:
@@ -225,7 +226,11 @@ def _quant_path(
 
 
 def _gemm_path(*paths: str) -> str:
-    return "reference" if "reference" in paths else "triton"
+    """A GEMM's path: "reference" if an operand ran the torch reference, "empty" if it had no elements
+    (an MoE expert without tokens), else "triton" (kernels or the weight cache)."""
+    if "reference" in paths:
+        return "reference"
+    return "empty" if "empty" in paths else "triton"
 
 
 _GEMM_ROLES = {"fprop": "linear_fwd", "dgrad": "linear_dgrad", "wgrad": "linear_wgrad"}
