@@ -1,5 +1,6 @@
 """Path counters: per role, how many GEMMs and operands took the Triton kernels, the torch reference, the
-plain op or the weight cache, or had no elements ("empty": an MoE expert that got no tokens); on CUDA a reference fallback logs one line per shape with the reason.
+plain op or the weight cache, or had no elements ("empty": an MoE expert that got no tokens); on CUDA a
+reference fallback logs one line per shape with the reason.
 
 The counts live in this process (`snapshot`, `reset`); with PATH_COUNTS_ENV (megaquant.pathcounts) set,
 `write()` and interpreter exit store them in that directory, one file per rank, for the launcher to fold
