@@ -175,7 +175,8 @@ def _canonical(value: object) -> str:
 
 def run_setup(manifest: dict[str, object]) -> dict[str, str]:
     """What a manifest records that must match for two runs to be compared: model, dataset, preset,
-    trainer, device, recipe (missing: "default") and the shape (layers, hidden, ..., batch, lr schedule;
+    trainer, device, recipe (missing: "default"), the attention core's path (fused / unfused, when
+    recorded) and the shape (layers, hidden, ..., batch, lr schedule;
     from `shape` or from the Megatron arguments). Seeds may differ (that is how noise is measured); steps
     are taken from the logged curve. Keys a manifest does not record are absent."""
     setup: dict[str, str] = {}
@@ -192,6 +193,9 @@ def run_setup(manifest: dict[str, object]) -> dict[str, str]:
     setup["recipe"] = (
         "default" if recipe is None else (recipe if isinstance(recipe, str) else _canonical(recipe))
     )
+    cores = manifest.get("attention_core")  # ["fused (triton) qk=... pv=...", ...]: compare the path only
+    if isinstance(cores, list) and cores:
+        setup["attention_core"] = ",".join(sorted({str(core).split(" ", 1)[0] for core in cores}))
     shape = manifest.get("shape")
     if isinstance(shape, dict):
         setup.update({k: _canonical(v) for k, v in shape.items() if k in _SHAPE_KEYS})

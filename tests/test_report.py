@@ -226,6 +226,25 @@ def test_non_comparable_runs_are_warned_of(tmp_path: Path) -> None:
     assert "hidden" not in text and "lr" not in text
 
 
+def test_runs_of_different_attention_cores_are_warned_of(tmp_path: Path) -> None:
+    """Fused and unfused attention drift apart under MX quantization (docs/benchmarks.md section 8)."""
+    fused = write_manifest(
+        write_metrics_run(tmp_path, "bf16", [3.0, 2.0], [1.0, 1.0], 0),
+        attention_core=["fused (sdpa) qk=none pv=none"],
+    )
+    also_fused = write_manifest(
+        write_metrics_run(tmp_path, "FA_mxfp8", [3.0, 2.1], [1.0, 1.0], 0),
+        attention_core=["fused (triton) qk=mxfp8 pv=none"],  # other values, the same path: comparable
+    )
+    assert comparability_warnings([load_run(fused), load_run(also_fused)]) == ()
+    unfused = write_manifest(
+        write_metrics_run(tmp_path, "linear_mxfp8", [3.0, 2.2], [1.0, 1.0], 0),
+        attention_core=["unfused (MEGAQUANT_ATTENTION=unfused)"],
+    )
+    text = "\n".join(comparability_warnings([load_run(fused), load_run(also_fused), load_run(unfused)]))
+    assert "not comparable: attention_core differs (fused: bf16, FA_mxfp8; unfused: linear_mxfp8)" in text
+
+
 def test_old_and_new_manifests_describe_the_shape_alike(tmp_path: Path) -> None:
     old = write_manifest(
         write_metrics_run(tmp_path, "bf16", [1.0], [1.0], 0),
