@@ -6,10 +6,12 @@ from dataclasses import dataclass
 
 from megaquant.errors import LaunchError
 
-__all__ = ["BUILTIN_TOKENIZER_DIR", "DATASETS", "Dataset", "get_dataset"]
+__all__ = ["BUILTIN_TOKENIZER_DIR", "DATASETS", "REALTEXT_CACHE", "Dataset", "get_dataset"]
 
 BUILTIN_TOKENIZER_DIR = "tokenizers/megaquant-bpe"
 """Where `megaquant data prepare --dataset sample` writes the offline tokenizer (under the data root)."""
+REALTEXT_CACHE = "dataset/realtext/debian"
+"""Where `realtext`'s Debian packages may be unpacked without root (under the data root); else `/`."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -24,6 +26,11 @@ class Dataset:
     """Tokenizer directory relative to the data root; None: the model's own tokenizer."""
     builtin: bool = False
     """True: raw text is shipped with megaquant (`megaquant.corpus`), no inputs needed."""
+    packages: str | None = None
+    """Raw text read offline from installed or unpacked packages, under this cache directory (relative to
+    the data root; `megaquant.corpus.debian`); no inputs needed."""
+    tokenizer_vocab: int = 4096
+    """Vocabulary of the offline byte-level BPE that `data prepare` trains when `tokenizer` is missing."""
 
 
 DATASETS: dict[str, Dataset] = {
@@ -48,6 +55,16 @@ DATASETS: dict[str, Dataset] = {
             inputs="",
             tokenizer=BUILTIN_TOKENIZER_DIR,
             builtin=True,
+        ),
+        Dataset(
+            name="realtext",
+            title="real English text, ~23 M tokens: GCIDE dictionary + Python, Linux and Perl docs "
+            "(Debian packages), offline 32k BPE",
+            prefix="dataset/realtext_processed/realtext_processed_text_document",
+            inputs="",
+            tokenizer="tokenizers/realtext-bpe-32k",
+            packages=REALTEXT_CACHE,
+            tokenizer_vocab=32000,
         ),
     )
 }
