@@ -53,7 +53,9 @@ def test_first_documents_are_real_english_from_every_source(data_root: Path) -> 
     for word in ("the", "of", "and", "to", "is"):
         assert common[word] > 500, word
     gcide = [d.text for d in docs if d.source == "dict-gcide"]
-    headwords = re.compile(r"^\S[^\n]*? \\[^\\\n]+\\", re.MULTILINE)  # `Steer \\Steer\\, v. t. ...`
+    headwords = re.compile(
+        r"^\S[^\n]*? \\[^\\\n]+\\", re.MULTILINE
+    )  # a headword line: Steer \Steer\, v. t. ...
     assert all(len(headwords.findall(t)) >= 40 for t in gcide)  # pages of 50 entries
     assert sum(t.count("[1913 Webster]") + t.count("[WordNet") for t in gcide) > 50 * len(gcide)
     assert not any(d.name.startswith("translations/") for d in docs)
@@ -83,3 +85,24 @@ def test_prepare_a_slice_and_read_it_back_with_megatron(data_root: Path) -> None
         ids = [int(t) for t in dataset[i]]
         assert ids[-1] == eod
         assert tokenizer.decode(ids[:-1]) == texts[i]
+
+
+@pytest.mark.parametrize("preset", ["smoke", "single-gpu"])
+def test_runs_on_realtext_evaluate_on_a_validation_split(preset: str) -> None:
+    """The other datasets keep 100,0,0 and no eval; realtext's split and eval reach Megatron's argv (and the
+    whole matrix of tests/test_launch_validate.py puts them through Megatron's parser and sample counts)."""
+    from megaquant.launch.argv import Parallel, megatron_args
+    from megaquant.launch.datasets import DATASETS
+    from megaquant.launch.models import MODELS
+    from megaquant.launch.presets import EVAL_POINTS, PRESETS
+
+    def flags(dataset: str, steps: int | None = None) -> dict[str, str]:
+        base = PRESETS[preset] if steps is None else PRESETS[preset].with_steps(steps)
+        args = megatron_args(MODELS["tiny"], DATASETS[dataset], base, Parallel(), data_root=Path("/d"))
+        return {k: args[args.index(k) + 1] for k in ("--split", "--eval-iters", "--eval-interval")}
+
+    iters = PRESETS[preset].train_iters
+    assert flags("realtext") == {"--split": "98,2,0", "--eval-iters": "10",
+                                 "--eval-interval": str(iters // EVAL_POINTS)}  # fmt: skip
+    assert flags("realtext", steps=5)["--eval-interval"] == "1"
+    assert flags("sample") == {"--split": "100,0,0", "--eval-iters": "0", "--eval-interval": str(iters)}

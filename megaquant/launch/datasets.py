@@ -5,11 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megaquant.errors import LaunchError
+from megaquant.launch.presets import DATA_SPLIT
 
-__all__ = ["BUILTIN_TOKENIZER_DIR", "DATASETS", "REALTEXT_CACHE", "Dataset", "get_dataset"]
+__all__ = ["BUILTIN_TOKENIZER_DIR", "DATASETS", "REALTEXT_CACHE", "REALTEXT_SPLIT", "Dataset", "get_dataset"]
 
 BUILTIN_TOKENIZER_DIR = "tokenizers/megaquant-bpe"
 """Where `megaquant data prepare --dataset sample` writes the offline tokenizer (under the data root)."""
+REALTEXT_SPLIT = "98,2,0"
+"""realtext's split: 2 % of its 6070 documents (~120, ~0.44 M tokens, every source: the order interleaves
+them) for validation, over 50 sequences of 8192 tokens; Megatron repeats it where eval needs more."""
 REALTEXT_CACHE = "dataset/realtext/debian"
 """Where `realtext`'s Debian packages may be unpacked without root (under the data root); else `/`."""
 
@@ -29,6 +33,10 @@ class Dataset:
     packages: str | None = None
     """Raw text read offline from installed or unpacked packages, under this cache directory (relative to
     the data root; `megaquant.corpus.debian`); no inputs needed."""
+    split: str = DATA_SPLIT
+    """Megatron `--split` (train, validation, test shares of the documents, in their order)."""
+    eval_iters: int = 0
+    """Validation batches per evaluation (`--eval-iters`); 0: evaluation off, which `split` must allow."""
     tokenizer_vocab: int = 4096
     """Vocabulary of the offline byte-level BPE that `data prepare` trains when `tokenizer` is missing."""
 
@@ -64,6 +72,8 @@ DATASETS: dict[str, Dataset] = {
             inputs="",
             tokenizer="tokenizers/realtext-bpe-32k",
             packages=REALTEXT_CACHE,
+            split=REALTEXT_SPLIT,
+            eval_iters=10,
             tokenizer_vocab=32000,
         ),
     )
