@@ -13,7 +13,7 @@ from megaquant.corpus import debian
 from megaquant.launch.datasets import REALTEXT_CACHE, get_dataset
 
 SLICE = 20
-"""Documents prepared in the test (~70 k tokens); the first 100 hold every source."""
+"""Documents prepared in the test (0.28 M characters); the first 100 hold every source."""
 
 
 @pytest.fixture(scope="module")

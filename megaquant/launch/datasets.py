@@ -12,8 +12,8 @@ __all__ = ["BUILTIN_TOKENIZER_DIR", "DATASETS", "REALTEXT_CACHE", "REALTEXT_SPLI
 BUILTIN_TOKENIZER_DIR = "tokenizers/megaquant-bpe"
 """Where `megaquant data prepare --dataset sample` writes the offline tokenizer (under the data root)."""
 REALTEXT_SPLIT = "98,2,0"
-"""realtext's split: 2 % of its 6070 documents (~120, ~0.44 M tokens, every source: the order interleaves
-them) for validation, over 50 sequences of 8192 tokens; Megatron repeats it where eval needs more."""
+"""realtext's split: 2 % of its 6070 documents (122, 0.37 M tokens, every source: the order interleaves
+them) for validation, ~45 sequences of 8192 tokens; Megatron repeats it where eval needs more."""
 REALTEXT_CACHE = "dataset/realtext/debian"
 """Where `realtext`'s Debian packages may be unpacked without root (under the data root); else `/`."""
 
