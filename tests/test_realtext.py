@@ -27,8 +27,15 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_missing_packages_name_the_install_command(tmp_path: Path) -> None:
-    with pytest.raises(debian.CorpusMissing, match=r"dict-gcide, python3\.11-doc, .*apt-get download"):
-        debian.find_root(tmp_path / "cache", system=tmp_path / "nothing")
+    system = tmp_path / "system"
+    pod = system / "usr/share/perl/5.36.0/pod"  # what perl-modules ships without perl-doc
+    pod.mkdir(parents=True)
+    (pod / "perldiag.pod").write_text("=head1 NAME\n\nperldiag - various Perl diagnostics\n")
+    with pytest.raises(
+        debian.CorpusMissing,
+        match=r"dict-gcide, python3\.11-doc, linux-doc-6\.1, perl-doc not found; .*apt-get download",
+    ):
+        debian.find_root(tmp_path / "cache", system=system)
 
 
 def test_registry_entry() -> None:

@@ -41,6 +41,12 @@ _GLOBS: dict[str, tuple[str, str]] = {
 }
 GCIDE_ENTRIES = 50
 """Dictionary entries per document (126 k entries: ~2.5 k pages of ~4.5 k tokens)."""
+_MARKERS: dict[str, str] = {
+    # a file only the package ships (perl-modules also ships pod/perldiag.pod)
+    "python3.11-doc": "usr/share/doc/python3*/html/_sources/library/functions.rst.txt",
+    "linux-doc-6.1": "usr/share/doc/linux-doc-*/html/_sources/process/howto.rst.txt",
+    "perl-doc": "usr/share/perl/5*/pod/perlfunc.pod",
+}
 _B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 
 
@@ -66,7 +72,7 @@ def install_hint(cache: Path) -> str:
 
 def _present(root: Path) -> list[str]:
     found = [p for p in ("dict-gcide",) if Path(f"{root / _GCIDE}.dict.dz").is_file()]
-    found += [p for p, (d, _) in _GLOBS.items() if any(x.is_dir() for x in root.glob(d))]
+    found += [p for p, marker in _MARKERS.items() if any(root.glob(marker))]
     return found
 
 
