@@ -66,7 +66,7 @@ DATASETS: dict[str, Dataset] = {
         ),
         Dataset(
             name="realtext",
-            title="real English text, ~23 M tokens: GCIDE dictionary + Python, Linux and Perl docs "
+            title="real English text, 22.1 M tokens: GCIDE dictionary + Python, Linux and Perl docs "
             "(Debian packages), offline 32k BPE",
             prefix="dataset/realtext_processed/realtext_processed_text_document",
             inputs="",
