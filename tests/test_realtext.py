@@ -4,7 +4,10 @@ read offline, and a slice prepared into a Megatron indexed dataset. Skips only w
 from __future__ import annotations
 
 import collections
+import os
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -22,7 +25,14 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     try:
         debian.fetch(root / REALTEXT_CACHE)
     except debian.CorpusMissing as exc:
-        pytest.skip(f"the Debian packages cannot be fetched here: {exc}")
+        if not (shutil.which("apt-get") and os.geteuid() == 0):
+            pytest.skip(f"the Debian packages cannot be fetched here: {exc}")
+        # a fresh machine (CI runs as root) may have no package lists yet: fetch them once, then retry
+        subprocess.run(["apt-get", "update", "-qq"], capture_output=True, check=False)
+        try:
+            debian.fetch(root / REALTEXT_CACHE)
+        except debian.CorpusMissing as again:
+            pytest.skip(f"the Debian packages cannot be fetched here, even after apt-get update: {again}")
     return root
 
 
