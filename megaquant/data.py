@@ -329,30 +329,41 @@ def prepare_dataset(
     append_eod: bool = True,
     progress: bool = False,
     max_docstrings: int | None = None,
+    max_documents: int | None = None,
     megatron: Path | None = None,
 ) -> PrepareResult:
     """Tokenize a registry dataset (`dataset`) or explicit `inputs` into `output` (a prefix).
 
     `megatron`: a Megatron tree whose own megatron package writes the files (default: the installed one).
+    `max_docstrings` caps the built-in corpus, `max_documents` a package corpus (`realtext`): a slice.
     """
     from megaquant.launch.datasets import get_dataset
 
     texts: Iterable[str]
     entry = get_dataset(dataset) if dataset is not None else None
-    if entry is not None and entry.builtin and inputs:
+    own_text = entry is not None and (entry.builtin or entry.packages is not None)
+    if entry is not None and own_text and inputs:
+        what = "the built-in corpus" if entry.builtin else "read from its packages"
         raise DataError(
-            f"--dataset {entry.name} is the built-in corpus and reads no files; drop --input, or drop "
+            f"--dataset {entry.name} is {what} and reads no files; drop --input, or drop "
             "--dataset and pass --output PREFIX to tokenize your own files"
         )
-    _tokenizers(), _indexed_dataset(megatron)  # fail before any work when they cannot be imported
-    if entry is not None and entry.builtin:
-        from megaquant import corpus
+    if entry is not None and entry.packages is not None:
+        from megaquant.corpus import debian
 
-        texts = list(corpus.documents(max_docstrings))
+        root = debian.find_root(data_root / entry.packages)  # before the imports: the likelier problem
+    _tokenizers(), _indexed_dataset(megatron)  # fail before any work when they cannot be imported
+    if entry is not None and own_text:
+        if entry.builtin:
+            from megaquant import corpus
+
+            texts = list(corpus.documents(max_docstrings))
+        else:
+            texts = [d.text for d in debian.documents(root, limit=max_documents)]
         if tokenizer is None and entry.tokenizer is not None:
             tokenizer = data_root / entry.tokenizer
             if not (tokenizer / "tokenizer.json").is_file():
-                build_tokenizer(tokenizer, texts)
+                build_tokenizer(tokenizer, texts, vocab_size=entry.tokenizer_vocab)
     else:
         files = list(inputs)
         if entry is not None and not files:

@@ -11,7 +11,7 @@ from megaquant.errors import LaunchError
 from megaquant.launch.datasets import Dataset
 from megaquant.launch.models import Model
 from megaquant.launch.modes import ROLES, Mode
-from megaquant.launch.presets import DATA_SPLIT, Preset
+from megaquant.launch.presets import Preset
 from megaquant.spec import GROUPS, canonical_value
 
 __all__ = [
@@ -147,7 +147,8 @@ def megatron_args(
     """The Megatron arguments of one run (no program name). dataset None: `--mock-data`. Pure."""
     check_extra_args(extra)
     parallel.check()
-    args = list(FAKE_QUANT_FLAGS) + model.megatron_args() + preset.megatron_args()
+    eval_iters = dataset.eval_iters if dataset is not None else 0
+    args = list(FAKE_QUANT_FLAGS) + model.megatron_args() + preset.megatron_args(eval_iters=eval_iters)
     args += [
         "--tensor-model-parallel-size", str(parallel.tp),
         "--pipeline-model-parallel-size", str(parallel.pp),
@@ -163,7 +164,7 @@ def megatron_args(
             tokenizer = str(data_root / dataset.tokenizer) if dataset.tokenizer else model.tokenizer
         args += [
             "--data-path", str(data_root / dataset.prefix),
-            "--split", DATA_SPLIT,
+            "--split", dataset.split,
             "--tokenizer-type", "HuggingFaceTokenizer",
             "--tokenizer-model", tokenizer,
         ]  # fmt: skip

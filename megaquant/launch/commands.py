@@ -164,6 +164,9 @@ def register(app: typer.Typer) -> None:
         ] = None,
         data_root: Annotated[Path, _Opt(help="Root the registry paths are relative to.")] = Path("."),
         append_eod: Annotated[bool, _Opt(help="Append the end-of-document token.")] = True,
+        max_documents: Annotated[
+            int | None, _Opt(help="A package corpus (realtext): only its first N documents, a slice.")
+        ] = None,
         megatron: Annotated[
             Path | None,
             _Opt(help="A Megatron-LM tree whose own megatron package writes the files (default: installed)."),
@@ -180,6 +183,7 @@ def register(app: typer.Typer) -> None:
             data_root=data_root,
             append_eod=append_eod,
             progress=True,
+            max_documents=max_documents,
             megatron=megatron,
         )
         typer.echo(

@@ -7,12 +7,16 @@ from dataclasses import dataclass
 
 from megaquant.errors import LaunchError
 
-__all__ = ["DATA_SPLIT", "PRESETS", "Preset", "get_preset"]
+__all__ = ["DATA_SPLIT", "EVAL_POINTS", "PRESETS", "Preset", "get_preset"]
 
 DATA_SPLIT = "100,0,0"
 """Megatron `--split` of every preset: evaluation is off (`--eval-iters 0`), so no validation or test split
 is built; a 1 % validation split of a small corpus (the built-in sample: ~8 documents) holds fewer tokens
 than one sequence, and Megatron's sampler asserts on an empty split even when it never evaluates."""
+
+
+EVAL_POINTS = 10
+"""Evaluations per run on a dataset with a validation split (`Dataset.eval_iters` > 0)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -40,7 +44,10 @@ class Preset:
             raise LaunchError(f"--steps must be >= 1, got {steps}")
         return dataclasses.replace(self, train_samples=steps * self.global_batch_size)
 
-    def megatron_args(self) -> list[str]:
+    def megatron_args(self, *, eval_iters: int = 0) -> list[str]:
+        """`eval_iters` (the dataset's, see `Dataset.eval_iters`): 0 = evaluation off, the default; else
+        Megatron evaluates `eval_iters` validation batches `EVAL_POINTS` times in the run (and at its end)."""
+        eval_interval = self.train_iters if eval_iters == 0 else max(1, self.train_iters // EVAL_POINTS)
         args = [
             "--micro-batch-size", str(self.micro_batch_size),
             "--global-batch-size", str(self.global_batch_size),
@@ -57,8 +64,8 @@ class Preset:
             "--clip-grad", "1.0",
             "--log-interval", str(self.log_interval),
             "--log-throughput",
-            "--eval-iters", "0",  # with DATA_SPLIT: no validation split is needed
-            "--eval-interval", str(self.train_iters),  # Megatron divides by it even with no eval iters
+            "--eval-iters", str(eval_iters),  # 0 with DATA_SPLIT: no validation split is needed
+            "--eval-interval", str(eval_interval),  # Megatron divides by it even with no eval iters
             "--seed", "1234",
         ]  # fmt: skip
         if self.save_interval is not None:

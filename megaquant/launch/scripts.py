@@ -69,7 +69,7 @@ def combination_scripts(*, megatron: str = "${MEGATRON:-.}", preset: str = "fast
     """file name -> text: one script per seed model x dataset x mode, each a one-line launcher call that
     passes on its own arguments (`./train_llama32-1b_wikipedia_bf16.sh --nproc-per-node 8`)."""
     scripts: dict[str, str] = {}
-    datasets = [d.name for d in DATASETS.values() if not d.builtin]
+    datasets = [d.name for d in DATASETS.values() if not d.builtin and d.packages is None]
     for model in SCRIPT_MODELS:
         assert model in MODELS
         for dataset in datasets:
