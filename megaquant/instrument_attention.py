@@ -85,16 +85,6 @@ def _code(node: cst.CSTNode) -> str:
     return cst.Module(body=[]).code_for_node(node)
 
 
-def _find_forward(module: cst.Module, scope: str) -> cst.FunctionDef | None:
-    cls_name, _, func_name = scope.partition(".")
-    for stmt in module.body:
-        if isinstance(stmt, cst.ClassDef) and stmt.name.value == cls_name:
-            for item in stmt.body.body:
-                if isinstance(item, cst.FunctionDef) and item.name.value == func_name:
-                    return item
-    return None
-
-
 def _is_site(stmt: cst.BaseStatement, variable: str) -> bool:
     if not (isinstance(stmt, cst.SimpleStatementLine) and len(stmt.body) == 1):
         return False
@@ -155,7 +145,9 @@ def fuse_attention(source: bytes, rule: AttentionRule, *, path: str = "") -> Fus
     except cst.ParserSyntaxError as exc:
         raise SourceError(f"{path}:{exc.raw_line}: cannot parse: {exc.message}") from exc
     module = wrapper.module
-    func = _find_forward(module, rule.scope)
+    from megaquant.instrument.gemms import ModuleIndex  # here: megaquant.instrument imports this module
+
+    func = ModuleIndex.of(module).scope(rule.scope)
     if func is None:
         raise SourceError(f"{path}: scope {rule.scope} not found; this Megatron version needs a rule update")
     line = wrapper.resolve(PositionProvider)[func].start.line

@@ -159,14 +159,9 @@ def fake_quant(
         x, fmt, backend, amax, axis=axis, block_size=block_size, scale=scale, rounding=rounding,
         saturate=saturate, preset=preset, tensor_scale=tensor_scale, seed=seed, block_2d=block_2d,
     )  # fmt: skip
-    with torch.no_grad():
-        if kernels is not None:
-            return kernels.fake_quant(x, fmt, **kw)
-        if opts.fmt.block_scale == "e4m3":
-            return fake_quant_nvfp4(x, opts, amax)
-        if opts.fmt.block_scaled:
-            return fake_quant_mx(x, opts)
-        return fake_quant_hif8(x, opts, amax)
+    if kernels is not None:
+        return _kernel_fake_quant(kernels, fmt, kw, x)
+    return _reference_fake_quant(opts, amax, x)
 
 
 def _reference_fake_quant(opts: Options, amax: torch.Tensor | float | None, x: torch.Tensor) -> torch.Tensor:

@@ -188,11 +188,17 @@ def attention_backend(
     **kw: Any,
 ) -> str:
     """Which backend quant_attention(q, k, v, ...) runs: "sdpa", "triton" or "reference"."""
+    return _backend(q, k, v, *_configs(qk, pv, kw), backend)
+
+
+def _backend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg_qk: QuantConfig, cfg_pv: QuantConfig, backend: str
+) -> str:
+    """attention_backend on resolved configs (quant_attention resolves them once)."""
     if backend not in ATTENTION_BACKENDS:
         raise ValueNameError(
             f"unknown attention backend {backend!r}; expected one of {', '.join(ATTENTION_BACKENDS)}"
         )
-    cfg_qk, cfg_pv = _configs(qk, pv, kw)
     if backend != "auto":
         return backend
     if not q.is_cuda:
@@ -220,7 +226,7 @@ def quant_attention(
     """Attention with the qk and pv sites quantized: q [b, hq, s, d], k [b, hkv, s_k, d], v [b, hkv, s_k, dv]
     (hq a multiple of hkv: grouped-query attention, K/V never repeated) -> [b, hq, s, dv] in q's dtype.
 
-    qk / pv: value names as for quant_baddbmm / quant_bmm (mxfp8, mxfp4, hifp8, none); `kw` are their
+    qk / pv: value names as for quant_baddbmm / quant_bmm (mxfp8, mxfp4, hifp8, nvfp4, none); `kw` are their
     keywords (preset, role, quantize_grads, block_size, scale, rounding, tensor_scale). causal: key j
     attends to query i when j <= i (top-left aligned, as Megatron's causal mask). softmax_scale defaults
     to 1/sqrt(d). backend: "auto" (CUDA: SDPA flash for none/none when it covers the shapes, else the
@@ -231,7 +237,7 @@ def quant_attention(
     _check(q, k, v)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     cfg_qk, cfg_pv = _configs(qk, pv, kw)
-    which = attention_backend(q, k, v, qk=qk, pv=pv, causal=causal, backend=backend, **kw)
+    which = _backend(q, k, v, cfg_qk, cfg_pv, backend)
     if which == "sdpa":
         if cfg_qk.fmt is not None or cfg_pv.fmt is not None:
             raise ValueNameError("backend='sdpa' computes unquantized attention only (qk = pv = none)")
@@ -245,7 +251,7 @@ def quant_attention(
     if which == "triton":
         from megaquant.ops import _attention_triton
 
-        if not _attention_triton.supports(q, k, v, cfg_qk, cfg_pv):
+        if backend == "triton" and not _attention_triton.supports(q, k, v, cfg_qk, cfg_pv):  # auto checked
             raise ValueNameError(
                 f"backend='triton' does not cover this call (q {tuple(q.shape)} {q.dtype} on {q.device}, "
                 f"qk={qk}, pv={pv}, {kw}); use backend='auto' to fall back to the reference"
