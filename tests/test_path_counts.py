@@ -270,6 +270,24 @@ def test_quantizer_equals_fake_quant(fmt: str) -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("fmt", "kw"),
+    [
+        ("nvfp4", {}),  # the format's own 16-element blocks, its tensor scale from each tensor's amax
+        ("nvfp4", {"block_2d": True}),
+        ("mxfp8_e5m2", {"rounding": "stochastic", "seed": 7}),
+        ("nvfp4", {"rounding": "stochastic", "seed": 7}),
+    ],
+)
+def test_quantizer_equals_fake_quant_for_the_newer_options(fmt: str, kw: dict[str, object]) -> None:
+    """The ops' launch path covers NVFP4, 2-D tiles and stochastic rounding exactly as fake_quant does."""
+    x, other = _rand(32, 96).to(torch.bfloat16), _rand(16, 96, seed=9).to(torch.bfloat16)
+    fn, path, _ = quantizer(x, fmt, axis=-1, **kw)
+    assert path == "reference"
+    for t in (x, other):
+        assert torch.equal(_bits(fn(t)), _bits(fake_quant(t, fmt, axis=-1, **kw)))  # type: ignore[arg-type]
+
+
 def test_ops_without_autograd_equal_the_autograd_path() -> None:
     """Inside Megatron's autograd functions (grad off) the ops skip their own Function: same bits."""
     a, b = _rand(4, 64, seed=6), _rand(64, 8, seed=7).requires_grad_(True)
