@@ -11,10 +11,9 @@ ratio, GEMMs per step by path (Triton / reference / plain) and weight-cache hits
 Shapes (the issue's): `1b-single` Llama-3.2-1B full depth, single-gpu preset (micro 2 x 1024, global 16);
 `1b-fast` the same model with the fast preset (micro 1 x 2048, global 32); `8b-2l` Llama-3.1-8B cut to 2
 layers at the standard preset's shape (micro 1 x 8192, global 2); `tiny-smoke` the tiny model, smoke preset.
-Modes: bf16, FA_linear_{mxfp8, mxfp4, hifp8} and `FA_linear_hifp8+ts` (configure(tensor_scale=True) in the
-training processes, through a sitecustomize this script puts on PYTHONPATH: there is no launcher option for
-it yet). `MODE+nocache` runs with MEGAQUANT_WEIGHT_CACHE=off (for the bit-identity check: same losses).
-The sample corpus needs `--split 100,0,0` at seq >= 1024, so every row passes it.
+Modes: bf16, FA_linear_{mxfp8, mxfp4, hifp8} and `FA_linear_hifp8+ts` (`--recipe hifp8_scaled`: per-tensor
+scaled HiF8). `MODE+nocache` runs with MEGAQUANT_WEIGHT_CACHE=off (for the bit-identity check: same losses);
+`MODE+graph` adds Megatron's full-iteration CUDA graph (`--cuda-graph-impl full_iteration`).
 """
 
 from __future__ import annotations
@@ -42,12 +41,6 @@ SHAPES: dict[str, tuple[str, str, tuple[str, ...], int]] = {
     "8b-2l": ("llama31-8b", "standard", ("--num-layers", "2", "--global-batch-size", "2"), 2),
 }
 MODES = ("bf16", "FA_linear_mxfp8", "FA_linear_hifp8+ts", "FA_linear_hifp8", "FA_linear_mxfp4")
-_SITECUSTOMIZE = """# by benchmarks/train_overhead.py: tensor-scaled HiF8 in the training processes only
-import os
-if os.environ.get("RANK") is not None:
-    from megaquant import ops
-    ops.configure(tensor_scale=True)
-"""
 
 
 @dataclass(frozen=True)
@@ -61,24 +54,23 @@ class Row:
 
 
 def argv_for(row: Row, ns: argparse.Namespace, run_dir: Path) -> list[str]:
-    model, preset, extra, global_batch = SHAPES[row.shape]
+    model, preset, extra, _ = SHAPES[row.shape]
     mode = row.mode.split("+")[0]
     argv = [*ns.megaquant, "train", "--megatron", str(ns.tree), "--model", model, "--dataset", "sample"]
     argv += ["--data-root", str(ns.data_root), "--training-config", preset, "-q", mode]
-    argv += ["--run-dir", str(run_dir), "--no-validate", "--"]
-    argv += ["--split", "100,0,0", "--train-samples", str(ns.steps * global_batch), *extra]
-    argv += ["--eval-interval", str(ns.steps + 1), "--log-interval", "1"]
+    parts = row.mode.split("+")[1:]
+    if "ts" in parts:
+        argv += ["--recipe", "hifp8_scaled"]
+    argv += ["--run-dir", str(run_dir), "--no-validate", "--steps", str(ns.steps), "--", *extra]
+    argv += ["--log-interval", "1"]
+    if "graph" in parts:
+        argv += ["--cuda-graph-impl", "full_iteration", "--no-check-for-nan-in-loss-and-grad"]
     return argv
 
 
 def env_for(row: Row, ns: argparse.Namespace) -> dict[str, str]:
     env = dict(os.environ)
     parts = row.mode.split("+")[1:]
-    if "ts" in parts:
-        site = ns.out / "ts_site"
-        site.mkdir(parents=True, exist_ok=True)
-        (site / "sitecustomize.py").write_text(_SITECUSTOMIZE)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), env.get("PYTHONPATH", "")) if p)
     if "nocache" in parts:
         env["MEGAQUANT_WEIGHT_CACHE"] = "off"
     return env
