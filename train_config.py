@@ -36,6 +36,9 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--training-config", choices=list(PRESETS), default="fast")
     p.add_argument("--recipe", choices=list(RECIPES), default="default", help="training recipe")
+    p.add_argument(
+        "--cuda-graphs", choices=["auto", "on", "off"], default="auto", help="full-iteration CUDA graph"
+    )
     p.add_argument("--megatron", type=Path, default=Path("."), help="Megatron-LM tree (default: here)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps instead of the config's length")
     p.add_argument("--nproc-per-node", type=int, default=1)
@@ -73,6 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         extra=tuple(extra),
         steps=args.steps,
         recipe=args.recipe,
+        cuda_graphs=args.cuda_graphs,
     )
     try:
         return train(request, out=sys.stdout, dry_run=args.dry_run)

@@ -13,7 +13,8 @@ Shapes (the issue's): `1b-single` Llama-3.2-1B full depth, single-gpu preset (mi
 layers at the standard preset's shape (micro 1 x 8192, global 2); `tiny-smoke` the tiny model, smoke preset.
 Modes: bf16, FA_linear_{mxfp8, mxfp4, hifp8} and `FA_linear_hifp8+ts` (`--recipe hifp8_scaled`: per-tensor
 scaled HiF8). `MODE+nocache` runs with MEGAQUANT_WEIGHT_CACHE=off (for the bit-identity check: same losses);
-`MODE+graph` adds Megatron's full-iteration CUDA graph (`--cuda-graph-impl full_iteration`).
+`MODE+graph` / `MODE+nograph` run with `--cuda-graphs on` / `off` (Megatron's full-iteration CUDA graph;
+without either, `megaquant train`'s default `auto` decides, see megaquant/launch/graphs.py).
 """
 
 from __future__ import annotations
@@ -61,11 +62,10 @@ def argv_for(row: Row, ns: argparse.Namespace, run_dir: Path) -> list[str]:
     parts = row.mode.split("+")[1:]
     if "ts" in parts:
         argv += ["--recipe", "hifp8_scaled"]
+    if "graph" in parts or "nograph" in parts:
+        argv += ["--cuda-graphs", "on" if "graph" in parts else "off"]
     argv += ["--run-dir", str(run_dir), "--no-validate", "--steps", str(ns.steps), "--", *extra]
-    argv += ["--log-interval", "1"]
-    if "graph" in parts:
-        argv += ["--cuda-graph-impl", "full_iteration", "--no-check-for-nan-in-loss-and-grad"]
-    return argv
+    return [*argv, "--log-interval", "1"]
 
 
 def env_for(row: Row, ns: argparse.Namespace) -> dict[str, str]:

@@ -13,6 +13,9 @@ ROLE is the role keyword the op got (or configure()'s), else the op's name (`mat
 `baddbmm`, `bmm`, `linear`); a GEMM's PATH is "triton", "reference" (any operand on the torch reference)
 or "plain" (value none); an operand's is "triton", "reference" or "cache" (a weight quantized earlier in
 the same optimizer step). "fallbacks" lists each CUDA operand shape that ran the reference, with why.
+Optional: "eval_gemms" / "eval_operands" (validation passes, kept out of the per-step counts) and
+"cuda_graph": {"capture_step": k, "replayed_steps": n} when the trainer ran Megatron's full-iteration
+CUDA graph: the ops run in Python only up to step k, and each replayed step counts as step k did.
 """
 
 from __future__ import annotations
@@ -46,14 +49,25 @@ def merge(snapshots: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     """The sum of several processes' counts (fallbacks concatenated, rank kept; steps: the largest)."""
     gemms: dict[str, dict[str, int]] = {}
     operands: dict[str, dict[str, int]] = {}
+    eval_gemms: dict[str, dict[str, int]] = {}
+    eval_operands: dict[str, dict[str, int]] = {}
     fallbacks: list[dict[str, Any]] = []
     steps = 0
+    graph: dict[str, Any] | None = None
     for snap in snapshots:
         _add(gemms, snap.get("gemms", {}))
         _add(operands, snap.get("operands", {}))
+        _add(eval_gemms, snap.get("eval_gemms", {}))
+        _add(eval_operands, snap.get("eval_operands", {}))
         fallbacks.extend(snap.get("fallbacks", []))
         steps = max(steps, int(snap.get("steps", 0)))
-    return {"gemms": gemms, "operands": operands, "fallbacks": fallbacks, "steps": steps}
+        graph = graph or snap.get("cuda_graph")
+    merged: dict[str, Any] = {"gemms": gemms, "operands": operands, "fallbacks": fallbacks, "steps": steps}
+    if eval_gemms:
+        merged.update(eval_gemms=eval_gemms, eval_operands=eval_operands)
+    if graph:
+        merged["cuda_graph"] = graph
+    return merged
 
 
 def collect(run_dir: Path) -> dict[str, Any] | None:

@@ -348,6 +348,12 @@ def test_prepare_argv_forces_local_and_unfused() -> None:
     assert pretrain.prepare_argv(["--transformer-impl=local"]).count("--transformer-impl=local") == 1
 
 
+def test_prepare_argv_drops_the_dataloader_mask_unless_documents_reset_it() -> None:
+    # GPT's mask is causal: no mask tensor means no per-layer device-to-host check in the fused core
+    assert "--no-create-attention-mask-in-dataloader" in pretrain.prepare_argv(["--bf16"])
+    assert "--no-create-attention-mask-in-dataloader" not in pretrain.prepare_argv(["--reset-attention-mask"])
+
+
 @pytest.mark.parametrize(
     ("argv", "match"),
     [

@@ -142,6 +142,8 @@ def config_from_namespace(namespace: Mapping[str, Any]) -> Any:
         kw.update(activation_func=F.silu, gated_linear_unit=True, bias_activation_fusion=False)
     if namespace.get("rope_type") is None:
         kw.pop("rope_type", None)
+    for name in ("cuda_graph_impl", "cuda_graph_modules", "cuda_graph_scope"):
+        kw.pop(name, None)  # how the step runs, not what is built (0.16.1 lacks the newer graph choices)
     if isinstance(kw.get("cp_comm_type"), list) and len(kw["cp_comm_type"]) == 1:
         kw["cp_comm_type"] = kw["cp_comm_type"][0]
     return kind(**kw)

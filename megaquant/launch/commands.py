@@ -48,6 +48,10 @@ def register(app: typer.Typer) -> None:
         recipe: Annotated[
             str, _Opt(help=f"Training recipe (docs/recipes.md): {', '.join(RECIPES)}.")
         ] = DEFAULT_RECIPE,
+        cuda_graphs: Annotated[
+            str,
+            _Opt(help="auto | on | off: Megatron's full-iteration CUDA graph (auto: on where it is safe)."),
+        ] = "auto",
         tp: Annotated[int, _Opt(help="Tensor model parallel size.")] = 1,
         pp: Annotated[int, _Opt(help="Pipeline model parallel size.")] = 1,
         ep: Annotated[int, _Opt(help="Expert model parallel size (MoE models).")] = 1,
@@ -117,6 +121,7 @@ def register(app: typer.Typer) -> None:
             extra=tuple(ctx.args),
             steps=steps,
             recipe=recipe,
+            cuda_graphs=cuda_graphs,
         )
         options = SlurmOptions(partition=partition, time=time_limit, account=account) if slurm else None
         code = train(

@@ -111,7 +111,7 @@ def request_options(request: TrainRequest) -> list[str]:
     options (`--srun`, `--master-addr`, `--master-port`, `--rdzv-id`) are left to `sbatch_script`."""
     p = request.parallel
     opts = ["--model", request.model, "--quantization", request.mode, "--training-config", request.preset]
-    opts += ["--recipe", request.recipe]
+    opts += ["--recipe", request.recipe, "--cuda-graphs", request.cuda_graphs]
     opts += ["--dataset", request.dataset] if request.dataset else ["--mock-data"]
     opts += ["--megatron", str(request.megatron.absolute())]
     for flag, value in (
@@ -143,6 +143,7 @@ def _describe(
         f"training config {plan.request.preset}",
         f"role values: {values}",
         f"recipe: {plan.request.recipe} ({get_recipe(plan.request.recipe).title})",
+        f"cuda graphs: {'on' if plan.cuda_graphs.enabled else 'off'} ({plan.cuda_graphs.reason})",
         f"spec: {plan.spec}   tree: {plan.tree}   run dir: {plan.run_dir}",
         f"validation: {validation.note}",
         f"trains with: {check.training.describe() if check.training else '(no megatron/training found)'}",
@@ -222,6 +223,7 @@ def train(
                 "mode": plan.mode,
                 "preset": plan.request.preset,
                 "recipe": plan.request.recipe,
+                "cuda_graphs": {"enabled": plan.cuda_graphs.enabled, "reason": plan.cuda_graphs.reason},
                 "values": plan.values,
                 "spec": plan.spec,
                 "megatron_args": list(plan.megatron_args),

@@ -47,9 +47,17 @@ _FORCED_OFF = (
 )
 
 
+_NO_DATALOADER_MASK = "--no-create-attention-mask-in-dataloader"
+"""GPT's mask is causal by construction unless documents reset it: without a dataloader mask the attention
+gets `attention_mask=None` with the causal mask type (the unfused softmax builds the same causal mask), so the
+fused core needs no per-call check that a mask tensor is causal, a device-to-host sync that stalls the launch
+queue at every layer and cannot run under CUDA-graph capture."""
+
+
 def prepare_argv(argv: Sequence[str]) -> list[str]:
     """The Megatron argv this entry trains with: local transformer implementation, fusions that bypass
-    the hooked GEMMs (or need Transformer Engine / apex) turned off. Pure.
+    the hooked GEMMs (or need Transformer Engine / apex) turned off, no dataloader attention mask unless
+    `--reset-attention-mask` makes the mask per document. Pure.
 
     Raises LaunchError for `--transformer-impl transformer_engine` (the hooks live in the local modules:
     a TE run would silently quantize nothing) and for the flags in REFUSED_FLAGS.
@@ -70,6 +78,9 @@ def prepare_argv(argv: Sequence[str]) -> list[str]:
     if not any(a.partition("=")[0] == "--transformer-impl" for a in out):
         out += ["--transformer-impl", "local"]
     out += [flag for flag in _FORCED_OFF if flag not in out]
+    flags = {a.partition("=")[0] for a in out}
+    if not flags & {"--reset-attention-mask", _NO_DATALOADER_MASK}:
+        out.append(_NO_DATALOADER_MASK)
     return out
 
 
@@ -311,6 +322,31 @@ def _timed_train_step(original: Callable[..., Any], sink: IO[str] | None) -> Cal
     return train_step
 
 
+def _check_graph_recipe() -> None:
+    """Refuse a recipe whose per-step host state a replayed CUDA graph would freeze (launch.graphs)."""
+    from megaquant.launch.graphs import recipe_blockers
+    from megaquant.recipes import DEFAULT_RECIPE, RECIPE_ENV, get_recipe
+
+    recipe = get_recipe(os.environ.get(RECIPE_ENV) or DEFAULT_RECIPE)
+    blockers = recipe_blockers(recipe)
+    if blockers:
+        raise LaunchError(
+            f"--cuda-graph-impl full_iteration with recipe {recipe.name}: {'; '.join(blockers)}, which a "
+            "replayed graph would repeat every step; train without it (megaquant train --cuda-graphs off)"
+        )
+
+
+def _counted_evaluate(original: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap megatron.training.training.evaluate: validation GEMMs are counted apart from the steps'."""
+    from megaquant.ops import counters
+
+    def evaluate(*args: Any, **kwargs: Any) -> Any:
+        with counters.evaluation():
+            return original(*args, **kwargs)
+
+    return evaluate
+
+
 def _use_prebuilt_dataset_helpers() -> None:
     """Megatron's initialize runs `make` in megatron/core/datasets, which a pip-installed megatron-core
     cannot do (no Makefile) and does not need (the wheel ships the compiled helpers_cpp module)."""
@@ -358,7 +394,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     enabled, max_bytes = weight_cache_bound(os.environ.get(WEIGHT_CACHE_ENV), device_bytes)
     if enabled:
         weights.enable_weight_cache(max_bytes)
+    if getattr(args, "cuda_graph_impl", "none") == "full_iteration":
+        _check_graph_recipe()
+        counters.expect_graph(int(args.cuda_graph_warmup_steps) + 1)
     training.train_step = _timed_train_step(training.train_step, sink)
+    training.evaluate = _counted_evaluate(training.evaluate)
     _use_prebuilt_dataset_helpers()
     torch.backends.cuda.matmul.allow_tf32 = False  # bf16 GEMMs either way; keep fp32 paths exact
     try:

@@ -32,11 +32,12 @@ from megaquant.launch.argv import (
     train_env,
 )
 from megaquant.launch.datasets import get_dataset
+from megaquant.launch.graphs import GRAPH_FLAGS, GraphDecision, decide_graphs
 from megaquant.launch.models import get_model
 from megaquant.launch.modes import get_mode, mode_for_values
 from megaquant.launch.presets import get_preset
 from megaquant.pathcounts import PATH_COUNTS_ENV, collect
-from megaquant.recipes import RECIPE_ENV, check_recipe
+from megaquant.recipes import RECIPE_ENV, check_recipe, get_recipe
 from megaquant.spec import load_spec
 
 if TYPE_CHECKING:
@@ -90,6 +91,8 @@ class TrainRequest:
     """Optimizer steps instead of the preset's length (LR schedule and eval interval follow)."""
     recipe: str = "default"
     """megaquant.recipes name; the training process gets it as MEGAQUANT_RECIPE."""
+    cuda_graphs: str = "auto"
+    """auto | on | off: Megatron's full-iteration CUDA graph (megaquant.launch.graphs)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -102,6 +105,7 @@ class RunPlan:
     run_dir: Path
     spec: str
     notes: tuple[str, ...] = ()
+    cuda_graphs: GraphDecision = GraphDecision(False, "not decided")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -179,6 +183,19 @@ def plan_run(request: TrainRequest, *, require_tree: bool = True) -> RunPlan:
     for value in values.values():  # a value this tree's ops lack: refused before anything is set
         tree_spec.check_value(value)
     check_recipe(request.recipe, values, spec=spec)  # unknown, or not expressible on this tree: refused
+    parallel = request.parallel
+    graphs = decide_graphs(
+        request.cuda_graphs,
+        recipe=get_recipe(request.recipe),
+        own_entry=not (tree / "pretrain_gpt.py").is_file(),
+        tree=tree if is_tree else None,
+        moe=model.moe,
+        world_size=parallel.nproc_per_node * parallel.nnodes,
+        pipeline=parallel.pp,
+        extra=tuple(request.extra),
+    )
+    if graphs.enabled and "--cuda-graph-impl" not in {a.partition("=")[0] for a in request.extra}:
+        args = [*args, *GRAPH_FLAGS]
     run_dir = request.run_dir or default_run_dir(request, mode)
     return RunPlan(
         request=request,
@@ -189,6 +206,7 @@ def plan_run(request: TrainRequest, *, require_tree: bool = True) -> RunPlan:
         run_dir=run_dir.absolute(),
         spec=spec,
         notes=tuple(notes),
+        cuda_graphs=graphs,
     )
 
 
@@ -320,6 +338,7 @@ def execute(
         "dataset": request.dataset or "mock",
         "preset": request.preset,
         "recipe": request.recipe,
+        "cuda_graphs": {"enabled": plan.cuda_graphs.enabled, "reason": plan.cuda_graphs.reason},
         "values": dict(applied.values),
         "absent_roles": list(applied.absent),
         "spec": plan.spec,

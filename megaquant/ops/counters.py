@@ -14,18 +14,53 @@ import json
 import logging
 import os
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from megaquant.pathcounts import PATH_COUNTS_ENV, file_name
 
-__all__ = ["count_gemm", "count_operand", "mark_step", "note_fallback", "reset", "snapshot", "write"]
+__all__ = [
+    "count_gemm",
+    "count_operand",
+    "evaluation",
+    "expect_graph",
+    "mark_step",
+    "note_fallback",
+    "reset",
+    "snapshot",
+    "write",
+]
 
 _LOG = logging.getLogger("megaquant.ops")
 _GEMMS: Counter[tuple[str, str]] = Counter()
 _OPERANDS: Counter[tuple[str, str]] = Counter()
 _FALLBACKS: dict[tuple[object, ...], dict[str, Any]] = {}
 _STEPS = [0]
+_EVAL_GEMMS: Counter[tuple[str, str]] = Counter()
+_EVAL_OPERANDS: Counter[tuple[str, str]] = Counter()
+
+
+@dataclass
+class _Graph:
+    """Megatron's full-iteration CUDA graph: step `capture_step` is captured (and replayed), later steps only
+    replay it, so no op runs in Python and nothing is counted; mark_step() adds the captured step's counts."""
+
+    capture_step: int | None = None
+    delta: tuple[Counter[tuple[str, str]], Counter[tuple[str, str]]] | None = None
+    mark: tuple[Counter[tuple[str, str]], Counter[tuple[str, str]]] = (Counter(), Counter())
+    replays: int = 0
+
+
+_GRAPH = _Graph()
+
+
+def expect_graph(capture_step: int) -> None:
+    """The trainer runs under a full-iteration CUDA graph captured at optimizer step `capture_step` (1-based:
+    Megatron's --cuda-graph-warmup-steps + 1); every later step that counts nothing is a replay of it."""
+    _GRAPH.capture_step = capture_step
 
 
 def count_gemm(role: str, path: str) -> None:
@@ -39,6 +74,31 @@ def count_operand(role: str, path: str) -> None:
 def mark_step() -> None:
     """One optimizer step done (trainers call it; the files report how many steps the counts cover)."""
     _STEPS[0] += 1
+    graph = _GRAPH
+    if graph.capture_step is None:
+        return
+    if _STEPS[0] == graph.capture_step:
+        graph.delta = (_GEMMS - graph.mark[0], _OPERANDS - graph.mark[1])
+    elif _STEPS[0] > graph.capture_step and graph.delta is not None and graph.mark == (_GEMMS, _OPERANDS):
+        _GEMMS.update(graph.delta[0])
+        _OPERANDS.update(graph.delta[1])
+        graph.replays += 1
+    graph.mark = (Counter(_GEMMS), Counter(_OPERANDS))
+
+
+@contextmanager
+def evaluation() -> Iterator[None]:
+    """Count the GEMMs inside (a validation pass) apart from the training steps' (`eval_gemms`, ...)."""
+    gemms, operands = Counter(_GEMMS), Counter(_OPERANDS)
+    try:
+        yield
+    finally:
+        _EVAL_GEMMS.update(_GEMMS - gemms)
+        _EVAL_OPERANDS.update(_OPERANDS - operands)
+        _GEMMS.clear()
+        _GEMMS.update(gemms)
+        _OPERANDS.clear()
+        _OPERANDS.update(operands)
 
 
 def note_fallback(role: str, shape: tuple[int, ...], dtype: object, fmt: str, reason: str) -> None:
@@ -66,12 +126,17 @@ def _table(counter: Counter[tuple[str, str]]) -> dict[str, dict[str, int]]:
 
 def snapshot() -> dict[str, Any]:
     """The counts so far, in the file format of megaquant.pathcounts."""
-    return {
+    out: dict[str, Any] = {
         "gemms": _table(_GEMMS),
         "operands": _table(_OPERANDS),
         "fallbacks": [dict(e) for e in _FALLBACKS.values()],
         "steps": _STEPS[0],
     }
+    if _EVAL_GEMMS:
+        out.update(eval_gemms=_table(_EVAL_GEMMS), eval_operands=_table(_EVAL_OPERANDS))
+    if _GRAPH.capture_step is not None:
+        out["cuda_graph"] = {"capture_step": _GRAPH.capture_step, "replayed_steps": _GRAPH.replays}
+    return out
 
 
 def reset() -> None:
@@ -79,13 +144,17 @@ def reset() -> None:
     _OPERANDS.clear()
     _FALLBACKS.clear()
     _STEPS[0] = 0
+    _EVAL_GEMMS.clear()
+    _EVAL_OPERANDS.clear()
+    global _GRAPH
+    _GRAPH = _Graph()
 
 
 def write(directory: Path | str | None = None) -> Path | None:
     """Store snapshot() as `path_counts.rank<RANK>.json` in `directory` (default: $MEGAQUANT_PATH_COUNTS);
     nothing when there is no directory or nothing was counted. Returns the file written."""
     target = directory if directory is not None else os.environ.get(PATH_COUNTS_ENV)
-    if not target or not (_GEMMS or _OPERANDS):
+    if not target or not (_GEMMS or _OPERANDS or _EVAL_GEMMS):
         return None
     path = Path(target) / file_name(int(os.environ.get("RANK", "0") or 0))
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,105 @@
+"""CUDA graphs for a training run: Megatron's full-iteration graph, when megaquant can run under it.
+
+At the shapes users train on one GPU, a step is host-bound: Megatron's local modules issue ~12,500 kernel
+launches per step and the GPU is busy a third of the time, bf16 included, so every microsecond megaquant's
+quantization adds on the host adds to the step. Megatron's `--cuda-graph-impl full_iteration` captures the
+forward and backward of all microbatches once (after `--cuda-graph-warmup-steps` eager steps) and replays
+the graph every later step: the host cost of the step disappears and the kernels (the same kernels, on the
+same buffers) decide the step time. The optimizer step stays outside the graph.
+
+What a graph cannot replay is host-side state that changes from step to step: the recipes' per-step seeds
+(stochastic rounding, random Hadamard signs) and delayed scaling's amax-history slots are Python values
+baked into the captured kernels' arguments, so a replay would reuse step k's random bits and history slot
+forever. Those recipes are refused under graphs. Dropless MoE reads token counts back to the host (not
+capturable); multi-GPU and pipeline-parallel graphs have not been verified here yet; the fork's own
+pretrain_gpt.py predates the full-iteration graph. `auto` (the default) turns graphs on only where none of
+this applies, and says why not otherwise. Pure: no torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from megaquant.errors import LaunchError
+from megaquant.recipes import Recipe
+
+__all__ = ["GRAPH_CHOICES", "GRAPH_FLAGS", "GraphDecision", "decide_graphs", "recipe_blockers"]
+
+GRAPH_CHOICES = ("auto", "on", "off")
+GRAPH_FLAGS = ("--cuda-graph-impl", "full_iteration", "--no-check-for-nan-in-loss-and-grad")
+"""Megatron's full-iteration graph; Megatron requires its NaN check (a host read per step) off with it."""
+
+
+@dataclass(frozen=True)
+class GraphDecision:
+    enabled: bool
+    reason: str
+    """Why (for the dry run, the notes and manifest.json)."""
+
+
+def recipe_blockers(recipe: Recipe) -> list[str]:
+    """What in `recipe` a replayed graph would get wrong (empty: nothing)."""
+    out = []
+    if recipe.stochastic_rounding != "none":
+        out.append(f"stochastic rounding ({recipe.stochastic_rounding}) draws new seeds every step")
+    if recipe.hadamard != "none":
+        out.append(f"the random Hadamard transform ({recipe.hadamard}) draws new signs every step")
+    if recipe.tensor_scaling == "delayed":
+        out.append("delayed scaling moves through its amax history every step")
+    return out
+
+
+def _tree_supports(tree: Path) -> bool:
+    """Whether the tree's megatron/training accepts `--cuda-graph-impl full_iteration` (0.17 and later)."""
+    args = tree / "megatron" / "training" / "arguments.py"
+    try:
+        return "full_iteration" in args.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+
+
+def decide_graphs(
+    choice: str,
+    *,
+    recipe: Recipe,
+    own_entry: bool,
+    tree: Path | None,
+    moe: bool,
+    world_size: int,
+    pipeline: int,
+    extra: tuple[str, ...] = (),
+) -> GraphDecision:
+    """Resolve `--cuda-graphs auto|on|off` for one run. `on` with a blocker raises LaunchError; so does a
+    blocking recipe when the extra arguments ask for a graph themselves (`-- --cuda-graph-impl ...`)."""
+    if choice not in GRAPH_CHOICES:
+        raise LaunchError(f"--cuda-graphs {choice!r}: expected one of {', '.join(GRAPH_CHOICES)}")
+    flags = [a.partition("=")[0] for a in extra]
+    if "--cuda-graph-impl" in flags:
+        i = flags.index("--cuda-graph-impl")
+        value = extra[i].partition("=")[2] or (extra[i + 1] if i + 1 < len(extra) else "")
+        if value != "none" and recipe_blockers(recipe):
+            raise LaunchError(
+                f"extra argument --cuda-graph-impl {value}: recipe {recipe.name} cannot run under a CUDA "
+                f"graph: {'; '.join(recipe_blockers(recipe))} (a replay would repeat one step's values)"
+            )
+        return GraphDecision(value not in ("", "none"), f"--cuda-graph-impl {value} from the extra arguments")
+    if choice == "off":
+        return GraphDecision(False, "--cuda-graphs off")
+    blockers = recipe_blockers(recipe)
+    if blockers:
+        why = f"recipe {recipe.name}: {'; '.join(blockers)}, which a replayed graph would repeat"
+        if choice == "on":
+            raise LaunchError(f"--cuda-graphs on: {why}; use --cuda-graphs off")
+        return GraphDecision(False, why)
+    if choice == "on":
+        return GraphDecision(True, "--cuda-graphs on")
+    if not own_entry:
+        return GraphDecision(False, "the tree's own pretrain_gpt.py trains (graphs need megaquant's entry)")
+    if tree is not None and not _tree_supports(tree):
+        return GraphDecision(False, "the tree's megatron/training has no full-iteration CUDA graph (< 0.17)")
+    if moe:
+        return GraphDecision(False, "dropless MoE reads its token counts on the host (not capturable)")
+    if world_size > 1 or pipeline > 1:
+        return GraphDecision(False, "multi-GPU graphs are not verified yet (use --cuda-graphs on to try)")
+    return GraphDecision(True, "single-GPU dense model, graph-safe recipe")
