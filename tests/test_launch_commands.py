@@ -164,3 +164,20 @@ def test_train_steps_option() -> None:
         APP, ["train", "--mock-data", "--dry-run", "--no-validate", "--", "--train-iters", "30"]
     )
     assert refused.exit_code == 1 and "use `--steps N`" in refused.output
+
+
+def test_steps_follow_a_global_batch_given_after_the_double_dash() -> None:
+    # the 8B shape cut to 2 layers runs with `-- --global-batch-size 2`: 12 steps are 24 samples, not 12 x 128
+    result = RUNNER.invoke(
+        APP,
+        ["train", "--model", "tiny", "--mock-data", "--training-config", "standard", "--steps", "12",
+         "--dry-run", "--json", "--no-validate", "--", "--global-batch-size=2", "--seq-length", "512"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    args = json.loads(result.output)["megatron_args"]
+    assert args[args.index("--train-samples") + 1] == "24" == args[args.index("--lr-decay-samples") + 1]
+    assert args[args.index("--eval-interval") + 1] == "12"
+    bad = RUNNER.invoke(
+        APP, ["train", "--mock-data", "--dry-run", "--no-validate", "--", "--global-batch-size", "two"]
+    )
+    assert bad.exit_code == 1 and "expected an integer" in bad.output

@@ -37,6 +37,24 @@ class Preset:
     def train_iters(self) -> int:
         return -(-self.train_samples // self.global_batch_size)
 
+    def with_overrides(self, extra: tuple[str, ...] | list[str]) -> Preset:
+        """The preset with the batch and sequence sizes that extra Megatron arguments override (the last
+        occurrence wins, as in Megatron's parser), so `--steps`, the LR schedule and the eval interval are
+        computed from the batch the run really has. Pure."""
+        fields = {"--global-batch-size": "global_batch_size", "--micro-batch-size": "micro_batch_size",
+                  "--seq-length": "seq_length"}  # fmt: skip
+        changes: dict[str, int] = {}
+        for i, arg in enumerate(extra):
+            flag, eq, inline = arg.partition("=")
+            if flag not in fields:
+                continue
+            value = inline if eq else (extra[i + 1] if i + 1 < len(extra) else "")
+            try:
+                changes[fields[flag]] = int(value)
+            except ValueError:
+                raise LaunchError(f"extra argument {flag} {value!r}: expected an integer") from None
+        return dataclasses.replace(self, **changes) if changes else self
+
     def with_steps(self, steps: int) -> Preset:
         """The same preset run for `steps` optimizer steps: length, LR decay and warmup (a fraction of the
         length) and the eval interval all follow, since each is derived from `train_samples`."""

@@ -139,7 +139,7 @@ def plan_run(request: TrainRequest, *, require_tree: bool = True) -> RunPlan:
     """Resolve names, role values and the Megatron arguments; refuse combinations that cannot work."""
     model = get_model(request.model)
     dataset = None if request.dataset is None else get_dataset(request.dataset)
-    preset = get_preset(request.preset)
+    preset = get_preset(request.preset).with_overrides(request.extra)
     if request.steps is not None:
         preset = preset.with_steps(request.steps)
     values = role_values(get_mode(request.mode), linear=request.linear, qk=request.qk, pv=request.pv)
