@@ -36,7 +36,7 @@ from megaquant.launch.models import get_model
 from megaquant.launch.modes import get_mode, mode_for_values
 from megaquant.launch.presets import get_preset
 from megaquant.pathcounts import PATH_COUNTS_ENV, collect
-from megaquant.recipes import RECIPE_ENV, check_recipe
+from megaquant.recipes import RECIPE_ENV, bf16_layers_for_args, check_recipe
 from megaquant.spec import load_spec
 
 if TYPE_CHECKING:
@@ -320,6 +320,7 @@ def execute(
         "dataset": request.dataset or "mock",
         "preset": request.preset,
         "recipe": request.recipe,
+        "bf16_layers": list(bf16_layers_for_args(request.recipe, plan.megatron_args)),  # 1-based, unquantized
         "values": dict(applied.values),
         "absent_roles": list(applied.absent),
         "spec": plan.spec,
