@@ -136,6 +136,14 @@ def test_bf16_layers_run_all_their_gemms_plain_forward_and_backward(recompute: s
     assert PLAIN_SCOPE[0] == 0  # nothing left set after the step
 
 
+def test_a_bf16_layer_output_is_not_a_view() -> None:
+    """A pipeline stage's output must be viewless (Megatron frees its .data after sending it)."""
+    block = Block([1])
+    install_bf16_layers(block, [1])
+    out, _ = block.layers[0](hidden_states=torch.randn(16, 32, requires_grad=True))
+    assert out._base is None and out.grad_fn is not None
+
+
 def test_bf16_layers_equal_a_run_whose_layers_are_unquantized() -> None:
     """Layer 1 in BF16 inside an mxfp4 stack gives the gradients of a stack whose layer 1 is `none`."""
     mixed = Block([1, 2], value="mxfp4")

@@ -38,7 +38,8 @@ class _Enter(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, mode: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         ctx.mode = mode
-        return tensors  # inputs returned as they are: autograd gives them this node (as Megatron's mappings)
+        # aliases, not views: a stage's output must be viewless (Megatron's pipeline frees its .data)
+        return tuple(t.detach() for t in tensors)
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[Any, ...]:
@@ -51,7 +52,7 @@ class _Leave(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, t: torch.Tensor) -> torch.Tensor:
-        return t
+        return t.detach()
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
