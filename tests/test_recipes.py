@@ -396,23 +396,18 @@ def test_manifest_records_the_bf16_layers(tmp_path: Any) -> None:
     import shlex
 
     import git
+    from test_recipes_cli import _instrumented_repo
 
     from megaquant.launch.run import TRAIN_COMMAND_ENV
 
-    repo = tmp_path / "instrumented"
-    path = repo / "megatron" / "core" / "tensor_parallel" / "layers.py"
-    path.parent.mkdir(parents=True)
-    path.write_text(HOOKED_LAYERS)
+    repo = _instrumented_repo(tmp_path)  # spec megatron-core; then every role gets its hooked GEMM
+    (repo / "megatron" / "core" / "tensor_parallel" / "layers.py").write_text(HOOKED_LAYERS)
     attention = repo / "megatron" / "core" / "transformer" / "dot_product_attention.py"
     attention.parent.mkdir(parents=True)
     attention.write_text(HOOKED_ATTENTION)
-    rep = git.Repo.init(repo, initial_branch="main")
-    with rep.config_writer() as cfg:
-        cfg.set_value("user", "name", "t")
-        cfg.set_value("user", "email", "t@example.invalid")
-        cfg.set_value("megaquant", "spec", "megatron-core")
-    rep.index.add([str(path.relative_to(repo)), str(attention.relative_to(repo))])
-    rep.index.commit("instrumented")
+    rep = git.Repo(repo)
+    rep.git.add(A=True)
+    rep.index.commit("every role hooked")
     fake = tmp_path / "fake.py"
     fake.write_text("print(' iteration        1/       1 | lm loss: 2.5E+00 |')\n")
     app, runner = _cli()
