@@ -429,10 +429,13 @@ def test_manifest_records_the_bf16_layers(tmp_path: Any) -> None:
 
 def _wgrad_seeds(recipe: str, seed: int, steps: int = 3) -> list[list[int]]:
     """The Hadamard seeds of two wgrad GEMMs (two layers) per step, for a run seeded `seed`."""
-    fake = FakeRHT()
+    fake, rec = FakeRHT(), Recorder()  # the recorder: no real quantization, only the seeds matter here
     module = types.ModuleType("megaquant_test_rht_schedule")
     module.random_hadamard = fake.random_hadamard  # type: ignore[attr-defined]
     with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gemm_mod, "fake_quant", rec)
+        mp.setattr(gemm_mod, "quantizer", rec.quantizer)
+        mp.setattr(gemm_mod, "_QUANTIZERS", {})
         mp.setitem(sys.modules, "megaquant_test_rht_schedule", module)
         mp.setattr(gemm_mod, "_HADAMARD_MODULES", ("megaquant_test_rht_schedule",))
         configure(recipe=recipe)
