@@ -9,20 +9,25 @@ Pure: importing this module imports no torch (the CLI lists recipes without it).
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from megaquant.errors import ValueNameError
 
 __all__ = [
     "DEFAULT_RECIPE",
+    "HADAMARD_SIGNS",
     "RECIPES",
     "RECIPE_ENV",
     "RHT_SCOPES",
     "SR_SCOPES",
     "TENSOR_SCALINGS",
     "Recipe",
+    "bf16_layers_for_args",
     "check_recipe",
     "get_recipe",
+    "layer_count",
 ]
 
 DEFAULT_RECIPE = "default"
@@ -33,6 +38,7 @@ RECIPE_ENV = "MEGAQUANT_RECIPE"
 TENSOR_SCALINGS = ("none", "current", "delayed")
 SR_SCOPES = ("none", "gradients", "backward")
 RHT_SCOPES = ("none", "wgrad", "backward")
+HADAMARD_SIGNS = ("per_gemm", "fixed")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,16 +72,70 @@ class Recipe:
     (so the product is unchanged before quantization): "none"; "wgrad"; "backward" (dgrad and wgrad)."""
     hadamard_block: int = 16
     """Size of the Hadamard blocks along the reduction axis."""
+    hadamard_signs: str = "per_gemm"
+    """The random sign vector of the transform: "per_gemm" (a fresh vector for every transformed GEMM of
+    every step, from the run's seed); "fixed" (one vector for the whole run, every layer and every step,
+    drawn once from the run's seed; NVIDIA's NVFP4 recipe uses one fixed sign vector)."""
     weight_block_2d: bool = False
     """NVFP4 weights (the second operand of fprop and dgrad): 16x16 tiles share one scale, so forward and
     backward read the same quantized weight."""
+    bf16_layers: float = 0.0
+    """Fraction of the transformer layers whose hooked GEMMs all run unquantized (BF16): at least this
+    fraction, rounded up (`bf16_layer_numbers`): at least one layer when > 0, and never every layer. 0:
+    none."""
+    bf16_first_share: float = 0.0
+    """Of those layers, the share taken from the start of the network (rounded to nearest, halves up); the
+    rest are the last layers."""
+    bf16_attention: bool = True
+    """True: in a BF16 layer the attention GEMMs (QK, PV) run unquantized too, not only its linear layers."""
     excludes: tuple[str, ...] = ()
     """Quantization values this recipe cannot express (refused when a site asks for them)."""
     fork_ops: bool = False
     """True: the fork's own ops (a tree whose spec is `fork`) can run it; they do only fork numerics."""
 
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.bf16_layers < 1.0 or not 0.0 <= self.bf16_first_share <= 1.0:
+            raise ValueNameError(
+                f"recipe {self.name!r}: bf16_layers must be in [0, 1) and bf16_first_share in [0, 1], got "
+                f"{self.bf16_layers!r} and {self.bf16_first_share!r}"
+            )
+        if self.hadamard_signs not in HADAMARD_SIGNS:
+            raise ValueNameError(
+                f"recipe {self.name!r}: hadamard_signs must be one of {', '.join(HADAMARD_SIGNS)}, got "
+                f"{self.hadamard_signs!r}"
+            )
+
     def uses_rht(self) -> bool:
         return self.hadamard != "none"
+
+    def bf16_layer_numbers(self, num_layers: int) -> tuple[int, ...]:
+        """The 1-based (global, as Megatron's `layer_number`) transformer layers kept in BF16 for a model
+        of `num_layers` layers: n = ceil(bf16_layers * num_layers), at least 1 and at most num_layers - 1
+        (one layer stays quantized), the first round(n * bf16_first_share) of them at the start, the rest
+        at the end. Pure.
+
+        nvfp4_paper (0.16, share 0.2): 62 layers -> 1, 2, 55..62 (the paper's 12B model: first two and
+        last eight blocks); 16 -> 1, 15, 16; 4 -> 4; 1 -> none."""
+        if num_layers < 1 or self.bf16_layers == 0.0:
+            return ()
+        n = min(
+            num_layers - 1, max(1, math.ceil(self.bf16_layers * num_layers - 1e-9))
+        )  # one stays quantized
+        first = math.floor(n * self.bf16_first_share + 0.5)
+        return (*range(1, first + 1), *range(num_layers - (n - first) + 1, num_layers + 1))
+
+    def bf16_rule(self) -> str:
+        """The BF16-layer rule as text ("" when the recipe keeps no layer in BF16)."""
+        if self.bf16_layers == 0.0:
+            return ""
+        where = "linear and attention GEMMs" if self.bf16_attention else "linear GEMMs"
+        share = f"{self.bf16_first_share:.0%} of them first, the rest last"
+        return f"BF16 layers: {self.bf16_layers:.0%} of the transformer layers ({share}; all their {where})"
+
+    def listing(self) -> str:
+        """One line for `megaquant train --list`: the title, and the BF16-layer rule if any."""
+        rule = self.bf16_rule()
+        return f"{self.title}; {rule}" if rule else self.title
 
     def per_gemm(self) -> dict[str, str]:
         """What the recipe does in each kind of GEMM (fprop, dgrad, wgrad), as text."""
@@ -114,7 +174,10 @@ class Recipe:
             if self.stochastic_rounding != "none" and self.sr_prescale != 1.0:
                 parts.append(f"pre-scaled by {self.sr_prescale:g} around the cast")
             if self.hadamard == "backward" or (self.hadamard == "wgrad" and gemm == "wgrad"):
-                parts.append(f"random Hadamard transform of both operands (blocks of {self.hadamard_block})")
+                signs = "one fixed sign vector" if self.hadamard_signs == "fixed" else "signs per GEMM"
+                parts.append(
+                    f"random Hadamard transform of both operands (blocks of {self.hadamard_block}, {signs})"
+                )
             if gemm == "dgrad" and self.weight_block_2d:
                 parts.append("NVFP4 weights in 16x16 blocks")
         return ", ".join(parts) or "round to nearest, no scaling beyond the format's own"
@@ -158,12 +221,16 @@ _RECIPES: tuple[Recipe, ...] = (
     ),
     Recipe(
         name="nvfp4_paper",
-        title="NVFP4 pretraining: 16x16 weight blocks, RHT on wgrad inputs, SR on gradients",
+        title="NVFP4 pretraining: 16x16 weight blocks, RHT (one fixed sign vector) on wgrad inputs, SR on "
+        "gradients",
         source="NVIDIA, 'Pretraining Large Language Models with NVFP4', arXiv:2509.25149",
         stochastic_rounding="gradients",
         hadamard="wgrad",
         hadamard_block=16,
+        hadamard_signs="fixed",
         weight_block_2d=True,
+        bf16_layers=0.16,
+        bf16_first_share=0.2,
     ),
     Recipe(
         name="mxfp4_tseng",
@@ -204,3 +271,21 @@ def check_recipe(name: str, values: dict[str, str] | None = None, *, spec: str |
                 f"{value}; choose another recipe or value"
             )
     return recipe
+
+
+def layer_count(megatron_args: Sequence[str]) -> int | None:
+    """The last `--num-layers` of a Megatron argv (None when it has none). Pure."""
+    layers = None
+    for i, arg in enumerate(megatron_args):
+        flag, eq, inline = arg.partition("=")
+        if flag == "--num-layers":
+            value = inline if eq else (megatron_args[i + 1] if i + 1 < len(megatron_args) else "")
+            layers = int(value) if value.isdigit() else layers
+    return layers
+
+
+def bf16_layers_for_args(name: str, megatron_args: Sequence[str]) -> tuple[int, ...]:
+    """The BF16 layers of recipe `name` for a Megatron argv (its last `--num-layers`); () when the recipe
+    keeps none or the argv has no layer count. Pure (what the dry run and the manifest record)."""
+    layers = layer_count(megatron_args)
+    return get_recipe(name).bf16_layer_numbers(layers) if layers else ()

@@ -7,6 +7,8 @@ tested here is that the ops pass the right options to the right operands, with t
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import os
 import subprocess
@@ -23,7 +25,7 @@ from megaquant.errors import ValueNameError
 from megaquant.formats import fake_quant
 from megaquant.ops import configure, quant_config, quant_linear, quant_matmul
 from megaquant.ops import gemm as gemm_mod
-from megaquant.recipes import RECIPES, check_recipe, get_recipe
+from megaquant.recipes import RECIPES, bf16_layers_for_args, check_recipe, get_recipe, layer_count
 
 
 @pytest.fixture(autouse=True)
@@ -313,3 +315,184 @@ def test_trainers_keep_an_environment_preset_when_they_configure_a_recipe(
     configure(**{**ops.environment_defaults(), "recipe": "hifp8_scaled"})  # what minitrain does
     cfg = quant_config("hifp8")
     assert (cfg.preset, cfg.recipe, cfg.tensor_scaling) == ("fork", "hifp8_scaled", "current")
+
+
+# ---------------------------------------------------------------- BF16 layers (resolution and the CLI)
+
+
+def test_nvfp4_paper_keeps_the_papers_bf16_layers() -> None:
+    """The paper's 12B model (62 blocks) keeps its first two and last eight blocks in BF16 (~16 %); the
+    same rule resolves against any layer count, most of the layers at the end, one layer at least."""
+    paper = get_recipe("nvfp4_paper")
+    assert paper.bf16_layer_numbers(62) == (1, 2, *range(55, 63))
+    assert paper.bf16_layer_numbers(16) == (1, 15, 16)  # Llama-3.2-1B
+    assert paper.bf16_layer_numbers(32) == (1, 28, 29, 30, 31, 32)
+    assert paper.bf16_layer_numbers(4) == (4,)
+    assert paper.bf16_layer_numbers(1) == ()  # one layer stays quantized
+    for name in ("default", "fork", "hifp8_scaled", "hifp8_delayed", "sr_gradients", "mxfp4_tseng"):
+        assert get_recipe(name).bf16_layer_numbers(62) == ()
+    assert "BF16 layers: 16% of the transformer layers" in paper.listing()
+    with pytest.raises(ValueNameError, match="bf16_layers must be in"):
+        dataclasses.replace(paper, bf16_layers=1.0)
+
+
+def test_bf16_layers_of_a_megatron_argv() -> None:
+    assert layer_count(["--num-layers", "16", "--hidden-size", "64", "--num-layers=28"]) == 28
+    assert layer_count(["--hidden-size", "64"]) is None
+    assert bf16_layers_for_args("nvfp4_paper", ["--num-layers", "16"]) == (1, 15, 16)
+    assert bf16_layers_for_args("default", ["--num-layers", "16"]) == ()
+    assert bf16_layers_for_args("nvfp4_paper", []) == ()
+
+
+def _cli() -> tuple[Any, Any]:
+    from typer.testing import CliRunner
+
+    from megaquant.cli import build_app
+
+    return build_app(("megaquant.launch.commands",)), CliRunner()
+
+
+DRY = ["train", "--model", "tiny", "--mock-data", "--training-config", "smoke", "--dry-run", "--no-validate"]
+
+
+def test_list_and_dry_run_show_the_bf16_layers() -> None:
+    app, runner = _cli()
+    listing = runner.invoke(app, ["train", "--list"]).output
+    line = next(x for x in listing.splitlines() if x.startswith("  nvfp4_paper "))
+    assert "one fixed sign vector" in line and "BF16 layers: 16% of the transformer layers" in line
+    args = [*DRY, "-q", "linear_nvfp4", "--spec", "megatron-core", "--recipe", "nvfp4_paper"]
+    dry = runner.invoke(app, args)
+    assert dry.exit_code == 0, dry.output
+    assert "BF16 layers: 4 of 4 (recipe nvfp4_paper: 16% of the transformer layers" in dry.output  # tiny
+    wider = runner.invoke(app, [*args, "--", "--num-layers", "16"])
+    assert "BF16 layers: 1, 15, 16 of 16" in wider.output
+    assert json.loads(runner.invoke(app, [*args, "--json"]).output)["bf16_layers"] == [4]
+    plain = runner.invoke(app, [*DRY, "-q", "linear_nvfp4", "--spec", "megatron-core"])
+    assert "BF16 layers" not in plain.output
+
+
+HOOKED_LAYERS = """class LinearWithGradAccumulationAndAsyncCommunication:
+    def forward(ctx, total_input, weight):
+        custom_quant_type = 'none'
+        return _mq_ops.quant_matmul(total_input, weight.t(), custom_quant_type, gemm='fprop')
+
+    def backward(ctx, grad_output):
+        custom_quant_type = 'none'
+        grad_input = _mq_ops.quant_matmul(grad_output, weight, custom_quant_type, grad=True, gemm='dgrad')
+        custom_quant_type = 'none'
+        grad_weight = _mq_wgrad_matmul(grad_output.t(), total_input, custom_quant_type, gemm='wgrad')
+        return grad_input, grad_weight
+"""
+HOOKED_ATTENTION = """class DotProductAttention:
+    def forward(self, query, key, value):
+        custom_quant_type = 'none'
+        scores = _mq_ops.quant_baddbmm(buffer, query, key, custom_quant_type, beta=0.0)
+        custom_quant_type = 'none'
+        return _mq_ops.quant_bmm(scores, value, custom_quant_type)
+"""
+
+
+def test_manifest_records_the_bf16_layers(tmp_path: Any) -> None:
+    import shlex
+
+    import git
+    from test_recipes_cli import _instrumented_repo
+
+    from megaquant.launch.run import TRAIN_COMMAND_ENV
+
+    repo = _instrumented_repo(tmp_path)  # spec megatron-core; then every role gets its hooked GEMM
+    (repo / "megatron" / "core" / "tensor_parallel" / "layers.py").write_text(HOOKED_LAYERS)
+    attention = repo / "megatron" / "core" / "transformer" / "dot_product_attention.py"
+    attention.parent.mkdir(parents=True)
+    attention.write_text(HOOKED_ATTENTION)
+    rep = git.Repo(repo)
+    rep.git.add(A=True)
+    rep.index.commit("every role hooked")
+    fake = tmp_path / "fake.py"
+    fake.write_text("print(' iteration        1/       1 | lm loss: 2.5E+00 |')\n")
+    app, runner = _cli()
+    run_dir = tmp_path / "run"
+    result = runner.invoke(
+        app,
+        ["train", "--model", "tiny", "--mock-data", "-q", "linear_nvfp4", "--training-config", "smoke",
+         "--megatron", str(repo), "--run-dir", str(run_dir), "--no-validate", "--recipe", "nvfp4_paper",
+         "--", "--num-layers", "16"],
+        env={TRAIN_COMMAND_ENV: shlex.join([sys.executable, str(fake)])},
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["recipe"] == "nvfp4_paper" and manifest["bf16_layers"] == [1, 15, 16]
+
+
+# ---------------------------------------------------------------- the RHT sign schedule
+
+
+def _wgrad_seeds(recipe: str, seed: int, steps: int = 3) -> list[list[int]]:
+    """The Hadamard seeds of two wgrad GEMMs (two layers) per step, for a run seeded `seed`."""
+    fake, rec = FakeRHT(), Recorder()  # the recorder: no real quantization, only the seeds matter here
+    module = types.ModuleType("megaquant_test_rht_schedule")
+    module.random_hadamard = fake.random_hadamard  # type: ignore[attr-defined]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gemm_mod, "fake_quant", rec)
+        mp.setattr(gemm_mod, "quantizer", rec.quantizer)
+        mp.setattr(gemm_mod, "_QUANTIZERS", {})
+        mp.setitem(sys.modules, "megaquant_test_rht_schedule", module)
+        mp.setattr(gemm_mod, "_HADAMARD_MODULES", ("megaquant_test_rht_schedule",))
+        configure(recipe=recipe)
+        ops.reset_state(seed=seed)
+        value = "nvfp4" if recipe == "nvfp4_paper" else "mxfp4"
+        out = []
+        for _ in range(steps):
+            ops.next_step()
+            fake.calls.clear()
+            for layer in range(2):
+                g, x = _rand(64, 24, seed=layer), _rand(64, 40, seed=layer + 7)
+                quant_matmul(g.t(), x, value, grad=True, gemm="wgrad")
+            out.append([s for _, _, s in fake.calls])
+    return out
+
+
+def test_nvfp4_paper_uses_one_fixed_sign_vector_for_the_whole_run() -> None:
+    """NVIDIA's recipe: a 16x16 RHT with one random sign vector, the same for every wgrad GEMM, layer and
+    step; here drawn from the run's seed (reproducible for a seed, another seed gives another vector)."""
+    steps = _wgrad_seeds("nvfp4_paper", 1234)
+    seeds = {s for step in steps for s in step}
+    assert len(seeds) == 1 and sum(map(len, steps)) == 3 * 2 * 2  # both operands, 2 layers, 3 steps
+    assert _wgrad_seeds("nvfp4_paper", 1234) == steps
+    assert {s for step in _wgrad_seeds("nvfp4_paper", 1235) for s in step} != seeds
+    # the fixed vector draws nothing: stochastic rounding seeds are those of the same run without RHT
+    assert get_recipe("nvfp4_paper").hadamard_signs == "fixed"
+    assert quant_config("nvfp4", recipe="nvfp4_paper", gemm="wgrad").hadamard_signs == "fixed"
+
+
+def test_mxfp4_tseng_draws_a_sign_vector_per_gemm_and_step() -> None:
+    steps = _wgrad_seeds("mxfp4_tseng", 1234)
+    per_gemm = [step[i] for step in steps for i in (0, 2)]  # each GEMM's two operands share its vector
+    assert all(step[0] == step[1] and step[2] == step[3] for step in steps)
+    assert len(set(per_gemm)) == len(per_gemm) == 6
+    assert _wgrad_seeds("mxfp4_tseng", 1234) == steps
+
+
+def test_fixed_signs_leave_the_stochastic_rounding_seeds_alone(recorder: Recorder, rht: FakeRHT) -> None:
+    configure(recipe="nvfp4_paper")
+    ops.reset_state(seed=7)
+    ops.next_step()
+    g, x = _rand(64, 24), _rand(64, 40, seed=1)
+    quant_matmul(g.t(), x, "nvfp4", grad=True, gemm="wgrad")
+    sr = [kw["seed"] for _, kw, _ in recorder.calls if "seed" in kw]
+    ops.reset_state(seed=7)
+    ops.next_step()
+    assert sr == [ops.state.draw_seed()]  # the RHT took no draw
+    assert rht.calls[0][2] == ops.state.fixed_seed() != sr[0]
+
+
+def test_real_fixed_sign_transform_is_orthogonal_and_the_wgrad_product_is_unchanged() -> None:
+    from megaquant.formats.hadamard import hadamard_matrix, random_hadamard
+
+    ops.reset_state(seed=1234)
+    seed = ops.state.fixed_seed()
+    r = hadamard_matrix(16, seed).double()
+    assert torch.allclose(r @ r.T, torch.eye(16, dtype=torch.float64), atol=1e-12)
+    g, x = _rand(64, 24, dtype=torch.float64), _rand(64, 40, seed=1, dtype=torch.float64)
+    product = random_hadamard(g.t(), -1, block=16, seed=seed) @ random_hadamard(x, -2, block=16, seed=seed)
+    torch.testing.assert_close(product, g.t() @ x, rtol=1e-5, atol=1e-5)  # the transform runs in fp32

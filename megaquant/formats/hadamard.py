@@ -3,7 +3,9 @@
 Recipes apply it to both operands of a GEMM along the reduction axis before quantizing (NVFP4 paper,
 arXiv:2509.25149: 16x16 on the wgrad inputs; Tseng et al. 2025, "Training LLMs with MXFP4": in the
 backward), so that (x R)(R^T y) = x y while outliers are spread over each block. The random signs come
-from the seed through the counter-based hash of formats._random, identical on every device.
+from the seed through the counter-based hash of formats._random, identical on every device. Which seed a
+GEMM gets is the recipe's sign schedule (megaquant.ops.state: one fixed vector per run for nvfp4_paper, a
+fresh one per GEMM and step for mxfp4_tseng).
 """
 
 from __future__ import annotations
@@ -25,18 +27,20 @@ def _check_block(block: int) -> None:
 
 
 def rht_signs(block: int, seed: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """The +-1 sign vector (fp32, length `block`) of a seed: bit 31 of hash32(i ^ key(seed))."""
+    """The +-1 sign vector (fp32, length `block`) of a seed: bit 31 of hash32(i ^ key(seed)), computed on
+    `device` itself (no host-to-device copy, so it can run inside a CUDA graph capture)."""
     _check_block(block)
-    bits = hash32(torch.arange(block, dtype=torch.int64) ^ seed_key(seed)) >> 31
-    return (1.0 - 2.0 * bits.to(torch.float32)).to(device)
+    bits = hash32(torch.arange(block, dtype=torch.int64, device=device) ^ seed_key(seed)) >> 31
+    return 1.0 - 2.0 * bits.to(torch.float32)
 
 
 @functools.lru_cache(maxsize=64)
-def _sylvester(block: int) -> torch.Tensor:
-    h = torch.ones(1, 1)
+def _sylvester(block: int, device: str) -> torch.Tensor:
+    """H / sqrt(block) on `device`, built there (cached: the same few matrices every step)."""
+    h = torch.ones(1, 1, device=device)
     while h.shape[0] < block:
         h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
-    return h
+    return h / math.sqrt(block)
 
 
 def hadamard_matrix(
@@ -45,10 +49,8 @@ def hadamard_matrix(
     """R = diag(signs(seed)) · H / sqrt(block) (fp32, block x block), H the Sylvester Hadamard matrix;
     seed None: no signs. R is orthogonal (R R^T = I); the transform of a row block v is v @ R."""
     _check_block(block)
-    h = _sylvester(block) / math.sqrt(block)
-    if seed is not None:
-        h = rht_signs(block, seed).unsqueeze(1) * h
-    return h.to(device)
+    h = _sylvester(block, str(torch.device(device if device is not None else "cpu")))
+    return h.clone() if seed is None else rht_signs(block, seed, h.device).unsqueeze(1) * h
 
 
 def _apply(x: torch.Tensor, m: torch.Tensor, axis: int, block: int) -> torch.Tensor:
@@ -63,7 +65,7 @@ def _apply(x: torch.Tensor, m: torch.Tensor, axis: int, block: int) -> torch.Ten
     xt = x.movedim(axis, -1)
     shape = xt.shape
     blocks = xt.reshape(*shape[:-1], n // block, block).to(torch.float32)
-    out = (blocks @ m.to(blocks.device)).reshape(shape).movedim(-1, axis)
+    out = (blocks @ m).reshape(shape).movedim(-1, axis)
     return out.to(x.dtype)
 
 
@@ -75,7 +77,7 @@ def random_hadamard(x: torch.Tensor, axis: int = -1, *, block: int = 16, seed: i
     rounding, because R is orthogonal and the -2 axis of b is transformed by the same R (b^T's rows).
     """
     _check_block(block)
-    return _apply(x, hadamard_matrix(block, seed), axis, block)
+    return _apply(x, hadamard_matrix(block, seed, device=x.device), axis, block)
 
 
 def inverse_random_hadamard(
@@ -84,4 +86,4 @@ def inverse_random_hadamard(
     """The inverse of random_hadamard (v @ R^T per block): inverse(random_hadamard(x)) == x up to fp32
     rounding, exactly so in exact arithmetic."""
     _check_block(block)
-    return _apply(x, hadamard_matrix(block, seed).T, axis, block)
+    return _apply(x, hadamard_matrix(block, seed, device=x.device).T, axis, block)

@@ -7,13 +7,13 @@ forward and backward of all microbatches once (after `--cuda-graph-warmup-steps`
 the graph every later step: the host cost of the step disappears and the kernels (the same kernels, on the
 same buffers) decide the step time. The optimizer step stays outside the graph.
 
-What a graph cannot replay is host-side state that changes from step to step: the recipes' per-step seeds
-(stochastic rounding, random Hadamard signs) and delayed scaling's amax-history slots are Python values
-baked into the captured kernels' arguments, so a replay would reuse step k's random bits and history slot
-forever. Those recipes are refused under graphs. Dropless MoE reads token counts back to the host (not
-capturable); multi-GPU and pipeline-parallel graphs have not been verified here yet; the fork's own
-pretrain_gpt.py predates the full-iteration graph. `auto` (the default) turns graphs on only where none of
-this applies, and says why not otherwise. Pure: no torch.
+What a graph cannot replay is host-side state that changes from step to step: the recipes' per-step
+seeds (stochastic rounding, random Hadamard signs drawn per GEMM) and delayed scaling's amax-history slots
+are Python values baked into the captured kernels' arguments, so a replay would reuse step k's random bits
+and history slot forever. Those recipes are refused under graphs. Dropless MoE reads token counts back to
+the host (not capturable); multi-GPU and pipeline-parallel graphs have not been verified here yet; the
+fork's own pretrain_gpt.py predates the full-iteration graph. `auto` (the default) turns graphs on only
+where none of this applies, and says why not otherwise. Pure: no torch.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def recipe_blockers(recipe: Recipe) -> list[str]:
     out = []
     if recipe.stochastic_rounding != "none":
         out.append(f"stochastic rounding ({recipe.stochastic_rounding}) draws new seeds every step")
-    if recipe.hadamard != "none":
+    if recipe.hadamard != "none" and recipe.hadamard_signs != "fixed":
         out.append(f"the random Hadamard transform ({recipe.hadamard}) draws new signs every step")
     if recipe.tensor_scaling == "delayed":
         out.append("delayed scaling moves through its amax history every step")

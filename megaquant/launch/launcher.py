@@ -22,7 +22,7 @@ from megaquant.launch.modes import ATTENTION_MODES, MODES, ROLES
 from megaquant.launch.presets import PRESETS
 from megaquant.launch.run import TRAIN_COMMAND_ENV, RunPlan, TrainRequest, command_for, execute, plan_run
 from megaquant.launch.scripts import SlurmOptions, sbatch_script
-from megaquant.recipes import RECIPES, get_recipe
+from megaquant.recipes import RECIPES, bf16_layers_for_args, get_recipe, layer_count
 
 if TYPE_CHECKING:
     from megaquant.launch.preflight import Preflight, TrainingMegatron
@@ -60,7 +60,7 @@ def format_listing() -> str:
             f"seq {p.seq_length}, lr {p.lr:g} -> {p.min_lr:g}"
         )
     lines.append("training recipes (--recipe; docs/recipes.md):")
-    lines += [f"  {r.name:<16} {r.title}" for r in RECIPES.values()]
+    lines += [f"  {r.name:<16} {r.listing()}" for r in RECIPES.values()]
     return "\n".join(lines) + "\n"
 
 
@@ -144,6 +144,7 @@ def _describe(
         f"role values: {values}",
         f"recipe: {plan.request.recipe} ({get_recipe(plan.request.recipe).title})",
         f"cuda graphs: {'on' if plan.cuda_graphs.enabled else 'off'} ({plan.cuda_graphs.reason})",
+        *_bf16_line(plan),
         f"spec: {plan.spec}   tree: {plan.tree}   run dir: {plan.run_dir}",
         f"validation: {validation.note}",
         f"trains with: {check.training.describe() if check.training else '(no megatron/training found)'}",
@@ -153,6 +154,18 @@ def _describe(
         f"  {env_text} {shlex.join(argv)}",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _bf16_line(plan: RunPlan) -> list[str]:
+    """The dry run's line naming the recipe's BF16 layers (none when it keeps none)."""
+    layers = bf16_layers_for_args(plan.request.recipe, plan.megatron_args)
+    if not layers:
+        return []
+    rule = get_recipe(plan.request.recipe).bf16_rule().split(": ", 1)[1]
+    numbers = ", ".join(map(str, layers))
+    return [
+        f"BF16 layers: {numbers} of {layer_count(plan.megatron_args)} (recipe {plan.request.recipe}: {rule})"
+    ]
 
 
 def _write(out: TextIO, text: str) -> None:
@@ -224,6 +237,7 @@ def train(
                 "preset": plan.request.preset,
                 "recipe": plan.request.recipe,
                 "cuda_graphs": {"enabled": plan.cuda_graphs.enabled, "reason": plan.cuda_graphs.reason},
+                "bf16_layers": list(bf16_layers_for_args(plan.request.recipe, plan.megatron_args)),
                 "values": plan.values,
                 "spec": plan.spec,
                 "megatron_args": list(plan.megatron_args),

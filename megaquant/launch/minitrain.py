@@ -237,6 +237,7 @@ def train(config: MinitrainConfig) -> int:
     import torch
 
     from megaquant import ops
+    from megaquant.ops.layers import install_recipe_bf16_layers
 
     ops.configure(**{**ops.environment_defaults(), "recipe": config.recipe})  # unknown: fails here, first
     ops.reset_state(seed=config.seed)  # stochastic rounding / Hadamard seeds: reproducible per run
@@ -281,6 +282,7 @@ def train(config: MinitrainConfig) -> int:
 
     torch.manual_seed(config.seed)
     model = _build_model(config, vocab, on_cuda).to(device)
+    bf16_layers, _ = install_recipe_bf16_layers(model, config.layers)  # the recipe's BF16 layers, if any
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW(
@@ -309,6 +311,7 @@ def train(config: MinitrainConfig) -> int:
         "device": torch.cuda.get_device_name(device) if on_cuda else "cpu",
         "dtype": dtype,
         "recipe": config.recipe,
+        "bf16_layers": list(bf16_layers),  # the recipe's layers kept unquantized (1-based)
         "vocab_size": vocab,
         "parameters": n_params,
         "tokens": len(tokens),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 from megaquant.errors import LaunchError
 
@@ -43,7 +44,7 @@ class Preset:
         computed from the batch the run really has. Pure."""
         fields = {"--global-batch-size": "global_batch_size", "--micro-batch-size": "micro_batch_size",
                   "--seq-length": "seq_length"}  # fmt: skip
-        changes: dict[str, int] = {}
+        changes: dict[str, Any] = {}
         for i, arg in enumerate(extra):
             flag, eq, inline = arg.partition("=")
             if flag not in fields:

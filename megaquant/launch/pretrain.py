@@ -30,6 +30,7 @@ __all__ = [
     "StepRecord",
     "add_megaquant_args",
     "build_gpt",
+    "keep_bf16_layers",
     "loss_from_reduced",
     "main",
     "masked_lm_loss",
@@ -204,7 +205,7 @@ def _model_provider(
         from megatron.training.argument_utils import core_transformer_config_from_args
 
     args = get_args()
-    return build_gpt(
+    model = build_gpt(
         core_transformer_config_from_args(args),
         args,
         vocab_size=args.padded_vocab_size,
@@ -213,6 +214,27 @@ def _model_provider(
         vp_stage=vp_stage,
         pg_collection=pg_collection,
     )
+    keep_bf16_layers(model, args.num_layers)
+    return model
+
+
+def keep_bf16_layers(model: Any, num_layers: int) -> tuple[int, ...]:
+    """The configured recipe's BF16 layers (megaquant.ops.layers) on this model chunk, and one log line
+    saying which: the recipe's set of the model's `num_layers`, and the share this chunk holds (Megatron's
+    layer numbers are global, so each pipeline stage and virtual chunk hooks its own)."""
+    from megaquant.ops.config import _DEFAULTS
+    from megaquant.ops.layers import install_recipe_bf16_layers
+
+    wanted, hooked = install_recipe_bf16_layers(model, num_layers)
+    if wanted:
+        rank = os.environ.get("RANK", "0")
+        print(
+            f"megaquant: BF16 layers (recipe {_DEFAULTS.get('recipe')}): {', '.join(map(str, wanted))} of "
+            f"{num_layers}; rank {rank} holds {', '.join(map(str, hooked)) or 'none'} of them in this chunk",
+            file=sys.stderr,
+            flush=True,
+        )
+    return hooked
 
 
 def _datasets_provider(train_val_test_num_samples: Sequence[int], vp_stage: int | None = None) -> Any:

@@ -37,7 +37,7 @@ from megaquant.launch.models import get_model
 from megaquant.launch.modes import get_mode, mode_for_values
 from megaquant.launch.presets import get_preset
 from megaquant.pathcounts import PATH_COUNTS_ENV, collect
-from megaquant.recipes import RECIPE_ENV, check_recipe, get_recipe
+from megaquant.recipes import RECIPE_ENV, bf16_layers_for_args, check_recipe, get_recipe
 from megaquant.spec import load_spec
 
 if TYPE_CHECKING:
@@ -339,6 +339,7 @@ def execute(
         "preset": request.preset,
         "recipe": request.recipe,
         "cuda_graphs": {"enabled": plan.cuda_graphs.enabled, "reason": plan.cuda_graphs.reason},
+        "bf16_layers": list(bf16_layers_for_args(request.recipe, plan.megatron_args)),  # 1-based, unquantized
         "values": dict(applied.values),
         "absent_roles": list(applied.absent),
         "spec": plan.spec,

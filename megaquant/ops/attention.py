@@ -18,6 +18,7 @@ import torch
 from megaquant.errors import ValueNameError
 from megaquant.ops.config import QuantConfig, quant_config
 from megaquant.ops.gemm import _mm, _quant
+from megaquant.ops.state import PLAIN_SCOPE as _BF16  # recipe BF16 layers (megaquant.ops.layers): run plain
 
 __all__ = ["ATTENTION_BACKENDS", "attention_backend", "quant_attention"]
 
@@ -235,6 +236,8 @@ def quant_attention(
     about 256 MiB). Semantics and gradients: docs/attention.md.
     """
     _check(q, k, v)
+    if _BF16[0] > 1:  # a recipe BF16 layer that keeps its attention unquantized
+        qk = pv = "none"
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     cfg_qk, cfg_pv = _configs(qk, pv, kw)
     which = _backend(q, k, v, cfg_qk, cfg_pv, backend)

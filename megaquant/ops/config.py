@@ -77,6 +77,8 @@ class QuantConfig:
     hadamard: str = "none"
     """Backward GEMMs whose operands get a random Hadamard transform ("none", "wgrad", "backward")."""
     hadamard_block: int = 16
+    hadamard_signs: str = "per_gemm"
+    """"per_gemm" (a sign vector per transformed GEMM and step) or "fixed" (one per run: state.fixed_seed)."""
     weight_block_2d: bool = False
     """NVFP4 only: weight operands in 16x16 tiles."""
     grad: bool = False
@@ -178,5 +180,6 @@ def _resolve(
         sr_prescale=r.sr_prescale,
         hadamard=r.hadamard if canonical != "none" else "none",
         hadamard_block=r.hadamard_block,
+        hadamard_signs=r.hadamard_signs,
         weight_block_2d=r.weight_block_2d and canonical == "nvfp4",
     )

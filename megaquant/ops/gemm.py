@@ -22,6 +22,7 @@ from megaquant.formats import fake_quant, quantizer
 from megaquant.formats._bits import binade, pow2  # exact power-of-two scale of HiF8 tensor scaling
 from megaquant.ops import counters, state, weights
 from megaquant.ops.config import _DEFAULTS, _PLAIN, QuantConfig, quant_config
+from megaquant.ops.state import PLAIN_SCOPE as _BF16  # recipe BF16 layers (megaquant.ops.layers): run plain
 
 __all__ = ["quant_baddbmm", "quant_bmm", "quant_linear", "quant_matmul"]
 
@@ -126,7 +127,7 @@ def _hadamard_pair(a: torch.Tensor, b: torch.Tensor, cfg: QuantConfig) -> tuple[
             f"multiple of the Hadamard block {block}"
         )
     rht = _hadamard_module().random_hadamard
-    seed = state.draw_seed()
+    seed = state.fixed_seed() if cfg.hadamard_signs == "fixed" else state.draw_seed()
     return rht(a, axis=-1, block=block, seed=seed), rht(b, axis=-2, block=block, seed=seed)
 
 
@@ -433,7 +434,7 @@ def quant_matmul(a: torch.Tensor, b: torch.Tensor, value: str, **kw: Any) -> tor
     1-D operands follow torch.matmul (promoted to a matrix and the extra dim removed).
     """
     role = _role("matmul", kw)
-    if value in _PLAIN:
+    if value in _PLAIN or _BF16[0]:
         counters.count_gemm(role, "plain")
         return torch.matmul(a, b)
     cfg = quant_config(value, **kw)
@@ -457,7 +458,7 @@ def _check_3d(name: str, **tensors: torch.Tensor) -> None:
 def quant_bmm(a: torch.Tensor, b: torch.Tensor, value: str, **kw: Any) -> torch.Tensor:
     """Batched a @ b for 3-D tensors (torch.bmm), quantized like quant_matmul."""
     role = _role("bmm", kw)
-    if value in _PLAIN:
+    if value in _PLAIN or _BF16[0] > 1:
         counters.count_gemm(role, "plain")
         return torch.bmm(a, b)
     cfg = quant_config(value, **kw)
@@ -481,7 +482,7 @@ def quant_baddbmm(
     """beta * input + alpha * (batch1 @ batch2) (torch.baddbmm) with batch1/batch2 quantized along the
     reduction axis; `input` is not quantized. Gradients follow torch.baddbmm's formulas (straight-through)."""
     role = _role("baddbmm", kw)
-    if value in _PLAIN:
+    if value in _PLAIN or _BF16[0] > 1:
         counters.count_gemm(role, "plain")
         return torch.baddbmm(input, batch1, batch2, beta=beta, alpha=alpha)
     cfg = quant_config(value, **kw)
@@ -498,7 +499,7 @@ def quant_linear(
     """x @ weight.T (+ bias), the Megatron linear forward: x and weight both quantized along the input
     features (their last axis); bias is added unquantized. value "none" is exactly F.linear."""
     role = _role("linear", kw)
-    if value in _PLAIN:
+    if value in _PLAIN or _BF16[0]:
         counters.count_gemm(role, "plain")
         return F.linear(x, weight, bias)
     cfg = quant_config(value, **kw)

@@ -10,6 +10,15 @@ Delayed scaling keeps one amax history per operand slot: (role, GEMM kind, opera
 times that key was seen in this step). The slots of step t are those of step t-1 when the step runs the same
 GEMMs in the same order, so each history follows one tensor (a layer's weight, its input, its gradient).
 Before the first `next_step()` there is no step to remember, and delayed scaling acts as current scaling.
+
+A recipe with one fixed Hadamard sign vector (nvfp4_paper) takes it from `fixed_seed()`: the same for every
+GEMM and step of the run, a function of the base seed only (draws nothing, so the other seeds do not move).
+
+`PLAIN_SCOPE` is the recipe's BF16 layers at run time (megaquant.ops.layers sets it around the forward and
+the backward of each such layer): 0, quantize as the sites say; PLAIN_LINEAR, the linear GEMMs (quant_matmul,
+quant_linear) run plain; PLAIN_ALL, the attention GEMMs too. One process-wide cell, read once per op call:
+Megatron runs forward and backward one after the other (the backward on the autograd engine's thread), and
+a per-thread flag set by the forward hooks would not reach that thread anyway.
 """
 
 from __future__ import annotations
@@ -21,9 +30,24 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["draw_seed", "history", "next_step", "reset_state", "step"]
+__all__ = [
+    "PLAIN_ALL",
+    "PLAIN_LINEAR",
+    "PLAIN_SCOPE",
+    "draw_seed",
+    "fixed_seed",
+    "history",
+    "next_step",
+    "reset_state",
+    "step",
+]
 
 _MASK64 = (1 << 64) - 1
+_FIXED_SALT = 0x5248_5446  # "RHTF": the fixed-sign-vector seed is not any step's draw
+PLAIN_LINEAR = 1
+PLAIN_ALL = 2
+PLAIN_SCOPE: list[int] = [0]
+"""[mode]: 0, PLAIN_LINEAR or PLAIN_ALL (module docstring). A list so the ops read it without a lookup."""
 
 
 def _mix(*words: int) -> int:
@@ -54,6 +78,7 @@ def reset_state(seed: int = 0) -> None:
     """Start over: base seed `seed`, step 0, no amax histories (a new run in the same process)."""
     global _STATE
     _STATE = _State(seed=seed)
+    PLAIN_SCOPE[0] = 0
 
 
 def next_step() -> int:
@@ -73,6 +98,12 @@ def draw_seed() -> int:
     """The next seed of this step (one per stochastically rounded operand or Hadamard transform)."""
     _STATE.draws += 1
     return _mix(_STATE.seed, _STATE.step, _STATE.draws)
+
+
+def fixed_seed() -> int:
+    """The run's one fixed seed (a Hadamard sign vector shared by every GEMM, layer and step): depends on
+    the base seed only; draws nothing."""
+    return _mix(_STATE.seed, _FIXED_SALT)
 
 
 def history(key: tuple[object, ...], length: int, amax: torch.Tensor) -> torch.Tensor:
