@@ -274,6 +274,7 @@ def apply(
     dry_run: bool = False,
     worktree: str | Path | None = None,
     spec: str | None = None,
+    lock_wait_s: float = 0.0,
 ) -> ApplyResult:
     """Set role values on the throwaway branch `megaquant/<base>` (or a new worktree) with one commit.
 
@@ -327,7 +328,7 @@ def apply(
             return ApplyResult(
                 str(root), name, base, None, plan.changes, role_values, plan.warnings, text, absent
             )
-        with _branch.repo_lock(rep, "set"):
+        with _branch.repo_lock(rep, "set", wait_s=lock_wait_s):
             done = _branch.commit_files(
                 rep,
                 plan.new_sources,
@@ -339,7 +340,7 @@ def apply(
         return ApplyResult(
             done.repo, name, base, done.commit, plan.changes, role_values, plan.warnings, text, absent
         )
-    with _branch.repo_lock(rep, "set"):
+    with _branch.repo_lock(rep, "set", wait_s=lock_wait_s):
         wt = _branch.add_worktree(rep, Path(worktree).absolute(), base)
         wt_root = _branch.worktree_root(wt)
         wt_name = _branch.head_branch(wt)
@@ -361,9 +362,10 @@ def apply(
     )
 
 
-def restore(repo: str | Path = ".", *, keep: bool = False) -> RestoreResult:
-    """Back to the recorded base; deletes the throwaway branch unless `keep`. Nothing to restore: no error."""
-    done = _branch.restore(_branch.open_repo(repo), keep=keep)
+def restore(repo: str | Path = ".", *, keep: bool = False, lock_wait_s: float = 0.0) -> RestoreResult:
+    """Back to the recorded base; deletes the throwaway branch unless `keep`. Nothing to restore: no error.
+    `lock_wait_s`: wait that long for another live process's repository lock instead of failing at once."""
+    done = _branch.restore(_branch.open_repo(repo), keep=keep, lock_wait_s=lock_wait_s)
     return RestoreResult(done.restored, done.branch, done.message)
 
 

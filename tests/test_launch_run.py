@@ -256,3 +256,51 @@ def test_real_sigint_to_the_launcher_process(fork_repo: Path, fake_trainer: Path
     assert "iteration     1000/" not in (run_dir / "train.log").read_text()
     assert git.Repo(fork_repo).active_branch.name == "main"
     assert [b.name for b in git.Repo(fork_repo).branches] == ["main"]
+
+
+def test_experiments_started_together_from_worktrees_wait_for_the_lock(
+    fork_repo: Path, fake_trainer: Path, tmp_path: Path
+) -> None:
+    # `megaquant train --worktree A & megaquant train --worktree B &`: each holds the repository lock for its
+    # set and restore; a run finding it held by a live process waits instead of failing (a third process
+    # holds it here for a second, so both runs meet a held lock at their start)
+    import os
+    import subprocess
+    import time
+
+    before = _layers(fork_repo)
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time, git\nfrom megaquant.branch import repo_lock\n"
+         "with repo_lock(git.Repo(sys.argv[1]), 'set'):\n"
+         "    print('held', flush=True)\n    time.sleep(1.5)\n",
+         str(fork_repo)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    runs = {}
+    for mode in ("linear_hifp8", "linear_mxfp4"):
+        argv = [sys.executable, "-m", "megaquant", "train", "--megatron", str(fork_repo), "--model", "tiny",
+                "--mock-data", "--training-config", "smoke", "-q", mode, "--no-validate",
+                "--worktree", str(tmp_path / f"wt-{mode}"),
+                "--run-dir", str(tmp_path / "runs" / mode)]  # fmt: skip
+        runs[mode] = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "FAKE_SLEEP": "0.3"},
+        )  # fmt: skip
+    start = time.monotonic()
+    outputs = {mode: proc.communicate(timeout=120)[0] for mode, proc in runs.items()}
+    holder.wait(timeout=30)
+    for mode, proc in runs.items():
+        assert proc.returncode == 0, outputs[mode]
+        manifest = json.loads((tmp_path / "runs" / mode / "manifest.json").read_text())
+        assert manifest["status"] == "succeeded" and manifest["checkout"] == str(tmp_path / f"wt-{mode}")
+        value = mode.split("_")[1]
+        assert (
+            f"fake trainer sees linear values [\"'{value}'\"]"
+            in (tmp_path / "runs" / mode / "train.log").read_text()
+        )
+        assert not (tmp_path / f"wt-{mode}").exists()
+    assert time.monotonic() - start < 100
+    assert _layers(fork_repo) == before and git.Repo(fork_repo).active_branch.name == "main"
+    assert not (Path(git.Repo(fork_repo).common_dir) / "megaquant.lock").exists()

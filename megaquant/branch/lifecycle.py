@@ -203,9 +203,10 @@ def _main_worktree(repo: git.Repo) -> Path:
     return Path(first.removeprefix("worktree "))
 
 
-def restore(repo: git.Repo, *, keep: bool = False) -> Restored:
-    """Return to the recorded base, undoing an interrupted set; refuse rather than discard a user's edits."""
-    with repo_lock(repo, "restore", break_stale=True) as notes:
+def restore(repo: git.Repo, *, keep: bool = False, lock_wait_s: float = 0.0) -> Restored:
+    """Return to the recorded base, undoing an interrupted set; refuse rather than discard a user's edits.
+    `lock_wait_s`: how long to wait for another live process's repository lock (see repo_lock)."""
+    with repo_lock(repo, "restore", break_stale=True, wait_s=lock_wait_s) as notes:
         fault("restore-locked")
         result = _restore_locked(repo, keep=keep)
     if notes:

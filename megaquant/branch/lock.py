@@ -64,28 +64,42 @@ def lock_info(repo: git.Repo) -> LockInfo | None:
 
 
 @contextlib.contextmanager
-def repo_lock(repo: git.Repo, op: str, *, break_stale: bool = False) -> Iterator[list[str]]:
-    """Hold the repository lock (shared by all worktrees); yields notes (a stale lock that was broken)."""
+def repo_lock(
+    repo: git.Repo, op: str, *, break_stale: bool = False, wait_s: float = 0.0
+) -> Iterator[list[str]]:
+    """Hold the repository lock (shared by all worktrees); yields notes (a stale lock that was broken).
+
+    `wait_s` > 0: while another live process holds the lock, retry for up to that long (experiments started
+    together in their own worktrees each hold it for the second or two of their set / restore) instead of
+    failing at once. A lock this process holds itself is never waited for."""
     path = common_dir(repo) / LOCK_NAME
     notes: list[str] = []
-    for _attempt in range(2):
+    deadline = time.monotonic() + wait_s
+    attempt = 0
+    while True:
+        attempt += 1
+        if attempt > 2 and time.monotonic() >= deadline:
+            raise LockedError(f"{path}: could not take the repository lock; try again")
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             info = lock_info(repo)
             if info is None:
                 continue  # released between our open and read
+            ours = info.pid == os.getpid() and info.host == socket.gethostname()
+            if info.alive and not ours and time.monotonic() < deadline:
+                time.sleep(0.2)
+                continue
             if info.alive or not break_stale:
                 hint = "wait for it to finish" if info.alive else "run `megaquant restore` to break it"
-                raise LockedError(f"{path}: repository locked by {info.describe()}; {hint}") from None
+                waited = f" (waited {wait_s:.0f} s)" if wait_s > 0 and info.alive and not ours else ""
+                raise LockedError(f"{path}: repository locked by {info.describe()}{waited}; {hint}") from None
             path.unlink(missing_ok=True)
             notes.append(f"broke a stale lock: {info.describe()}")
             continue
         with os.fdopen(fd, "w") as handle:
             json.dump({"pid": os.getpid(), "host": socket.gethostname(), "op": op}, handle)
         break
-    else:
-        raise LockedError(f"{path}: could not take the repository lock; try again")
     try:
         yield notes
     finally:

@@ -58,6 +58,10 @@ __all__ = [
     "srun_prefix",
 ]
 
+LOCK_WAIT_S = 120.0
+"""How long a run waits for the repository lock held by another live megaquant process (experiments
+started together from their own `--worktree`s each hold it for their set and restore) before failing."""
+
 TRAIN_COMMAND_ENV = "MEGAQUANT_TRAIN_COMMAND"
 """Test/debug hook: when set (split like a shell word list, never run through a shell) it replaces the
 `python -m torch.distributed.run ... <entry>` prefix; the Megatron arguments are still appended."""
@@ -328,7 +332,11 @@ def execute(
     run_dir.mkdir(parents=True, exist_ok=True)
     request = plan.request
     applied = api.apply(
-        plan.tree, values=role_settings(plan.values), worktree=request.worktree, spec=plan.spec
+        plan.tree,
+        values=role_settings(plan.values),
+        worktree=request.worktree,
+        spec=plan.spec,
+        lock_wait_s=LOCK_WAIT_S,
     )
     checkout = Path(applied.repo)
     manifest: dict[str, object] = {
@@ -395,7 +403,7 @@ def execute(
         manifest["error"] = str(exc)
         raise
     finally:
-        restored = api.restore(checkout)
+        restored = api.restore(checkout, lock_wait_s=LOCK_WAIT_S)
         manifest["path_counts"] = collect(run_dir)  # None: nothing counted (e.g. the fork's own ops)
         manifest.update(
             end=_now(),
