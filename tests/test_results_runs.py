@@ -249,3 +249,14 @@ def test_unpack_refuses_members_outside_batch_run_file(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="unexpected member"):
         rr.unpack(bad, tmp_path / "store")
     assert not (tmp_path / "store").exists()
+
+
+def test_skip_done_leaves_out_succeeded_runs_only(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    batch = rr.BATCHES["8b-4l"]
+    for spec, status in ((batch[0], "succeeded"), (batch[1], "failed")):
+        (tmp_path / "8b-4l" / spec.name).mkdir(parents=True)
+        (tmp_path / "8b-4l" / spec.name / "manifest.json").write_text(json.dumps({"status": status}))
+    assert rr.main(["plan", "--batch", "8b-4l", "--skip-done", str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    assert f"| {batch[0].name} |" not in table and f"| {batch[1].name} |" in table  # a failed run runs again
+    assert f"{len(batch) - 1} runs" in table
