@@ -97,8 +97,8 @@ SHAPES: dict[str, Shape] = {
         Shape(
             name="dsv2-2l",
             model="deepseek2_lite",
-            title="DeepSeek-V2-Lite cut to 2 layers (the dense first layer + one MoE layer: 64 experts top-6 + "
-            "the shared expert; MLA), seq 2048, 4 sequences per step",
+            title="DeepSeek-V2-Lite cut to 2 layers (the dense first layer + one MoE layer: 64 experts "
+            "top-6 + the shared expert; MLA), seq 2048, 4 sequences per step",
             seq=2048,
             micro_batch=4,
             global_batch=4,
@@ -108,9 +108,9 @@ SHAPES: dict[str, Shape] = {
             step_s=0.3,
             startup_s=90,
             basis="benchmarks.md §7, this cut: FA_linear_mxfp8 1.5-1.9 s per step of 8 microbatches of 256 "
-            "tokens, host-bound by the sequential experts (~0.2 s per microbatch); one microbatch of 4 x 2048 "
-            "tokens per step, bf16 cheaper. With 4 layers (3 MoE) a quantized run is assumed ~9.5 min: no "
-            "fit in one 10-minute command",
+            "tokens, host-bound by the sequential experts (~0.2 s per microbatch); one microbatch of "
+            "4 x 2048 tokens per step, bf16 cheaper. With 4 layers (3 MoE) a quantized run is assumed "
+            "~9.5 min: no fit in one 10-minute command",
         ),
         Shape(
             name="8b-4l",

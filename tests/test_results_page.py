@@ -92,8 +92,10 @@ def write_run(
     status: str = "succeeded",
     log_only: bool = False,
     overlapped: bool = False,
+    batch: str = "batch1",
+    wall_s: float = 30.0,
 ) -> Path:
-    run = root / "batch1" / name
+    run = root / batch / name
     run.mkdir(parents=True)
     (run / "manifest.json").write_text(
         json.dumps(_manifest(mode, recipe, seed, dataset=dataset, status=status))
@@ -114,7 +116,7 @@ def write_run(
     else:
         (run / "validation.jsonl").write_text("".join(json.dumps(p.as_json()) + "\n" for p in points))
         (run / "train_tail.log").write_text("...\n")
-    record = {"run": name, "concurrency": 2, "overlapped": ["other"] if overlapped else []}
+    record = {"batch": batch, "run": name, "overlapped": ["other"] if overlapped else [], "wall_s": wall_s}
     (run / "results_run.json").write_text(json.dumps(record))
     return run
 
@@ -132,6 +134,7 @@ def store(tmp_path: Path) -> Path:
     write_run(root, "hif8-s1234", "FA_linear_hifp8", "hifp8_scaled", 1234, 3.20, peak=12 * 2**30)
     write_run(root, "broken", "FA_linear_mxfp4", "default", 1234, 9.0, status="failed")
     write_run(root, "smoke", "bf16", "default", 1234, 1.0, dataset="sample")  # another page's run
+    write_run(root, "cal-bf16", "bf16", "default", 1234, 3.5, batch="calib", step_s=0.25, wall_s=65.0)
     return root
 
 
@@ -142,6 +145,7 @@ def _cell(grouped: dict[str, list[rp.Cell]], mode: str, recipe: str = "default")
 
 def test_seed_band_is_min_max_of_per_seed_gaps_against_bf16_mean(store: Path) -> None:
     runs, notes = rp.load_store(store)
+    runs = [r for r in runs if r.batch != "calib"]
     assert sorted(r.name for r in runs) == sorted(
         [f"batch1/{n}" for n in ("bf16-s1234", "bf16-s1235", "bf16-s1236", "mx8-s1234", "mx8-s1235")]
         + ["batch1/mx8-s1236", "batch1/fa-s1234", "batch1/hif8-s1234"]
@@ -178,6 +182,10 @@ def test_page_tables_and_figures(store: Path, tmp_path: Path) -> None:
     assert "| batch1/bf16-s1234 | 1234 | 20 | " in text and "| 20 / 0 / 2 | fused | 0123456789 |" in text
     assert "batch1/broken: failed (exit 1); left out" in text
     assert "smoke" not in text  # a sample-dataset run belongs to the smoke page
+    # the calibration run: its own table, start-up + evaluation = wall 65 s - 20 steps x 0.25 s
+    calibration = text[text.index("### Step time and memory, one run at a time") :]
+    assert "| bf16 | default | 20 | 250.0 | 10.00 | no | 60 |" in calibration
+    assert "cal-bf16" not in text[: text.index("### Step time and memory")]  # not averaged into bf16
     slug = "llama32-1b-16-layers-seq-2048-4-seq-step-20-steps"
     assert f"![loss curves]({slug}-loss.png)" in text and f"![gap vs bf16]({slug}-gap.png)" in text
     assert (tmp_path / f"{slug}-loss.png").stat().st_size > 0
