@@ -288,6 +288,16 @@ def estimate_s(spec: RunSpec, measured: dict[str, float]) -> float:
     return shape.startup_s + shape.step_s * cost_factor(spec) * spec.length()
 
 
+SHARE_PENALTY = 0.3
+"""Assumed slow-down of a run per other run on the GPU (planning only; unmeasured): a run that starts next
+to others must fit with that margin, so a long run is not started where sharing would make it overrun."""
+
+
+def start_estimate(spec: RunSpec, measured: dict[str, float], running: int) -> float:
+    """The estimate a run must fit with when `running` other runs share the GPU."""
+    return estimate_s(spec, measured) * (1 + SHARE_PENALTY * running)
+
+
 def fits(elapsed_s: float, estimate: float, budget_s: float) -> bool:
     """Start a run only if it is expected to end inside the budget."""
     return elapsed_s + estimate <= budget_s
@@ -318,6 +328,7 @@ def plan_table(batch: Sequence[RunSpec], concurrency: int = 1) -> str:
 # ---------------------------------------------------------------- collecting a run's small files
 
 SMALL_FILES = ("manifest.json", "metrics.jsonl")
+"""Kept whole; train.log only where no metrics.jsonl was written (then it holds the only loss curve)."""
 
 
 def small_files(run_dir: Path, record: dict[str, object]) -> dict[str, bytes]:
@@ -334,6 +345,8 @@ def small_files(run_dir: Path, record: dict[str, object]) -> dict[str, bytes]:
         points = parse_validation(text)
         out["validation.jsonl"] = "".join(json.dumps(p.as_json()) + "\n" for p in points).encode()
         out["train_tail.log"] = "".join(text.splitlines(keepends=True)[-TAIL_LINES:]).encode()
+        if "metrics.jsonl" not in out:  # a fork tree's pretrain_gpt.py: the log is the only curve
+            out["train.log"] = text.encode()
     out["results_run.json"] = (json.dumps(record, indent=1) + "\n").encode()
     return out
 
@@ -437,7 +450,10 @@ def run_batch(ns: argparse.Namespace, batch: Sequence[RunSpec]) -> dict[str, dic
         now = time.monotonic() - t0
         free = sorted(set(range(ns.concurrency)) - {a.slot for a in active})
         while free and pending:
-            spec = next((s for s in pending if fits(now, estimate_s(s, measured), ns.budget_s)), None)
+            running = len(active)
+            spec = next(
+                (s for s in pending if fits(now, start_estimate(s, measured, running), ns.budget_s)), None
+            )
             if spec is None:
                 break
             pending.remove(spec)
@@ -463,7 +479,7 @@ def run_batch(ns: argparse.Namespace, batch: Sequence[RunSpec]) -> dict[str, dic
                 new.overlapped.add(other.spec.name)
             active.append(new)
             say(
-                f"start {spec.name} (slot {slot}, estimate {estimate_s(spec, measured):.0f} s): "
+                f"start {spec.name} (slot {slot}, estimate {start_estimate(spec, measured, running):.0f} s): "
                 + shlex.join(argv)
             )
         if not active:
@@ -628,7 +644,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--data-root", type=Path, required=True, help="holds the prepared realtext dataset")
     run.add_argument("--work", type=Path, required=True, help="run dirs, slot trees, index caches")
     run.add_argument("--out", type=Path, required=True, help="the batch tarball and driver log")
-    run.add_argument("--budget-s", type=float, default=480.0, help="start nothing that would end later")
+    run.add_argument("--budget-s", type=float, default=540.0, help="start nothing that would end later")
     run.add_argument("--megaquant", default=None, help="the CLI as words (default: megaquant on PATH)")
     pack = sub.add_parser("pack-data", help="the prepared realtext corpus as one .tar.xz (here)")
     pack.add_argument("--data-root", type=Path, required=True)

@@ -97,6 +97,8 @@ def test_budget_decision() -> None:
     slow = rr.RunSpec(shape="8b-4l", mode="FA_linear_mxfp4", recipe="mxfp4_tseng", steps=100)
     assert rr.estimate_s(slow, {"8b-4l": 2.0}) > rr.estimate_s(spec, {"8b-4l": 2.0})
     assert rr.fits(100.0, 200.0, 300.0) and not rr.fits(100.0, 201.0, 300.0)
+    alone = rr.start_estimate(spec, {"8b-4l": 2.0}, 0)
+    assert alone == pytest.approx(200.0) and rr.start_estimate(spec, {"8b-4l": 2.0}, 1) > alone
 
 
 FAKE = r"""
@@ -260,3 +262,82 @@ def test_skip_done_leaves_out_succeeded_runs_only(tmp_path: Path, capsys: pytest
     table = capsys.readouterr().out
     assert f"| {batch[0].name} |" not in table and f"| {batch[1].name} |" in table  # a failed run runs again
     assert f"{len(batch) - 1} runs" in table
+
+
+TRAINER = r"""
+import os, sys, time
+steps = 6
+for step in range(1, steps + 1):
+    print(f" [2026-01-01 00:00:00] iteration {step:8d}/{steps:8d} | consumed samples: {2 * step} | "
+          f"elapsed time per iteration (ms): {100.0 + step:.1f} | learning rate: 1.0E-04 | "
+          f"lm loss: {6.0 - step / 10:.6E} | loss scale: 1.0 |", flush=True)
+    if step % 3 == 0:
+        print(f" validation loss at iteration {step} | lm loss value: {6.1 - step / 10:.6E} | ", flush=True)
+    time.sleep(0.2)
+print(" validation loss at iteration 6 on validation set | lm loss value: 5.450000E+00 | ", flush=True)
+"""
+
+
+def test_real_megaquant_train_two_at_once_then_the_page(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole chain on CPU: the real `megaquant train` CLI sets and restores roles on a fixture fork tree
+    and its slot copy at the same time (a fake trainer through MEGAQUANT_TRAIN_COMMAND stands in for
+    torchrun), the tarball comes back, unpack, and the page builder reads the stored runs."""
+    import shlex
+
+    import git
+    import results_page as rp
+    from conftest import make_git_repo
+
+    tree = make_git_repo(tmp_path, "v1_three")
+    head = git.Repo(tree).head.commit.hexsha
+    data = tmp_path / "data"
+    prefix = data / "dataset/realtext_processed/realtext_processed_text_document"
+    prefix.parent.mkdir(parents=True)
+    for suffix in (".bin", ".idx"):
+        prefix.with_name(prefix.name + suffix).write_bytes(b"")
+    (data / "tokenizers/realtext-bpe-32k").mkdir(parents=True)
+    (data / "tokenizers/realtext-bpe-32k/tokenizer.json").write_text("{}")
+    script = tmp_path / "trainer.py"
+    script.write_text(TRAINER)
+    monkeypatch.setenv("MEGAQUANT_TRAIN_COMMAND", shlex.join([sys.executable, str(script)]))
+    batch = tuple(rr.RunSpec(shape="8b-4l", mode=m, steps=8) for m in ("bf16", "linear_mxfp4"))
+    monkeypatch.setitem(rr.BATCHES, "test", batch)
+    code = rr.main(
+        [
+            "run",
+            "--batch",
+            "test",
+            "--tree",
+            str(tree),
+            "--data-root",
+            str(data),
+            "--work",
+            str(tmp_path / "w"),
+        ]
+        + [
+            "--out",
+            str(tmp_path / "out"),
+            "--concurrency",
+            "2",
+            "--megaquant",
+            f"{sys.executable} -m megaquant",
+        ]
+    )
+    assert code == 0
+    store = tmp_path / "store"
+    rr.unpack(tmp_path / "out" / "test.tar.gz", store)
+    for spec in batch:
+        manifest = json.loads((store / "test" / spec.name / "manifest.json").read_text())
+        assert manifest["status"] == "succeeded", (
+            tmp_path / "w" / "runs" / "test" / f"{spec.name}.out"
+        ).read_text()
+        assert manifest["mode"] == spec.mode and manifest["base"]["commit"] == head
+        assert "restored" in manifest["restored"]
+    assert git.Repo(tree).active_branch.name == "main"  # every slot tree is back on its base
+    assert git.Repo(tmp_path / "w" / "trees" / "slot1").active_branch.name == "main"
+    runs, notes = rp.load_store(store)
+    assert not notes and sorted(r.mode for r in runs) == sorted(s.mode for s in batch)
+    assert all(r.val_final == pytest.approx(5.45) and r.run.steps == (1, 2, 3, 4, 5, 6) for r in runs)
+    assert any(r.shared_gpu for r in runs)
