@@ -158,26 +158,14 @@ def _fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sleep: float) -> tupl
     return f"{sys.executable} {script}", log
 
 
-def _run(tmp_path: Path, megaquant: str, *extra: str) -> int:
-    tree = tmp_path / "tree"
-    (tree / ".git").mkdir(parents=True, exist_ok=True)
+def _run(tmp_path: Path, megaquant: str, *extra: str, tree: Path | None = None) -> int:
+    """`results_runs.py run --batch test` with WORK tmp/w and OUT tmp/out (tree: a bare stand-in)."""
+    if tree is None:
+        tree = tmp_path / "tree"
+        (tree / ".git").mkdir(parents=True, exist_ok=True)
+    paths = ["--tree", str(tree), "--data-root", str(tmp_path / "data"), "--work", str(tmp_path / "w")]
     return rr.main(
-        [
-            "run",
-            "--batch",
-            "test",
-            "--tree",
-            str(tree),
-            "--data-root",
-            str(tmp_path / "data"),
-            "--work",
-            str(tmp_path / "work"),
-            "--out",
-            str(tmp_path / "out"),
-            "--megaquant",
-            megaquant,
-            *extra,
-        ]
+        ["run", "--batch", "test", *paths, "--out", str(tmp_path / "out"), "--megaquant", megaquant, *extra]
     )
 
 
@@ -192,7 +180,7 @@ def test_runs_share_the_gpu_in_their_own_trees_and_come_back_in_one_tarball(
     first, second = starts[0], starts[1]
     assert first["tree"] != second["tree"] and first["port"] != second["port"]  # concurrent: apart
     assert abs(first["start"] - second["start"]) < 1.0  # and really at once
-    assert (tmp_path / "work" / "trees" / "slot1" / ".git").is_dir()  # slot 1 trains a copy
+    assert (tmp_path / "w" / "trees" / "slot1" / ".git").is_dir()  # slot 1 trains a copy
     with tarfile.open(tmp_path / "out" / "test.tar.gz") as tar:
         names = set(tar.getnames())
     for spec in batch:
@@ -304,27 +292,7 @@ def test_real_megaquant_train_two_at_once_then_the_page(
     monkeypatch.setenv("MEGAQUANT_TRAIN_COMMAND", shlex.join([sys.executable, str(script)]))
     batch = tuple(rr.RunSpec(shape="8b-4l", mode=m, steps=8) for m in ("bf16", "linear_mxfp4"))
     monkeypatch.setitem(rr.BATCHES, "test", batch)
-    code = rr.main(
-        [
-            "run",
-            "--batch",
-            "test",
-            "--tree",
-            str(tree),
-            "--data-root",
-            str(data),
-            "--work",
-            str(tmp_path / "w"),
-        ]
-        + [
-            "--out",
-            str(tmp_path / "out"),
-            "--concurrency",
-            "2",
-            "--megaquant",
-            f"{sys.executable} -m megaquant",
-        ]
-    )
+    code = _run(tmp_path, f"{sys.executable} -m megaquant", "--concurrency", "2", tree=tree)
     assert code == 0
     store = tmp_path / "store"
     rr.unpack(tmp_path / "out" / "test.tar.gz", store)
