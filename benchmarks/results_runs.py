@@ -418,14 +418,18 @@ def _slot_trees(tree: Path, work: Path, n: int) -> list[Path]:
     return trees
 
 
-def _interrupt(active: Active) -> None:
-    """Ctrl-C for `megaquant train`: it stops torchrun, records 'interrupted' and restores the tree."""
-    active.proc.send_signal(signal.SIGINT)
-    try:
-        active.proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        active.proc.kill()
-        active.proc.wait()
+def _interrupt(runs: Sequence[Active], wait_s: float = 60.0) -> None:
+    """Ctrl-C for each `megaquant train`, all at once (it stops torchrun, records 'interrupted' and restores
+    the tree), then wait for them together; whatever is left after `wait_s` is killed."""
+    for run in runs:
+        run.proc.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + wait_s
+    for run in runs:
+        try:
+            run.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            run.proc.kill()
+            run.proc.wait()
 
 
 def run_batch(ns: argparse.Namespace, batch: Sequence[RunSpec]) -> dict[str, dict[str, bytes]]:
@@ -488,12 +492,14 @@ def run_batch(ns: argparse.Namespace, batch: Sequence[RunSpec]) -> dict[str, dic
             break
         time.sleep(2)
         over = time.monotonic() - t0 >= ns.budget_s
+        if over:
+            overrunning = [a for a in active if a.proc.poll() is None]
+            if overrunning:
+                say(f"budget reached: interrupting {', '.join(a.spec.name for a in overrunning)}")
+                _interrupt(overrunning)
         for done in list(active):
-            if done.proc.poll() is None and not over:
-                continue
             if done.proc.poll() is None:
-                say(f"budget reached: interrupting {done.spec.name}")
-                _interrupt(done)
+                continue
             active.remove(done)
             wall = time.monotonic() - done.start
             code = done.proc.returncode
