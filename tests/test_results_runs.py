@@ -27,11 +27,8 @@ def _flag(args: list[str] | tuple[str, ...], flag: str) -> str:
     return values[-1]  # Megatron's parser: the last occurrence wins
 
 
-@pytest.mark.parametrize("shape", list(rr.SHAPES))
-def test_megaquant_train_gets_the_steps_shape_eval_and_seed_asked_for(shape: str, tmp_path: Path) -> None:
-    """Through megaquant's own planner: the presets count samples, so a global batch passed after `--`
-    changes the iterations unless --steps is rescaled (launch_steps)."""
-    spec = rr.RunSpec(shape=shape, mode="FA_linear_mxfp8", seed=1236)
+def _planned_args(spec: rr.RunSpec, tmp_path: Path) -> tuple[list[str], tuple[str, ...]]:
+    """(megaquant train options, the Megatron argv megaquant's planner makes of them) for one run."""
     argv = rr.train_argv(
         spec,
         megaquant=["megaquant"],
@@ -55,7 +52,14 @@ def test_megaquant_train_gets_the_steps_shape_eval_and_seed_asked_for(shape: str
         spec="megatron-core",
         recipe=_flag(options, "--recipe"),
     )
-    args = plan_run(request, require_tree=False).megatron_args
+    return options, plan_run(request, require_tree=False).megatron_args
+
+
+@pytest.mark.parametrize("shape", list(rr.SHAPES))
+def test_megaquant_train_gets_the_steps_shape_eval_and_seed_asked_for(shape: str, tmp_path: Path) -> None:
+    """Through megaquant's own planner: the presets count samples, so a global batch passed after `--`
+    changes the iterations unless --steps is rescaled (launch_steps)."""
+    options, args = _planned_args(rr.RunSpec(shape=shape, mode="FA_linear_mxfp8", seed=1236), tmp_path)
     shape_ = rr.SHAPES[shape]
     assert int(_flag(args, "--train-samples")) // int(_flag(args, "--global-batch-size")) == shape_.steps
     assert int(_flag(args, "--train-samples")) % int(_flag(args, "--global-batch-size")) == 0
@@ -309,3 +313,20 @@ def test_real_megaquant_train_two_at_once_then_the_page(
     assert not notes and sorted(r.mode for r in runs) == sorted(s.mode for s in batch)
     assert all(r.val_final == pytest.approx(5.45) and r.run.steps == (1, 2, 3, 4, 5, 6) for r in runs)
     assert any(r.shared_gpu for r in runs)
+
+
+def test_every_batch_argv_passes_megatrons_own_parser(tmp_path: Path) -> None:
+    """Each distinct Megatron argv of every batch (the same for every mode of a shape; lengths differ)
+    through megatron-core 0.19.2's parse_args + validate_args + sample counts, before any GPU time."""
+    pytest.importorskip("triton", reason="megatron-core 0.19's argument parsing imports triton")
+    from megaquant.errors import MegaquantError
+    from megaquant.launch.validate import Case, source_for, validate
+
+    try:
+        source = source_for(None)
+    except MegaquantError as exc:
+        pytest.skip(f"no Megatron sources with megatron/training available: {exc}")
+    specs = {(s.shape, s.length()): s for batch in rr.BATCHES.values() for s in batch}  # seeds: one flag
+    cases = {key: Case(argv=_planned_args(spec, tmp_path)[1]) for key, spec in specs.items()}
+    verdicts = validate(list(cases.values()), source)
+    assert {key: v.error for key, v in zip(cases, verdicts, strict=True) if not v.ok} == {}
