@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from megaquant.launch.modes import MODES
+from megaquant.recipes import RECIPES
 from megaquant.report import ReportError, Run, final_loss, load_run, plot_style, run_setup, step_time
 
 BEGIN = "<!-- results:begin -->"
@@ -226,8 +228,22 @@ class Cell:
         return tuple(r.seed for r in self.runs)
 
 
+def _cell_order(key: tuple[str, str]) -> tuple[int, int, int, str, str]:
+    """bf16 first, then the mode registry's order (FA, linear, FA_linear; mxfp8, mxfp4, hifp8, nvfp4), then
+    the recipe registry's; names neither knows last, by name."""
+    modes, recipes = list(MODES), list(RECIPES)
+    mode, recipe = key
+    return (
+        key != BASELINE,
+        modes.index(mode) if mode in modes else len(modes),
+        recipes.index(recipe) if recipe in recipes else len(recipes),
+        mode,
+        recipe,
+    )
+
+
 def cells(runs: Sequence[StoredRun]) -> dict[str, list[Cell]]:
-    """family -> cells, bf16 first, then in the order first stored; bands against the family's bf16."""
+    """family -> cells in `_cell_order`; bands against the family's bf16."""
     families: dict[str, dict[tuple[str, str], list[StoredRun]]] = {}
     for r in runs:
         families.setdefault(r.family, {}).setdefault((r.mode, r.recipe), []).append(r)
@@ -239,7 +255,7 @@ def cells(runs: Sequence[StoredRun]) -> dict[str, list[Cell]]:
             statistics.fmean(v for v in base_val if v is not None) if base and None not in base_val else None
         )
         train_mean = statistics.fmean(r.train_final for r in base) if base else None
-        keys = sorted(groups, key=lambda k: (k != BASELINE, list(groups).index(k)))
+        keys = sorted(groups, key=_cell_order)
         built = []
         for key in keys:
             members = tuple(sorted(groups[key], key=lambda r: (r.seed is None, r.seed or 0, r.name)))
@@ -296,6 +312,10 @@ def family_section(family: str, family_cells: Sequence[Cell], figures: dict[str,
     base = next((c for c in family_cells if (c.mode, c.recipe) == BASELINE), None)
     noise = base.val if base is not None else None
     lines = [f"### {family}", ""]
+    titles = sorted(
+        {str(r.record["shape_title"]) for c in family_cells for r in c.runs if r.record.get("shape_title")}
+    )
+    lines += [f"{title} (`results_runs.py`).\n" for title in titles]
     for label, file in figures.items():
         lines += [f"![{label}]({file})", ""]
     lines += [

@@ -117,6 +117,7 @@ def write_run(
         (run / "validation.jsonl").write_text("".join(json.dumps(p.as_json()) + "\n" for p in points))
         (run / "train_tail.log").write_text("...\n")
     record = {"batch": batch, "run": name, "overlapped": ["other"] if overlapped else [], "wall_s": wall_s}
+    record["shape_title"] = "Llama-3.2-1B, full depth"
     (run / "results_run.json").write_text(json.dumps(record))
     return run
 
@@ -153,6 +154,14 @@ def test_seed_band_is_min_max_of_per_seed_gaps_against_bf16_mean(store: Path) ->
     assert any("broken" in n and "failed" in n for n in notes)  # failed runs are named, not averaged in
     grouped = rp.cells(runs)
     assert list(grouped) == ["llama32-1b, 16 layers, seq 2048, 4 seq/step, 20 steps"]
+    (family,) = grouped
+    order = [(c.mode, c.recipe) for c in grouped[family]]  # bf16, then the registries' order, not the names'
+    assert order == [
+        ("bf16", "default"),
+        ("FA_mxfp8", "default"),
+        ("FA_linear_mxfp8", "default"),
+        ("FA_linear_hifp8", "hifp8_scaled"),
+    ]
     base = _cell(grouped, "bf16")
     assert base.val is not None and base.seeds == (1234, 1235, 1236)
     assert base.val.mean == pytest.approx(3.04)
@@ -174,6 +183,7 @@ def test_page_tables_and_figures(store: Path, tmp_path: Path) -> None:
     text = rp.build(store, page)
     assert text.startswith("# Results\n\nhand-written intro\n\n") and text.endswith("\n\nhand-written end\n")
     assert "old" not in text
+    assert "Llama-3.2-1B, full depth (`results_runs.py`)." in text
     assert "| bf16 | default | 3 | 3.0400 | +0.0000 [-0.0400, +0.0600] | (the band) |" in text
     assert "| FA_linear_mxfp8 | default | 3 | 3.3500 | +0.3100 [+0.2600, +0.3600] | **no** |" in text
     assert "| FA_mxfp8 | default | 1 | 3.0500 | +0.0100 [+0.0100, +0.0100] | yes |" in text
