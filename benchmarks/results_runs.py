@@ -366,7 +366,8 @@ def write_tarball(path: Path, batch: str, runs: dict[str, dict[str, bytes]]) -> 
 
 def unpack(tarball: Path, into: Path, *, replace: bool = False) -> list[Path]:
     """Extract a batch tarball into the store; refuses paths outside <batch>/<run>/<file> and, unless
-    `replace`, a run directory that already exists. Returns the run directories written."""
+    `replace`, a run directory that holds a succeeded run (one that failed is replaced: `--skip-done` runs
+    it again). Returns the run directories written."""
     written: dict[Path, None] = {}
     with tarfile.open(tarball) as tar:
         members = tar.getmembers()
@@ -379,11 +380,12 @@ def unpack(tarball: Path, into: Path, *, replace: bool = False) -> list[Path]:
             ):
                 raise SystemExit(f"{tarball}: unexpected member {member.name!r}; not a results_runs tarball")
         runs = {into / Path(m.name).parent for m in members}
-        existing = sorted(r for r in runs if r.exists())
-        if existing and not replace:
-            raise SystemExit(f"already in the store: {', '.join(map(str, existing))} (pass --replace)")
-        for run in existing:
-            shutil.rmtree(run)
+        kept = sorted(r for r in runs if _succeeded(r / "manifest.json"))
+        if kept and not replace:
+            raise SystemExit(f"already in the store, succeeded: {', '.join(map(str, kept))} (pass --replace)")
+        for run in runs:  # a failed or interrupted run that ran again is replaced without asking
+            if run.exists():
+                shutil.rmtree(run)
         for member in members:
             target = into / member.name
             target.parent.mkdir(parents=True, exist_ok=True)

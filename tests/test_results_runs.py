@@ -209,7 +209,13 @@ def test_runs_share_the_gpu_in_their_own_trees_and_come_back_in_one_tarball(
     assert len((run / "train_tail.log").read_text().splitlines()) == rr.TAIL_LINES
     record = json.loads((run / "results_run.json").read_text())
     assert record["concurrency"] == 2 and batch[1].name in record["overlapped"] and record["exit_code"] == 0
-    with pytest.raises(SystemExit, match="already in the store"):
+    with pytest.raises(SystemExit, match="already in the store, succeeded"):
+        rr.unpack(tmp_path / "out" / "test.tar.gz", store)
+    for spec in batch:  # a stored run that failed is replaced by the one that ran again
+        (store / "test" / spec.name / "manifest.json").write_text(json.dumps({"status": "failed"}))
+    assert len(rr.unpack(tmp_path / "out" / "test.tar.gz", store)) == len(batch)
+    assert all(rr._succeeded(store / "test" / s.name / "manifest.json") for s in batch)
+    with pytest.raises(SystemExit, match="already in the store, succeeded"):
         rr.unpack(tmp_path / "out" / "test.tar.gz", store)
     assert rr.unpack(tmp_path / "out" / "test.tar.gz", store, replace=True)
 
