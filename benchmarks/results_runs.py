@@ -298,9 +298,12 @@ def start_estimate(spec: RunSpec, measured: dict[str, float], running: int) -> f
     return estimate_s(spec, measured) * (1 + SHARE_PENALTY * running)
 
 
-def fits(elapsed_s: float, estimate: float, budget_s: float) -> bool:
-    """Start a run only if it is expected to end inside the budget."""
-    return elapsed_s + estimate <= budget_s
+def can_start(now: float, alone_s: float, active: Sequence[tuple[float, float]], budget_s: float) -> bool:
+    """Whether a run estimated `alone_s` seconds on its own may start at `now` next to `active` runs, given as
+    (start, estimate on their own): it must end inside the budget slowed by the others, and so must every
+    active run slowed by one more (conservative: as if shared from its start)."""
+    sharing = 1 + SHARE_PENALTY * len(active)
+    return now + alone_s * sharing <= budget_s and all(s + e * sharing <= budget_s for s, e in active)
 
 
 def plan_table(batch: Sequence[RunSpec], concurrency: int = 1) -> str:
@@ -457,8 +460,9 @@ def run_batch(ns: argparse.Namespace, batch: Sequence[RunSpec]) -> dict[str, dic
         free = sorted(set(range(ns.concurrency)) - {a.slot for a in active})
         while free and pending:
             running = len(active)
+            others = [(a.start - t0, estimate_s(a.spec, measured)) for a in active]
             spec = next(
-                (s for s in pending if fits(now, start_estimate(s, measured, running), ns.budget_s)), None
+                (s for s in pending if can_start(now, estimate_s(s, measured), others, ns.budget_s)), None
             )
             if spec is None:
                 break

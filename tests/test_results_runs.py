@@ -100,7 +100,12 @@ def test_budget_decision() -> None:
     assert rr.estimate_s(spec, {"8b-4l": 2.0}) == pytest.approx(200.0)  # measured wins
     slow = rr.RunSpec(shape="8b-4l", mode="FA_linear_mxfp4", recipe="mxfp4_tseng", steps=100)
     assert rr.estimate_s(slow, {"8b-4l": 2.0}) > rr.estimate_s(spec, {"8b-4l": 2.0})
-    assert rr.fits(100.0, 200.0, 300.0) and not rr.fits(100.0, 201.0, 300.0)
+    assert rr.can_start(100.0, 200.0, [], 300.0) and not rr.can_start(100.0, 201.0, [], 300.0)
+    # a long run alone fits; next to it nothing starts that would push it past the budget
+    assert rr.can_start(0.0, 500.0, [], 540.0)
+    assert not rr.can_start(0.0, 100.0, [(0.0, 500.0)], 540.0)  # 500 s x 1.3 > 540
+    assert rr.can_start(0.0, 100.0, [(0.0, 300.0)], 540.0)  # 390 and 130 s both fit
+    assert not rr.can_start(450.0, 100.0, [], 540.0)
     alone = rr.start_estimate(spec, {"8b-4l": 2.0}, 0)
     assert alone == pytest.approx(200.0) and rr.start_estimate(spec, {"8b-4l": 2.0}, 1) > alone
 
