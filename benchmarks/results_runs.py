@@ -1,0 +1,701 @@
+"""Run batches of `megaquant train` runs for docs/results (issue 11): a run matrix, several runs at once on
+one GPU, a wall-clock budget, and only the small files of each run brought back.
+
+    python benchmarks/results_runs.py plan [--batch NAME]                  # the matrix, estimated times
+    python benchmarks/results_runs.py run --batch NAME --tree T --data-root D --work W --out OUT \\
+        [--concurrency 2] [--budget-s 480] [--only RUN,...]                 # on the GPU machine
+    python benchmarks/results_runs.py unpack OUT/NAME.tar.gz [--into docs/results/runs]   # here, after
+
+Every run is one `megaquant train` (argv list, subprocess), as a user would start it: roles set on a git tree,
+torchrun -> megaquant.launch.pretrain, manifest.json + metrics.jsonl, restore. Runs that share the GPU each
+get their own copy of the instrumented tree (`megaquant train` holds a repository lock while it sets and
+restores roles, shared by all worktrees of one repository), their own --master-port and their own Megatron
+dataset-index cache (two processes building the same cache files would race).
+
+The budget: a run starts only when its estimated wall time (measured on earlier runs of the same shape in
+this batch, else the assumed step time of SHAPES) ends before --budget-s; at --budget-s the driver
+interrupts what still runs (the manifest then says `interrupted`, the tree is restored). After every run it
+rewrites OUT/<batch>.tar.gz: per run manifest.json, metrics.jsonl, path_counts.rank*.json,
+validation.jsonl (Megatron's evaluations, parsed from train.log), train_tail.log (the log's last lines) and
+results_run.json (this driver's record: slot, concurrency, wall time, which runs overlapped it). The lent
+machine returns at most 8 files, so one tarball carries a whole batch; `unpack` puts it under
+docs/results/runs/<batch>/<run>/, where `python benchmarks/results_page.py` reads it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_page import parse_validation  # noqa: E402
+
+from megaquant.launch.presets import get_preset  # noqa: E402
+
+BASE_PRESET = "single-gpu"
+"""Every shape trains on this preset's schedule: AdamW, lr 3e-4 cosine to 3e-5, 2 % warm-up (of the run)."""
+SEEDS = (1234, 1235, 1236)
+EVAL_POINTS = 10
+TAIL_LINES = 200
+PORT_BASE = 29500
+
+
+@dataclass(frozen=True, kw_only=True)
+class Shape:
+    """A model cut and batch shape of the results page. `step_s`/`startup_s` are planning assumptions (bf16,
+    one run on the GPU), replaced by measured times once a run of the shape finished in the batch."""
+
+    name: str
+    model: str
+    title: str
+    seq: int
+    micro_batch: int
+    global_batch: int
+    steps: int
+    layers: int | None = None
+    """None: the model's full depth."""
+    extra: tuple[str, ...] = ()
+    step_s: float
+    startup_s: float
+    basis: str
+    """Where `step_s` comes from (docs/benchmarks.md)."""
+
+    @property
+    def tokens(self) -> int:
+        return self.steps * self.global_batch * self.seq
+
+
+SHAPES: dict[str, Shape] = {
+    s.name: s
+    for s in (
+        Shape(
+            name="1b",
+            model="llama32-1b",
+            title="Llama-3.2-1B, full depth (16 layers), seq 2048, 4 sequences per step",
+            seq=2048,
+            micro_batch=4,
+            global_batch=4,
+            steps=1000,
+            step_s=0.18,
+            startup_s=60,
+            basis="benchmarks.md §6: bf16 789 ms per 16 x 1024 tokens in 8 microbatches with the GPU 23-34 % "
+            "busy (~240 ms of kernels); one microbatch of 4 x 2048 tokens: ~120 ms of kernels plus the host "
+            "time of one microbatch (~60 ms)",
+        ),
+        Shape(
+            name="dsv2-2l",
+            model="deepseek2_lite",
+            title="DeepSeek-V2-Lite cut to 2 layers (the dense first layer + one MoE layer: 64 experts "
+            "top-6 + the shared expert; MLA), seq 2048, 4 sequences per step",
+            seq=2048,
+            micro_batch=4,
+            global_batch=4,
+            steps=300,
+            layers=2,
+            extra=("--moe-layer-freq", "([0]+[1]*1)"),
+            step_s=0.3,
+            startup_s=90,
+            basis="benchmarks.md §7, this cut: FA_linear_mxfp8 1.5-1.9 s per step of 8 microbatches of 256 "
+            "tokens, host-bound by the sequential experts (~0.2 s per microbatch); one microbatch of "
+            "4 x 2048 tokens per step, bf16 cheaper. With 4 layers (3 MoE) a quantized run is assumed "
+            "~9.5 min: no fit in one 10-minute command",
+        ),
+        Shape(
+            name="8b-4l",
+            model="llama31-8b",
+            title="Llama-3.1-8B cut to 4 layers, seq 8192, 2 sequences per step",
+            seq=8192,
+            micro_batch=2,
+            global_batch=2,
+            steps=320,  # >= 300 and 320 x 2 samples a multiple of the preset's global batch (16)
+            layers=4,
+            step_s=0.35,
+            startup_s=60,
+            basis="benchmarks.md §4: 133 ms per step with 2 layers, 2 x 8192 tokens (sample corpus, vocab "
+            "4096); twice the layers and an 8x larger vocabulary",
+        ),
+    )
+}
+
+HEADLINE: tuple[tuple[str, str], ...] = (
+    ("bf16", "default"),
+    ("FA_linear_mxfp8", "default"),
+    ("FA_linear_mxfp4", "mxfp4_tseng"),
+    ("FA_linear_hifp8", "hifp8_scaled"),
+    ("FA_linear_nvfp4", "nvfp4_paper"),
+)
+"""Cells trained with every seed of SEEDS: bf16 and each format's headline mode with its paper recipe."""
+SEED_MODES = (
+    "bf16",
+    "FA_mxfp8",
+    "FA_hifp8",
+    "FA_mxfp4",
+    "linear_mxfp8",
+    "linear_hifp8",
+    "linear_mxfp4",
+    "FA_linear_mxfp8",
+    "FA_linear_hifp8",
+    "FA_linear_mxfp4",
+)  # megaquant.launch.modes.SEED_MODES, spelled out so the batches below do not move if the registry does
+NVFP4_MODES = ("FA_nvfp4", "linear_nvfp4", "FA_linear_nvfp4")
+RECIPE_CELLS: tuple[tuple[str, str], ...] = (
+    ("linear_hifp8", "hifp8_scaled"),
+    ("FA_linear_hifp8", "hifp8_scaled"),
+    ("FA_linear_hifp8", "hifp8_delayed"),
+    ("FA_linear_mxfp4", "sr_gradients"),
+    ("FA_linear_mxfp4", "mxfp4_tseng"),
+    ("FA_linear_nvfp4", "nvfp4_paper"),
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunSpec:
+    shape: str
+    mode: str
+    recipe: str = "default"
+    seed: int = SEEDS[0]
+    steps: int | None = None
+    """None: the shape's."""
+
+    @property
+    def name(self) -> str:
+        recipe = "" if self.recipe == "default" else f"+{self.recipe}"
+        return f"{self.shape}-{self.mode}{recipe}-s{self.seed}" + (
+            "" if self.steps is None else f"-{self.steps}st"
+        )
+
+    def length(self) -> int:
+        return SHAPES[self.shape].steps if self.steps is None else self.steps
+
+
+def _cells(shape: str) -> list[RunSpec]:
+    """One family's matrix in priority order. Tier 1: the headline cells with every seed (seed by seed, so a
+    cut-short batch still has bf16 and every format once); tier 2: every other seed, nvfp4 and recipe cell
+    with the first seed."""
+    tier1 = [RunSpec(shape=shape, mode=m, recipe=r, seed=seed) for seed in SEEDS for m, r in HEADLINE]
+    pairs = [*((m, "default") for m in (*SEED_MODES, *NVFP4_MODES)), *RECIPE_CELLS]
+    tier2 = [
+        RunSpec(shape=shape, mode=m, recipe=r) for m, r in dict.fromkeys(pairs) if (m, r) not in HEADLINE
+    ]
+    return tier1 + tier2
+
+
+def family(shape: str) -> tuple[RunSpec, ...]:
+    return tuple(_cells(shape))
+
+
+BATCHES: dict[str, tuple[RunSpec, ...]] = {
+    # session 1, first command, one run at a time: the step time and start-up of every shape, bf16 and
+    # FA_linear_mxfp8, before the long runs (the assumptions in SHAPES are extrapolations)
+    "calib": (
+        RunSpec(shape="1b", mode="bf16", steps=40),
+        RunSpec(shape="1b", mode="FA_linear_mxfp8", steps=40),
+        RunSpec(shape="8b-4l", mode="bf16", steps=24),
+        RunSpec(shape="8b-4l", mode="FA_linear_mxfp8", steps=24),
+        RunSpec(shape="dsv2-2l", mode="bf16", steps=16),
+        RunSpec(shape="dsv2-2l", mode="FA_linear_mxfp8", steps=16),
+    ),
+    "8b-4l": family("8b-4l"),
+    "dsv2-2l": family("dsv2-2l"),
+    "1b": family("1b"),
+}
+"""Named batches; a batch too long for one command is run as several commands with `--skip-done` (runs whose
+results are already in the store are left out) or `--only`."""
+
+
+def launch_steps(steps: int, global_batch: int, preset_global: int) -> int:
+    """`megaquant train --steps` for `steps` optimizer steps at `global_batch`: the presets count samples
+    (--train-samples = --steps x the preset's global batch), so a global batch passed after `--` changes the
+    number of iterations; this value makes train-samples / global batch = `steps`."""
+    samples = steps * global_batch
+    if samples % preset_global:
+        raise ValueError(
+            f"{steps} steps x global batch {global_batch} = {samples} samples is not a multiple of the "
+            f"{BASE_PRESET} preset's global batch {preset_global}; choose steps so that it is"
+        )
+    return samples // preset_global
+
+
+def extra_args(spec: RunSpec, *, cache: Path) -> list[str]:
+    """The Megatron arguments after `--`: the shape, the eval interval, the seed, the dataset-index cache."""
+    shape = SHAPES[spec.shape]
+    steps = spec.length()
+    extra = ["--seq-length", str(shape.seq), "--micro-batch-size", str(shape.micro_batch)]
+    extra += ["--global-batch-size", str(shape.global_batch)]
+    if shape.layers is not None:
+        extra += ["--num-layers", str(shape.layers)]
+    extra += list(shape.extra)
+    extra += ["--eval-interval", str(max(1, steps // EVAL_POINTS)), "--seed", str(spec.seed)]
+    extra += ["--data-cache-path", str(cache)]
+    return extra
+
+
+def train_argv(
+    spec: RunSpec,
+    *,
+    megaquant: Sequence[str],
+    tree: Path,
+    data_root: Path,
+    run_dir: Path,
+    port: int,
+    cache: Path,
+) -> list[str]:
+    shape = SHAPES[spec.shape]
+    preset = get_preset(BASE_PRESET)
+    argv = [*megaquant, "train", "--megatron", str(tree), "--model", shape.model, "--dataset", "realtext"]
+    argv += ["--data-root", str(data_root), "--training-config", BASE_PRESET, "-q", spec.mode]
+    argv += ["--recipe", spec.recipe, "--run-dir", str(run_dir), "--master-port", str(port), "--no-validate"]
+    argv += ["--steps", str(launch_steps(spec.length(), shape.global_batch, preset.global_batch_size))]
+    return argv + ["--", *extra_args(spec, cache=cache)]
+
+
+_FA_ONLY = ("FA_", "qk_", "pv_")
+
+
+def cost_factor(spec: RunSpec) -> float:
+    """Assumed step time of a mode relative to bf16 (planning only): benchmarks.md §6 measured 1.50-1.84x for
+    FA_linear modes with the weight cache at a host-bound shape, 1.90x tensor-scaled HiF8; attention-only
+    modes ~1.0-1.1x (§3); SR / RHT recipes are unmeasured and assumed 2.5x."""
+    if spec.mode == "bf16":
+        return 1.0
+    attention_only = spec.mode.startswith(_FA_ONLY) and not spec.mode.startswith("FA_linear")
+    factor = 1.1 if attention_only else 1.7
+    if spec.recipe in ("hifp8_scaled", "hifp8_delayed"):
+        factor = max(factor, 1.9)
+    if spec.recipe in ("sr_gradients", "mxfp4_tseng", "nvfp4_paper"):
+        factor = 2.5
+    return factor
+
+
+def estimate_s(spec: RunSpec, measured: dict[str, float]) -> float:
+    """Wall seconds of one run: the slowest measured seconds-per-step of its shape in this batch (start-up
+    included, so short runs over-estimate; conservative), else the shape's assumptions."""
+    shape = SHAPES[spec.shape]
+    if spec.shape in measured:
+        return measured[spec.shape] * spec.length() * cost_factor(spec)
+    return shape.startup_s + shape.step_s * cost_factor(spec) * spec.length()
+
+
+SHARE_PENALTY = 0.3
+"""Assumed slow-down of a run per other run on the GPU (planning only; unmeasured): a run that starts next
+to others must fit with that margin, so a long run is not started where sharing would make it overrun."""
+
+
+def start_estimate(spec: RunSpec, measured: dict[str, float], running: int) -> float:
+    """The estimate a run must fit with when `running` other runs share the GPU."""
+    return estimate_s(spec, measured) * (1 + SHARE_PENALTY * running)
+
+
+def can_start(now: float, alone_s: float, active: Sequence[tuple[float, float]], budget_s: float) -> bool:
+    """Whether a run estimated `alone_s` seconds on its own may start at `now` next to `active` runs, given as
+    (start, estimate on their own): it must end inside the budget slowed by the others, and so must every
+    active run slowed by one more (conservative: as if shared from its start)."""
+    sharing = 1 + SHARE_PENALTY * len(active)
+    return now + alone_s * sharing <= budget_s and all(s + e * sharing <= budget_s for s, e in active)
+
+
+def plan_table(batch: Sequence[RunSpec], concurrency: int = 1) -> str:
+    lines = [
+        "| run | shape | mode | recipe | seed | steps | tokens | assumed wall |",
+        "|---|---|---|---|---:|---:|---:|---:|",
+    ]
+    total = 0.0
+    for spec in batch:
+        shape = SHAPES[spec.shape]
+        wall = estimate_s(spec, {})
+        total += wall
+        tokens = spec.length() * shape.global_batch * shape.seq
+        lines.append(
+            f"| {spec.name} | {spec.shape} | {spec.mode} | {spec.recipe} | {spec.seed} | {spec.length()} | "
+            f"{tokens / 1e6:.1f} M | {wall / 60:.1f} min |"
+        )
+    lines.append(
+        f"\n{len(batch)} runs, {total / 60:.0f} min one at a time; with {concurrency} at once at best "
+        f"{total / 60 / concurrency:.0f} min (less where the GPU, not the host, bounds the step)"
+    )
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- collecting a run's small files
+
+SMALL_FILES = ("manifest.json", "metrics.jsonl")
+"""Kept whole; train.log only where no metrics.jsonl was written (then it holds the only loss curve)."""
+
+
+def small_files(run_dir: Path, record: dict[str, object]) -> dict[str, bytes]:
+    """The files of a run that go into the results store (name -> content)."""
+    out: dict[str, bytes] = {}
+    for name in SMALL_FILES:
+        if (run_dir / name).is_file():
+            out[name] = (run_dir / name).read_bytes()
+    for path in sorted(run_dir.glob("path_counts.rank*.json")):
+        out[path.name] = path.read_bytes()
+    log = run_dir / "train.log"
+    if log.is_file():
+        text = log.read_text(encoding="utf-8", errors="replace")
+        points = parse_validation(text)
+        out["validation.jsonl"] = "".join(json.dumps(p.as_json()) + "\n" for p in points).encode()
+        out["train_tail.log"] = "".join(text.splitlines(keepends=True)[-TAIL_LINES:]).encode()
+        if "metrics.jsonl" not in out:  # a fork tree's pretrain_gpt.py: the log is the only curve
+            out["train.log"] = text.encode()
+    out["results_run.json"] = (json.dumps(record, indent=1) + "\n").encode()
+    return out
+
+
+def write_tarball(path: Path, batch: str, runs: dict[str, dict[str, bytes]]) -> None:
+    """All collected runs as <batch>/<run>/<file>, written atomically (the command may be killed)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tarfile.open(tmp, "w:gz") as tar:
+        for run, files in sorted(runs.items()):
+            for name, content in sorted(files.items()):
+                info = tarfile.TarInfo(f"{batch}/{run}/{name}")
+                info.size = len(content)
+                info.mtime = int(time.time())
+                tar.addfile(info, io.BytesIO(content))
+    os.replace(tmp, path)
+
+
+def unpack(tarball: Path, into: Path, *, replace: bool = False) -> list[Path]:
+    """Extract a batch tarball into the store; refuses paths outside <batch>/<run>/<file> and, unless
+    `replace`, a run directory that holds a succeeded run (one that failed is replaced: `--skip-done` runs
+    it again). Returns the run directories written."""
+    written: dict[Path, None] = {}
+    with tarfile.open(tarball) as tar:
+        members = tar.getmembers()
+        for member in members:
+            parts = Path(member.name).parts
+            if (
+                len(parts) != 3
+                or not member.isfile()
+                or any(p in ("..", "") or p.startswith("/") for p in parts)
+            ):
+                raise SystemExit(f"{tarball}: unexpected member {member.name!r}; not a results_runs tarball")
+        runs = {into / Path(m.name).parent for m in members}
+        kept = sorted(r for r in runs if _succeeded(r / "manifest.json"))
+        if kept and not replace:
+            raise SystemExit(f"already in the store, succeeded: {', '.join(map(str, kept))} (pass --replace)")
+        for run in runs:  # a failed or interrupted run that ran again is replaced without asking
+            if run.exists():
+                shutil.rmtree(run)
+        for member in members:
+            target = into / member.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            source = tar.extractfile(member)
+            assert source is not None
+            target.write_bytes(source.read())
+            written[target.parent] = None
+    return list(written)
+
+
+# ---------------------------------------------------------------- the run loop (GPU machine)
+
+
+@dataclass
+class Active:
+    spec: RunSpec
+    slot: int
+    proc: subprocess.Popen[bytes]
+    run_dir: Path
+    start: float
+    overlapped: set[str] = field(default_factory=set)
+
+
+def _slot_trees(tree: Path, work: Path, n: int) -> list[Path]:
+    """Slot 0 trains `tree` itself; every further slot a copy of it (own .git, so its own lock)."""
+    trees = [tree]
+    for i in range(1, n):
+        copy = work / "trees" / f"slot{i}"
+        if not copy.exists():
+            shutil.copytree(tree, copy, symlinks=True)
+        trees.append(copy)
+    return trees
+
+
+def _interrupt(runs: Sequence[Active], wait_s: float = 60.0) -> None:
+    """Ctrl-C for each `megaquant train`, all at once (it stops torchrun, records 'interrupted' and restores
+    the tree), then wait for them together; whatever is left after `wait_s` is killed."""
+    for run in runs:
+        run.proc.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + wait_s
+    for run in runs:
+        try:
+            run.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            run.proc.kill()
+            run.proc.wait()
+
+
+def run_batch(ns: argparse.Namespace, batch: Sequence[RunSpec]) -> dict[str, dict[str, bytes]]:
+    work: Path = ns.work
+    trees = _slot_trees(ns.tree, work, ns.concurrency)
+    tarball = ns.out / f"{ns.batch}.tar.gz"
+    collected: dict[str, dict[str, bytes]] = {}
+    pending = list(batch)
+    active: list[Active] = []
+    measured: dict[str, float] = {}  # shape -> wall seconds per step, the slowest finished run
+    t0 = time.monotonic()
+    log = (ns.out / f"{ns.batch}.driver.log").open("a")
+
+    def say(text: str) -> None:
+        line = f"[{time.monotonic() - t0:6.0f} s] {text}"
+        print(line, flush=True)
+        log.write(line + "\n")
+        log.flush()
+
+    say(f"batch {ns.batch}: {len(batch)} runs, concurrency {ns.concurrency}, budget {ns.budget_s:.0f} s")
+    while pending or active:
+        now = time.monotonic() - t0
+        free = sorted(set(range(ns.concurrency)) - {a.slot for a in active})
+        while free and pending:
+            running = len(active)
+            others = [(a.start - t0, estimate_s(a.spec, measured)) for a in active]
+            spec = next(
+                (s for s in pending if can_start(now, estimate_s(s, measured), others, ns.budget_s)), None
+            )
+            if spec is None:
+                break
+            pending.remove(spec)
+            slot = free.pop(0)
+            run_dir = work / "runs" / ns.batch / spec.name
+            if run_dir.exists():
+                shutil.rmtree(run_dir)
+            argv = train_argv(
+                spec,
+                megaquant=ns.megaquant,
+                tree=trees[slot],
+                data_root=ns.data_root,
+                run_dir=run_dir,
+                port=PORT_BASE + 10 * slot,
+                cache=work / "cache" / f"slot{slot}",
+            )
+            run_dir.parent.mkdir(parents=True, exist_ok=True)
+            with (work / "runs" / ns.batch / f"{spec.name}.out").open("w") as out:
+                proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+            new = Active(spec, slot, proc, run_dir, time.monotonic())
+            for other in active:
+                other.overlapped.add(spec.name)
+                new.overlapped.add(other.spec.name)
+            active.append(new)
+            say(
+                f"start {spec.name} (slot {slot}, estimate {start_estimate(spec, measured, running):.0f} s): "
+                + shlex.join(argv)
+            )
+        if not active:
+            if pending:
+                say(f"budget: {now:.0f} s spent; not starting {', '.join(s.name for s in pending)}")
+            break
+        time.sleep(2)
+        over = time.monotonic() - t0 >= ns.budget_s
+        if over:
+            overrunning = [a for a in active if a.proc.poll() is None]
+            if overrunning:
+                say(f"budget reached: interrupting {', '.join(a.spec.name for a in overrunning)}")
+                _interrupt(overrunning)
+        for done in list(active):
+            if done.proc.poll() is None:
+                continue
+            active.remove(done)
+            wall = time.monotonic() - done.start
+            code = done.proc.returncode
+            record = {
+                "batch": ns.batch,
+                "run": done.spec.name,
+                "shape": done.spec.shape,
+                "shape_title": SHAPES[done.spec.shape].title,
+                "seed": done.spec.seed,
+                "steps": done.spec.length(),
+                "slot": done.slot,
+                "concurrency": ns.concurrency,
+                "overlapped": sorted(done.overlapped),
+                "wall_s": round(wall, 1),
+                "exit_code": code,
+            }
+            if code == 0:
+                per_step = wall / done.spec.length() / cost_factor(done.spec)
+                measured[done.spec.shape] = max(per_step, measured.get(done.spec.shape, 0.0))
+            collected[done.spec.name] = small_files(done.run_dir, record)
+            write_tarball(tarball, ns.batch, collected)
+            say(f"end {done.spec.name}: exit {code}, {wall:.0f} s")
+        if over:
+            if pending:
+                say(f"budget reached; not started: {', '.join(s.name for s in pending)}")
+            pending.clear()
+    log.close()
+    return collected
+
+
+# ---------------------------------------------------------------- the data and the tree (docs/data.md)
+
+REALTEXT_FILES: dict[str, str] = {
+    "dataset/realtext_processed/realtext_processed_text_document.bin": (
+        "857f15e2797ca0dc68a2c616f876593e0d9b525707f8743035a2ebc1e4c715a6"
+    ),
+    "dataset/realtext_processed/realtext_processed_text_document.idx": (
+        "f883b92c83b31d034b6ff0e7f4ae9dc9bd8c5a419c7266df1efd1b11e01216aa"
+    ),
+    "tokenizers/realtext-bpe-32k/special_tokens_map.json": (
+        "6f50ab5a5a509a1c309d6171f339b196a900dc9c99ad0408ff23bb615fdae7ad"
+    ),
+    "tokenizers/realtext-bpe-32k/tokenizer.json": (
+        "e3e7b2b601cad0a17f342db2a0aeeacd93c7a7ddf9ec10c1b59e5eb05522cf39"
+    ),
+    "tokenizers/realtext-bpe-32k/tokenizer_config.json": (
+        "6fbadfc23979ab6b2374714c01415f1150cc1f6f66ea46617025f0e3c46efa5a"
+    ),
+}
+"""The prepared realtext corpus every results run trains on (Debian 12 packages of docs/data.md, prepared
+once with `megaquant data prepare --dataset realtext`): data-root-relative path -> SHA-256."""
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_data(data_root: Path) -> list[str]:
+    """What differs from REALTEXT_FILES under `data_root` (missing files, other contents); [] = the same."""
+    problems = []
+    for rel, expected in REALTEXT_FILES.items():
+        path = data_root / rel
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+        elif _sha256(path) != expected:
+            problems.append(f"{path}: SHA-256 {_sha256(path)[:12]}..., expected {expected[:12]}...")
+    return problems
+
+
+def pack_data(data_root: Path, out: Path) -> None:
+    """The prepared corpus as one .tar.xz to carry to the GPU machine (~18.5 MB instead of 46.5 MB)."""
+    problems = check_data(data_root)
+    if problems:
+        raise SystemExit("not the corpus the results use:\n" + "\n".join(problems))
+    with tarfile.open(out, "w:xz") as tar:
+        for rel in REALTEXT_FILES:
+            tar.add(data_root / rel, arcname=rel)
+
+
+def setup(data: Path, work: Path, megaquant: Sequence[str]) -> None:
+    """On the GPU machine, idempotent: WORK/data from the carried tarball (checked), WORK/megatron =
+    `megaquant instrument --from-installed` (once)."""
+    data_root = work / "data"
+    if check_data(data_root):
+        with tarfile.open(data) as tar:
+            names = tar.getnames()
+            if sorted(names) != sorted(REALTEXT_FILES):
+                raise SystemExit(f"{data}: holds {names}, expected {sorted(REALTEXT_FILES)}")
+            tar.extractall(data_root, filter="data")
+        problems = check_data(data_root)
+        if problems:
+            raise SystemExit("\n".join(problems))
+    tree = work / "megatron"
+    if not (tree / "megatron" / "core").is_dir():
+        subprocess.run([*megaquant, "instrument", "--from-installed", str(tree)], check=True)
+
+
+def _succeeded(manifest: Path) -> bool:
+    try:
+        return json.loads(manifest.read_text()).get("status") == "succeeded"
+    except (OSError, ValueError):
+        return False
+
+
+def _select(ns: argparse.Namespace) -> list[RunSpec]:
+    batch = list(BATCHES[ns.batch])
+    if ns.only:
+        names = set(ns.only.split(","))
+        unknown = names - {s.name for s in batch}
+        if unknown:
+            raise SystemExit(f"--only: not in batch {ns.batch}: {', '.join(sorted(unknown))}")
+        batch = [s for s in batch if s.name in names]
+    if ns.skip_done:
+        done = {p.parent.name for p in (ns.skip_done / ns.batch).glob("*/manifest.json") if _succeeded(p)}
+        batch = [s for s in batch if s.name not in done]
+    return batch
+
+
+def _megaquant(words: str | None) -> list[str]:
+    """The CLI as an argv prefix: the given words, else `megaquant` on PATH, else `python -m megaquant`."""
+    if words is not None:
+        return shlex.split(words)
+    found = shutil.which("megaquant")
+    return [found] if found else [sys.executable, "-m", "megaquant"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    plan = sub.add_parser("plan", help="print a batch's runs and assumed times")
+    run = sub.add_parser("run", help="run a batch (GPU machine)")
+    for p in (plan, run):
+        p.add_argument("--batch", choices=list(BATCHES), default="calib")
+        p.add_argument("--only", default="", help="run names, comma-separated")
+        p.add_argument(
+            "--skip-done", type=Path, default=None, help="a results store: leave out its succeeded runs"
+        )
+        p.add_argument("--concurrency", type=int, default=1, help="runs at once on the GPU")
+    run.add_argument("--tree", type=Path, required=True, help="instrumented Megatron tree (slot 0)")
+    run.add_argument("--data-root", type=Path, required=True, help="holds the prepared realtext dataset")
+    run.add_argument("--work", type=Path, required=True, help="run dirs, slot trees, index caches")
+    run.add_argument("--out", type=Path, required=True, help="the batch tarball and driver log")
+    run.add_argument("--budget-s", type=float, default=540.0, help="start nothing that would end later")
+    run.add_argument("--megaquant", default=None, help="the CLI as words (default: megaquant on PATH)")
+    pack = sub.add_parser("pack-data", help="the prepared realtext corpus as one .tar.xz (here)")
+    pack.add_argument("--data-root", type=Path, required=True)
+    pack.add_argument("--out", type=Path, required=True)
+    setup_p = sub.add_parser("setup", help="data + instrumented tree under WORK (GPU machine)")
+    setup_p.add_argument("--data", type=Path, required=True, help="the pack-data tarball")
+    setup_p.add_argument("--work", type=Path, required=True)
+    unpack_p = sub.add_parser("unpack", help="a batch tarball into the results store")
+    unpack_p.add_argument("tarball", type=Path)
+    unpack_p.add_argument(
+        "--into", type=Path, default=Path(__file__).resolve().parents[1] / "docs/results/runs"
+    )
+    unpack_p.add_argument("--replace", action="store_true")
+    ns = parser.parse_args(argv)
+    if ns.command == "pack-data":
+        pack_data(ns.data_root, ns.out)
+        print(f"wrote {ns.out}")
+        return 0
+    if ns.command == "setup":
+        setup(ns.data, ns.work.resolve(), _megaquant(None))
+        print(f"ready: {ns.work / 'megatron'}, {ns.work / 'data'}")
+        return 0
+    if ns.command == "unpack":
+        for path in unpack(ns.tarball, ns.into, replace=ns.replace):
+            print(f"wrote {path}")
+        return 0
+    batch = _select(ns)
+    if ns.command == "plan":
+        print(plan_table(batch, ns.concurrency), end="")
+        return 0
+    ns.megaquant = _megaquant(ns.megaquant)
+    for name in ("tree", "data_root", "work", "out"):
+        setattr(ns, name, getattr(ns, name).resolve())
+    ns.out.mkdir(parents=True, exist_ok=True)
+    collected = run_batch(ns, batch)
+    ok = sum(1 for files in collected.values() if b'"status": "succeeded"' in files.get("manifest.json", b""))
+    print(f"{ok} of {len(batch)} runs succeeded; {ns.out / (ns.batch + '.tar.gz')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

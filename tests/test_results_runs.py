@@ -1,0 +1,343 @@
+"""benchmarks/results_runs.py: the run matrix, the argv it gives `megaquant train`, and the run loop (several
+runs at once, the budget, the tarball) against a stand-in for `megaquant train`."""
+
+from __future__ import annotations
+
+import json
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import results_runs as rr  # noqa: E402
+
+from megaquant.launch.modes import SEED_MODES, get_mode  # noqa: E402
+from megaquant.launch.run import TrainRequest, plan_run  # noqa: E402
+from megaquant.recipes import check_recipe  # noqa: E402
+
+
+def _flag(args: list[str] | tuple[str, ...], flag: str) -> str:
+    values = [args[i + 1] for i, a in enumerate(args) if a == flag]
+    assert values, flag
+    return values[-1]  # Megatron's parser: the last occurrence wins
+
+
+def _planned_args(spec: rr.RunSpec, tmp_path: Path) -> tuple[list[str], tuple[str, ...]]:
+    """(megaquant train options, the Megatron argv megaquant's planner makes of them) for one run."""
+    argv = rr.train_argv(
+        spec,
+        megaquant=["megaquant"],
+        tree=tmp_path / "tree",
+        data_root=tmp_path / "data",
+        run_dir=tmp_path / "run",
+        port=29510,
+        cache=tmp_path / "cache",
+    )
+    split = argv.index("--")
+    options, extra = argv[2:split], tuple(argv[split + 1 :])
+    request = TrainRequest(
+        model=_flag(options, "--model"),
+        dataset=_flag(options, "--dataset"),
+        mode=_flag(options, "-q"),
+        preset=_flag(options, "--training-config"),
+        megatron=tmp_path / "tree",
+        data_root=tmp_path / "data",
+        steps=int(_flag(options, "--steps")),
+        extra=extra,
+        spec="megatron-core",
+        recipe=_flag(options, "--recipe"),
+    )
+    return options, plan_run(request, require_tree=False).megatron_args
+
+
+@pytest.mark.parametrize("shape", list(rr.SHAPES))
+def test_megaquant_train_gets_the_steps_shape_eval_and_seed_asked_for(shape: str, tmp_path: Path) -> None:
+    """Through megaquant's own planner: the presets count samples, so a global batch passed after `--`
+    changes the iterations unless --steps is rescaled (launch_steps)."""
+    options, args = _planned_args(rr.RunSpec(shape=shape, mode="FA_linear_mxfp8", seed=1236), tmp_path)
+    shape_ = rr.SHAPES[shape]
+    assert int(_flag(args, "--train-samples")) // int(_flag(args, "--global-batch-size")) == shape_.steps
+    assert int(_flag(args, "--train-samples")) % int(_flag(args, "--global-batch-size")) == 0
+    assert _flag(args, "--lr-decay-samples") == _flag(args, "--train-samples")
+    assert int(_flag(args, "--global-batch-size")) == shape_.global_batch
+    assert int(_flag(args, "--seq-length")) == shape_.seq
+    assert int(_flag(args, "--eval-interval")) == shape_.steps // rr.EVAL_POINTS
+    assert _flag(args, "--seed") == "1236" and _flag(args, "--split") == "98,2,0"
+    assert _flag(args, "--data-cache-path") == str(tmp_path / "cache")
+    assert _flag(options, "--master-port") == "29510"
+
+
+def test_launch_steps_refuses_a_length_the_preset_cannot_express() -> None:
+    assert rr.launch_steps(1000, 4, 16) == 250
+    with pytest.raises(ValueError, match="not a multiple"):
+        rr.launch_steps(1001, 4, 16)
+
+
+@pytest.mark.parametrize("shape", list(rr.SHAPES))
+def test_each_family_covers_the_issue_matrix(shape: str) -> None:
+    runs = rr.BATCHES[shape]
+    assert len({r.name for r in runs}) == len(runs)
+    cells = {(r.mode, r.recipe) for r in runs}
+    assert {m for m, _ in cells} >= set(SEED_MODES) | set(rr.NVFP4_MODES)
+    assert cells >= set(rr.RECIPE_CELLS)
+    for mode, recipe in cells:  # every cell is one megaquant's ops can run
+        check_recipe(recipe, get_mode(mode).values(), spec="megatron-core")
+    for cell in rr.HEADLINE:
+        assert sorted(r.seed for r in runs if (r.mode, r.recipe) == cell) == list(rr.SEEDS)
+    assert all(r.shape == shape and r.length() == rr.SHAPES[shape].steps for r in runs)
+    assert runs[0].mode == "bf16"  # the baseline first: a cut-short batch still has it
+
+
+def test_budget_decision() -> None:
+    spec = rr.RunSpec(shape="8b-4l", mode="bf16", steps=100)
+    assumed = rr.estimate_s(spec, {})
+    assert assumed == pytest.approx(rr.SHAPES["8b-4l"].startup_s + 100 * rr.SHAPES["8b-4l"].step_s)
+    assert rr.estimate_s(spec, {"8b-4l": 2.0}) == pytest.approx(200.0)  # measured wins
+    slow = rr.RunSpec(shape="8b-4l", mode="FA_linear_mxfp4", recipe="mxfp4_tseng", steps=100)
+    assert rr.estimate_s(slow, {"8b-4l": 2.0}) > rr.estimate_s(spec, {"8b-4l": 2.0})
+    assert rr.can_start(100.0, 200.0, [], 300.0) and not rr.can_start(100.0, 201.0, [], 300.0)
+    # a long run alone fits; next to it nothing starts that would push it past the budget
+    assert rr.can_start(0.0, 500.0, [], 540.0)
+    assert not rr.can_start(0.0, 100.0, [(0.0, 500.0)], 540.0)  # 500 s x 1.3 > 540
+    assert rr.can_start(0.0, 100.0, [(0.0, 300.0)], 540.0)  # 390 and 130 s both fit
+    assert not rr.can_start(450.0, 100.0, [], 540.0)
+    alone = rr.start_estimate(spec, {"8b-4l": 2.0}, 0)
+    assert alone == pytest.approx(200.0) and rr.start_estimate(spec, {"8b-4l": 2.0}, 1) > alone
+
+
+FAKE = r"""
+import signal, sys
+signal.signal(signal.SIGINT, lambda *_: STOP())  # first: the driver may interrupt at once
+import json, os, time
+from pathlib import Path
+
+argv = sys.argv[1:]
+assert argv[0] == "train"
+
+
+def flag(name):
+    return argv[len(argv) - 1 - argv[::-1].index(name) + 1]
+
+
+run = Path(flag("--run-dir"))
+run.mkdir(parents=True, exist_ok=True)
+extra = argv[argv.index("--") + 1 :]
+manifest = {"schema": 1, "mode": flag("-q"), "model": flag("--model"), "dataset": flag("--dataset")}
+manifest.update(recipe=flag("--recipe"), megatron_args=extra, status="running", exit_code=None)
+
+
+def write(status, code):
+    manifest.update(status=status, exit_code=code)
+    (run / "manifest.json").write_text(json.dumps(manifest))
+
+
+def STOP():
+    write("interrupted", -2)
+    sys.exit(130)
+
+
+write("running", None)
+with open(os.environ["FAKE_LOG"], "a") as log:
+    started = {"run": run.name, "tree": flag("--megatron"), "port": flag("--master-port")}
+    started["start"] = time.time()
+    log.write(json.dumps(started) + "\n")
+time.sleep(float(os.environ["FAKE_SLEEP"]))
+metrics = [{"step": i, "loss": 5.0 - i / 10, "step_time_s": 0.1, "peak_mem_bytes": 1} for i in range(1, 5)]
+(run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+evals = " validation loss at iteration 2 | lm loss value: 4.500000E+00 | lm loss PPL: 9.0E+01 | \n"
+evals += " validation loss at iteration 4 on validation set | lm loss value: 4.250000E+00 | \n"
+(run / "train.log").write_text("".join(f"line {i}\n" for i in range(500)) + evals)
+counts = {"gemms": {}, "operands": {}, "fallbacks": [], "steps": 4}
+(run / "path_counts.rank0.json").write_text(json.dumps(counts))
+write("succeeded", 0)
+"""
+
+
+def _fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sleep: float) -> tuple[str, Path]:
+    script = tmp_path / "fake_megaquant.py"
+    script.write_text(FAKE)
+    log = tmp_path / "fake.log"
+    monkeypatch.setenv("FAKE_LOG", str(log))
+    monkeypatch.setenv("FAKE_SLEEP", str(sleep))
+    return f"{sys.executable} {script}", log
+
+
+def _run(tmp_path: Path, megaquant: str, *extra: str, tree: Path | None = None) -> int:
+    """`results_runs.py run --batch test` with WORK tmp/w and OUT tmp/out (tree: a bare stand-in)."""
+    if tree is None:
+        tree = tmp_path / "tree"
+        (tree / ".git").mkdir(parents=True, exist_ok=True)
+    paths = ["--tree", str(tree), "--data-root", str(tmp_path / "data"), "--work", str(tmp_path / "w")]
+    return rr.main(
+        ["run", "--batch", "test", *paths, "--out", str(tmp_path / "out"), "--megaquant", megaquant, *extra]
+    )
+
+
+def test_runs_share_the_gpu_in_their_own_trees_and_come_back_in_one_tarball(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batch = tuple(rr.RunSpec(shape="8b-4l", mode=m, steps=8) for m in ("bf16", "FA_mxfp8", "linear_mxfp8"))
+    monkeypatch.setitem(rr.BATCHES, "test", batch)
+    megaquant, log = _fake(tmp_path, monkeypatch, sleep=1.0)
+    assert _run(tmp_path, megaquant, "--concurrency", "2", "--budget-s", "600") == 0
+    starts = [json.loads(line) for line in log.read_text().splitlines()]
+    first, second = starts[0], starts[1]
+    assert first["tree"] != second["tree"] and first["port"] != second["port"]  # concurrent: apart
+    assert abs(first["start"] - second["start"]) < 1.0  # and really at once
+    assert (tmp_path / "w" / "trees" / "slot1" / ".git").is_dir()  # slot 1 trains a copy
+    with tarfile.open(tmp_path / "out" / "test.tar.gz") as tar:
+        names = set(tar.getnames())
+    for spec in batch:
+        for file in (
+            "manifest.json",
+            "metrics.jsonl",
+            "validation.jsonl",
+            "train_tail.log",
+            "results_run.json",
+        ):
+            assert f"test/{spec.name}/{file}" in names
+        assert f"test/{spec.name}/path_counts.rank0.json" in names
+    assert not any(n.endswith("/train.log") for n in names)  # the full log stays on the machine
+    store = tmp_path / "store"
+    written = rr.unpack(tmp_path / "out" / "test.tar.gz", store)
+    assert sorted(p.name for p in written) == sorted(s.name for s in batch)
+    run = store / "test" / batch[0].name
+    assert [json.loads(x)["final"] for x in (run / "validation.jsonl").read_text().splitlines()] == [
+        False,
+        True,
+    ]
+    assert len((run / "train_tail.log").read_text().splitlines()) == rr.TAIL_LINES
+    record = json.loads((run / "results_run.json").read_text())
+    assert record["concurrency"] == 2 and batch[1].name in record["overlapped"] and record["exit_code"] == 0
+    with pytest.raises(SystemExit, match="already in the store, succeeded"):
+        rr.unpack(tmp_path / "out" / "test.tar.gz", store)
+    for spec in batch:  # a stored run that failed is replaced by the one that ran again
+        (store / "test" / spec.name / "manifest.json").write_text(json.dumps({"status": "failed"}))
+    assert len(rr.unpack(tmp_path / "out" / "test.tar.gz", store)) == len(batch)
+    assert all(rr._succeeded(store / "test" / s.name / "manifest.json") for s in batch)
+    with pytest.raises(SystemExit, match="already in the store, succeeded"):
+        rr.unpack(tmp_path / "out" / "test.tar.gz", store)
+    assert rr.unpack(tmp_path / "out" / "test.tar.gz", store, replace=True)
+
+
+def test_the_budget_stops_starting_runs_and_interrupts_overrunning_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batch = (rr.RunSpec(shape="8b-4l", mode="bf16", steps=8), rr.RunSpec(shape="1b", mode="bf16"))
+    monkeypatch.setitem(rr.BATCHES, "test", batch)
+    quick = rr.Shape(**{**rr.SHAPES["8b-4l"].__dict__, "startup_s": 1.0, "step_s": 0.0})
+    monkeypatch.setitem(rr.SHAPES, "8b-4l", quick)  # estimated 1 s, fits; the 1b run (~minutes) does not
+    megaquant, log = _fake(tmp_path, monkeypatch, sleep=60.0)  # ... and the first overruns its estimate
+    start = time.monotonic()
+    assert _run(tmp_path, megaquant, "--budget-s", "6") == 0
+    assert time.monotonic() - start < 40
+    assert [json.loads(line)["run"] for line in log.read_text().splitlines()] == [batch[0].name]
+    with tarfile.open(tmp_path / "out" / "test.tar.gz") as tar:
+        member = tar.extractfile(f"test/{batch[0].name}/manifest.json")
+        assert member is not None
+        assert json.loads(member.read())["status"] == "interrupted"
+        assert not any(batch[1].name in n for n in tar.getnames())
+    driver_log = (tmp_path / "out" / "test.driver.log").read_text()
+    assert "interrupting" in driver_log and f"not started: {batch[1].name}" in driver_log
+
+
+def test_unpack_refuses_members_outside_batch_run_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.tar.gz"
+    with tarfile.open(bad, "w:gz") as tar:
+        (tmp_path / "x").write_text("x")
+        tar.add(tmp_path / "x", arcname="../escape")
+    with pytest.raises(SystemExit, match="unexpected member"):
+        rr.unpack(bad, tmp_path / "store")
+    assert not (tmp_path / "store").exists()
+
+
+def test_skip_done_leaves_out_succeeded_runs_only(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    batch = rr.BATCHES["8b-4l"]
+    for spec, status in ((batch[0], "succeeded"), (batch[1], "failed")):
+        (tmp_path / "8b-4l" / spec.name).mkdir(parents=True)
+        (tmp_path / "8b-4l" / spec.name / "manifest.json").write_text(json.dumps({"status": status}))
+    assert rr.main(["plan", "--batch", "8b-4l", "--skip-done", str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    assert f"| {batch[0].name} |" not in table and f"| {batch[1].name} |" in table  # a failed run runs again
+    assert f"{len(batch) - 1} runs" in table
+
+
+TRAINER = r"""
+import os, sys, time
+steps = 6
+for step in range(1, steps + 1):
+    print(f" [2026-01-01 00:00:00] iteration {step:8d}/{steps:8d} | consumed samples: {2 * step} | "
+          f"elapsed time per iteration (ms): {100.0 + step:.1f} | learning rate: 1.0E-04 | "
+          f"lm loss: {6.0 - step / 10:.6E} | loss scale: 1.0 |", flush=True)
+    if step % 3 == 0:
+        print(f" validation loss at iteration {step} | lm loss value: {6.1 - step / 10:.6E} | ", flush=True)
+    time.sleep(0.2)
+print(" validation loss at iteration 6 on validation set | lm loss value: 5.450000E+00 | ", flush=True)
+"""
+
+
+def test_real_megaquant_train_two_at_once_then_the_page(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole chain on CPU: the real `megaquant train` CLI sets and restores roles on a fixture fork tree
+    and its slot copy at the same time (a fake trainer through MEGAQUANT_TRAIN_COMMAND stands in for
+    torchrun), the tarball comes back, unpack, and the page builder reads the stored runs."""
+    import shlex
+
+    import git
+    import results_page as rp
+    from conftest import make_git_repo
+
+    tree = make_git_repo(tmp_path, "v1_three")
+    head = git.Repo(tree).head.commit.hexsha
+    data = tmp_path / "data"
+    prefix = data / "dataset/realtext_processed/realtext_processed_text_document"
+    prefix.parent.mkdir(parents=True)
+    for suffix in (".bin", ".idx"):
+        prefix.with_name(prefix.name + suffix).write_bytes(b"")
+    (data / "tokenizers/realtext-bpe-32k").mkdir(parents=True)
+    (data / "tokenizers/realtext-bpe-32k/tokenizer.json").write_text("{}")
+    script = tmp_path / "trainer.py"
+    script.write_text(TRAINER)
+    monkeypatch.setenv("MEGAQUANT_TRAIN_COMMAND", shlex.join([sys.executable, str(script)]))
+    batch = tuple(rr.RunSpec(shape="8b-4l", mode=m, steps=8) for m in ("bf16", "linear_mxfp4"))
+    monkeypatch.setitem(rr.BATCHES, "test", batch)
+    code = _run(tmp_path, f"{sys.executable} -m megaquant", "--concurrency", "2", tree=tree)
+    assert code == 0
+    store = tmp_path / "store"
+    rr.unpack(tmp_path / "out" / "test.tar.gz", store)
+    for spec in batch:
+        manifest = json.loads((store / "test" / spec.name / "manifest.json").read_text())
+        assert manifest["status"] == "succeeded", (
+            tmp_path / "w" / "runs" / "test" / f"{spec.name}.out"
+        ).read_text()
+        assert manifest["mode"] == spec.mode and manifest["base"]["commit"] == head
+        assert "restored" in manifest["restored"]
+    assert git.Repo(tree).active_branch.name == "main"  # every slot tree is back on its base
+    assert git.Repo(tmp_path / "w" / "trees" / "slot1").active_branch.name == "main"
+    runs, notes = rp.load_store(store)
+    assert not notes and sorted(r.mode for r in runs) == sorted(s.mode for s in batch)
+    assert all(r.val_final == pytest.approx(5.45) and r.run.steps == (1, 2, 3, 4, 5, 6) for r in runs)
+    assert any(r.shared_gpu for r in runs)
+
+
+def test_every_batch_argv_passes_megatrons_own_parser(tmp_path: Path) -> None:
+    """Each distinct Megatron argv of every batch (the same for every mode of a shape; lengths differ)
+    through megatron-core 0.19.2's parse_args + validate_args + sample counts, before any GPU time."""
+    pytest.importorskip("triton", reason="megatron-core 0.19's argument parsing imports triton")
+    from megaquant.errors import MegaquantError
+    from megaquant.launch.validate import Case, source_for, validate
+
+    try:
+        source = source_for(None)
+    except MegaquantError as exc:
+        pytest.skip(f"no Megatron sources with megatron/training available: {exc}")
+    specs = {(s.shape, s.length()): s for batch in rr.BATCHES.values() for s in batch}  # seeds: one flag
+    cases = {key: Case(argv=_planned_args(spec, tmp_path)[1]) for key, spec in specs.items()}
+    verdicts = validate(list(cases.values()), source)
+    assert {key: v.error for key, v in zip(cases, verdicts, strict=True) if not v.ok} == {}
