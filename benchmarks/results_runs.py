@@ -42,8 +42,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_page import parse_validation  # noqa: E402
 
-from megaquant.launch.presets import get_preset  # noqa: E402
-
 BASE_PRESET = "single-gpu"
 """Every shape trains on this preset's schedule: AdamW, lr 3e-4 cosine to 3e-5, 2 % warm-up (of the run)."""
 SEEDS = (1234, 1235, 1236)
@@ -215,19 +213,6 @@ BATCHES: dict[str, tuple[RunSpec, ...]] = {
 results are already in the store are left out) or `--only`."""
 
 
-def launch_steps(steps: int, global_batch: int, preset_global: int) -> int:
-    """`megaquant train --steps` for `steps` optimizer steps at `global_batch`: the presets count samples
-    (--train-samples = --steps x the preset's global batch), so a global batch passed after `--` changes the
-    number of iterations; this value makes train-samples / global batch = `steps`."""
-    samples = steps * global_batch
-    if samples % preset_global:
-        raise ValueError(
-            f"{steps} steps x global batch {global_batch} = {samples} samples is not a multiple of the "
-            f"{BASE_PRESET} preset's global batch {preset_global}; choose steps so that it is"
-        )
-    return samples // preset_global
-
-
 def extra_args(spec: RunSpec, *, cache: Path) -> list[str]:
     """The Megatron arguments after `--`: the shape, the eval interval, the seed, the dataset-index cache."""
     shape = SHAPES[spec.shape]
@@ -253,11 +238,10 @@ def train_argv(
     cache: Path,
 ) -> list[str]:
     shape = SHAPES[spec.shape]
-    preset = get_preset(BASE_PRESET)
     argv = [*megaquant, "train", "--megatron", str(tree), "--model", shape.model, "--dataset", "realtext"]
     argv += ["--data-root", str(data_root), "--training-config", BASE_PRESET, "-q", spec.mode]
     argv += ["--recipe", spec.recipe, "--run-dir", str(run_dir), "--master-port", str(port), "--no-validate"]
-    argv += ["--steps", str(launch_steps(spec.length(), shape.global_batch, preset.global_batch_size))]
+    argv += ["--steps", str(spec.length())]  # --steps follows the global batch given after `--`
     return argv + ["--", *extra_args(spec, cache=cache)]
 
 

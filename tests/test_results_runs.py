@@ -57,8 +57,8 @@ def _planned_args(spec: rr.RunSpec, tmp_path: Path) -> tuple[list[str], tuple[st
 
 @pytest.mark.parametrize("shape", list(rr.SHAPES))
 def test_megaquant_train_gets_the_steps_shape_eval_and_seed_asked_for(shape: str, tmp_path: Path) -> None:
-    """Through megaquant's own planner: the presets count samples, so a global batch passed after `--`
-    changes the iterations unless --steps is rescaled (launch_steps)."""
+    """Through megaquant's own planner: `--steps` counts optimizer steps at the global batch given after `--`
+    (the presets count samples; megaquant train rescales them)."""
     options, args = _planned_args(rr.RunSpec(shape=shape, mode="FA_linear_mxfp8", seed=1236), tmp_path)
     shape_ = rr.SHAPES[shape]
     assert int(_flag(args, "--train-samples")) // int(_flag(args, "--global-batch-size")) == shape_.steps
@@ -70,12 +70,6 @@ def test_megaquant_train_gets_the_steps_shape_eval_and_seed_asked_for(shape: str
     assert _flag(args, "--seed") == "1236" and _flag(args, "--split") == "98,2,0"
     assert _flag(args, "--data-cache-path") == str(tmp_path / "cache")
     assert _flag(options, "--master-port") == "29510"
-
-
-def test_launch_steps_refuses_a_length_the_preset_cannot_express() -> None:
-    assert rr.launch_steps(1000, 4, 16) == 250
-    with pytest.raises(ValueError, match="not a multiple"):
-        rr.launch_steps(1001, 4, 16)
 
 
 @pytest.mark.parametrize("shape", list(rr.SHAPES))
