@@ -141,7 +141,8 @@ import itertools, torch
 from megaquant.ops.attention import quant_attention, _configs
 from megaquant.ops import _attention_triton as T
 g = torch.Generator().manual_seed(0)
-for qk, pv, causal, dk, dv in [("mxfp8", "mxfp8", True, 48, 16), ("none", "hifp8", False, 16, 16)]:
+for qk, pv, causal, dk, dv in [("mxfp8", "mxfp8", True, 48, 16), ("none", "hifp8", False, 16, 16),
+                               ("mxfp4", "mxfp8", True, 192, 128)]:  # 48 = 32 + 16, MLA's 192 = 128 + 64
     q = torch.randn(1, 2, 37, dk, generator=g); k = torch.randn(1, 1, 37, dk, generator=g)
     v = torch.randn(1, 1, 37, dv, generator=g); do = torch.randn(1, 2, 37, dv, generator=g)
     outs = []
@@ -158,7 +159,8 @@ print("ok")
 
 
 def test_triton_kernels_under_the_interpreter() -> None:
-    """Forward and backward kernels (two-pass P quantization, GQA, ragged tiles) equal the reference."""
+    """Forward and backward kernels (two-pass P quantization, GQA, ragged tiles, QK head dims split in two
+    dots) equal the reference."""
     pytest.importorskip("triton")
     env = {
         **os.environ,
