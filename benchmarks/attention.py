@@ -257,6 +257,7 @@ def main() -> None:
     parser.add_argument(
         "--variant-sites", nargs="*", default=[], help="sites also run as triton_soft and triton_ou2"
     )
+    parser.add_argument("--variant-seqs", nargs="*", default=["8192x1"])
     parser.add_argument(
         "--no-unfused", action="store_true", help="skip the unfused path (slow, s x s memory)"
     )
@@ -285,9 +286,8 @@ def main() -> None:
         for s, b in (tuple(int(x) for x in sb.split("x")) for sb in args.seqs):
             plan = [("sdpa", "none")] if "sdpa" in args.paths else []
             plan += [("triton", site) for site in args.sites if "triton" in args.paths]
-            plan += [
-                (variant, site) for site in args.variant_sites for variant in ("triton_soft", "triton_ou2")
-            ]
+            if f"{s}x{b}" in args.variant_seqs:
+                plan += [(var, site) for site in args.variant_sites for var in ("triton_soft", "triton_ou2")]
             if not args.no_unfused and "unfused" in args.paths:
                 plan += [("unfused", site) for site in args.sites]
             for path, site in plan:
