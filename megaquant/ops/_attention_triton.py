@@ -2,10 +2,11 @@
 
 Q and K (qk site, blocks along the head dim) and V (pv site, blocks along the keys) are fake-quantized
 before the kernels by the formats dispatch; P is quantized inside the forward kernel, as the normalised
-softmax: with pv quantized the forward makes two passes over the keys (row max and sum first, then P,
-fq(P) fq(V) and the unquantized P V that the backward's row term needs). The backward is the
-straight-through one of docs/attention.md: S recomputed from the quantized Q, K; dQ, dK, dV, dP from the
-unquantized operands. Design, predictions and measurements: benchmarks/NOTES.md.
+softmax: with pv quantized the forward makes two passes over the keys (row max and sum with the
+unquantized P V that the backward's row term needs first, then the normalised P and fq(P) fq(V)). The
+backward is the straight-through one of docs/attention.md: S recomputed from the quantized Q, K; dQ, dK,
+dV, dP from the unquantized operands. A QK head dim such as MLA's 192 runs as two dots (128 + 64) into
+one fp32 accumulator (_split). Design, predictions and measurements: benchmarks/NOTES.md.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ _LOG2E = 1.4426950408889634
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 CONFIG_ENV = "MEGAQUANT_ATTENTION_CONFIG"
 """JSON object overriding block sizes (BM, BN, warps, stages) for sweeps: {"fwd": [128, 64, 8, 3]} for every
-head dim, {"fwd:128": [...]} for a padded QK head dim of 128; kernels fwd, fwd2 (pv quantized), dkdv, dq."""
+head dim, {"fwd:128": [...]} for the QK head-dim key 128 (_key: 64, 128, 192 = MLA's 128 + 64, 256); kernels
+fwd, fwd2 (pv quantized), dkdv, dq."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -364,19 +366,19 @@ _DEFAULT_CONFIGS = {
     # benchmarks/attention.py --sweep on the H200 (benchmarks/NOTES.md), 64 and 256: first guesses
     ("fwd", 64): (128, 64, 4, 3),
     ("fwd", 128): (64, 64, 4, 3),
-    ("fwd", 192): (64, 64, 4, 3),
+    ("fwd", 192): (128, 64, 8, 3),
     ("fwd", 256): (64, 64, 4, 2),
     ("fwd2", 64): (128, 64, 4, 3),
     ("fwd2", 128): (64, 64, 4, 2),
-    ("fwd2", 192): (64, 64, 8, 3),
+    ("fwd2", 192): (64, 64, 4, 2),
     ("fwd2", 256): (64, 64, 4, 2),
     ("dkdv", 64): (64, 64, 4, 3),
     ("dkdv", 128): (64, 128, 8, 3),
-    ("dkdv", 192): (32, 64, 8, 2),
+    ("dkdv", 192): (32, 128, 8, 2),
     ("dkdv", 256): (32, 64, 8, 2),
     ("dq", 64): (64, 64, 4, 3),
     ("dq", 128): (64, 32, 4, 3),
-    ("dq", 192): (64, 64, 8, 2),
+    ("dq", 192): (128, 64, 8, 2),
     ("dq", 256): (64, 32, 8, 2),
 }
 PQUANT_ENV = "MEGAQUANT_ATTENTION_PQUANT"
