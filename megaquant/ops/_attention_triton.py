@@ -151,6 +151,41 @@ def _store_rows(base, offs, n_rows, stride_r, stride_d, x, D: tl.constexpr, BD: 
 
 
 @triton.jit
+def _load_parts(base, offs, n_rows, stride_r, stride_d, DA: tl.constexpr, BDA: tl.constexpr,
+                DB: tl.constexpr, BDB: tl.constexpr):  # fmt: skip
+    """Rows `offs` of a [rows, DA + DB] matrix as its two head-dim parts (the second is the first, unused,
+    when DB == 0)."""
+    x = _load_rows(base, offs, n_rows, stride_r, stride_d, DA, BDA)
+    x2 = x
+    if DB > 0:
+        x2 = _load_rows(base + DA * stride_d, offs, n_rows, stride_r, stride_d, DB, BDB)
+    return x, x2
+
+
+@triton.jit
+def _dot_parts(ds, x, x2, acc, acc2, base, offs, n_rows, stride_r, stride_d, RELOAD: tl.constexpr,
+               DA: tl.constexpr, BDA: tl.constexpr, DB: tl.constexpr, BDB: tl.constexpr,
+               PREC: tl.constexpr):  # fmt: skip
+    """acc += ds @ X[:, :DA], acc2 += ds @ X[:, DA:DA+DB] (DB > 0): X the tiles x, x2, or with RELOAD the
+    rows `offs` of the matrix at `base` (the unquantized Q or K of a quantized qk site)."""
+    xr = _load_rows(base, offs, n_rows, stride_r, stride_d, DA, BDA) if RELOAD else x
+    acc = tl.dot(ds.to(xr.dtype), xr, acc, input_precision=PREC)
+    if DB > 0:
+        xr2 = _load_rows(base + DA * stride_d, offs, n_rows, stride_r, stride_d, DB, BDB) if RELOAD else x2
+        acc2 = tl.dot(ds.to(xr2.dtype), xr2, acc2, input_precision=PREC)
+    return acc, acc2
+
+
+@triton.jit
+def _store_parts(base, offs, n_rows, stride_r, stride_d, x, x2, DA: tl.constexpr, BDA: tl.constexpr,
+                 DB: tl.constexpr, BDB: tl.constexpr):  # fmt: skip
+    """Store the two head-dim parts of a gradient tile (the second only when DB > 0)."""
+    _store_rows(base, offs, n_rows, stride_r, stride_d, x, DA, BDA)
+    if DB > 0:
+        _store_rows(base + DA * stride_d, offs, n_rows, stride_r, stride_d, x2, DB, BDB)
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, VQ, OUT, OU, LSE,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, swb, swh, swn, swd,
@@ -170,11 +205,7 @@ def _fwd_kernel(
     h = bh % HQ
     hk = h // G
     offs_m = pid_m * BM + tl.arange(0, BM)
-    q_base = Q + b * sqb + h * sqh
-    q = _load_rows(q_base, offs_m, SQ, sqm, sqd, DA, BDA)
-    q2 = q  # (unused when DB == 0)
-    if DB > 0:
-        q2 = _load_rows(q_base + DA * sqd, offs_m, SQ, sqm, sqd, DB, BDB)
+    q, q2 = _load_parts(Q + b * sqb + h * sqh, offs_m, SQ, sqm, sqd, DA, BDA, DB, BDB)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     hi = tl.minimum((pid_m + 1) * BM, SK) if CAUSAL else SK
@@ -257,12 +288,8 @@ def _dkdv_kernel(
     b = bh // HKV
     hk = bh % HKV
     offs_n = pid_n * BN + tl.arange(0, BN)
-    kq_base = KQ + b * skb + hk * skh
-    kq = _load_rows(kq_base, offs_n, SK, skn, skd, DA, BDA)
-    kq2 = kq
+    kq, kq2 = _load_parts(KQ + b * skb + hk * skh, offs_n, SK, skn, skd, DA, BDA, DB, BDB)
     dk2 = tl.zeros([BN, BDB], tl.float32)
-    if DB > 0:
-        kq2 = _load_rows(kq_base + DA * skd, offs_n, SK, skn, skd, DB, BDB)
     v = _load_rows(V + b * svb + hk * svh, offs_n, SK, svn, svd, DVD, BDV)
     dk = tl.zeros([BN, BDA], tl.float32)
     dv = tl.zeros([BN, BDV], tl.float32)
@@ -274,10 +301,9 @@ def _dkdv_kernel(
         q_base = Q + b * sqb + h * sqh
         for start in range(lo, SQ, BM):
             offs_m = start + tl.arange(0, BM)
-            qq = _load_rows(qq_base, offs_m, SQ, sxm, sxd, DA, BDA)
+            qq, qq2 = _load_parts(qq_base, offs_m, SQ, sxm, sxd, DA, BDA, DB, BDB)
             st = tl.dot(kq, tl.trans(qq), input_precision=PREC)  # (BN, BM)
             if DB > 0:
-                qq2 = _load_rows(qq_base + DA * sxd, offs_m, SQ, sxm, sxd, DB, BDB)
                 st = tl.dot(kq2, tl.trans(qq2), st, input_precision=PREC)
             st = st * qk_scale
             lse = tl.load(LSE + row * SQ + offs_m, mask=offs_m < SQ, other=0.0)
@@ -290,15 +316,10 @@ def _dkdv_kernel(
             dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
             delta = tl.load(DELTA + row * SQ + offs_m, mask=offs_m < SQ, other=0.0)
             dst = pt * (dpt - delta[None, :])
-            qr = _load_rows(q_base, offs_m, SQ, sqm, sqd, DA, BDA) if QK_QUANT else qq
-            dk = tl.dot(dst.to(qr.dtype), qr, dk, input_precision=PREC)
-            if DB > 0:
-                qr2 = _load_rows(q_base + DA * sqd, offs_m, SQ, sqm, sqd, DB, BDB) if QK_QUANT else qq2
-                dk2 = tl.dot(dst.to(qr2.dtype), qr2, dk2, input_precision=PREC)
-    dk_base = DK + b * sgb + hk * sgh
-    _store_rows(dk_base, offs_n, SK, sgn, sgd, dk * sm_scale, DA, BDA)
-    if DB > 0:
-        _store_rows(dk_base + DA * sgd, offs_n, SK, sgn, sgd, dk2 * sm_scale, DB, BDB)
+            dk, dk2 = _dot_parts(dst, qq, qq2, dk, dk2, q_base, offs_m, SQ, sqm, sqd, QK_QUANT, DA, BDA, DB,
+                                 BDB, PREC)  # fmt: skip
+    _store_parts(DK + b * sgb + hk * sgh, offs_n, SK, sgn, sgd, dk * sm_scale, dk2 * sm_scale, DA, BDA, DB,
+                 BDB)  # fmt: skip
     _store_rows(DV + b * shb + hk * shh, offs_n, SK, shn, shd, dv, DVD, BDV)
 
 
@@ -319,12 +340,8 @@ def _dq_kernel(
     h = bh % HQ
     hk = h // G
     offs_m = pid_m * BM + tl.arange(0, BM)
-    qq_base = QQ + b * sxb + h * sxh
-    qq = _load_rows(qq_base, offs_m, SQ, sxm, sxd, DA, BDA)
-    qq2 = qq
+    qq, qq2 = _load_parts(QQ + b * sxb + h * sxh, offs_m, SQ, sxm, sxd, DA, BDA, DB, BDB)
     dq2 = tl.zeros([BM, BDB], tl.float32)
-    if DB > 0:
-        qq2 = _load_rows(qq_base + DA * sxd, offs_m, SQ, sxm, sxd, DB, BDB)
     do = _load_rows(DO + b * sdb + h * sdh, offs_m, SQ, sdm, sdd, DVD, BDV)
     lse = tl.load(LSE + bh * SQ + offs_m, mask=offs_m < SQ, other=0.0)
     delta = tl.load(DELTA + bh * SQ + offs_m, mask=offs_m < SQ, other=0.0)
@@ -334,10 +351,9 @@ def _dq_kernel(
     hi = tl.minimum((pid_m + 1) * BM, SK) if CAUSAL else SK
     for start in range(0, hi, BN):
         offs_n = start + tl.arange(0, BN)
-        kq = _load_rows(kq_base, offs_n, SK, syn, syd, DA, BDA)
+        kq, kq2 = _load_parts(kq_base, offs_n, SK, syn, syd, DA, BDA, DB, BDB)
         s = tl.dot(qq, tl.trans(kq), input_precision=PREC)
         if DB > 0:
-            kq2 = _load_rows(kq_base + DA * syd, offs_n, SK, syn, syd, DB, BDB)
             s = tl.dot(qq2, tl.trans(kq2), s, input_precision=PREC)
         s = s * qk_scale
         v = _load_rows(V + b * svb + hk * svh, offs_n, SK, svn, svd, DVD, BDV)
@@ -347,15 +363,10 @@ def _dq_kernel(
         p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
-        kr = _load_rows(k_base, offs_n, SK, skn, skd, DA, BDA) if QK_QUANT else kq
-        dq = tl.dot(ds.to(kr.dtype), kr, dq, input_precision=PREC)
-        if DB > 0:
-            kr2 = _load_rows(k_base + DA * skd, offs_n, SK, skn, skd, DB, BDB) if QK_QUANT else kq2
-            dq2 = tl.dot(ds.to(kr2.dtype), kr2, dq2, input_precision=PREC)
-    dq_base = DQ + b * sqb + h * sqh
-    _store_rows(dq_base, offs_m, SQ, sqm, sqd, dq * sm_scale, DA, BDA)
-    if DB > 0:
-        _store_rows(dq_base + DA * sqd, offs_m, SQ, sqm, sqd, dq2 * sm_scale, DB, BDB)
+        dq, dq2 = _dot_parts(ds, kq, kq2, dq, dq2, k_base, offs_n, SK, skn, skd, QK_QUANT, DA, BDA, DB, BDB,
+                             PREC)  # fmt: skip
+    _store_parts(DQ + b * sqb + h * sqh, offs_m, SQ, sqm, sqd, dq * sm_scale, dq2 * sm_scale, DA, BDA, DB,
+                 BDB)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------
