@@ -6,7 +6,11 @@ One table: forward and forward + backward time (triton.testing.do_bench median) 
 (32 q / 8 kv / 128), Llama-3.2-1B heads (32 / 8 / 64) and DeepSeek-V2-Lite MLA (16 heads, qk 192, v 128)
 at (seq 2048, batch 4) and (seq 8192, batch 1), qk / pv in none or mxfp8. Inputs are in Megatron's
 [s, b, h, d] layout and every path ends with Megatron's [s, b, h * d] context, as in training.
-`--sweep` first times candidate block sizes of each kernel (MEGAQUANT_ATTENTION_CONFIG).
+`--sweep` first times candidate block sizes of each kernel (MEGAQUANT_ATTENTION_CONFIG); `--heads`,
+`--seqs`, `--sites`, `--paths` pick the table's rows; `--variant-sites` adds, for those sites, the paths
+`triton_soft` (P's element rounding by integer bit tricks instead of the float8 conversion,
+MEGAQUANT_ATTENTION_PQUANT=soft) and `triton_ou2` (the unquantized P V in the second forward pass,
+MEGAQUANT_ATTENTION_OU_PASS=2).
 """
 
 from __future__ import annotations
@@ -87,7 +91,13 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk: str, pv: str, ba
     return out.permute(2, 0, 1, 3).reshape(s, b, -1)
 
 
-PATHS: dict[str, Callable[..., torch.Tensor]] = {"sdpa": sdpa, "triton": fused, "unfused": unfused}
+PATHS: dict[str, Callable[..., torch.Tensor]] = {
+    "sdpa": sdpa,
+    "triton": fused,
+    "triton_soft": fused,
+    "triton_ou2": fused,
+    "unfused": unfused,
+}
 
 
 def _time(fn: Callable[[], object], params: list[torch.Tensor]) -> float:
@@ -101,7 +111,9 @@ def measure(heads: str, s: int, b: int, path: str, site: str) -> dict[str, objec
     q, k, v, do = _inputs(heads, s, b)
     qk, pv = SITES[site]
     fn = PATHS[path]
-    backend = "triton" if path == "triton" else "auto"
+    backend = "triton" if path.startswith("triton") else "auto"
+    os.environ["MEGAQUANT_ATTENTION_PQUANT"] = "soft" if path == "triton_soft" else "auto"
+    os.environ["MEGAQUANT_ATTENTION_OU_PASS"] = "2" if path == "triton_ou2" else "1"
 
     def fwd() -> None:
         with torch.no_grad():
@@ -126,13 +138,15 @@ def measure(heads: str, s: int, b: int, path: str, site: str) -> dict[str, objec
         fwd_ms=_time(fwd, [q, k, v]), fwd_bwd_ms=_time(fwd_bwd, [q, k, v]), extra_gib=peak / 2**30,
     )  # fmt: skip
     torch.cuda.empty_cache()
+    os.environ.pop("MEGAQUANT_ATTENTION_PQUANT", None)
+    os.environ.pop("MEGAQUANT_ATTENTION_OU_PASS", None)
     return row
 
 
 SWEEP = {  # candidate (BM, BN, warps, stages) per kernel, by padded QK head dim
     128: {
         "fwd": [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3)],
-        "fwd2": [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 64, 4, 2)],
+        "fwd2": [(64, 64, 4, 2), (128, 64, 8, 2), (64, 64, 8, 3), (64, 32, 4, 3), (128, 64, 8, 3)],
         "dkdv": [(64, 64, 8, 3), (32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3)],
         "dq": [(64, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 3), (128, 64, 8, 3)],
     },
@@ -141,6 +155,12 @@ SWEEP = {  # candidate (BM, BN, warps, stages) per kernel, by padded QK head dim
         "fwd2": [(128, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3), (128, 32, 8, 3)],
         "dkdv": [(64, 64, 4, 3), (64, 128, 8, 3), (32, 128, 4, 3), (128, 64, 8, 3)],
         "dq": [(64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3)],
+    },
+    192: {  # MLA's 128 + 64 (two dots); pruned by a local sm_90 compile: no spills, shared memory fits
+        "fwd": [(64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 8, 2), (128, 32, 8, 3)],
+        "fwd2": [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 8, 3)],
+        "dkdv": [(32, 64, 8, 2), (32, 128, 8, 2), (32, 64, 8, 3), (64, 64, 8, 2)],
+        "dq": [(64, 32, 4, 3), (128, 64, 8, 2), (64, 64, 8, 2), (128, 32, 8, 3)],
     },
     256: {
         "fwd": [(64, 64, 4, 2), (64, 32, 4, 2), (128, 32, 8, 2), (64, 64, 8, 2)],
@@ -152,11 +172,15 @@ SWEEP = {  # candidate (BM, BN, warps, stages) per kernel, by padded QK head dim
 
 
 def _padded(dk: int) -> int:
-    return max(64, 1 << (dk - 1).bit_length())
+    from megaquant.ops import _attention_triton as kernels
+
+    return kernels._key(dk)
 
 
-def sweep(heads: str) -> list[dict[str, object]]:
-    """Time each candidate block configuration of each kernel alone (seq 8192, batch 1)."""
+def sweep(heads: str, only: list[str] | None = None) -> list[dict[str, object]]:
+    """Time each candidate block configuration of each kernel alone (seq 8192, batch 1). The backward
+    kernels are timed with and without quantized Q, K (QK_QUANT loads the unquantized Q, K as well: more
+    shared memory) and ranked by the sum, so the chosen configuration serves both."""
     from megaquant.ops import _attention_triton as kernels
     from megaquant.ops.config import quant_config
 
@@ -167,6 +191,8 @@ def sweep(heads: str) -> list[dict[str, object]]:
     cfg_none, cfg_mx = quant_config("none"), quant_config("mxfp8")
     rows: list[dict[str, object]] = []
     for kernel, candidates in SWEEP[_padded(dk)].items():
+        if only and kernel not in only:
+            continue
         for cand in candidates:
             os.environ[kernels.CONFIG_ENV] = json.dumps({kernel: list(cand)})
             try:
@@ -178,11 +204,17 @@ def sweep(heads: str) -> list[dict[str, object]]:
                         return kernels.forward(qv, kv_, vv, vq, cfg, True, dk**-0.5)
                 else:
                     o, ou, lse = kernels.forward(qv, kv_, vv, None, cfg_none, True, dk**-0.5)
+                    qc, kc = qv.clone(), kv_.clone()  # distinct pointers: the QK_QUANT variant
 
                     def run(o=o, lse=lse) -> object:  # type: ignore[no-untyped-def]
                         return kernels.backward(dov, qv, kv_, vv, qv, kv_, o, lse, True, dk**-0.5)
 
+                    def run_q(o=o, lse=lse, qc=qc, kc=kc) -> object:  # type: ignore[no-untyped-def]
+                        return kernels.backward(dov, qv, kv_, vv, qc, kc, o, lse, True, dk**-0.5)
+
                 ms = _time(run, [])
+                if kernel in ("dkdv", "dq"):
+                    ms += _time(run_q, [])
             except Exception as exc:  # a configuration that does not compile (registers, shared memory)
                 ms = float("nan")
                 print(f"  {kernel} {cand}: {type(exc).__name__}: {str(exc)[:120]}")
@@ -217,6 +249,15 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="time candidate block sizes first")
     parser.add_argument("--heads", nargs="*", default=list(HEADS))
     parser.add_argument("--sweep-heads", nargs="*", default=["8b"])
+    parser.add_argument("--sweep-kernels", nargs="*", default=None, help="head:kernel pairs, e.g. 8b:fwd2")
+    parser.add_argument("--sweep-only", action="store_true", help="no table")
+    parser.add_argument("--seqs", nargs="*", default=[f"{s}x{b}" for s, b in SEQS], help="e.g. 8192x1")
+    parser.add_argument("--sites", nargs="*", default=list(SITES))
+    parser.add_argument("--paths", nargs="*", default=["sdpa", "triton", "unfused"], choices=list(PATHS))
+    parser.add_argument(
+        "--variant-sites", nargs="*", default=[], help="sites also run as triton_soft and triton_ou2"
+    )
+    parser.add_argument("--variant-seqs", nargs="*", default=["8192x1"])
     parser.add_argument(
         "--no-unfused", action="store_true", help="skip the unfused path (slow, s x s memory)"
     )
@@ -224,7 +265,11 @@ def main() -> None:
     start = time.time()
     device = torch.cuda.get_device_name()
     print(f"{device}; torch {torch.__version__}", flush=True)
-    swept = [r for h in args.sweep_heads for r in sweep(h)] if args.sweep else []
+    picks: dict[str, list[str]] = {}
+    for pair in args.sweep_kernels or []:
+        head, _, kernel = pair.partition(":")
+        picks.setdefault(head, []).append(kernel)
+    swept = [r for h in args.sweep_heads for r in sweep(h, picks.get(h))] if args.sweep else []
     if swept:  # the table runs with the fastest configuration of each kernel found for each head shape
         from megaquant.ops import _attention_triton as kernels
 
@@ -238,10 +283,13 @@ def main() -> None:
         print(f"configurations: {os.environ[kernels.CONFIG_ENV]}", flush=True)
     rows: list[dict[str, object]] = []
     for heads in [] if args.sweep_only else args.heads:
-        for s, b in SEQS:
-            plan = [("sdpa", "none")] + [("triton", site) for site in SITES]
-            if not args.no_unfused:
-                plan += [("unfused", site) for site in SITES]
+        for s, b in (tuple(int(x) for x in sb.split("x")) for sb in args.seqs):
+            plan = [("sdpa", "none")] if "sdpa" in args.paths else []
+            plan += [("triton", site) for site in args.sites if "triton" in args.paths]
+            if f"{s}x{b}" in args.variant_seqs:
+                plan += [(var, site) for site in args.variant_sites for var in ("triton_soft", "triton_ou2")]
+            if not args.no_unfused and "unfused" in args.paths:
+                plan += [("unfused", site) for site in args.sites]
             for path, site in plan:
                 try:
                     row = measure(heads, s, b, path, site)

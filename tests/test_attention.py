@@ -141,7 +141,8 @@ import itertools, torch
 from megaquant.ops.attention import quant_attention, _configs
 from megaquant.ops import _attention_triton as T
 g = torch.Generator().manual_seed(0)
-for qk, pv, causal, dk, dv in [("mxfp8", "mxfp8", True, 48, 16), ("none", "hifp8", False, 16, 16)]:
+for qk, pv, causal, dk, dv in [("mxfp8", "mxfp8", True, 48, 16), ("none", "hifp8", False, 16, 16),
+                               ("mxfp4", "mxfp8", True, 192, 128)]:  # 48 = 32 + 16, MLA's 192 = 128 + 64
     q = torch.randn(1, 2, 37, dk, generator=g); k = torch.randn(1, 1, 37, dk, generator=g)
     v = torch.randn(1, 1, 37, dv, generator=g); do = torch.randn(1, 2, 37, dv, generator=g)
     outs = []
@@ -158,7 +159,8 @@ print("ok")
 
 
 def test_triton_kernels_under_the_interpreter() -> None:
-    """Forward and backward kernels (two-pass P quantization, GQA, ragged tiles) equal the reference."""
+    """Forward and backward kernels (two-pass P quantization, GQA, ragged tiles, QK head dims split in two
+    dots) equal the reference."""
     pytest.importorskip("triton")
     env = {
         **os.environ,
@@ -170,3 +172,26 @@ def test_triton_kernels_under_the_interpreter() -> None:
     proc = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().endswith("ok")
+
+
+def test_kernel_head_dim_split_and_p_rounding_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLA's 192 runs as 128 + 64 (its own block table key); P's E4M3 / E5M2 ties-to-even rounding uses
+    the float8 conversion, every other format, rounding or the interpreter the integer bit tricks."""
+    kernels = pytest.importorskip("megaquant.ops._attention_triton")
+    from megaquant.ops.config import quant_config
+
+    assert kernels._split(192) == (128, 64, 64) and kernels._key(192) == 192
+    assert kernels._split(48) == (32, 16, 16) and kernels._split(80) == (64, 16, 16)
+    assert kernels._split(128) == (128, 0, 16) and kernels._split(100) == (100, 0, 16)
+    assert [kernels._key(d) for d in (16, 64, 96, 128, 160, 256)] == [64, 64, 128, 128, 192, 256]
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv(kernels.PQUANT_ENV, raising=False)
+    cases = [("mxfp8", {}, 1), ("mxfp8", {"grad": True}, 2), ("mxfp8", {"scale": "rceil"}, 1),
+             ("mxfp8", {"rounding": "away"}, 0), ("mxfp8", {"preset": "fork"}, 0), ("mxfp4", {}, 0),
+             ("hifp8", {}, 0), ("none", {}, 0)]  # fmt: skip
+    for value, kw, hw in cases:
+        assert kernels._pv_constants(quant_config(value, **kw), 64)["HW"] == hw, (value, kw)
+    for env, val in ((kernels.PQUANT_ENV, "soft"), ("TRITON_INTERPRET", "1")):
+        monkeypatch.setenv(env, val)
+        assert kernels._pv_constants(quant_config("mxfp8"), 64)["HW"] == 0
+        monkeypatch.delenv(env)

@@ -133,7 +133,7 @@ PROBE = textwrap.dedent(
 )
 
 
-PAIRS = [("none", "none"), ("mxfp8", "hifp8")]
+PAIRS = [("none", "none"), ("mxfp8", "hifp8"), ("mxfp4", "mxfp8")]  # the last: P in MX blocks along the keys
 
 
 def _tree(stock: dict[str, bytes], tree: Path, qk: str, pv: str) -> None:

@@ -53,6 +53,8 @@ CASES = [
     ("mla", ("none", "none"), True),
     ("mla", ("mxfp8", "mxfp8"), True),
     ("mla", ("mxfp4", "none"), True),
+    ("mla", ("hifp8", "mxfp8"), True),
+    ("mla", ("none", "mxfp8"), False),
 ]
 
 
@@ -78,18 +80,37 @@ def test_auto_uses_sdpa_for_unquantized_and_triton_otherwise() -> None:
         assert _rel(a, b) < 2e-2
 
 
+@pytest.mark.parametrize("pquant", ["auto", "soft"])
 @pytest.mark.parametrize(
-    ("value", "kw"),
-    [("mxfp8", {}), ("mxfp4", {}), ("hifp8", {}), ("mxfp8", {"scale": "rceil", "rounding": "away"}),
-     ("mxfp4", {"preset": "fork"}), ("hifp8", {"preset": "fork"}), ("mxfp8", {"block_size": 16})],
+    ("value", "kw", "hw"),
+    [("mxfp8", {}, 1), ("mxfp4", {}, 0), ("hifp8", {}, 0),
+     ("mxfp8", {"scale": "rceil", "rounding": "away"}, 0), ("mxfp8", {"scale": "rceil"}, 1),
+     ("mxfp8", {"grad": True}, 2), ("mxfp4", {"preset": "fork"}, 0), ("hifp8", {"preset": "fork"}, 0),
+     ("mxfp8", {"block_size": 16}, 1)],
 )  # fmt: skip
-def test_p_quantization_is_bit_exact(value: str, kw: dict[str, object]) -> None:
+def test_p_quantization_is_bit_exact(
+    value: str, kw: dict[str, object], hw: int, pquant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both element roundings of P (the float8 conversion, HW 1 / 2, and the integer bit tricks) equal
+    fake_quant's reference bit for bit, including ties, the scaled subnormal range and saturation."""
+    monkeypatch.setenv(kernels.PQUANT_ENV, pquant)
     g = torch.Generator(device="cuda").manual_seed(1)
     p = torch.softmax(torch.randn(256, 512, generator=g, device="cuda") * 4, -1)
+    p[4:] = torch.softmax(torch.randn(252, 512, generator=g, device="cuda") * 12, -1)  # deep tails
     p = p.to(torch.bfloat16).float()
     p[0, :64] = 0.25 * (1 + torch.arange(64, device="cuda") / 16)  # exact ties on every grid
     p[1] = 0.0
+    # block max 1 (scale 2^-8 for E4M3): elements 2^-20 .. 2^-14 with every bf16 mantissa, the subnormal
+    # range of the scaled block, and its ties (2^-18: half the smallest subnormal, 3 * 2^-18: 1.5 of it)
+    tail = torch.arange(512, device="cuda")
+    p[2] = (2.0 ** (-20 + (tail % 7).float())) * (1 + (tail // 7 % 128).float() / 128)
+    p[2, ::32] = 1.0
+    p[3] = torch.where(tail % 2 == 0, 2.0**-18, 3 * 2.0**-18)
+    p[3, ::32] = 1.0
+    p[5, ::32] = 0.98  # scaled above E4M3's 448: saturates
+    p[5, 1::32] = 0.9375
     cfg = quant_config(value, **kw)
+    assert kernels._pv_constants(cfg, 64)["HW"] == (hw if pquant == "auto" else 0)
     ours = kernels.quantize_p(p, cfg)
     assert cfg.fmt is not None
     ref = fake_quant(p, cfg.fmt, axis=-1, block_size=cfg.block_size, scale=cfg.scale, rounding=cfg.rounding,
