@@ -195,3 +195,18 @@ def test_kernel_head_dim_split_and_p_rounding_choice(monkeypatch: pytest.MonkeyP
         monkeypatch.setenv(env, val)
         assert kernels._pv_constants(quant_config("mxfp8"), 64)["HW"] == 0
         monkeypatch.delenv(env)
+
+
+def test_path_counters_name_the_attention_sites() -> None:
+    # the fused core's operands and GEMMs are counted under qk / pv (they were counted under role '')
+    from megaquant.ops import counters
+
+    q, k, v, do = _inputs()
+    counters.reset()
+    try:
+        _run(lambda a, b, c: quant_attention(a, b, c, qk="mxfp8", pv="none"), q, k, v, do)
+        snap = counters.snapshot()
+        assert snap["gemms"] == {"qk": {"reference": 1}, "pv": {"plain": 1}}
+        assert set(snap["operands"]) == {"qk"} and snap["operands"]["qk"]["reference"] >= 2
+    finally:
+        counters.reset()

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from megaquant.errors import ValueNameError
+from megaquant.ops import counters
 from megaquant.ops.config import QuantConfig, quant_config
 from megaquant.ops.gemm import _mm, _quant
 from megaquant.ops.state import PLAIN_SCOPE as _BF16  # recipe BF16 layers (megaquant.ops.layers): run plain
@@ -93,7 +94,7 @@ class _Chunk:
 
 def _pv_fwd(p: torch.Tensor, vq: torch.Tensor, cfg_pv: QuantConfig, dtype: torch.dtype) -> torch.Tensor:
     if cfg_pv.fmt is not None:
-        p = _quant(p.to(dtype), cfg_pv.fmt, -1, cfg_pv).float()
+        p = _quant(p.to(dtype), cfg_pv.fmt, -1, cfg_pv, role="pv").float()
     return torch.matmul(p, vq.float())
 
 
@@ -115,8 +116,8 @@ def _grouped_mm(a: torch.Tensor, b: torch.Tensor, cfg: QuantConfig, g: int) -> t
     )
 
 
-def _quantized(t: torch.Tensor, cfg: QuantConfig, axis: int) -> torch.Tensor:
-    return t if cfg.fmt is None else _quant(t, cfg.fmt, axis, cfg)
+def _quantized(t: torch.Tensor, cfg: QuantConfig, axis: int, role: str) -> torch.Tensor:
+    return t if cfg.fmt is None else _quant(t, cfg.fmt, axis, cfg, role=role)
 
 
 class _ReferenceAttention(torch.autograd.Function):
@@ -134,7 +135,11 @@ class _ReferenceAttention(torch.autograd.Function):
     ) -> torch.Tensor:
         ctx.save_for_backward(q, k, v)
         ctx.cfg_qk, ctx.cfg_pv, ctx.causal, ctx.scale, ctx.rows = cfg_qk, cfg_pv, causal, scale, rows
-        qq, kq, vq = _quantized(q, cfg_qk, -1), _quantized(k, cfg_qk, -1), _quantized(v, cfg_pv, -2)
+        qq, kq, vq = (
+            _quantized(q, cfg_qk, -1, "qk"),
+            _quantized(k, cfg_qk, -1, "qk"),
+            _quantized(v, cfg_pv, -2, "pv"),
+        )
         hq, sq = q.shape[1], q.shape[2]
         out = q.new_empty((*q.shape[:3], v.shape[3]))
         for q0 in range(0, sq, rows):
@@ -148,7 +153,7 @@ class _ReferenceAttention(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         q, k, v = ctx.saved_tensors
         cfg_qk, cfg_pv, causal, scale, rows = ctx.cfg_qk, ctx.cfg_pv, ctx.causal, ctx.scale, ctx.rows
-        qq, kq = _quantized(q, cfg_qk, -1), _quantized(k, cfg_qk, -1)
+        qq, kq = _quantized(q, cfg_qk, -1, "qk"), _quantized(k, cfg_qk, -1, "qk")
         hq, hkv, sq = q.shape[1], k.shape[1], q.shape[2]
         g = hq // hkv
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
@@ -241,6 +246,10 @@ def quant_attention(
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     cfg_qk, cfg_pv = _configs(qk, pv, kw)
     which = _backend(q, k, v, cfg_qk, cfg_pv, backend)
+    for site, cfg in (("qk", cfg_qk), ("pv", cfg_pv)):  # the two forward GEMMs, as the unfused sites count
+        counters.count_gemm(
+            site, "plain" if cfg.fmt is None else ("triton" if which == "triton" else "reference")
+        )
     if which == "sdpa":
         if cfg_qk.fmt is not None or cfg_pv.fmt is not None:
             raise ValueNameError("backend='sdpa' computes unquantized attention only (qk = pv = none)")
