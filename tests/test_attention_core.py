@@ -17,7 +17,7 @@ from megaquant import sites
 from megaquant.codemod import plan_rewrite
 from megaquant.errors import SourceError
 from megaquant.instrument import load_rules, plan_instrument, rules_path
-from megaquant.instrument_attention import fuse_attention, load_attention_rule, with_fused_attention
+from megaquant.instrument.attention import fuse_attention, load_attention_rule, with_fused_attention
 from megaquant.megatron_src import installed_megatron
 from megaquant.spec import load_spec
 
@@ -78,7 +78,7 @@ def test_rewrite_refuses_an_unexpected_forward() -> None:
 
 
 def test_cores_in_log_and_manifest_field(tmp_path: Path) -> None:
-    from megaquant.instrument_attention import ATTENTION_MARK, cores_in_log
+    from megaquant.attention_cores import ATTENTION_MARK, cores_in_log
     from megaquant.launch.run import _attention_cores
 
     line = f"{ATTENTION_MARK} fused (triton) qk=mxfp8 pv=none"

@@ -2,7 +2,8 @@
 
 Modules by concept: `rules` (the TOML rules as dataclasses), `gemms` (finding GEMMs by kind, through
 module-level helpers), `transform` (one file, bytes in / bytes out), `plan` (all transforms over a tree,
-pure; the place for further transforms), `repo` (the git and file edge), `cli` (the command).
+pure; the place for further transforms), `attention` (the fused-attention-core rewrite, run after the
+plan), `repo` (the git and file edge), `cli` (the command).
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from megaquant import instrument_attention
 from megaquant.errors import GitStateError
+from megaquant.instrument import attention as fused_attention
 from megaquant.instrument.plan import plan_instrument
 from megaquant.instrument.rules import (
     DEFAULT_BRANCH,
@@ -114,7 +114,7 @@ def instrument_repo(
     root = Path(repo.working_tree_dir or repo_dir)
     sources = read_sources(root, rules)
     plan = plan_instrument(sources, rules, include_lm_head=include_lm_head)
-    plan = instrument_attention.with_fused_attention(plan, dict(sources), rules_path())
+    plan = fused_attention.with_fused_attention(plan, dict(sources), rules_path())
     current = None if repo.head.is_detached else repo.active_branch.name
     if not plan.changed:
         return InstrumentResult(str(root), current or repo.head.commit.hexsha, None, plan.edits)

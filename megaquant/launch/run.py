@@ -283,7 +283,7 @@ def environment_summary(environ: Mapping[str, str] | None = None) -> dict[str, o
 
 def _attention_cores(log: Path) -> list[str]:
     """Which attention core(s) the run used (the lines megaquant.ops.attention_core prints into the log)."""
-    from megaquant.instrument_attention import cores_in_log
+    from megaquant.attention_cores import cores_in_log
 
     return cores_in_log(log.read_text(encoding="utf-8", errors="replace")) if log.is_file() else []
 

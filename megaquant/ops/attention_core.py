@@ -1,12 +1,12 @@
 """The fused core of an instrumented Megatron DotProductAttention: decide per call, run quant_attention.
 
-`megaquant instrument` (megaquant/instrument_attention.py) makes DotProductAttention.forward ask
+`megaquant instrument` (megaquant/instrument/attention.py) makes DotProductAttention.forward ask
 `fused_core(self, query, key, value, attention_mask)` first. A `FusedCore` means the call is one that
 quant_attention computes exactly (causal or no mask, no dropout in effect, plain softmax, no extra
 scaling, [s, b, heads, dim] inputs); the forward then skips the unfused scores/softmax/PV statements and
 returns `core(qk_value, pv_value)` with the values of its qk and pv sites. `None` keeps the unfused path.
 Each distinct decision is printed once per process (`megaquant: attention core: ...`, on stderr), so
-train.log and, through instrument_attention.cores_in_log, the run's manifest say which core ran.
+train.log and, through megaquant.attention_cores.cores_in_log, the run's manifest say which core ran.
 MEGAQUANT_ATTENTION=unfused forces the unfused path, =fused refuses to fall back (an error says why).
 """
 
@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
+from megaquant.attention_cores import ATTENTION_MARK
 from megaquant.errors import ValueNameError
-from megaquant.instrument_attention import ATTENTION_MARK
 from megaquant.megatron_src import quiet_megatron_import
 from megaquant.ops.attention import attention_backend, quant_attention
 

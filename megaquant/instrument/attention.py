@@ -38,18 +38,14 @@ if TYPE_CHECKING:
     from megaquant.instrument import InstrumentPlan
 
 __all__ = [
-    "ATTENTION_MARK",
     "AttentionRule",
     "FusedAttention",
-    "cores_in_log",
     "fuse_attention",
     "load_attention_rule",
     "with_fused_attention",
 ]
 
 MARK = "_mq_ops.attention_core.fused_core("
-ATTENTION_MARK = "megaquant: attention core:"
-"""Start of the line megaquant.ops.attention_core prints for each distinct decision (fused / unfused)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -194,9 +190,3 @@ def with_fused_attention(plan: InstrumentPlan, sources: dict[str, bytes], rules:
     if fused.new_source is not None:
         new_sources[rule.file] = fused.new_source
     return InstrumentPlan(new_sources=new_sources, edits=(*plan.edits, edit))
-
-
-def cores_in_log(text: str) -> list[str]:
-    """The attention-core decisions in a training log (text after the mark), in order, each once."""
-    found = [line.split(ATTENTION_MARK, 1)[1].strip() for line in text.splitlines() if ATTENTION_MARK in line]
-    return list(dict.fromkeys(found))
