@@ -33,7 +33,16 @@ from typing import Any
 import torch
 import triton
 
-__all__ = ["DIRECT_ENV", "DIRECT_VERSIONS", "Launcher", "direct_supported", "stats"]
+__all__ = [
+    "DIRECT_ENV",
+    "DIRECT_VERSIONS",
+    "Launcher",
+    "direct_supported",
+    "int_spec",
+    "set_direct",
+    "spec_key",
+    "stats",
+]
 
 DIRECT_ENV = "MEGAQUANT_DIRECT_LAUNCH"
 """Set to 0 to launch every kernel through Triton's own launcher (JITFunction.run)."""
@@ -62,15 +71,23 @@ def int_spec(v: int) -> int:
     return kind | (not v & 15)
 
 
+def spec_key(ptrs: Sequence[torch.Tensor], addrs: Sequence[int], ints: Sequence[int]) -> list[object]:
+    """What Triton specializes a launch's runtime arguments on (pointers: dtype, address a multiple of 16;
+    ints: int_spec), at least as finely as Triton does (tests/test_launch.py checks it against Triton's
+    own binder)."""
+    return [*[t.dtype for t in ptrs], *[not a & 15 for a in addrs], *[int_spec(v) for v in ints]]
+
+
 class _Protocol:
     """What the direct path calls, bound once: the current device, its raw stream, Triton's knobs."""
 
-    __slots__ = ("compilation", "device", "enter", "exit", "runtime", "stream")
+    __slots__ = ("active", "compilation", "config", "device", "enter", "exit", "runtime", "stream")
 
     def __init__(self) -> None:
         from triton import knobs
         from triton.runtime import driver
 
+        self.config, self.active = driver, driver.active
         get_stream = driver.active.get_current_stream
         get_device = driver.active.get_current_device
         raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
@@ -92,10 +109,11 @@ class _Protocol:
         self.stream: Callable[[int], int] = raw_stream
 
     def hooks_idle(self) -> bool:
-        """No launch hooks installed (the chains are the ones bound, and empty)."""
+        """No launch hooks installed (the chains are the ones bound, and empty), the same active driver."""
         rt = self.runtime
         return (
-            rt.launch_enter_hook is self.enter
+            self.config.active is self.active
+            and rt.launch_enter_hook is self.enter
             and rt.launch_exit_hook is self.exit
             and not (self.enter.calls or self.exit.calls)
         )
@@ -106,7 +124,7 @@ _STATE: dict[str, Any] = {"protocol": _UNSET}
 
 
 def _protocol() -> _Protocol | None:
-    proto = _STATE["protocol"]
+    proto: _Protocol | None = _STATE["protocol"]
     if proto is _UNSET:
         proto = None
         if os.environ.get(DIRECT_ENV, "1") != "0" and triton.__version__.startswith(DIRECT_VERSIONS):
@@ -115,7 +133,7 @@ def _protocol() -> _Protocol | None:
             except (ImportError, AttributeError, RuntimeError, LookupError):
                 proto = None
         _STATE["protocol"] = proto
-    return proto  # type: ignore[no-any-return]
+    return proto
 
 
 def direct_supported() -> bool:
@@ -171,19 +189,6 @@ class Launcher:
         # the constexpr values in signature order, as Triton's bound arguments hand them to the launcher
         self.tail = tuple(meta.get(p.name, p.default) for p in params[n_run:])
 
-    def key(
-        self, proto: _Protocol, ptrs: Sequence[torch.Tensor], addrs: Sequence[int], ints: Sequence[int]
-    ) -> tuple[object, ...]:
-        """The specialization key of a launch (see the module docstring)."""
-        return (
-            proto.device(),
-            proto.runtime.debug,
-            proto.compilation.instrumentation_mode,
-            *[t.dtype for t in ptrs],
-            *[not a & 15 for a in addrs],
-            *[int_spec(v) for v in ints],
-        )
-
     def __call__(self, grid: tuple[int, int, int], ptrs: Sequence[torch.Tensor], ints: Sequence[int]) -> None:
         proto = _STATE["protocol"]
         if proto is _UNSET:
@@ -192,7 +197,12 @@ class Launcher:
             self._normal(grid, ptrs, ints, None)
             return
         addrs = [t.data_ptr() for t in ptrs]
-        key = self.key(proto, ptrs, addrs, ints)
+        key = (
+            proto.device(),
+            proto.runtime.debug,
+            proto.compilation.instrumentation_mode,
+            *spec_key(ptrs, addrs, ints),
+        )
         entry = self.entries.get(key)
         if entry is None or self.kernel.pre_run_hooks or not proto.hooks_idle():
             self._normal(grid, ptrs, ints, key)
@@ -201,7 +211,11 @@ class Launcher:
         entry[0](*grid, proto.stream(key[0]), entry[1], entry[2], None, None, None, *addrs, *ints, *self.tail)
 
     def _normal(
-        self, grid: tuple[int, int, int], ptrs: Sequence[torch.Tensor], ints: Sequence[int], key: object
+        self,
+        grid: tuple[int, int, int],
+        ptrs: Sequence[torch.Tensor],
+        ints: Sequence[int],
+        key: tuple[object, ...] | None,
     ) -> None:
         """Triton's own launch; remembers the compiled kernel under `key` for the direct path."""
         _STATS["normal"] += 1
