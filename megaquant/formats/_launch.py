@@ -51,8 +51,6 @@ DIRECT_VERSIONS = ("3.6.",)
 that were checked bit for bit on a GPU (H200, triton 3.6.0). Other versions take the normal path."""
 _MAX_ENTRIES = 256
 """Specializations remembered per Launcher (a new shape class past this starts the table over)."""
-_I32 = (-(2**31), 2**31 - 1)
-_I64 = (-(2**63), 2**63 - 1)
 
 _STATS = {"direct": 0, "normal": 0}
 
@@ -63,19 +61,21 @@ def stats() -> dict[str, int]:
 
 
 def int_spec(v: int) -> int:
-    """What Triton specializes an int argument on, as one small int: -1 for the value 1 (a constexpr),
-    else bit 0 = multiple of 16, bits 1-2 = type (0 i32, 2 i64, 4 u64)."""
-    if v == 1:
-        return -1
-    kind = 0 if _I32[0] <= v <= _I32[1] else 2 if _I64[0] <= v <= _I64[1] else 4
-    return kind | (not v & 15)
+    """An int argument's key: bit 0 = multiple of 16, bit 1 = equal to 1 (Triton makes it a constexpr),
+    the bits above = v >> 31, which is 0 for every non-negative int32 and -1 for every negative one, so
+    that Triton's types i32 / i64 / u64 (by range) never share a key; finer than Triton for large ints."""
+    return v >> 31 << 2 | (v == 1) << 1 | (not v & 15)
 
 
 def spec_key(ptrs: Sequence[torch.Tensor], addrs: Sequence[int], ints: Sequence[int]) -> list[object]:
     """What Triton specializes a launch's runtime arguments on (pointers: dtype, address a multiple of 16;
     ints: int_spec), at least as finely as Triton does (tests/test_launch.py checks it against Triton's
     own binder)."""
-    return [*[t.dtype for t in ptrs], *[not a & 15 for a in addrs], *[int_spec(v) for v in ints]]
+    return [
+        *[t.dtype for t in ptrs],
+        *[not a & 15 for a in addrs],
+        *[v >> 31 << 2 | (v == 1) << 1 | (not v & 15) for v in ints],  # int_spec, inlined
+    ]
 
 
 class _Protocol:
@@ -197,11 +197,13 @@ class Launcher:
             self._normal(grid, ptrs, ints, None)
             return
         addrs = [t.data_ptr() for t in ptrs]
-        key = (
+        key = (  # spec_key, inlined
             proto.device(),
             proto.runtime.debug,
             proto.compilation.instrumentation_mode,
-            *spec_key(ptrs, addrs, ints),
+            *[t.dtype for t in ptrs],
+            *[not a & 15 for a in addrs],
+            *[v >> 31 << 2 | (v == 1) << 1 | (not v & 15) for v in ints],
         )
         entry = self.entries.get(key)
         if entry is None or self.kernel.pre_run_hooks or not proto.hooks_idle():
