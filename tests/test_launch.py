@@ -235,8 +235,8 @@ def test_direct_launches_equal_tritons_own_on_the_gpu() -> None:
     g = torch.Generator(device="cuda").manual_seed(0)
     base = torch.randn(3 * 1024 * 1024 + 8, device="cuda", generator=g) * 3
     cases = [("mxfp8_e4m3", {}), ("mxfp8_e5m2", {"scale": "rceil"}), ("mxfp4_e2m1", {"rounding": "away"})]
-    cases += [("hifp8", {}), ("hifp8", {"tensor_scale": True}), ("mxfp8_e4m3", {"preset": "fork"})]
-    shapes = [((1024, 2048), False), ((2048, 1024), True), ((2, 300, 96), False), ((96, 70), True)]
+    cases += [("hifp8", {}), ("hifp8", {"tensor_scale": True})]
+    shapes = [((1024, 2048), False), ((2048, 1024), True), ((2, 300, 96), False)]
     before = L.stats()["direct"]
     kinds = ((torch.bfloat16, 0), (torch.bfloat16, 1), (torch.float32, 0))  # offset 1: misaligned
     for (fmt, kw), (shape, transposed), (dtype, offset) in itertools.product(cases, shapes, kinds):
