@@ -21,6 +21,7 @@ tensor_scale=True); +cache: megaquant.ops.weights on (megaquant without it: the 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import struct
@@ -246,50 +247,155 @@ def inner(ns: argparse.Namespace, argv: list[str]) -> int:
 # ------------------------------------------------------------------------------ host cost per call
 
 
+def _stub_kernels() -> str:
+    """CPU only (--stub): every Triton launch a no-op and CPU tensors served as if on CUDA, so that what is
+    timed is megaquant's own Python per call plus the launch path up to the C launcher: this tree's direct
+    path (formats._launch) with its final C call replaced, or, in a tree without it, the kernels'
+    `kernel[grid](...)` replaced (Triton's own launcher, ~13 us of Python per launch on the 2-core dev VM
+    with triton 3.6, then excluded)."""
+    import megaquant.formats as formats
+    import megaquant.formats._triton as kernels
+
+    formats._triton_module = lambda x, fmt, backend, opts: kernels  # type: ignore[assignment]
+    keys = kernels._DEFAULTS  # type: ignore[attr-defined]
+    kernels._options = lambda x, fmt, **o: kernels._resolve(  # type: ignore[attr-defined]
+        fmt, *(o.get(k, d) for k, d in keys), o.get("tensor_scale", False)
+    )
+    try:
+        from megaquant.formats import _launch
+    except ImportError:
+
+        class Stub:
+            def __getitem__(self, grid: object) -> Any:
+                return lambda *a, **k: None
+
+        for name in ("_mx_lastaxis_kernel", "_mx_inner_kernel", "_hif8_kernel", "_amax_bits_kernel",
+                     "_hif8_scaled_kernel"):  # fmt: skip
+            setattr(kernels, name, Stub())
+        return "kernel[grid] stubbed (Triton's launcher excluded)"
+
+    class Chain:
+        calls: list[object] = []
+
+    class Knobs:
+        debug = False
+        instrumentation_mode = ""
+        launch_enter_hook = launch_exit_hook = Chain()
+
+    proto = object.__new__(_launch._Protocol)
+    proto.runtime = proto.compilation = Knobs()  # type: ignore[assignment]
+    proto.enter = proto.exit = Knobs.launch_enter_hook
+    proto.device = lambda: 0  # type: ignore[method-assign]
+    proto.stream = lambda device: 0  # type: ignore[method-assign]
+
+    class Driver:
+        active: Any = None
+
+    proto.config = Driver()  # type: ignore[assignment]
+    proto.active = None
+    _launch._STATE["protocol"] = proto
+
+    class Compiled:
+        function = 0
+        packed_metadata = (4, 1, 0)
+
+        @staticmethod
+        def run(*args: object) -> None:
+            return None
+
+    def normal(self: Any, grid: Any, ptrs: Any, ints: Any, key: Any) -> None:
+        self.entries[key] = (Compiled.run, Compiled.function, Compiled.packed_metadata)
+
+    _launch.Launcher._normal = normal  # type: ignore[method-assign]
+    return "direct path, C launcher stubbed"
+
+
 def microbench(ns: argparse.Namespace) -> int:
+    """Host time per call (no profiler): the public fake_quant, the ops' GEMMs as Megatron's hooks call
+    them (no autograd graph), plain matmul and one allocation; in a tree with formats._launch each row
+    also with the direct launch path off (MEGAQUANT_DIRECT_LAUNCH=0's switch, in-process)."""
     import torch
 
     import megaquant.ops as ops
     from megaquant.formats import fake_quant
 
-    dev = torch.device("cuda")
-    out: dict[str, Any] = {"root": str(Path(ops.__file__).resolve().parents[2]), "rows": []}
-    cases = {
-        "act 2048x2048": (2048, 2048),
-        "weight 8192x2048": (8192, 2048),
-        "small 64x2048": (64, 2048),
-    }
-    for case, (rows, cols) in cases.items():
-        x = torch.randn(rows, cols, device=dev, dtype=torch.bfloat16)
-        w = torch.randn(2048, cols, device=dev, dtype=torch.bfloat16)
+    stub = _stub_kernels() if ns.stub else None
+    dev = torch.device("cpu" if ns.stub else "cuda")
+    try:
+        from megaquant.formats import _launch
+
+        switch: Any = _launch.set_direct
+    except ImportError:
+        switch = None
+    out: dict[str, Any] = {"root": str(Path(ops.__file__).resolve().parents[2]), "stub": stub, "rows": []}
+    if not ns.stub:
+        import triton
+
+        out["torch"], out["triton"] = torch.__version__, triton.__version__
+    if ns.stub:  # tiny CPU GEMMs on one thread: the host path is what is timed
+        torch.set_num_threads(1)
+        cases = {"stub 2-D 8x64": ((8, 64), (16, 64)), "stub megatron 4x2x64": ((4, 2, 64), (16, 64))}
+    else:
+        cases = {
+            "act 2048x2048": ((2048, 2048), (2048, 2048)),
+            "megatron 1024x2x2048": ((1024, 2, 2048), (2048, 2048)),
+            "small 64x2048": ((64, 2048), (2048, 2048)),
+        }
+    sync = torch.cuda.synchronize if not ns.stub else (lambda: None)
+    for case, (xshape, wshape) in cases.items():
+        x = torch.randn(xshape, device=dev, dtype=torch.bfloat16)
+        w = torch.randn(wshape, device=dev, dtype=torch.bfloat16)
+        g = torch.randn(*xshape[:-1], wshape[0], device=dev, dtype=torch.bfloat16)
+        x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
         calls: dict[str, Any] = {
             "fake_quant mxfp8_e4m3": lambda x=x: fake_quant(x, "mxfp8_e4m3"),
             "fake_quant hifp8": lambda x=x: fake_quant(x, "hifp8"),
             "fake_quant hifp8 tensor_scale": lambda x=x: fake_quant(x, "hifp8", tensor_scale=True),
-            "quant_matmul x @ w.t() mxfp8 (no grad)": lambda x=x, w=w: ops.quant_matmul(x, w.t(), "mxfp8"),
+            "quant_matmul fprop x @ w.t() mxfp8": lambda x=x, w=w: ops.quant_matmul(
+                x, w.t(), "mxfp8", gemm="fprop"
+            ),
+            "quant_matmul dgrad g @ w mxfp8": lambda g=g, w=w: ops.quant_matmul(
+                g, w, "mxfp8", grad=True, gemm="dgrad"
+            ),
+            "quant_matmul wgrad g.t() @ x mxfp8": lambda g2=g2, x2=x2: ops.quant_matmul(
+                g2.t(), x2, "mxfp8", grad=True, gemm="wgrad"
+            ),
+            "quant_matmul fprop hifp8": lambda x=x, w=w: ops.quant_matmul(x, w.t(), "hifp8", gemm="fprop"),
             "plain matmul x @ w.t()": lambda x=x, w=w: torch.matmul(x, w.t()),
+            "torch.empty_like(x)": lambda x=x: torch.empty_like(x),
         }
-        for name, fn in calls.items():
+        for (name, fn), direct in itertools.product(calls.items(), (True, False) if switch else (None,)):
+            if switch is not None and not ns.stub:
+                switch(direct)
+            elif direct is False:
+                continue  # the stub replaces the direct path's last call: no Triton path to compare
             with torch.no_grad():
                 for _ in range(5):
                     fn()
-                torch.cuda.synchronize()
-                n = 200
-                t0 = time.perf_counter()
-                for _ in range(n):
-                    fn()
-                t1 = time.perf_counter()
-                torch.cuda.synchronize()
-                t2 = time.perf_counter()
+                sync()
+                n, best, total = ns.calls, float("inf"), 0.0
+                for _ in range(ns.repeats):
+                    t0 = time.perf_counter()
+                    for _ in range(n):
+                        fn()
+                    t1 = time.perf_counter()
+                    sync()
+                    t2 = time.perf_counter()
+                    best, total = min(best, (t1 - t0) / n), total + (t2 - t0) / n
             row = {
                 "case": case,
                 "call": name,
-                "host_us": (t1 - t0) / n * 1e6,
-                "total_us": (t2 - t0) / n * 1e6,
+                "direct": direct,
+                "host_us": best * 1e6,
+                "total_us": total / ns.repeats * 1e6,
             }
             out["rows"].append(row)
-            print(f"microbench: {case:18s} {name:42s} host {row['host_us']:7.1f} us/call, "
+            label = {True: "direct", False: "triton", None: ""}[direct]
+            print(f"microbench: {case:20s} {name:38s} {label:6s} host {row['host_us']:7.1f} us/call, "
                   f"with GPU {row['total_us']:7.1f} us/call", flush=True)  # fmt: skip
+    if switch is not None:
+        switch(None)
+        out["launch_stats"] = _launch.stats()
     ns.out.parent.mkdir(parents=True, exist_ok=True)
     ns.out.write_text(json.dumps(out, indent=1) + "\n")
     return 0
@@ -336,7 +442,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--train-steps", type=int, default=64, help="--train-samples / global batch (>= steps)"
     )
     parser.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--microbench", action="store_true")
+    parser.add_argument("--microbench", action="store_true", help="host time per op call (see microbench)")
+    parser.add_argument("--stub", action="store_true", help="--microbench on CPU with the kernels stubbed")
+    parser.add_argument("--calls", type=int, default=200, help="--microbench: calls per timing")
+    parser.add_argument("--repeats", type=int, default=5, help="--microbench: timings per row (min taken)")
     parser.add_argument("--compare", nargs=2, type=Path, metavar=("A", "B"))
     argv = list(sys.argv[1:] if argv is None else argv)
     cut = argv.index("--") if "--" in argv else len(argv)

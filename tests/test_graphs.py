@@ -109,6 +109,10 @@ def test_user_graph_flag_is_not_doubled(tmp_path: Path) -> None:
     extra = ("--cuda-graph-impl", "full_iteration", "--no-check-for-nan-in-loss-and-grad")
     plan = plan_run(TrainRequest(model="tiny", dataset=None, megatron=tree, preset="smoke", extra=extra))
     assert plan.cuda_graphs.enabled and plan.megatron_args.count("--cuda-graph-impl") == 1
+    tail = ("--cuda-graph-warmup-steps", "2")  # the flags go before the extra arguments, which stay last
+    plan = plan_run(TrainRequest(model="tiny", dataset=None, megatron=tree, preset="smoke", extra=tail))
+    args = list(plan.megatron_args)
+    assert args[-2:] == list(tail) and args[-2 - len(GRAPH_FLAGS) : -2] == list(GRAPH_FLAGS)
 
 
 def _step(gemms: int, operands: int = 0) -> None:

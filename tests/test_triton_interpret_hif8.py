@@ -67,6 +67,17 @@ for fmt in ("mxfp8_e4m3", "mxfp4_e2m1", "hifp8"):
             want = fake_quant(x, fmt, axis=axis, scale="rceil", backend="reference")
             if not torch.equal(got, want):
                 failures.append(("fake_quant_fn", fmt, str(dtype), shape, axis))
+# a transposed matrix (weight.t(), grad.t()) is quantized in its memory order: same values, same strides
+for fmt, shape, axis, ts in [("mxfp8_e4m3", (64, 96), -2, False), ("mxfp4_e2m1", (70, 33), -1, False),
+                             ("mxfp8_e5m2", (33, 70), -2, False), ("hifp8", (40, 24), -1, False),
+                             ("hifp8", (40, 24), -1, True)]:  # fmt: skip
+    x = (torch.randn(shape[::-1], generator=g) * 4.0).to(torch.bfloat16).t()
+    opts = resolve_options(fmt, axis=axis, block_size=32, scale="floor", rounding="even", preset=None,
+                           saturate=True, tensor_scale=ts)  # fmt: skip
+    got = T.fake_quant_fn(opts)(x)
+    want = fake_quant(x, fmt, axis=axis, tensor_scale=ts, backend="reference")
+    if not (torch.equal(got, want) and got.stride() == x.stride()):
+        failures.append(("fake_quant_fn transposed", fmt, shape, axis, ts, got.stride()))
 print("FAILURES", failures)
 assert not failures
 """

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from megaquant.errors import MegaquantError
+from megaquant.formats._launch import Launcher
 from megaquant.formats.registry import ElementFormat, Encoded, Options, resolve_options
 
 __all__ = ["encode", "fake_quant", "fake_quant_fn", "fake_quant_resolved", "supports"]
@@ -492,6 +493,39 @@ def _format_constants(spec: ElementFormat, opts: Options) -> dict[str, object]:
     )  # fmt: skip
 
 
+@functools.lru_cache(maxsize=1024)
+def _mx_launcher(opts: Options, encode: bool, bf16_bits: bool, bk: int) -> Launcher:
+    """The Launcher of one MX variant: the last-axis kernel (bk 0) or the inner-axis kernel with BK = bk.
+    Arguments: (x, out, codes, scales), (total_blocks or n, n or inner, n_blocks, n_packed)."""
+    bs = opts.block_size
+    consts = {**_format_constants(opts.fmt, opts), "BS": bs, "ENCODE": encode, "BF16_BITS": bf16_bits}
+    views = (None, torch.int16) if bf16_bits else ()
+    if bk:
+        return Launcher(_mx_inner_kernel, 4, 4, views, BK=bk, num_warps=_NUM_WARPS, **consts)
+    g = max(1, _ELEMS_PER_PROGRAM // bs)
+    return Launcher(_mx_lastaxis_kernel, 4, 4, views, G=g, num_warps=_NUM_WARPS, **consts)
+
+
+def _inner_bk(inner: int, bs: int) -> int:
+    """BK of the inner-axis kernel: the columns one program takes (a power of two, <= 2048 / bs)."""
+    return max(1, min(1 << (inner - 1).bit_length(), _ELEMS_PER_PROGRAM // bs))
+
+
+def _mx_grid(
+    opts: Options, lead: int, n: int, inner: int
+) -> tuple[tuple[int, int, int], int, tuple[int, ...]]:
+    """(grid, bk, ints) of an MX launch on x viewed as (lead, n, inner) with blocks along n."""
+    bs = opts.block_size
+    n_blocks = -(-n // bs)
+    n_codes = -(-n // 2) if opts.fmt.bits == 4 else n
+    if inner == 1:
+        total = lead * n_blocks
+        g = max(1, _ELEMS_PER_PROGRAM // bs)
+        return (-(-total // g), 1, 1), 0, (total, n, n_blocks, n_codes)
+    bk = _inner_bk(inner, bs)
+    return (lead * n_blocks, -(-inner // bk), 1), bk, (n, inner, n_blocks, n_codes)
+
+
 def _mx(x: torch.Tensor, opts: Options, encode: bool) -> torch.Tensor | Encoded:
     spec = opts.fmt
     ax = opts.axis % x.dim()
@@ -501,7 +535,6 @@ def _mx(x: torch.Tensor, opts: Options, encode: bool) -> torch.Tensor | Encoded:
     bs = opts.block_size
     n_blocks = -(-n // bs)
     n_codes = -(-n // 2) if spec.bits == 4 else n
-    consts = _format_constants(spec, opts)
     out = codes = scales = x  # placeholders for the pointers a mode does not use
     bf16_bits = not encode and x.dtype == torch.bfloat16
     if encode:
@@ -509,36 +542,29 @@ def _mx(x: torch.Tensor, opts: Options, encode: bool) -> torch.Tensor | Encoded:
         scales = torch.empty((*shape[:ax], n_blocks, *shape[ax + 1 :]), dtype=torch.uint8, device=x.device)
     else:
         out = torch.empty_like(x)
-    out_arg = out.view(torch.int16) if bf16_bits else out
-    if inner == 1:
-        total = lead * n_blocks
-        g = max(1, _ELEMS_PER_PROGRAM // bs)
-        _mx_lastaxis_kernel[(triton.cdiv(total, g),)](
-            x, out_arg, codes, scales, total, n, n_blocks, n_codes, BS=bs, G=g, ENCODE=encode,
-            BF16_BITS=bf16_bits, num_warps=_NUM_WARPS, **consts,
-        )  # fmt: skip
-    else:
-        bk = max(1, min(triton.next_power_of_2(inner), _ELEMS_PER_PROGRAM // bs))
-        grid = (lead * n_blocks, triton.cdiv(inner, bk))
-        _mx_inner_kernel[grid](
-            x, out_arg, codes, scales, n, inner, n_blocks, n_codes, BS=bs, BK=bk, ENCODE=encode,
-            BF16_BITS=bf16_bits, num_warps=_NUM_WARPS, **consts,
-        )  # fmt: skip
+    grid, bk, ints = _mx_grid(opts, lead, n, inner)
+    _mx_launcher(opts, encode, bf16_bits, bk)(grid, (x, out, codes, scales), ints)
     if not encode:
         return out
     return Encoded(codes=codes, scales=scales, shape=shape, axis=ax, fmt=spec.name, block_size=bs)
+
+
+@functools.lru_cache(maxsize=256)
+def _hif8_launcher(opts: Options, encode: bool, bf16_bits: bool) -> Launcher:
+    """(x, out), (numel,)."""
+    views = (None, torch.int16) if bf16_bits else ()
+    return Launcher(
+        _hif8_kernel, 2, 1, views, BLOCK=_ELEMS_PER_PROGRAM, ENCODE=encode, SATURATE=opts.saturate,
+        FORK=opts.fork_clamp, MB_TABLE=_HIF8_MB_TABLE, BF16_BITS=bf16_bits, num_warps=_NUM_WARPS,
+    )  # fmt: skip
 
 
 def _hif8(x: torch.Tensor, opts: Options, encode: bool) -> torch.Tensor | Encoded:
     xc = x.contiguous()
     out = torch.empty(xc.shape, dtype=torch.uint8 if encode else x.dtype, device=x.device)
     bf16_bits = not encode and x.dtype == torch.bfloat16
-    block = _ELEMS_PER_PROGRAM
-    _hif8_kernel[(triton.cdiv(xc.numel(), block),)](
-        xc, out.view(torch.int16) if bf16_bits else out, xc.numel(), BLOCK=block, ENCODE=encode,
-        SATURATE=opts.saturate, FORK=opts.fork_clamp, MB_TABLE=_HIF8_MB_TABLE, BF16_BITS=bf16_bits,
-        num_warps=_NUM_WARPS,
-    )  # fmt: skip
+    numel = xc.numel()
+    _hif8_launcher(opts, encode, bf16_bits)((-(-numel // _ELEMS_PER_PROGRAM), 1, 1), (xc, out), (numel,))
     return out if not encode else _hif8_encoded(x, opts, out, None)
 
 
@@ -548,75 +574,124 @@ def _hif8_encoded(x: torch.Tensor, opts: Options, codes: torch.Tensor, s: torch.
                    tensor_scale_exp=s)  # fmt: skip
 
 
+_AMAX_LAUNCHER = Launcher(_amax_bits_kernel, 2, 1, BLOCK=_ELEMS_PER_PROGRAM, num_warps=_NUM_WARPS)
+"""(x, amax), (numel,)."""
+
+
+@functools.lru_cache(maxsize=256)
+def _hif8_scaled_launcher(opts: Options, encode: bool) -> Launcher:
+    """(x, out, amax, s), (numel,)."""
+    return Launcher(
+        _hif8_scaled_kernel, 4, 1, BLOCK=_ELEMS_PER_PROGRAM, ENCODE=encode, SATURATE=opts.saturate,
+        FORK=opts.fork_clamp, MB_TABLE=_HIF8_MB_TABLE, num_warps=_NUM_WARPS,
+    )  # fmt: skip
+
+
+def _hif8_scaled_into(x: torch.Tensor, out: torch.Tensor, launcher: Launcher) -> None:
+    """The amax pass into a one-element int32 buffer, then the quantize pass of `launcher` reading it on
+    the device (no host synchronisation); x and out dense in the same memory order (elementwise)."""
+    numel = x.numel()
+    grid = (-(-numel // _ELEMS_PER_PROGRAM), 1, 1)
+    amax = torch.zeros(1, dtype=torch.int32, device=x.device)
+    _AMAX_LAUNCHER(grid, (x, amax), (numel,))
+    launcher(grid, (x, out, amax, amax), (numel,))
+
+
 def _hif8_scaled(x: torch.Tensor, opts: Options, encode: bool) -> torch.Tensor | Encoded:
-    """HiF8 with tensor scaling: the amax pass into a one-element int32 buffer, then the quantize pass
-    reading it on the device (no host synchronisation)."""
+    """HiF8 with tensor scaling: the amax pass, then the quantize pass (no host synchronisation)."""
     xc = x.contiguous()
     numel = xc.numel()
-    block = _ELEMS_PER_PROGRAM
-    grid = (triton.cdiv(numel, block),)
+    grid = (-(-numel // _ELEMS_PER_PROGRAM), 1, 1)
     amax = torch.zeros(1, dtype=torch.int32, device=x.device)
-    _amax_bits_kernel[grid](xc, amax, numel, BLOCK=block, num_warps=_NUM_WARPS)
+    _AMAX_LAUNCHER(grid, (xc, amax), (numel,))
     out = torch.empty(xc.shape, dtype=torch.uint8 if encode else x.dtype, device=x.device)
     s = torch.empty((), dtype=torch.int32, device=x.device) if encode else amax
-    _hif8_scaled_kernel[grid](
-        xc, out, amax, s, numel, BLOCK=block, ENCODE=encode, SATURATE=opts.saturate, FORK=opts.fork_clamp,
-        MB_TABLE=_HIF8_MB_TABLE, num_warps=_NUM_WARPS,
-    )  # fmt: skip
+    _hif8_scaled_launcher(opts, encode)(grid, (xc, out, amax, s), (numel,))
     return out if not encode else _hif8_encoded(x, opts, out, s)
+
+
+def _memory_layout(x: torch.Tensor, axis: int) -> tuple[int, int, int] | None:
+    """(lead, n, inner) of x's memory when it is contiguous or a transposed contiguous matrix, blocks
+    along `axis` of x (n elements, `inner` apart); None for any other layout."""
+    shape = x.shape
+    if x.is_contiguous():
+        ax = axis % len(shape)
+        return math.prod(shape[:ax]), shape[ax], math.prod(shape[ax + 1 :])
+    if len(shape) == 2 and x.stride() == (1, shape[0]):  # weight.t(), grad_output.t(): (cols, rows) in memory
+        rows, cols = shape
+        return (1, cols, rows) if axis % 2 else (cols, rows, 1)
+    return None
 
 
 def fake_quant_fn(opts: Options) -> Callable[[torch.Tensor], torch.Tensor]:
     """fake_quant for one resolved option set as a function of the tensor: the same kernels with the same
-    arguments as fake_quant_resolved (so the same compiled variants and bits), with the launch constants
-    bound once and the grid computed in integers. For callers that checked supports() per kind of tensor
-    (megaquant.ops keeps one per option set): a call costs a few microseconds of Python less."""
+    arguments as fake_quant_resolved (so the same compiled variants and bits), with the launchers bound
+    once and no view made. For callers that checked supports() per kind of tensor (megaquant.ops keeps one
+    per option set).
+
+    Beyond fake_quant: a transposed contiguous matrix (weight.t(), and any dense layout for HiF8) is
+    quantized in its memory order, without a copy, and the result has the input's layout (strides), as
+    megaquant.ops' layout-preserving path makes it; the function's `keeps_layout` attribute says so.
+    The values equal fake_quant's (the same blocks of the same elements)."""
     if not opts.fmt.block_scaled:
-        if opts.tensor_scale:
-            return functools.partial(fake_quant_resolved, opts=opts)
-        hkw = dict(BLOCK=_ELEMS_PER_PROGRAM, ENCODE=False, SATURATE=opts.saturate, FORK=opts.fork_clamp,
-                   MB_TABLE=_HIF8_MB_TABLE, num_warps=_NUM_WARPS)  # fmt: skip
-
-        def hif8(x: torch.Tensor) -> torch.Tensor:
-            xc = x if x.is_contiguous() else x.contiguous()
-            out = torch.empty(xc.shape, dtype=x.dtype, device=x.device)
-            bf16 = x.dtype == torch.bfloat16
-            numel = xc.numel()
-            grid = (-(-numel // _ELEMS_PER_PROGRAM),)
-            _hif8_kernel[grid](xc, out.view(torch.int16) if bf16 else out, numel, BF16_BITS=bf16, **hkw)
-            return out
-
-        return hif8
-    bs = opts.block_size
-    g = max(1, _ELEMS_PER_PROGRAM // bs)
-    common = {**_format_constants(opts.fmt, opts), "BS": bs, "ENCODE": False, "num_warps": _NUM_WARPS}
-    last_kw = {**common, "G": g}
-    packed = opts.fmt.bits == 4
+        return _hif8_fn(opts)
+    entries: dict[tuple[torch.dtype, int], Launcher] = {}
 
     def mx(x: torch.Tensor) -> torch.Tensor:
-        x = x if x.is_contiguous() else x.contiguous()
-        shape = x.shape
-        ax = opts.axis % len(shape)
-        n = shape[ax]
-        lead, inner = math.prod(shape[:ax]), math.prod(shape[ax + 1 :])
-        n_blocks = -(-n // bs)
-        n_codes = -(-n // 2) if packed else n
+        layout = _memory_layout(x, opts.axis)
+        if layout is None:
+            x = x.contiguous()
+            layout = _memory_layout(x, opts.axis)
+            assert layout is not None
+        grid, bk, ints = _mx_grid(opts, *layout)
+        launcher = entries.get((x.dtype, bk))
+        if launcher is None:
+            launcher = entries[x.dtype, bk] = _mx_launcher(opts, False, x.dtype == torch.bfloat16, bk)
         out = torch.empty_like(x)
-        bf16 = x.dtype == torch.bfloat16
-        out_arg = out.view(torch.int16) if bf16 else out
-        if inner == 1:
-            total = lead * n_blocks
-            _mx_lastaxis_kernel[(-(-total // g),)](
-                x, out_arg, x, x, total, n, n_blocks, n_codes, BF16_BITS=bf16, **last_kw
-            )
-        else:
-            bk = max(1, min(1 << (inner - 1).bit_length(), _ELEMS_PER_PROGRAM // bs))
-            _mx_inner_kernel[(lead * n_blocks, -(-inner // bk))](
-                x, out_arg, x, x, n, inner, n_blocks, n_codes, BK=bk, BF16_BITS=bf16, **common
-            )
+        launcher(grid, (x, out, x, x), ints)
         return out
 
+    mx.keeps_layout = True  # type: ignore[attr-defined]
     return mx
+
+
+def _dense(x: torch.Tensor) -> bool:
+    """Contiguous, or a transposed contiguous matrix: memory order is dense, and empty_like keeps it."""
+    if x.is_contiguous():
+        return True
+    shape = x.shape
+    return len(shape) == 2 and x.stride() == (1, shape[0])
+
+
+def _hif8_fn(opts: Options) -> Callable[[torch.Tensor], torch.Tensor]:
+    """fake_quant_fn for HiF8 (elementwise: any dense layout is quantized in its memory order)."""
+    if opts.tensor_scale:
+        scaled = _hif8_scaled_launcher(opts, False)
+
+        def hif8_scaled(x: torch.Tensor) -> torch.Tensor:
+            if not _dense(x):
+                x = x.contiguous()
+            out = torch.empty_like(x)
+            _hif8_scaled_into(x, out, scaled)
+            return out
+
+        hif8_scaled.keeps_layout = True  # type: ignore[attr-defined]
+        return hif8_scaled
+    entries: dict[torch.dtype, Launcher] = {}
+
+    def hif8(x: torch.Tensor) -> torch.Tensor:
+        if not _dense(x):
+            x = x.contiguous()
+        launcher = entries.get(x.dtype)
+        if launcher is None:
+            launcher = entries[x.dtype] = _hif8_launcher(opts, False, x.dtype == torch.bfloat16)
+        out = torch.empty_like(x)
+        numel = x.numel()
+        launcher((-(-numel // _ELEMS_PER_PROGRAM), 1, 1), (x, out), (numel,))
+        return out
+
+    hif8.keeps_layout = True  # type: ignore[attr-defined]
+    return hif8
 
 
 def _run(x: torch.Tensor, opts: Options, encode: bool) -> torch.Tensor | Encoded:

@@ -199,7 +199,9 @@ def plan_run(request: TrainRequest, *, require_tree: bool = True) -> RunPlan:
         extra=tuple(request.extra),
     )
     if graphs.enabled and "--cuda-graph-impl" not in {a.partition("=")[0] for a in request.extra}:
-        args = [*args, *GRAPH_FLAGS]
+        n = len(request.extra)  # before the extra arguments, which stay last (and can still override)
+        at = len(args) - n if n and tuple(args[len(args) - n :]) == tuple(request.extra) else len(args)
+        args = [*args[:at], *GRAPH_FLAGS, *args[at:]]
     run_dir = request.run_dir or default_run_dir(request, mode)
     return RunPlan(
         request=request,

@@ -132,23 +132,28 @@ def _hadamard_pair(a: torch.Tensor, b: torch.Tensor, cfg: QuantConfig) -> tuple[
 
 
 _Quantizer = tuple[Callable[[torch.Tensor], torch.Tensor], str, "str | None"]
-_QUANTIZERS: dict[tuple[object, ...], tuple[QuantConfig, _Quantizer]] = {}
+_QUANTIZERS: dict[tuple[object, ...], tuple[QuantConfig, _Quantizer, bool]] = {}
 
 
-def _quantizer(x: torch.Tensor, fmt: str, axis: int, cfg: QuantConfig, extra: dict[str, Any]) -> _Quantizer:
-    """formats.quantizer for this option set and kind of tensor, resolved once (the short launch path).
+def _quantizer(
+    x: torch.Tensor, fmt: str, axis: int, cfg: QuantConfig, extra: dict[str, Any]
+) -> tuple[_Quantizer, bool]:
+    """formats.quantizer for this option set and kind of tensor, resolved once (the short launch path),
+    and whether its function keeps the layout (quantizes a contiguous tensor or a transposed contiguous
+    matrix as it is, result in the same layout: formats._triton.fake_quant_fn).
     Keyed by the config object's identity (quant_config caches them; the entry keeps it alive, so the id
     is not reused while it is in the table) to skip hashing a dataclass per call. A stochastic-rounding
     seed changes every call: those are resolved per call."""
     if "seed" in extra:
-        return quantizer(x, fmt, axis=axis, **{**_fq_keywords(cfg), **extra})
-    key = (fmt, id(cfg), axis, x.dim(), x.dtype, x.is_cuda, *sorted(extra.items()))
+        return quantizer(x, fmt, axis=axis, **{**_fq_keywords(cfg), **extra}), False
+    key = (fmt, id(cfg), axis, x.dim(), x.dtype, x.is_cuda, *(sorted(extra.items()) if extra else ()))
     found = _QUANTIZERS.get(key)
     if found is None or found[0] is not cfg:
         if len(_QUANTIZERS) > 4096:  # configs built per call elsewhere: keep the table bounded
             _QUANTIZERS.clear()
-        found = _QUANTIZERS[key] = (cfg, quantizer(x, fmt, axis=axis, **{**_fq_keywords(cfg), **extra}))
-    return found[1]
+        q = quantizer(x, fmt, axis=axis, **{**_fq_keywords(cfg), **extra})
+        found = _QUANTIZERS[key] = (cfg, q, bool(getattr(q[0], "keeps_layout", False)))
+    return found[1], found[2]
 
 
 def _fq_keywords(cfg: QuantConfig) -> dict[str, Any]:
@@ -164,7 +169,7 @@ def _fake_quant(
     if x.numel() == 0:  # nothing to quantize (an MoE expert that got no tokens): no kernel, no fallback
         counters.count_operand(role, "empty")
         return fake_quant(x, fmt, axis=axis, **{**_fq_keywords(cfg), **extra}), "empty"
-    fn, path, reason = _quantizer(x, fmt, axis, cfg, extra)
+    (fn, path, reason), _ = _quantizer(x, fmt, axis, cfg, extra)
     counters.count_operand(role, path)
     if reason is not None and x.is_cuda:
         counters.note_fallback(role, tuple(x.shape), x.dtype, fmt, reason)
@@ -182,12 +187,23 @@ def _quant_path(
     values equal fake_quant(t, fmt, axis=axis); the GEMM then reads the result as the strided operand it
     would have read anyway. A parameter may come from the weight cache (megaquant.ops.weights).
     """
-    cacheable = "seed" not in extra  # a stochastic rounding is drawn anew every call
-    op_key = (fmt, axis, cfg, *sorted(extra.items()))
-    cached = weights.lookup(t, op_key) if cacheable else None
-    if cached is not None:
-        counters.count_operand(role, "cache")
-        return cached
+    cacheable = weights.enabled() and "seed" not in extra  # a stochastic rounding is drawn anew every call
+    op_key: tuple[object, ...] = ()
+    if cacheable:
+        op_key = (fmt, axis, cfg, *sorted(extra.items()))
+        cached = weights.lookup(t, op_key)
+        if cached is not None:
+            counters.count_operand(role, "cache")
+            return cached
+    if t.dim() >= 2 and t.numel():
+        (fn, path, reason), keeps = _quantizer(t, fmt, axis, cfg, extra)
+        if keeps and (t.is_contiguous() or (t.dim() == 2 and t.stride() == (1, t.shape[0]))):
+            # the kernels take this layout as it is: no views, the result in t's layout
+            counters.count_operand(role, path)
+            q = fn(t)
+            if cacheable:
+                weights.store(t, op_key, q, path)
+            return q, path
     if t.dim() < 2:
         q, path = _fake_quant(t, fmt, axis, cfg, role, extra)
     elif t.dim() == 2 and t.is_contiguous():  # the linear layers' operands: the general case, shortened

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["disable_weight_cache", "enable_weight_cache", "lookup", "next_step", "stats", "store"]
+__all__ = ["disable_weight_cache", "enable_weight_cache", "enabled", "lookup", "next_step", "stats", "store"]
 
 
 @dataclass
@@ -53,6 +53,11 @@ def enable_weight_cache(max_bytes: int | None = None) -> None:
         raise ValueError(f"max_bytes must be >= 0 or None, got {max_bytes}")
     global _CACHE
     _CACHE = _Cache(enabled=True, max_bytes=max_bytes)  # statistics start over too
+
+
+def enabled() -> bool:
+    """True while the cache is on (callers skip building an operand key otherwise)."""
+    return _CACHE.enabled
 
 
 def disable_weight_cache() -> None:
