@@ -141,13 +141,16 @@ import itertools, torch
 from megaquant.ops.attention import quant_attention, _configs
 from megaquant.ops import _attention_triton as T
 g = torch.Generator().manual_seed(0)
-for qk, pv, causal, dk, dv in [("mxfp8", "mxfp8", True, 48, 16), ("none", "hifp8", False, 16, 16),
-                               ("mxfp4", "mxfp8", True, 192, 128)]:  # 48 = 32 + 16, MLA's 192 = 128 + 64
+for qk, pv, causal, dk, dv, kw in [("mxfp8", "mxfp8", True, 48, 16, {}), ("none", "hifp8", False, 16, 16, {}),
+                                   ("mxfp4", "mxfp8", True, 192, 128, {}),  # 48 = 32 + 16, 192 = 128 + 64
+                                   ("hifp8", "none", True, 32, 16, {"tensor_scale": True}),  # Q, K scaled
+                                   ("nvfp4", "mxfp8", True, 32, 32, {})]:  # outside the kernels
     q = torch.randn(1, 2, 37, dk, generator=g); k = torch.randn(1, 1, 37, dk, generator=g)
     v = torch.randn(1, 1, 37, dv, generator=g); do = torch.randn(1, 2, 37, dv, generator=g)
     outs = []
-    for run in (lambda a, b, c: T.attention(a, b, c, *_configs(qk, pv, {}), causal, dk ** -0.5),
-                lambda a, b, c: quant_attention(a, b, c, qk=qk, pv=pv, causal=causal, backend="reference")):
+    for run in (lambda a, b, c: T.attention(a, b, c, *_configs(qk, pv, kw), causal, dk ** -0.5),
+                lambda a, b, c: quant_attention(a, b, c, qk=qk, pv=pv, causal=causal, backend="reference",
+                                                **kw)):
         leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
         o = run(*leaves)
         outs.append((o.detach(), *torch.autograd.grad(o, leaves, do)))

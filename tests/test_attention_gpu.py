@@ -69,6 +69,18 @@ def test_triton_matches_reference(shape: str, pair: tuple[str, str], causal: boo
         assert _rel(a, b) < 2e-2, (name, _rel(a, b))
 
 
+@pytest.mark.parametrize(("qk", "kw"), [("hifp8", {"tensor_scale": True}), ("nvfp4", {})])
+def test_triton_serves_qk_values_quantized_before_the_kernels(qk: str, kw: dict[str, object]) -> None:
+    # tensor-scaled HiF8 and NVFP4 Q/K go through the formats' own kernels first (they took the reference)
+    q, k, v, do = _inputs(*SHAPES["8b"])
+    assert attention_backend(q, k, v, qk=qk, **kw) == "triton"
+    assert attention_backend(q, k, v, pv=qk, **kw) == "reference"  # P's tensor scale: the reference
+    ours = _run(q, k, v, do, qk=qk, backend="triton", **kw)
+    ref = _run(q, k, v, do, qk=qk, backend="reference", **kw)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), ours, ref, strict=True):
+        assert _rel(a, b) < 2e-2, (name, _rel(a, b))
+
+
 def test_auto_uses_sdpa_for_unquantized_and_triton_otherwise() -> None:
     q, k, v, do = _inputs(*SHAPES["8b"])
     assert attention_backend(q, k, v) == "sdpa"

@@ -195,6 +195,29 @@ def test_weight_cache_sees_in_place_updates_and_steps() -> None:
     assert "cache" not in counters.snapshot()["operands"]["matmul"]
 
 
+def test_weight_cache_copies_are_used_only_in_the_mode_that_made_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # a CUDA-graph capture must not hit a copy made eagerly (the graph would read freed memory at replay:
+    # NaN validation losses on the H200), and eager code must not hit a copy made under capture
+    x = _rand(8, 64)
+    w = torch.nn.Parameter(_rand(32, 64, seed=3))
+    capturing = [False]
+    monkeypatch.setattr(weights, "_capturing", lambda: capturing[0])
+    weights.enable_weight_cache()
+    with torch.no_grad():
+        quant_matmul(x, w.t(), "mxfp8")  # eager: quantize, store
+        quant_matmul(x, w.t(), "mxfp8")  # eager: hit
+        capturing[0] = True
+        quant_matmul(x, w.t(), "mxfp8")  # capture: the eager copy is not used
+        quant_matmul(x, w.t(), "mxfp8")  # capture: hits the copy made in this capture
+        capturing[0] = False
+        quant_matmul(x, w.t(), "mxfp8")  # eager again: not the captured copy
+    s = weights.stats()
+    assert (s["hits"], s["misses"]) == (2, 3)
+    weights.disable_weight_cache()
+
+
 def test_weight_cache_holds_parameters_only_and_respects_the_bound() -> None:
     weights.enable_weight_cache(max_bytes=32 * 64 * 4)
     x = _rand(8, 64)

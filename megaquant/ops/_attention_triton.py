@@ -491,16 +491,18 @@ def supports(
 ) -> bool:
     """True when the kernels serve quant_attention(q, k, v) with these site configurations: CUDA bf16 /
     fp16 / fp32, head dims up to 256, P quantized in MX blocks of a power of two up to 32 or in HiF8 without
-    tensor scaling; not quantize_grads (the reference serves it)."""
+    tensor scaling; not quantize_grads (the reference serves it). Q and K are quantized before the kernels
+    by the formats' own path, so any qk value and scaling runs here (HiF8 tensor scaling, NVFP4)."""
     if not (q.is_cuda and k.is_cuda and v.is_cuda) or q.dtype not in _DTYPES:
         return False
     if k.dtype != q.dtype or v.dtype != q.dtype or q.shape[-1] > 256 or v.shape[-1] > 256:
         return False
     if min(q.shape[2], k.shape[2]) == 0:
         return False
-    for cfg in (cfg_qk, cfg_pv):
-        if cfg.fmt is not None and (cfg.quantize_grads or cfg.tensor_scale or cfg.value == "nvfp4"):
-            return False  # (NVFP4's tensor scale needs P's global amax: the reference serves it)
+    if any(cfg.fmt is not None and cfg.quantize_grads for cfg in (cfg_qk, cfg_pv)):
+        return False
+    if cfg_pv.fmt is not None and (cfg_pv.tensor_scale or cfg_pv.value == "nvfp4"):
+        return False  # a tensor scale of P needs P's global amax: the reference serves it
     bs = cfg_pv.block_size
     return cfg_pv.fmt is None or cfg_pv.fmt == "hifp8" or (2 <= bs <= 32 and not bs & (bs - 1))
 

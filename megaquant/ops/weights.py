@@ -13,6 +13,13 @@ every optimizer step; megaquant.launch.pretrain does) drops everything. The step
 this safe: optimizers may write weights in place through `.data` (Megatron copies its fp32 main weights
 into the bf16 model weights that way), which does not bump the version counter.
 
+CUDA graphs: an entry is used only in the mode it was made in. A graph captured with a hit on an eagerly
+made copy would keep reading that tensor's address after the step frees it (Megatron's validation graph is
+captured on its second call, after an eager call filled the cache: the final evaluation replayed it into
+freed memory and reported a NaN loss, H200, session 8). Under capture the first use quantizes again, so the
+graph records the quantize kernel and owns its output, and later uses in the same capture hit that copy;
+an eager lookup never returns a copy made under capture (its contents exist only when the graph replays).
+
 Memory: one tensor per cached operand in the weight's dtype, i.e. up to twice the (bf16) linear weights for
 a linear layer (the forward format along the input features and the gradient format along the output
 features), held from the first microbatch to the end of the step; `max_bytes` bounds it (operands past the
@@ -35,7 +42,9 @@ __all__ = ["disable_weight_cache", "enable_weight_cache", "enabled", "lookup", "
 class _Cache:
     enabled: bool = False
     max_bytes: int | None = None
-    entries: dict[tuple[object, ...], tuple[Any, int, int, torch.Tensor, str]] = field(default_factory=dict)
+    entries: dict[tuple[object, ...], tuple[Any, int, int, torch.Tensor, str, bool]] = field(
+        default_factory=dict
+    )
     bytes: int = 0
     peak_bytes: int = 0
     hits: int = 0
@@ -91,6 +100,13 @@ def _param(t: torch.Tensor) -> torch.Tensor | None:
     return base if base.is_leaf and base.requires_grad else None
 
 
+def _capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph (False without CUDA)."""
+    import torch
+
+    return bool(torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
 def _key(t: torch.Tensor, base: torch.Tensor, op_key: tuple[object, ...]) -> tuple[object, ...]:
     return (id(base), tuple(t.shape), t.stride(), t.storage_offset(), t.dtype, *op_key)
 
@@ -103,7 +119,13 @@ def lookup(t: torch.Tensor, op_key: tuple[object, ...]) -> tuple[torch.Tensor, s
     if base is None:
         return None
     entry = _CACHE.entries.get(_key(t, base, op_key))
-    if entry is None or entry[0]() is not base or entry[1] != base._version or entry[2] != base.data_ptr():
+    if (
+        entry is None
+        or entry[0]() is not base
+        or entry[1] != base._version
+        or entry[2] != base.data_ptr()
+        or entry[5] != _capturing()  # a copy is only good in the mode (eager / this capture) that made it
+    ):
         _CACHE.misses += 1
         return None
     _CACHE.hits += 1
@@ -126,6 +148,6 @@ def store(t: torch.Tensor, op_key: tuple[object, ...], q: torch.Tensor, path: st
     if _CACHE.max_bytes is not None and _CACHE.bytes + size > _CACHE.max_bytes:
         _CACHE.over_bound += 1
         return
-    _CACHE.entries[key] = (weakref.ref(base), base._version, base.data_ptr(), q, path)
+    _CACHE.entries[key] = (weakref.ref(base), base._version, base.data_ptr(), q, path, _capturing())
     _CACHE.bytes += size
     _CACHE.peak_bytes = max(_CACHE.peak_bytes, _CACHE.bytes)
