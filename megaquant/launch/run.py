@@ -139,6 +139,16 @@ def detect_spec(tree: Path) -> str:
     return done.stdout.strip() or "fork"
 
 
+def _evaluates(args: Sequence[str]) -> bool:
+    """Whether Megatron evaluates with these arguments (the last --eval-iters, as its parser reads it)."""
+    value = "0"
+    for i, arg in enumerate(args):
+        flag, eq, inline = arg.partition("=")
+        if flag == "--eval-iters":
+            value = inline if eq else (args[i + 1] if i + 1 < len(args) else "0")
+    return value.strip() not in ("", "0")
+
+
 def plan_run(request: TrainRequest, *, require_tree: bool = True) -> RunPlan:
     """Resolve names, role values and the Megatron arguments; refuse combinations that cannot work."""
     model = get_model(request.model)
@@ -197,6 +207,7 @@ def plan_run(request: TrainRequest, *, require_tree: bool = True) -> RunPlan:
         world_size=parallel.nproc_per_node * parallel.nnodes,
         pipeline=parallel.pp,
         extra=tuple(request.extra),
+        evaluates=_evaluates(args),
     )
     if graphs.enabled and "--cuda-graph-impl" not in {a.partition("=")[0] for a in request.extra}:
         n = len(request.extra)  # before the extra arguments, which stay last (and can still override)
