@@ -81,9 +81,12 @@ def test_triton_serves_qk_values_quantized_before_the_kernels(qk: str, kw: dict[
         assert _rel(a, b) < 2e-2, (name, _rel(a, b))
 
 
-def test_auto_uses_sdpa_for_unquantized_and_triton_otherwise() -> None:
+def test_auto_uses_the_deterministic_triton_kernels_for_unquantized_attention_too() -> None:
     q, k, v, do = _inputs(*SHAPES["8b"])
-    assert attention_backend(q, k, v) == "sdpa"
+    assert attention_backend(q, k, v) == "triton"
+    first, again = _run(q, k, v, do), _run(q, k, v, do)
+    for a, b in zip(first, again, strict=True):
+        assert torch.equal(a, b)  # deterministic, backward included
     assert attention_backend(q, k, v, qk="mxfp8") == "triton"
     assert attention_backend(q, k, v, pv="hifp8", quantize_grads=True) == "reference"
     ours = _run(q, k, v, do)

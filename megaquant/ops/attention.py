@@ -209,11 +209,17 @@ def _backend(
         return backend
     if not q.is_cuda:
         return "reference"
-    if cfg_qk.fmt is None and cfg_pv.fmt is None and _sdpa_ok(q, k, v):
-        return "sdpa"
+    # Unquantized attention too runs on the Triton kernels when they cover the call: they are deterministic
+    # (no atomics; SDPA's flash backward is not: two bf16 runs of the same code diverged at step 3 on the
+    # H200 while the Triton-attention runs repeated bit for bit) and were as fast or faster
+    # (docs/benchmarks.md §4); bf16 baselines and quantized runs then share one attention kernel.
     from megaquant.ops import _attention_triton
 
-    return "triton" if _attention_triton.supports(q, k, v, cfg_qk, cfg_pv) else "reference"
+    if _attention_triton.supports(q, k, v, cfg_qk, cfg_pv):
+        return "triton"
+    if cfg_qk.fmt is None and cfg_pv.fmt is None and _sdpa_ok(q, k, v):
+        return "sdpa"
+    return "reference"
 
 
 def quant_attention(
