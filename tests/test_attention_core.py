@@ -199,3 +199,22 @@ def test_gpt_model_same_loss_and_gradients_fused_and_unfused(
     assert f"megaquant: attention core: fused (reference) qk={qk} pv={pv}" in cores
     assert "megaquant: attention core: unfused (an attention mask other than the causal one)" in cores
     assert len(cores) == len(set(cores))  # each decision printed once
+
+
+def test_a_mask_is_checked_once_per_tensor_not_per_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    # every layer gets the same mask object: one device-to-host comparison per microbatch; a new mask
+    # object (even at a reused address) or an in-place change is checked again
+    import torch
+
+    from megaquant.ops import attention_core
+
+    calls: list[int] = []
+    real = torch.equal
+    monkeypatch.setattr(attention_core.torch, "equal", lambda a, b: calls.append(1) or real(a, b))
+    causal = torch.ones(1, 1, 8, 8, dtype=torch.bool).triu(1)
+    assert all(attention_core._is_causal_mask(causal, 8, 8) for _ in range(4)) and len(calls) == 1
+    causal.fill_(False)  # in place: the version moves on
+    assert not attention_core._is_causal_mask(causal, 8, 8) and len(calls) == 2
+    window = torch.ones(1, 1, 8, 8, dtype=torch.bool).triu(1)
+    window |= torch.ones(8, 8, dtype=torch.bool).tril(-3)
+    assert not attention_core._is_causal_mask(window, 8, 8) and len(calls) == 3

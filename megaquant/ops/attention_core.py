@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,10 @@ ATTENTION_ENV = "MEGAQUANT_ATTENTION"
 """auto (default): fused when supported; unfused: always the unfused path; fused: error when unsupported."""
 _SEEN: set[str] = set()
 _CAUSAL_MASKS: dict[tuple[int, int, str], torch.Tensor] = {}
+_CHECKED: list[tuple[weakref.ref[torch.Tensor], int, bool]] = []
+"""The last mask tensor checked (the same live object at the same version: a new mask at a reused address is
+another object) and the verdict: every layer of a forward gets the same mask, so its values are read back
+to the host once per microbatch, not once per layer."""
 
 
 @dataclass(frozen=True)
@@ -72,7 +77,11 @@ def _is_causal_mask(mask: torch.Tensor, sq: int, sk: int) -> bool:
         causal = torch.ones((sq, sk), dtype=torch.bool, device=mask.device).triu(1)
         _CAUSAL_MASKS.clear()  # one shape at a time in training
         _CAUSAL_MASKS[key] = causal
-    return bool(torch.equal(mask, causal.expand_as(mask)))
+    if _CHECKED and _CHECKED[0][0]() is mask and _CHECKED[0][1] == mask._version:
+        return _CHECKED[0][2]
+    verdict = bool(torch.equal(mask, causal.expand_as(mask)))
+    _CHECKED[:] = [(weakref.ref(mask), mask._version, verdict)]
+    return verdict
 
 
 def _unsupported(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
