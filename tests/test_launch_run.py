@@ -304,3 +304,19 @@ def test_experiments_started_together_from_worktrees_wait_for_the_lock(
     assert time.monotonic() - start < 100
     assert _layers(fork_repo) == before and git.Repo(fork_repo).active_branch.name == "main"
     assert not (Path(git.Repo(fork_repo).common_dir) / "megaquant.lock").exists()
+
+
+def test_a_run_refused_at_set_leaves_no_run_directory(
+    fork_repo: Path, fake_trainer: Path, tmp_path: Path
+) -> None:
+    from megaquant.errors import GitStateError
+
+    applied = api.apply(
+        fork_repo, values={"linear": "mxfp4"}
+    )  # on the throwaway branch: a worktree run fails
+    assert applied.commit is not None
+    plan = plan_run(_request(fork_repo, tmp_path, "linear_mxfp4", worktree=tmp_path / "wt"))
+    with pytest.raises(GitStateError, match="restore"):
+        execute(plan)
+    assert not plan.run_dir.exists()
+    api.restore(fork_repo)

@@ -342,15 +342,21 @@ def execute(
     run_dir = plan.run_dir
     if (run_dir / "manifest.json").exists():
         raise LaunchError(f"{run_dir}: already holds a run (manifest.json); choose a new --run-dir")
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     request = plan.request
-    applied = api.apply(
-        plan.tree,
-        values=role_settings(plan.values),
-        worktree=request.worktree,
-        spec=plan.spec,
-        lock_wait_s=LOCK_WAIT_S,
-    )
+    try:
+        applied = api.apply(
+            plan.tree,
+            values=role_settings(plan.values),
+            worktree=request.worktree,
+            spec=plan.spec,
+            lock_wait_s=LOCK_WAIT_S,
+        )
+    except BaseException:
+        if created and not any(run_dir.iterdir()):
+            run_dir.rmdir()  # refused before anything ran: leave no empty run directory behind
+        raise
     checkout = Path(applied.repo)
     manifest: dict[str, object] = {
         "schema": 1,
