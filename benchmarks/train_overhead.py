@@ -13,6 +13,7 @@ Shapes (the issue's): `1b-single` Llama-3.2-1B full depth, single-gpu preset (mi
 layers at the standard preset's shape (micro 1 x 8192, global 2); `tiny-smoke` the tiny model, smoke preset.
 Modes: bf16, FA_linear_{mxfp8, mxfp4, hifp8} and `FA_linear_hifp8+ts` (`--recipe hifp8_scaled`: per-tensor
 scaled HiF8). `MODE+nocache` runs with MEGAQUANT_WEIGHT_CACHE=off (for the bit-identity check: same losses);
+`MODE+again` repeats a row (its own run dir: bit-identity across runs);
 `MODE+graph` / `MODE+nograph` run with `--cuda-graphs on` / `off` (Megatron's full-iteration CUDA graph;
 without either, `megaquant train`'s default `auto` decides, see megaquant/launch/graphs.py).
 """
