@@ -171,3 +171,19 @@ def test_counters_without_a_graph_do_not_extrapolate() -> None:
         assert snap["gemms"] == {"linear_fwd": {"triton": 4}} and "cuda_graph" not in snap
     finally:
         counters.reset()
+
+
+def test_a_failed_capture_tells_the_user_to_turn_graphs_off(tmp_path: Path) -> None:
+    from megaquant.launch.run import failure_hint
+
+    tree = _tree(tmp_path)
+    plan = plan_run(TrainRequest(model="tiny", dataset=None, megatron=tree, preset="smoke"))
+    log = tmp_path / "train.log"
+    log.write_text("torch.AcceleratorError: CUDA error: operation not permitted when stream is capturing\n")
+    hint = failure_hint(plan, log)
+    assert hint is not None and "--cuda-graphs off" in hint
+    log.write_text("RuntimeError: CUDA out of memory\n")
+    assert failure_hint(plan, log) is None
+    off = plan_run(TrainRequest(model="tiny", dataset=None, megatron=tree, preset="smoke", cuda_graphs="off"))
+    log.write_text("operation not permitted when stream is capturing\n")
+    assert failure_hint(off, log) is None

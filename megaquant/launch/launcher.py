@@ -261,4 +261,6 @@ def train(
         plan, echo=echo or (lambda line: _write(out, line)), validated_against=validation.version
     )
     out.write(f"exit code {record.exit_code}; manifest {record.run_dir / 'manifest.json'}\n")
+    if record.manifest.get("hint"):
+        out.write(f"hint: {record.manifest['hint']}\n")
     return record.exit_code

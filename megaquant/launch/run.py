@@ -54,6 +54,7 @@ __all__ = [
     "detect_spec",
     "environment_summary",
     "execute",
+    "failure_hint",
     "plan_run",
     "srun_prefix",
 ]
@@ -301,6 +302,23 @@ def _attention_cores(log: Path) -> list[str]:
     return cores_in_log(log.read_text(encoding="utf-8", errors="replace")) if log.is_file() else []
 
 
+_CAPTURE_ERRORS = ("operation not permitted when stream is capturing", "cudaErrorStreamCapture")
+
+
+def failure_hint(plan: RunPlan, log: Path) -> str | None:
+    """What to try after a failed run, when its log shows a known cause (else None): a CUDA-graph capture
+    that met a host synchronisation (some Megatron feature or extra argument not capturable)."""
+    if not plan.cuda_graphs.enabled or not log.is_file():
+        return None
+    text = log.read_text(encoding="utf-8", errors="replace")
+    if any(marker in text for marker in _CAPTURE_ERRORS):
+        return (
+            "the full-iteration CUDA graph could not be captured (a host synchronisation inside the step: "
+            "see train.log); rerun with `megaquant train ... --cuda-graphs off`"
+        )
+    return None
+
+
 def _write_manifest(run_dir: Path, manifest: Mapping[str, object]) -> None:
     tmp = run_dir / "manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
@@ -431,5 +449,8 @@ def execute(
             restored=restored.message,
             attention_core=_attention_cores(run_dir / "train.log"),
         )
+        hint = failure_hint(plan, run_dir / "train.log") if exit_code not in (0, None) else None
+        if hint is not None:
+            manifest["hint"] = hint
         _write_manifest(run_dir, manifest)
     return RunRecord(run_dir=run_dir, exit_code=exit_code, manifest=manifest)
