@@ -13,6 +13,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from megaquant.argvalues import flag_values
 from megaquant.errors import ValueNameError
 
 __all__ = [
@@ -275,13 +276,7 @@ def check_recipe(name: str, values: dict[str, str] | None = None, *, spec: str |
 
 def layer_count(megatron_args: Sequence[str]) -> int | None:
     """The last `--num-layers` of a Megatron argv (None when it has none). Pure."""
-    layers = None
-    for i, arg in enumerate(megatron_args):
-        flag, eq, inline = arg.partition("=")
-        if flag == "--num-layers":
-            value = inline if eq else (megatron_args[i + 1] if i + 1 < len(megatron_args) else "")
-            layers = int(value) if value.isdigit() else layers
-    return layers
+    return next((int(v) for v in reversed(flag_values(megatron_args, "--num-layers")) if v.isdigit()), None)
 
 
 def bf16_layers_for_args(name: str, megatron_args: Sequence[str]) -> tuple[int, ...]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from megaquant.argvalues import flag_values
 from megaquant.errors import LaunchError
 from megaquant.recipes import Recipe
 
@@ -75,10 +76,9 @@ def decide_graphs(
     blocking recipe when the extra arguments ask for a graph themselves (`-- --cuda-graph-impl ...`)."""
     if choice not in GRAPH_CHOICES:
         raise LaunchError(f"--cuda-graphs {choice!r}: expected one of {', '.join(GRAPH_CHOICES)}")
-    flags = [a.partition("=")[0] for a in extra]
-    if "--cuda-graph-impl" in flags:
-        i = flags.index("--cuda-graph-impl")
-        value = extra[i].partition("=")[2] or (extra[i + 1] if i + 1 < len(extra) else "")
+    given = flag_values(extra, "--cuda-graph-impl")
+    if given:
+        value = given[0]
         if value != "none" and recipe_blockers(recipe):
             raise LaunchError(
                 f"extra argument --cuda-graph-impl {value}: recipe {recipe.name} cannot run under a CUDA "

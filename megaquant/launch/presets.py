@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from megaquant.argvalues import flag_values
 from megaquant.errors import LaunchError
 
 __all__ = ["DATA_SPLIT", "EVAL_POINTS", "PRESETS", "Preset", "get_preset"]
@@ -45,15 +46,12 @@ class Preset:
         fields = {"--global-batch-size": "global_batch_size", "--micro-batch-size": "micro_batch_size",
                   "--seq-length": "seq_length"}  # fmt: skip
         changes: dict[str, Any] = {}
-        for i, arg in enumerate(extra):
-            flag, eq, inline = arg.partition("=")
-            if flag not in fields:
-                continue
-            value = inline if eq else (extra[i + 1] if i + 1 < len(extra) else "")
-            try:
-                changes[fields[flag]] = int(value)
-            except ValueError:
-                raise LaunchError(f"extra argument {flag} {value!r}: expected an integer") from None
+        for flag, name in fields.items():
+            for value in flag_values(extra, flag):
+                try:
+                    changes[name] = int(value)
+                except ValueError:
+                    raise LaunchError(f"extra argument {flag} {value!r}: expected an integer") from None
         return dataclasses.replace(self, **changes) if changes else self
 
     def with_steps(self, steps: int) -> Preset:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
+from megaquant.argvalues import flag_values
 from megaquant.errors import LaunchError, MegaquantError
 from megaquant.launch.argv import (
     Entry,
@@ -142,12 +143,8 @@ def detect_spec(tree: Path) -> str:
 
 def _evaluates(args: Sequence[str]) -> bool:
     """Whether Megatron evaluates with these arguments (the last --eval-iters, as its parser reads it)."""
-    value = "0"
-    for i, arg in enumerate(args):
-        flag, eq, inline = arg.partition("=")
-        if flag == "--eval-iters":
-            value = inline if eq else (args[i + 1] if i + 1 < len(args) else "0")
-    return value.strip() not in ("", "0")
+    values = flag_values(args, "--eval-iters")
+    return bool(values) and values[-1].strip() not in ("", "0")
 
 
 def plan_run(request: TrainRequest, *, require_tree: bool = True) -> RunPlan:
