@@ -187,3 +187,15 @@ def test_a_failed_capture_tells_the_user_to_turn_graphs_off(tmp_path: Path) -> N
     off = plan_run(TrainRequest(model="tiny", dataset=None, megatron=tree, preset="smoke", cuda_graphs="off"))
     log.write_text("operation not permitted when stream is capturing\n")
     assert failure_hint(off, log) is None
+
+
+def test_the_training_process_refuses_a_graph_with_a_per_step_recipe(monkeypatch: pytest.MonkeyPatch) -> None:
+    # megaquant.launch.pretrain run by hand with --cuda-graph-impl full_iteration: the same refusal
+    from megaquant.launch import pretrain
+    from megaquant.recipes import RECIPE_ENV
+
+    monkeypatch.setenv(RECIPE_ENV, "sr_gradients")
+    with pytest.raises(LaunchError, match="replayed graph would repeat"):
+        pretrain._check_graph_recipe()
+    monkeypatch.setenv(RECIPE_ENV, "hifp8_scaled")
+    pretrain._check_graph_recipe()
