@@ -29,7 +29,7 @@ def _tree(tmp_path: Path, *, full_iteration: bool = True, fork_entry: bool = Fal
 
 
 def _decide(choice: str = "auto", recipe: str = "default", **kw: object):  # type: ignore[no-untyped-def]
-    args: dict[str, object] = dict(own_entry=True, tree=None, moe=False, world_size=1, pipeline=1)
+    args: dict[str, object] = dict(own_entry=True, training_root=None, moe=False, world_size=1, pipeline=1)
     args.update(kw)
     return decide_graphs(choice, recipe=get_recipe(recipe), **args)  # type: ignore[arg-type]
 

@@ -51,9 +51,9 @@ def recipe_blockers(recipe: Recipe) -> list[str]:
     return out
 
 
-def _tree_supports(tree: Path) -> bool:
-    """Whether the tree's megatron/training accepts `--cuda-graph-impl full_iteration` (0.17 and later)."""
-    args = tree / "megatron" / "training" / "arguments.py"
+def _tree_supports(root: Path) -> bool:
+    """Whether `root`'s megatron/training accepts `--cuda-graph-impl full_iteration` (0.17 and later)."""
+    args = root / "megatron" / "training" / "arguments.py"
     try:
         return "full_iteration" in args.read_text(encoding="utf-8", errors="replace")
     except OSError:
@@ -65,15 +65,17 @@ def decide_graphs(
     *,
     recipe: Recipe,
     own_entry: bool,
-    tree: Path | None,
+    training_root: Path | None,
     moe: bool,
     world_size: int,
     pipeline: int,
     extra: tuple[str, ...] = (),
     evaluates: bool = False,
 ) -> GraphDecision:
-    """Resolve `--cuda-graphs auto|on|off` for one run. `on` with a blocker raises LaunchError; so does a
-    blocking recipe when the extra arguments ask for a graph themselves (`-- --cuda-graph-impl ...`)."""
+    """Resolve `--cuda-graphs auto|on|off` for one run. `training_root`: the Megatron whose megatron/training
+    would train (launch.preflight.training_megatron; None: not known, e.g. a dry run on a path that is no
+    tree). `on` with a blocker raises LaunchError; so does a blocking recipe when the extra arguments ask
+    for a graph themselves (`-- --cuda-graph-impl ...`)."""
     if choice not in GRAPH_CHOICES:
         raise LaunchError(f"--cuda-graphs {choice!r}: expected one of {', '.join(GRAPH_CHOICES)}")
     given = flag_values(extra, "--cuda-graph-impl")
@@ -97,8 +99,10 @@ def decide_graphs(
         return GraphDecision(True, "--cuda-graphs on")
     if not own_entry:
         return GraphDecision(False, "the tree's own pretrain_gpt.py trains (graphs need megaquant's entry)")
-    if tree is not None and not _tree_supports(tree):
-        return GraphDecision(False, "the tree's megatron/training has no full-iteration CUDA graph (< 0.17)")
+    if training_root is not None and not _tree_supports(training_root):
+        return GraphDecision(
+            False, "the megatron/training that trains has no full-iteration CUDA graph (< 0.17)"
+        )
     if moe:
         return GraphDecision(False, "dropless MoE reads its token counts on the host (not capturable)")
     if world_size > 1 or pipeline > 1:

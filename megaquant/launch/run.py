@@ -141,6 +141,15 @@ def detect_spec(tree: Path) -> str:
     return done.stdout.strip() or "fork"
 
 
+def _training_root(tree: Path) -> Path:
+    """The root whose megatron/training the run imports (the tree's, else the installed one's); the tree
+    itself when there is none (the graph then counts as unsupported, and preflight refuses the run)."""
+    from megaquant.launch.preflight import training_megatron
+
+    found = training_megatron(tree)
+    return found.root if found is not None else tree
+
+
 def _evaluates(args: Sequence[str]) -> bool:
     """Whether Megatron evaluates with these arguments (the last --eval-iters, as its parser reads it)."""
     values = flag_values(args, "--eval-iters")
@@ -200,7 +209,7 @@ def plan_run(request: TrainRequest, *, require_tree: bool = True) -> RunPlan:
         request.cuda_graphs,
         recipe=get_recipe(request.recipe),
         own_entry=not (tree / "pretrain_gpt.py").is_file(),
-        tree=tree if is_tree else None,
+        training_root=_training_root(tree) if is_tree else None,
         moe=model.moe,
         world_size=parallel.nproc_per_node * parallel.nnodes,
         pipeline=parallel.pp,
