@@ -6,7 +6,8 @@
 #     attention on the deterministic Triton kernels);
 #  3. train_overhead rows: 1b-single bf16 twice (bit-identical now that bf16 attention is Triton?),
 #     FA_linear_hifp8+ts (was 3.03x with QK on the reference), 1b-fast bf16 / FA_linear_mxfp8 (not run yet),
-#     FA_linear_mxfp8+nocache (memory 1.00x: what it costs in time under the graph).
+#     FA_linear_mxfp8+nocache (memory 1.00x: what it costs in time under the graph);
+#  4. (session 9) benchmarks/profile_step.py on the 8B shape cut to 2 layers at seq 8192, eager.
 # Run from the repo root on the GPU machine: . benchmarks/device_env.sh && OUT=$OUT bash benchmarks/graph_checks.sh
 # Everything lands in $OUT/graph_checks.tgz plus $OUT/summary.txt.
 set -u
@@ -27,6 +28,11 @@ python3 benchmarks/train_overhead.py --tree "$W/megatron" --data-root "$W/data" 
 python3 benchmarks/train_overhead.py --tree "$W/megatron" --data-root "$W/data" --out "$R/fast" --only 1b-fast \
   --modes bf16,FA_linear_mxfp8 --steps 12 --budget-s 120 > "$R/fast.txt" 2>&1
 cat "$R/to/table.md" "$R/fast/table.md" >> "$OUT/summary.txt" 2>/dev/null
+# 4. where the 8B-cut step's time goes (issue 8: 118-120 ms against the 112 ms target), eager, profiled
+python3 benchmarks/profile_step.py --tree "$W/megatron" --data-root "$W/data" --model llama31-8b --preset standard \
+  --extra "--num-layers 2 --global-batch-size 2" --variants bf16,FA_linear_mxfp8 --warmup 2 --timed 2 \
+  --train-steps 16 --out "$R/prof8b/prof.json" --table-dir "$R/prof8b" --timeout-s 170 > "$R/prof8b.txt" 2>&1
+python3 -c "import json,sys; [print(v, {k: p.get(k) for k in ('wall_ms','gpu_busy_ms','kernel_ms','kernels','by_kind')}) for v, p in json.load(open(sys.argv[1]))['profiles'].items()]" "$R/prof8b/prof.json" >> "$OUT/summary.txt" 2>&1
 python3 -c "import json,sys; r=json.load(open(sys.argv[1])); a,b=(r.get(k,{}).get('losses') for k in ('1b-single-bf16','1b-single-bf16_again')); print('bf16 twice, bit-identical losses:', a is not None and a == b)" "$R/to/results.json" >> "$OUT/summary.txt" 2>&1
 echo "took $(( $(date +%s) - T0 )) s" >> "$OUT/summary.txt"
 (cd "$R" && find . -name '*.pt' -delete && tar czf "$OUT/graph_checks.tgz" --exclude='*.bin' --exclude='*.idx' .)

@@ -50,10 +50,12 @@ def megatron_args(ns: argparse.Namespace, steps: int) -> list[str]:
     from megaquant.launch.presets import get_preset
     from megaquant.launch.run import TrainRequest, plan_run
 
-    preset = get_preset(ns.preset)
+    extra_user = ns.extra.split()
+    preset = get_preset(ns.preset).with_overrides(extra_user)
     # the data order depends on --train-samples: fixed, so processes running different numbers of steps
     # see the same batches; --exit-interval stops after `steps`
-    extra = ["--split", "100,0,0", "--train-samples", str(ns.train_steps * preset.global_batch_size)]
+    extra = [*extra_user, "--split", "100,0,0"]
+    extra += ["--train-samples", str(ns.train_steps * preset.global_batch_size)]
     extra += [
         "--exit-interval",
         str(steps),
@@ -69,6 +71,7 @@ def megatron_args(ns: argparse.Namespace, steps: int) -> list[str]:
         megatron=ns.tree,
         data_root=ns.data_root,
         extra=tuple(extra),
+        cuda_graphs="off",  # the variants swap values between steps: a replayed graph would freeze them
     )
     return list(plan_run(request).megatron_args)
 
@@ -434,6 +437,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", default="llama32-1b")
     parser.add_argument("--preset", default="single-gpu")
     parser.add_argument("--variants", default=DEFAULT_VARIANTS)
+    parser.add_argument(
+        "--extra", default="", help="Megatron arguments, e.g. '--num-layers 2 --global-batch-size 2'"
+    )
     parser.add_argument("--profile", default="", help="variants to profile (default: all)")
     parser.add_argument("--warmup", type=int, default=1, help="steps per variant before the profiled one")
     parser.add_argument("--timed", type=int, default=1, help="unprofiled steps per variant after it")
