@@ -47,23 +47,12 @@ def _hex(x: float) -> str:
 def megatron_args(ns: argparse.Namespace, steps: int) -> list[str]:
     """megaquant train's own argv for the model x preset (sample data), cut to `steps` steps."""
     sys.path.insert(0, str(ROOT))
-    from megaquant.launch.presets import get_preset
     from megaquant.launch.run import TrainRequest, plan_run
 
     extra_user = ns.extra.split()
-    preset = get_preset(ns.preset).with_overrides(extra_user)
-    # the data order depends on --train-samples: fixed, so processes running different numbers of steps
-    # see the same batches; --exit-interval stops after `steps`
-    extra = [*extra_user, "--split", "100,0,0"]
-    extra += ["--train-samples", str(ns.train_steps * preset.global_batch_size)]
-    extra += [
-        "--exit-interval",
-        str(steps),
-        "--log-interval",
-        "1",
-        "--eval-interval",
-        str(ns.train_steps + 1),
-    ]
+    # the data order depends on the run length (--steps): fixed, so processes running different numbers of
+    # steps see the same batches; --exit-interval stops after `steps`
+    extra = [*extra_user, "--split", "100,0,0", "--exit-interval", str(steps), "--log-interval", "1"]
     request = TrainRequest(
         model=ns.model,
         dataset="sample",
@@ -71,6 +60,7 @@ def megatron_args(ns: argparse.Namespace, steps: int) -> list[str]:
         megatron=ns.tree,
         data_root=ns.data_root,
         extra=tuple(extra),
+        steps=ns.train_steps,
         cuda_graphs="off",  # the variants swap values between steps: a replayed graph would freeze them
     )
     return list(plan_run(request).megatron_args)

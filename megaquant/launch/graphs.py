@@ -70,7 +70,6 @@ def decide_graphs(
     world_size: int,
     pipeline: int,
     extra: tuple[str, ...] = (),
-    evaluates: bool = False,
 ) -> GraphDecision:
     """Resolve `--cuda-graphs auto|on|off` for one run. `training_root`: the Megatron whose megatron/training
     would train (launch.preflight.training_megatron; None: not known, e.g. a dry run on a path that is no
@@ -107,10 +106,4 @@ def decide_graphs(
         return GraphDecision(False, "dropless MoE reads its token counts on the host (not capturable)")
     if world_size > 1 or pipeline > 1:
         return GraphDecision(False, "multi-GPU graphs are not verified yet (use --cuda-graphs on to try)")
-    if evaluates:
-        return GraphDecision(
-            False,
-            "the run evaluates, and validation under the graph is not verified on a GPU since its fix (the "
-            "weight cache's capture rule; use --cuda-graphs on to try)",
-        )
     return GraphDecision(True, "single-GPU dense model, graph-safe recipe")

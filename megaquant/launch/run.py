@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from megaquant.argvalues import flag_values
 from megaquant.errors import LaunchError, MegaquantError
 from megaquant.launch.argv import (
     Entry,
@@ -150,12 +149,6 @@ def _training_root(tree: Path) -> Path:
     return found.root if found is not None else tree
 
 
-def _evaluates(args: Sequence[str]) -> bool:
-    """Whether Megatron evaluates with these arguments (the last --eval-iters, as its parser reads it)."""
-    values = flag_values(args, "--eval-iters")
-    return bool(values) and values[-1].strip() not in ("", "0")
-
-
 def plan_run(request: TrainRequest, *, require_tree: bool = True) -> RunPlan:
     """Resolve names, role values and the Megatron arguments; refuse combinations that cannot work."""
     model = get_model(request.model)
@@ -214,7 +207,6 @@ def plan_run(request: TrainRequest, *, require_tree: bool = True) -> RunPlan:
         world_size=parallel.nproc_per_node * parallel.nnodes,
         pipeline=parallel.pp,
         extra=tuple(request.extra),
-        evaluates=_evaluates(args),
     )
     if graphs.enabled and "--cuda-graph-impl" not in {a.partition("=")[0] for a in request.extra}:
         n = len(request.extra)  # before the extra arguments, which stay last (and can still override)
