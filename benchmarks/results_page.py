@@ -12,11 +12,14 @@ Definitions (the page states them too):
 - final training loss: `megaquant.report.final_loss`, the mean of the last 10 logged steps;
 - final validation loss: Megatron's evaluation after training (`validation loss at iteration N on
   validation set`), else its last in-loop evaluation;
-- gap: a cell's mean final validation loss over its seeds minus bf16's mean; its band is min-max over seeds
-  of (seed's loss - bf16's mean); bf16's own band (its seeds' min and max minus its mean) is the noise band.
-  A gap is "within noise" when its band overlaps bf16's;
-- step time: `megaquant.report.step_time` (median after warm-up) per run, the median over the cell's seeds;
-  peak memory the largest `peak_mem_bytes`. Runs that shared the GPU (results_run.json `overlapped`) say so.
+- gap: paired by seed. A seed fixes the initial weights, the order of the training data and the validation
+  samples Megatron draws, so a cell's seed s is compared with bf16's seed s: gap = the mean over the seeds
+  both have of (cell's loss - bf16's loss), shown with the min and max of those per-seed gaps and how many
+  seeds agree in sign. bf16's own row gives its seed-to-seed spread (each seed minus the mean of its
+  seeds), the scale of the noise between unpaired runs;
+- step time: `megaquant.report.step_time` (median after warm-up) per run, the median over the cell's runs
+  that had the GPU to themselves (results_run.json `overlapped` empty), else over all its runs, marked
+  "shared"; peak memory the largest `peak_mem_bytes` (another run on the GPU does not change it).
 
 Everything between `<!-- results:begin -->` and `<!-- results:end -->` in the page is generated; the rest is
 written by hand. Figures are PNGs next to the page (matplotlib, the `plot` extra).
@@ -193,22 +196,40 @@ def load_store(root: Path) -> tuple[list[StoredRun], list[str]]:
 
 @dataclass(frozen=True)
 class Band:
-    """A cell's final losses over seeds against bf16's mean: mean gap and min-max of the per-seed gaps."""
+    """A cell's final losses over seeds against bf16: `mean` the cell's mean loss, `gap` the mean paired gap,
+    `low`/`high` the smallest and largest per-seed gap, `seeds` how many seeds the gap pairs, `agree` how
+    many of them have the gap's sign. For bf16 itself: gap 0 and its seeds' spread around their mean."""
 
     mean: float
     gap: float
     low: float
     high: float
+    seeds: int = 0
+    agree: int = 0
 
     def overlaps(self, other: Band) -> bool:
         return self.low <= other.high and other.low <= self.high
 
 
 def band(values: Sequence[float], baseline_mean: float) -> Band:
+    """bf16's own band: its seeds around their mean (`baseline_mean`)."""
     if not values:
         raise ValueError("a band needs at least one seed")
     mean = statistics.fmean(values)
-    return Band(mean, mean - baseline_mean, min(values) - baseline_mean, max(values) - baseline_mean)
+    return Band(
+        mean, mean - baseline_mean, min(values) - baseline_mean, max(values) - baseline_mean, len(values)
+    )
+
+
+def paired_band(values: dict[int | None, float], baseline: dict[int | None, float]) -> Band | None:
+    """The gap of a cell against bf16 seed by seed (the seeds both have); None: no seed in common."""
+    common = [s for s in values if s is not None and s in baseline]
+    if not values or not common:
+        return None
+    gaps = [values[s] - baseline[s] for s in common]
+    gap = statistics.fmean(gaps)
+    agree = sum(1 for g in gaps if (g > 0) == (gap > 0) and g != 0)
+    return Band(statistics.fmean(values.values()), gap, min(gaps), max(gaps), len(gaps), agree)
 
 
 @dataclass(frozen=True)
@@ -222,6 +243,8 @@ class Cell:
     train: Band | None
     step_time_s: float | None
     peak_mem_bytes: int | None
+    time_shared: bool = False
+    """step_time_s comes from runs that shared the GPU (the cell has no run that had it alone)."""
 
     @property
     def seeds(self) -> tuple[int | None, ...]:
@@ -250,30 +273,43 @@ def cells(runs: Sequence[StoredRun]) -> dict[str, list[Cell]]:
     out: dict[str, list[Cell]] = {}
     for family, groups in families.items():
         base = groups.get(BASELINE, [])
-        base_val = [r.val_final for r in base]
-        val_mean = (
-            statistics.fmean(v for v in base_val if v is not None) if base and None not in base_val else None
-        )
-        train_mean = statistics.fmean(r.train_final for r in base) if base else None
+        base_val = {r.seed: r.val_final for r in base}
+        base_train = {r.seed: r.train_final for r in base}
         keys = sorted(groups, key=_cell_order)
         built = []
         for key in keys:
             members = tuple(sorted(groups[key], key=lambda r: (r.seed is None, r.seed or 0, r.name)))
-            vals = [r.val_final for r in members]
-            times = [t for t in (step_time(r.run.step_times_s) for r in members) if t is not None]
+            vals = {r.seed: r.val_final for r in members}
+            trains = {r.seed: r.train_final for r in members}
+            alone = [r for r in members if not r.shared_gpu]
+            timed = alone or list(members)
+            times = [t for t in (step_time(r.run.step_times_s) for r in timed) if t is not None]
             peaks = [r.run.peak_mem_bytes for r in members if r.run.peak_mem_bytes is not None]
+            if key == BASELINE:
+                known = [v for v in vals.values() if v is not None]
+                val = None if None in vals.values() else band(known, statistics.fmean(known))
+                train = band(list(trains.values()), statistics.fmean(trains.values()))
+            else:
+                val = (
+                    None
+                    if None in vals.values() or None in base_val.values()
+                    else paired_band(
+                        {s: v for s, v in vals.items() if v is not None},
+                        {s: v for s, v in base_val.items() if v is not None},
+                    )
+                )
+                train = paired_band(trains, base_train)
             built.append(
                 Cell(
                     family=family,
                     mode=key[0],
                     recipe=key[1],
                     runs=members,
-                    val=None
-                    if val_mean is None or None in vals
-                    else band([v for v in vals if v is not None], val_mean),
-                    train=None if train_mean is None else band([r.train_final for r in members], train_mean),
+                    val=val,
+                    train=train,
                     step_time_s=statistics.median(times) if times else None,
                     peak_mem_bytes=max(peaks) if peaks else None,
+                    time_shared=not alone,
                 )
             )
         out[family] = built
@@ -289,6 +325,16 @@ def _f(value: float | None, spec: str, suffix: str = "") -> str:
 
 def _band_text(b: Band | None) -> str:
     return "—" if b is None else f"{b.gap:+.4f} [{b.low:+.4f}, {b.high:+.4f}]"
+
+
+def _agree_text(b: Band | None, baseline: bool) -> str:
+    if b is None:
+        return "—"
+    if baseline:
+        return f"(spread of {b.seeds} seeds)"
+    if b.seeds < 2:
+        return f"{b.seeds} seed"
+    return f"{b.agree} of {b.seeds}"
 
 
 def _slug(family: str) -> str:
@@ -310,7 +356,6 @@ def _paths_per_step(counts: dict[str, Any] | None) -> str:
 
 def family_section(family: str, family_cells: Sequence[Cell], figures: dict[str, str]) -> str:
     base = next((c for c in family_cells if (c.mode, c.recipe) == BASELINE), None)
-    noise = base.val if base is not None else None
     lines = [f"### {family}", ""]
     titles = sorted(
         {str(r.record["shape_title"]) for c in family_cells for r in c.runs if r.record.get("shape_title")}
@@ -319,18 +364,16 @@ def family_section(family: str, family_cells: Sequence[Cell], figures: dict[str,
     for label, file in figures.items():
         lines += [f"![{label}]({file})", ""]
     lines += [
-        "| mode | recipe | seeds | final val loss | gap vs bf16 [min, max over seeds] | within bf16 noise | "
-        "final train loss | train gap |",
+        "| mode | recipe | seeds | final val loss | val gap vs bf16, paired by seed [min, max] "
+        "| seeds with the gap's sign | final train loss | train gap, paired [min, max] |",
         "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: |",
     ]
     for c in family_cells:
-        within = "—" if c.val is None or noise is None else ("yes" if c.val.overlaps(noise) else "**no**")
-        if (c.mode, c.recipe) == BASELINE:
-            within = "(the band)"
+        is_base = (c.mode, c.recipe) == BASELINE
         lines.append(
             f"| {c.mode} | {c.recipe} | {len(c.runs)} | {_f(c.val.mean if c.val else None, '.4f')} | "
-            f"{_band_text(c.val)} | {within} | {_f(c.train.mean if c.train else None, '.4f')} | "
-            f"{_band_text(c.train)} |"
+            f"{_band_text(c.val)} | {_agree_text(c.val, is_base)} | "
+            f"{_f(c.train.mean if c.train else None, '.4f')} | {_band_text(c.train)} |"
         )
     base_time = base.step_time_s if base else None
     base_mem = base.peak_mem_bytes if base else None
@@ -346,9 +389,10 @@ def family_section(family: str, family_cells: Sequence[Cell], figures: dict[str,
         shared = sum(r.shared_gpu for r in c.runs)
         ms = None if c.step_time_s is None else c.step_time_s * 1e3
         gib = None if c.peak_mem_bytes is None else c.peak_mem_bytes / 2**30
+        mark = " (shared)" if c.time_shared and ms else ""
         lines.append(
-            f"| {c.mode} | {c.recipe} | {_f(ms, '.1f')} | {_f(t_ratio, '.2f', '×')} | {_f(gib, '.2f')} | "
-            f"{_f(m_ratio, '.2f', '×')} | {shared} of {len(c.runs)} |"
+            f"| {c.mode} | {c.recipe} | {_f(ms, '.1f')}{mark} | {_f(t_ratio, '.2f', '×')} | "
+            f"{_f(gib, '.2f')} | {_f(m_ratio, '.2f', '×')} | {shared} of {len(c.runs)} |"
         )
     lines += [
         "",
@@ -428,6 +472,27 @@ def _ema(values: Sequence[float], alpha: float = 0.1) -> list[float]:
     return out
 
 
+def _paired_val_curve(cell: Cell, base_runs: Sequence[StoredRun]) -> dict[int, list[float]]:
+    """step -> the in-loop validation gaps (cell's seed s minus bf16's seed s) at that step, over the seeds
+    both have. bf16's own curve: each seed minus the seeds' mean (its spread around 0)."""
+    by_seed = {r.seed: {p.step: p.loss for p in r.validation if not p.final} for r in base_runs}
+    out: dict[int, list[float]] = {}
+    if cell.runs is base_runs or tuple(cell.runs) == tuple(base_runs):
+        steps = sorted({s for v in by_seed.values() for s in v})
+        for s in steps:
+            vals = [v[s] for v in by_seed.values() if s in v]
+            out[s] = [x - statistics.fmean(vals) for x in vals]
+        return out
+    for r in cell.runs:
+        base = by_seed.get(r.seed)
+        if r.seed is None or base is None:
+            continue
+        for p in r.validation:
+            if not p.final and p.step in base:
+                out.setdefault(p.step, []).append(p.loss - base[p.step])
+    return out
+
+
 def plot_family(family: str, family_cells: Sequence[Cell], out_dir: Path) -> dict[str, str]:
     """Two PNGs: training (EMA, first seed) and validation loss curves (mean over seeds, min-max shaded);
     the final validation gap per cell with its seed band, bf16's band shaded. Returns label -> file name."""
@@ -438,6 +503,7 @@ def plot_family(family: str, family_cells: Sequence[Cell], out_dir: Path) -> dic
 
     slug = _slug(family)
     files: dict[str, str] = {}
+    base_runs = next((c.runs for c in family_cells if (c.mode, c.recipe) == BASELINE), ())
     fig, (train_ax, val_ax) = plt.subplots(1, 2, figsize=(13, 4.8))
     other = 0
     for c in family_cells:
@@ -452,23 +518,20 @@ def plot_family(family: str, family_cells: Sequence[Cell], out_dir: Path) -> dic
         train_ax.plot(
             first.run.steps, _ema(first.run.losses), label=label, linewidth=1.2, markersize=3, **style
         )
-        steps = sorted({p.step for r in c.runs for p in r.validation if not p.final})
-        per_step = [
-            [p.loss for r in c.runs for p in r.validation if p.step == s and not p.final] for s in steps
-        ]
-        if steps:
-            val_ax.plot(steps, [statistics.fmean(v) for v in per_step], label=label, markersize=3, **style)
-            if len(c.runs) > 1:
+        gaps = _paired_val_curve(c, base_runs)
+        if gaps:
+            steps = sorted(gaps)
+            val_ax.plot(steps, [statistics.fmean(gaps[s]) for s in steps], label=label, markersize=3, **style)
+            if len({len(v) for v in gaps.values()} - {1}):
                 val_ax.fill_between(
-                    steps,
-                    [min(v) for v in per_step],
-                    [max(v) for v in per_step],
-                    color=style["color"],
-                    alpha=0.15,
-                )
+                    steps, [min(gaps[s]) for s in steps], [max(gaps[s]) for s in steps],
+                    color=style["color"], alpha=0.15,
+                )  # fmt: skip
     train_ax.set(xlabel="step", ylabel="training loss (EMA 0.1, first seed)", title="Training loss")
     val_ax.set(
-        xlabel="step", ylabel="validation loss (mean over seeds; min-max shaded)", title="Validation loss"
+        xlabel="step",
+        ylabel="validation loss − bf16's, same seed (mean; min-max shaded)",
+        title="Validation loss gap vs bf16, paired by seed",
     )
     for ax in (train_ax, val_ax):
         ax.grid(alpha=0.3)
@@ -483,7 +546,9 @@ def plot_family(family: str, family_cells: Sequence[Cell], out_dir: Path) -> dic
     base = next((c for c in banded if (c.mode, c.recipe) == BASELINE), None)
     if banded and base is not None and base.val is not None:
         fig, ax = plt.subplots(figsize=(9, 0.35 * len(banded) + 1.5))
-        ax.axvspan(base.val.low, base.val.high, color="grey", alpha=0.25, label="bf16 seed band (min-max)")
+        ax.axvspan(
+            base.val.low, base.val.high, color="grey", alpha=0.25, label="bf16 seed-to-seed spread (unpaired)"
+        )
         for i, c in enumerate(banded):
             assert c.val is not None
             ax.errorbar(
@@ -493,7 +558,9 @@ def plot_family(family: str, family_cells: Sequence[Cell], out_dir: Path) -> dic
         ax.set_yticklabels([c.mode if c.recipe == "default" else f"{c.mode} + {c.recipe}" for c in banded])
         ax.invert_yaxis()
         ax.axvline(0.0, color="black", linewidth=0.8)
-        ax.set(xlabel="final validation loss − bf16 mean (min-max over seeds)", title=family)
+        ax.set(
+            xlabel="final validation loss − bf16's, paired by seed (mean; min-max over seeds)", title=family
+        )
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3, axis="x")
         fig.tight_layout()
