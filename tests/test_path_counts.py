@@ -18,7 +18,7 @@ from conftest import make_git_repo
 from megaquant import pathcounts
 from megaquant.errors import LaunchError
 from megaquant.formats import fake_quant, quantizer
-from megaquant.launch.pretrain import weight_cache_bound
+from megaquant.launch.pretrain import weight_cache_bound, weight_cache_pays
 from megaquant.launch.run import TRAIN_COMMAND_ENV, TrainRequest, execute, plan_run
 from megaquant.ops import configure, counters, quant_baddbmm, quant_bmm, quant_linear, quant_matmul, weights
 
@@ -275,6 +275,12 @@ def test_weight_cache_setting() -> None:
     assert weight_cache_bound("512", gpu) == (True, 512 * 2**20)
     with pytest.raises(LaunchError, match="MEGAQUANT_WEIGHT_CACHE"):
         weight_cache_bound("lots", gpu)
+
+
+def test_weight_cache_is_on_by_default_only_where_a_copy_is_used_twice() -> None:
+    assert weight_cache_pays(microbatches=8, recompute=False)  # the single-gpu preset: 8 microbatches
+    assert weight_cache_pays(microbatches=1, recompute=True)  # the recomputed forward reuses the copy
+    assert not weight_cache_pays(microbatches=1, recompute=False)  # one use per step: memory for nothing
 
 
 # ------------------------------------------------------------------------------------ launch path

@@ -37,6 +37,7 @@ __all__ = [
     "prepare_argv",
     "step_record",
     "weight_cache_bound",
+    "weight_cache_pays",
 ]
 
 
@@ -311,6 +312,14 @@ def weight_cache_bound(value: str | None, device_bytes: int) -> tuple[bool, int 
     return True, int(mib * 2**20)
 
 
+def weight_cache_pays(*, microbatches: int, recompute: bool) -> bool:
+    """Whether caching a step's weight copies saves any quantization: only when a copy is used twice in one
+    optimizer step, i.e. by several microbatches (gradient accumulation, pipeline schedules) or by a
+    recomputed forward. With one microbatch and no recomputation the cache would cost its memory (one copy
+    per cached operand) for nothing. Pure."""
+    return microbatches > 1 or recompute
+
+
 def _timed_train_step(original: Callable[..., Any], sink: IO[str] | None) -> Callable[..., Any]:
     """Wrap megatron.training.training.train_step: per-step wall time (synchronized) and peak memory; each
     call is one optimizer step for megaquant.ops (the weight cache starts over, the counters count it)."""
@@ -413,7 +422,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     from megaquant.ops import counters, weights
 
     device_bytes = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-    enabled, max_bytes = weight_cache_bound(os.environ.get(WEIGHT_CACHE_ENV), device_bytes)
+    setting = os.environ.get(WEIGHT_CACHE_ENV)
+    enabled, max_bytes = weight_cache_bound(setting, device_bytes)
+    dp = max(1, int(getattr(args, "data_parallel_size", 1) or 1))
+    microbatches = max(1, int(args.global_batch_size) // (int(args.micro_batch_size) * dp))
+    recompute = getattr(args, "recompute_granularity", None) is not None
+    if (
+        enabled
+        and not (setting or "").strip()
+        and not weight_cache_pays(microbatches=microbatches, recompute=recompute)
+    ):
+        enabled = False
+        if rank0:
+            print(f"megaquant: weight cache off: one microbatch per step and no recomputation, so each "
+                  f"weight copy is used once ({WEIGHT_CACHE_ENV}=on caches anyway)", flush=True)  # fmt: skip
     if enabled:
         weights.enable_weight_cache(max_bytes)
     if getattr(args, "cuda_graph_impl", "none") == "full_iteration":
