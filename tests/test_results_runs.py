@@ -259,6 +259,12 @@ def test_skip_done_leaves_out_succeeded_runs_only(tmp_path: Path, capsys: pytest
     table = capsys.readouterr().out
     assert f"| {batch[0].name} |" not in table and f"| {batch[1].name} |" in table  # a failed run runs again
     assert f"{len(batch) - 1} runs" in table
+    other = tmp_path / "other"  # a second store, e.g. a warm machine's work dir
+    (other / "8b-4l" / batch[2].name).mkdir(parents=True)
+    (other / "8b-4l" / batch[2].name / "manifest.json").write_text(json.dumps({"status": "succeeded"}))
+    assert rr.main(["plan", "--batch", "8b-4l", "--skip-done", str(tmp_path), "--skip-done", str(other)]) == 0
+    table = capsys.readouterr().out
+    assert f"| {batch[2].name} |" not in table and f"{len(batch) - 2} runs" in table
 
 
 TRAINER = r"""
