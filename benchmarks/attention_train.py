@@ -19,6 +19,13 @@ import sys
 import time
 from pathlib import Path
 
+EXTRA = (
+    "--num-layers", "2", "--global-batch-size", "2", "--lr-warmup-fraction", "0.1", "--log-interval", "1",
+    "--split", "100,0,0",
+)  # fmt: skip
+"""Megatron arguments after `--` (the 8B shape cut to 2 layers). The run length goes through megaquant's
+`--steps` (it refuses --train-samples after `--`: LR schedule and eval interval follow the step count)."""
+
 
 def _megaquant(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> int:
     return subprocess.run([sys.executable, "-m", "megaquant", *args], env=env, timeout=timeout).returncode
@@ -42,12 +49,7 @@ def main() -> None:
     if not tree.exists():
         assert _megaquant("instrument", "--from-installed", str(tree)) == 0
         assert _megaquant("data", "prepare", "--dataset", "sample", "--data-root", str(data)) == 0
-    samples = 2 * args.steps
-    extra = [
-        "--num-layers", "2", "--global-batch-size", "2", "--train-samples", str(samples),
-        "--lr-decay-samples", str(samples), "--lr-warmup-fraction", "0.1", "--log-interval", "1",
-        "--split", "100,0,0",
-    ]  # fmt: skip
+    extra = list(EXTRA)
     summary: list[dict[str, object]] = []
     curves: dict[str, list[float]] = {}
     for mode in args.modes:
@@ -60,7 +62,8 @@ def main() -> None:
                 code = _megaquant(
                     "train", "--megatron", str(tree), "--model", "llama31-8b", "--dataset", "sample",
                     "--data-root", str(data), "-q", mode, "--training-config", "standard",
-                    "--run-dir", str(run_dir), "--", *extra, env=env, timeout=args.timeout_s,
+                    "--run-dir", str(run_dir), "--steps", str(args.steps), "--", *extra, env=env,
+                    timeout=args.timeout_s,
                 )  # fmt: skip
             except subprocess.TimeoutExpired:
                 code = 124
