@@ -90,6 +90,16 @@ for where in (-1, 0, 3 * 2048 + 5):
     ref = encode(x, "hifp8", backend="reference", tensor_scale=True)
     if not (torch.equal(enc.tensor_scale_exp, ref.tensor_scale_exp) and torch.equal(enc.codes, ref.codes)):
         failures.append(("amax grid-stride", where, int(enc.tensor_scale_exp), int(ref.tensor_scale_exp)))
+# NVFP4's tensor amax: the same loop (NaN counts there: above Inf above every finite value)
+import megaquant.formats._triton_nvfp4 as N
+N._AMAX_PROGRAMS = 2
+for where, value in ((-1, -300.0), (0, 7.0), (4 * 4096 + 1, float("nan"))):
+    x = torch.randn(5 * 4096 + 3, generator=g) * 0.5
+    x[where] = value
+    got = N.tensor_amax(x)
+    want = x.abs().amax()
+    if not (torch.equal(got.isnan(), want.isnan()) and (want.isnan() or got == want)):
+        failures.append(("nvfp4 amax grid-stride", where, float(got), float(want)))
 print("FAILURES", failures)
 assert not failures
 """
