@@ -74,6 +74,7 @@ class Run:
     setup: tuple[tuple[str, str], ...] = ()  # what must match to compare runs (`run_setup`), as recorded
     status: str | None = None  # the manifest's status ("succeeded", "failed", ...); None: not recorded
     recipe: str = "default"  # megaquant.recipes name from the manifest (runs before recipes: default)
+    seed: int | None = None  # Megatron's --seed from the manifest's arguments; None: not recorded
 
 
 @dataclass(frozen=True)
@@ -209,6 +210,23 @@ def run_setup(manifest: dict[str, object]) -> dict[str, str]:
     return setup
 
 
+def _seed(manifest: dict[str, object]) -> int | None:
+    """The last --seed of the manifest's Megatron arguments (as Megatron's parser reads it), if any."""
+    args = manifest.get("megatron_args")
+    if not isinstance(args, list):
+        return None
+    words = [str(a) for a in args]
+    seed = None
+    for i, word in enumerate(words):
+        flag, eq, inline = word.partition("=")
+        if flag == "--seed" and (eq or i + 1 < len(words)):
+            try:
+                seed = int(inline if eq else words[i + 1])
+            except ValueError:
+                seed = None
+    return seed
+
+
 def load_run(path: Path) -> Run:
     """Read a run directory: manifest.json (mode, role values) + metrics.jsonl, else train.log."""
     if not path.is_dir():
@@ -257,6 +275,7 @@ def load_run(path: Path) -> Run:
             setup,
             status,
             recipe,
+            _seed(manifest),
         )
     if log.is_file():
         text = log.read_text(errors="replace")
@@ -278,6 +297,7 @@ def load_run(path: Path) -> Run:
             setup,
             status,
             recipe,
+            _seed(manifest),
         )
     raise ReportError(f"{path}: holds neither metrics.jsonl nor train.log; is it a run directory?")
 
@@ -362,7 +382,7 @@ def compare(runs: Sequence[Run], *, tail: int = FINAL_LOSS_TAIL) -> tuple[Row, .
         )
     if runs[0].mode != BASELINE:
         return tuple(rows)
-    base = rows[0]
+    bases = baselines(runs)
 
     def ratio(a: float | None, b: float | None) -> float | None:
         return a / b if a is not None and b else None
@@ -372,14 +392,48 @@ def compare(runs: Sequence[Run], *, tail: int = FINAL_LOSS_TAIL) -> tuple[Row, .
             r.mode,
             r.steps,
             r.final_loss,
-            r.final_loss - base.final_loss,
+            r.final_loss - rows[b].final_loss,
             r.step_time_s,
-            ratio(r.step_time_s, base.step_time_s),
+            ratio(r.step_time_s, rows[b].step_time_s),
             r.peak_mem_bytes,
-            ratio(r.peak_mem_bytes, base.peak_mem_bytes),
+            ratio(r.peak_mem_bytes, rows[b].peak_mem_bytes),
             r.recipe,
         )
-        for r in rows
+        for r, b in zip(rows, bases, strict=True)
+    )
+
+
+def baselines(runs: Sequence[Run]) -> list[int]:
+    """Per run (in `baseline_first` order, bf16 first), the index of the bf16 run it is compared with: the
+    bf16 run of its own seed when there is one (a seed fixes the initial weights and the data order, so
+    the gap is the mode's, not the seed's), else the first bf16 run. bf16 runs are compared with the first
+    bf16 run (their gaps are the seed spread)."""
+    first = 0
+    by_seed: dict[int, int] = {}
+    for i, run in enumerate(runs):
+        if run.mode == BASELINE and run.seed is not None:
+            by_seed.setdefault(run.seed, i)
+    out = []
+    for run in runs:
+        paired = by_seed.get(run.seed) if run.seed is not None and run.mode != BASELINE else None
+        out.append(first if paired is None else paired)
+    return out
+
+
+def pairing_note(runs: Sequence[Run]) -> str | None:
+    """A line saying that gaps are paired by seed, when some run is compared with a bf16 run other than the
+    first (None otherwise)."""
+    runs = baseline_first(runs)
+    if not runs or runs[0].mode != BASELINE:
+        return None
+    bases = baselines(runs)
+    if all(b == 0 for b in bases):
+        return None
+    seeds = sorted({seed for b in bases if (seed := runs[b].seed) is not None})
+    return (
+        "gaps and ratios are paired by seed: each run is compared with the bf16 run of its own seed ("
+        + ", ".join(str(x) for x in seeds)
+        + "); bf16 runs show their gap to the first bf16 run (the seed spread)"
     )
 
 
@@ -600,6 +654,10 @@ def register(app: typer.Typer) -> None:
         warnings = [f"warning: {w}" for w in comparability_warnings(loaded)]
         for warning in warnings:
             typer.echo(warning, err=True)
+        paired = pairing_note(loaded)
+        if paired is not None:
+            notes.append(f"note: {paired}")
+            typer.echo(notes[-1], err=True)
         rows = compare(loaded, tail=tail)
         console = Console()
         print_table(

@@ -26,6 +26,7 @@ from megaquant.report import (
     load_runs,
     loss_figure,
     markdown_table,
+    pairing_note,
     parse_megatron_log,
     plot_losses,
     plot_style,
@@ -192,6 +193,33 @@ def test_bf16_first_and_repeated_modes_stay_distinguishable(tmp_path: Path) -> N
     assert [r.mode for r in rows] == [f"bf16 ({base})", "FA_mxfp8", f"bf16 ({again})"]
     assert rows[0].loss_gap == 0.0 and rows[1].loss_gap == pytest.approx(0.5)
     assert rows[2].loss_gap == pytest.approx(0.25)  # gaps are against the first bf16 run given
+
+
+def test_gaps_are_paired_by_seed_when_bf16_has_that_seed(tmp_path: Path) -> None:
+    def run(name: str, mode: str, final: float, seed: int | None) -> Path:
+        path = write_metrics_run(tmp_path / name, mode, [9.0, final], [1.0, 1.0], 0)
+        args = [] if seed is None else ["--num-layers", "2", "--seed", "1", "--seed", str(seed)]  # last wins
+        return write_manifest(path, megatron_args=args)
+
+    paths = [
+        run("b1", "bf16", 3.0, 1234), run("b2", "bf16", 3.4, 1235),  # seed 1235 is the harder one
+        run("q1", "FA_mxfp8", 3.1, 1234), run("q2", "FA_mxfp8", 3.5, 1235),
+        run("q3", "FA_mxfp8", 3.2, 99),  # no bf16 run of its seed: the first bf16 run
+    ]  # fmt: skip
+    loaded = [load_run(p) for p in paths]
+    assert [r.seed for r in loaded] == [1234, 1235, 1234, 1235, 99]
+    gaps = [r.loss_gap for r in compare(loaded, tail=1)]
+    assert gaps == pytest.approx([0.0, 0.4, 0.1, 0.1, 0.2])  # unpaired, q2 would read +0.5
+    note = pairing_note(loaded)
+    assert note is not None and "1234, 1235" in note
+    assert pairing_note(loaded[:1] + loaded[2:3]) is None  # one bf16 run: nothing to pair
+    pytest.importorskip("matplotlib")
+    app = typer.Typer()
+    register(app)
+    app.command("noop")(lambda: None)  # a second command keeps typer from collapsing the app
+    result = CliRunner().invoke(app, ["compare", *map(str, paths), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "paired by seed" in (tmp_path / "out" / "compare.md").read_text()
 
 
 def test_non_comparable_runs_are_warned_of(tmp_path: Path) -> None:
