@@ -79,7 +79,7 @@ for fmt, shape, axis, ts in [("mxfp8_e4m3", (64, 96), -2, False), ("mxfp4_e2m1",
     if not (torch.equal(got, want) and got.stride() == x.stride()):
         failures.append(("fake_quant_fn transposed", fmt, shape, axis, ts, got.stride()))
 # the amax pass's grid-stride loop: 2 programs over 6 blocks + a tail, the largest |x| in the last block
-T._AMAX_PROGRAMS = 2
+T.AMAX_PROGRAMS = 2
 for where in (-1, 0, 3 * 2048 + 5):
     x = torch.randn(6 * 2048 + 17, generator=g) * 0.5
     x[where] = -300.0
@@ -92,7 +92,6 @@ for where in (-1, 0, 3 * 2048 + 5):
         failures.append(("amax grid-stride", where, int(enc.tensor_scale_exp), int(ref.tensor_scale_exp)))
 # NVFP4's tensor amax: the same loop (NaN counts there: above Inf above every finite value)
 import megaquant.formats._triton_nvfp4 as N
-N._AMAX_PROGRAMS = 2
 for where, value in ((-1, -300.0), (0, 7.0), (4 * 4096 + 1, float("nan"))):
     x = torch.randn(5 * 4096 + 3, generator=g) * 0.5
     x[where] = value

@@ -381,11 +381,13 @@ def _hif8_kernel(x_ptr, out_ptr, numel, BLOCK: tl.constexpr, ENCODE: tl.constexp
 
 
 @triton.jit
-def _amax_bits_kernel(x_ptr, amax_ptr, numel, BLOCK: tl.constexpr):
-    """amax_ptr[0] = max over the finite |x| of their fp32 bits (int32; 0 for none): the bits of a
-    non-negative float order like its value, so an integer atomic max reduces across programs. Each
-    program strides over the blocks (grid-stride loop, at most _AMAX_PROGRAMS programs) and issues one
-    atomic: atomics on one address serialise, one per 2048-element block would be thousands per tensor."""
+def _amax_bits_kernel(x_ptr, amax_ptr, numel, BLOCK: tl.constexpr, FINITE: tl.constexpr):
+    """amax_ptr[0] (int32, zeroed) = max over x of the fp32 bits of |x|: the bits of a non-negative float
+    order like its value, so an integer atomic max reduces across programs. FINITE: Inf and NaN do not
+    count (0 for none; HiF8's tensor scale, hif8._tensor_scale_exp); else NaN ranks above Inf above every
+    finite value (NVFP4's tensor amax). Each program strides over the blocks (grid-stride loop, grid
+    `amax_grid`) and issues one atomic: atomics on one address serialise, and one per block would be
+    thousands per tensor."""
     pid = tl.program_id(0).to(tl.int64)
     stride = tl.num_programs(0).to(tl.int64) * BLOCK
     acc = tl.zeros((BLOCK,), dtype=tl.int32)
@@ -393,7 +395,9 @@ def _amax_bits_kernel(x_ptr, amax_ptr, numel, BLOCK: tl.constexpr):
         offs = start + tl.arange(0, BLOCK)
         x = tl.load(x_ptr + offs, mask=offs < numel, other=0.0).to(tl.float32)
         abits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
-        acc = tl.maximum(acc, tl.where(abits < 0x7F800000, abits, 0))  # Inf, NaN do not count (hif8)
+        if FINITE:
+            abits = tl.where(abits < 0x7F800000, abits, 0)
+        acc = tl.maximum(acc, abits)
     tl.atomic_max(amax_ptr, tl.max(acc, axis=0))
 
 
@@ -580,15 +584,17 @@ def _hif8_encoded(x: torch.Tensor, opts: Options, codes: torch.Tensor, s: torch.
                    tensor_scale_exp=s)  # fmt: skip
 
 
-_AMAX_LAUNCHER = Launcher(_amax_bits_kernel, 2, 1, BLOCK=_ELEMS_PER_PROGRAM, num_warps=_NUM_WARPS)
-"""(x, amax), (numel,); grid `_amax_grid(numel)`."""
-_AMAX_PROGRAMS = 1024
+_AMAX_LAUNCHER = Launcher(
+    _amax_bits_kernel, 2, 1, BLOCK=_ELEMS_PER_PROGRAM, FINITE=True, num_warps=_NUM_WARPS
+)
+"""(x, amax), (numel,); grid `amax_grid(numel)`."""
+AMAX_PROGRAMS = 1024
 """At most this many programs (atomics) per amax pass: ~8 per SM of an H100/H200, enough to keep the
 memory system busy while the loop reads the rest."""
 
 
-def _amax_grid(numel: int) -> tuple[int, int, int]:
-    return (max(1, min(-(-numel // _ELEMS_PER_PROGRAM), _AMAX_PROGRAMS)), 1, 1)
+def amax_grid(numel: int, block: int = _ELEMS_PER_PROGRAM) -> tuple[int, int, int]:
+    return (max(1, min(-(-numel // block), AMAX_PROGRAMS)), 1, 1)
 
 
 @functools.lru_cache(maxsize=256)
@@ -606,7 +612,7 @@ def _hif8_scaled_into(x: torch.Tensor, out: torch.Tensor, launcher: Launcher) ->
     numel = x.numel()
     grid = (-(-numel // _ELEMS_PER_PROGRAM), 1, 1)
     amax = torch.zeros(1, dtype=torch.int32, device=x.device)
-    _AMAX_LAUNCHER(_amax_grid(numel), (x, amax), (numel,))
+    _AMAX_LAUNCHER(amax_grid(numel), (x, amax), (numel,))
     launcher(grid, (x, out, amax, amax), (numel,))
 
 
@@ -616,7 +622,7 @@ def _hif8_scaled(x: torch.Tensor, opts: Options, encode: bool) -> torch.Tensor |
     numel = xc.numel()
     grid = (-(-numel // _ELEMS_PER_PROGRAM), 1, 1)
     amax = torch.zeros(1, dtype=torch.int32, device=x.device)
-    _AMAX_LAUNCHER(_amax_grid(numel), (xc, amax), (numel,))
+    _AMAX_LAUNCHER(amax_grid(numel), (xc, amax), (numel,))
     out = torch.empty(xc.shape, dtype=torch.uint8 if encode else x.dtype, device=x.device)
     s = torch.empty((), dtype=torch.int32, device=x.device) if encode else amax
     _hif8_scaled_launcher(opts, encode)(grid, (xc, out, amax, s), (numel,))

@@ -21,6 +21,7 @@ from megaquant.errors import MegaquantError
 from megaquant.formats._random import M1, M2, seed_key
 from megaquant.formats._triton import (
     _HIF8_MB_TABLE,
+    _amax_bits_kernel,
     _format_constants,
     _hif8_codes,
     _mx_codes,
@@ -30,6 +31,7 @@ from megaquant.formats._triton import (
     _signed,
     _store_values,
     _with_sign_of,
+    amax_grid,
 )
 from megaquant.formats.registry import Encoded, Options, resolve_options
 
@@ -39,8 +41,6 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _ELEMS_PER_PROGRAM = 2048
 _NUM_WARPS = 4
 _AMAX_BLOCK = 4096
-_AMAX_PROGRAMS = 1024
-"""At most this many programs (one atomic each) per amax pass."""
 _KEYWORDS = frozenset(
     ("axis", "block_size", "scale", "rounding", "saturate", "preset", "seed", "amax", "block_2d")
 )
@@ -199,21 +199,6 @@ def _quant(
 
 # ---------------------------------------------------------------------------------------------------------
 # kernels
-
-
-@triton.jit
-def _amax_kernel(x_ptr, out_ptr, numel, BLOCK: tl.constexpr):
-    """out (int32, zeroed) = max over x of the bits of |x| (NaN above Inf above every finite value). A
-    grid-stride loop (at most _AMAX_PROGRAMS programs), one atomic per program: atomics on one address
-    serialise."""
-    pid = tl.program_id(0).to(tl.int64)
-    stride = tl.num_programs(0).to(tl.int64) * BLOCK
-    acc = tl.zeros((BLOCK,), dtype=tl.int32)
-    for start in range(pid * BLOCK, numel, stride):
-        offs = start + tl.arange(0, BLOCK)
-        x = tl.load(x_ptr + offs, mask=offs < numel, other=0.0).to(tl.float32)
-        acc = tl.maximum(acc, x.to(tl.int32, bitcast=True) & 0x7FFFFFFF)
-    tl.atomic_max(out_ptr, tl.max(acc, axis=0))
 
 
 @triton.jit(do_not_specialize=["key"])
@@ -479,8 +464,8 @@ def tensor_amax(x: torch.Tensor) -> torch.Tensor:
     """max |x| as a 0-d fp32 tensor in one pass (NaN if x has a NaN), without a host sync."""
     xc = x.contiguous()
     out = torch.zeros(1, dtype=torch.int32, device=x.device)
-    grid = (max(1, min(triton.cdiv(xc.numel(), _AMAX_BLOCK), _AMAX_PROGRAMS)),)
-    _amax_kernel[grid](xc, out, xc.numel(), BLOCK=_AMAX_BLOCK, num_warps=8)
+    grid = amax_grid(xc.numel(), _AMAX_BLOCK)
+    _amax_bits_kernel[grid](xc, out, xc.numel(), BLOCK=_AMAX_BLOCK, FINITE=False, num_warps=8)
     return out.view(torch.float32).reshape(())
 
 
