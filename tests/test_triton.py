@@ -173,6 +173,9 @@ def test_tensor_scaled_hif8_equals_reference(dtype: str) -> None:
         torch.zeros(64, dtype=DTYPES[dtype], device="cuda"),
         _inputs((1024, 2048), DTYPES[dtype], seed=12),  # many programs: the atomic amax across them
     ]
+    big = (torch.randn(3 * 2**21 + 5, generator=g) * 0.5).to(DTYPES[dtype])  # > AMAX_PROGRAMS blocks:
+    big[-1] = -300.0  # the grid-stride loop's later iterations hold the maximum
+    cases.append(big.cuda())
     for x in cases:
         for kw in (dict(saturate=True), dict(saturate=False), dict(preset="fork")):
             _check(x, "hifp8", tensor_scale=True, **kw)

@@ -153,6 +153,9 @@ def test_tensor_amax_pass() -> None:
     assert kernels.tensor_amax(x).item() == x.float().abs().amax().item()
     x[7, 7] = float("nan")
     assert kernels.tensor_amax(x).isnan().item()
+    big = torch.randn(5 * 2**20 + 3, device="cuda")  # more blocks than the amax pass has programs
+    big[-2] = -300.0  # in a later iteration of the grid-stride loop
+    assert kernels.tensor_amax(big).item() == 300.0
 
 
 def test_supports_refuses_what_it_does_not_cover() -> None:
