@@ -215,6 +215,15 @@ def _check_kernels() -> int:
         assert torch.equal(kernels._run(x, opts, False, None, word), want), fmt
         n += 1
 
+    from megaquant.formats.hadamard import _entry, hadamard_matrix
+
+    for block in (2, 16, 32, 64, 256):  # the sign-matrix kernel: the torch form's bits
+        for seed, word in ((3, None), (3, torch.tensor(5)), ((1 << 33) + 1, torch.tensor(2**31 - 1))):
+            got = kernels.rht_matrix(block, seed, word, torch.device("cpu"), _entry(block))
+            want = hadamard_matrix(block, seed, device_seed=word)
+            assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (block, seed, word)
+            n += 1
+
     # launch arguments over two steps: identical; the results differ
     from triton.runtime.interpreter import InterpretedFunction
 
@@ -240,10 +249,11 @@ def _check_kernels() -> int:
             )
             opts = resolve_options(fmt, seed=state_mod.draw_seed(), **d)  # type: ignore[arg-type]
             y.append(kernels._run(x, opts, False, None, word))
+        y.append(kernels.rht_matrix(64, state_mod.draw_seed(), word, x.device, _entry(64)))
         seen.append(list(launches))
         outs.append(y)
     InterpretedFunction.run = original  # type: ignore[method-assign]
-    assert len(seen[0]) >= 3 and seen[0] == seen[1], (seen[0], seen[1])
+    assert len(seen[0]) >= 4 and seen[0] == seen[1], (seen[0], seen[1])
     assert all(not torch.equal(p, q) for p, q in zip(*outs, strict=True))
     return n
 

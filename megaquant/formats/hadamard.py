@@ -13,7 +13,9 @@ the step word).
 from __future__ import annotations
 
 import functools
+import importlib
 import math
+from types import ModuleType
 
 import torch
 
@@ -66,7 +68,27 @@ def hadamard_matrix(
     h = _sylvester(block, str(torch.device(device if device is not None else "cpu")))
     if seed is None:
         return h.clone()
+    if h.is_cuda and block <= 256:
+        kernels = _kernels()
+        if kernels is not None:  # one launch instead of ~15 small torch ops; the same bits
+            word = None if device_seed is None else device_seed.to(h.device)
+            return kernels.rht_matrix(block, seed, word, h.device, _entry(block))
     return rht_signs(block, seed, h.device, device_seed).unsqueeze(1) * h
+
+
+@functools.lru_cache(maxsize=64)
+def _entry(block: int) -> float:
+    """The fp32 value of 1/sqrt(block) as _sylvester computes it (the kernel writes +- this)."""
+    return float(_sylvester(block, "cpu")[0, 0])
+
+
+@functools.lru_cache(maxsize=1)
+def _kernels() -> ModuleType | None:
+    """The Triton module with the sign-matrix kernel, or None when Triton is not installed."""
+    try:
+        return importlib.import_module("megaquant.formats._triton_nvfp4")
+    except ImportError:
+        return None
 
 
 def _apply(x: torch.Tensor, m: torch.Tensor, axis: int, block: int) -> torch.Tensor:
