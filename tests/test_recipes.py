@@ -23,6 +23,7 @@ import torch
 from megaquant import ops
 from megaquant.errors import ValueNameError
 from megaquant.formats import fake_quant
+from megaquant.formats._random import mixed_key
 from megaquant.ops import configure, quant_config, quant_linear, quant_matmul
 from megaquant.ops import gemm as gemm_mod
 from megaquant.recipes import RECIPES, bf16_layers_for_args, check_recipe, get_recipe, layer_count
@@ -79,7 +80,12 @@ class FakeRHT:
     def __init__(self) -> None:
         self.calls: list[tuple[int, int, int]] = []
 
-    def random_hadamard(self, x: torch.Tensor, *, axis: int, block: int, seed: int) -> torch.Tensor:
+    def random_hadamard(
+        self, x: torch.Tensor, *, axis: int, block: int, seed: int, device_seed: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Records the stream's key: the seed, or mixed with the device word's value now (per-GEMM signs)."""
+        if device_seed is not None:
+            seed = mixed_key(seed, int(device_seed))
         self.calls.append((axis, block, seed))
         g = torch.Generator().manual_seed(seed)
         signs = torch.randint(0, 2, (block,), generator=g).to(torch.float64) * 2 - 1
@@ -226,22 +232,30 @@ def test_sr_gradients_rounds_only_the_gradient_operand_of_backward_gemms(recorde
 
 
 def test_seeds_advance_per_step_and_gemm_and_repeat_for_the_same_run(recorder: Recorder) -> None:
+    """The stream key of a draw (its host seed mixed with the step's device word) is new per GEMM and step
+    and the same for the same run; the host seed itself repeats every step (what a CUDA graph replays)."""
     configure(recipe="sr_gradients")
     g, w = _rand(8, 16), _rand(16, 32, seed=1)
 
-    def run(seed: int) -> list[int]:
+    def run(seed: int) -> tuple[list[int], list[int]]:
         recorder.calls.clear()
         ops.reset_state(seed=seed)
+        keys, seeds = [], []
         for _ in range(3):
             ops.next_step()
+            recorder.calls.clear()
             quant_matmul(g, w, "mxfp4", grad=True, gemm="dgrad")
             quant_matmul(g, w, "mxfp4", grad=True, gemm="dgrad")
-        return [kw["seed"] for _, kw, _ in recorder.calls if "seed" in kw]
+            drawn = [kw for _, kw, _ in recorder.calls if "seed" in kw]
+            seeds += [kw["seed"] for kw in drawn]
+            keys += [mixed_key(kw["seed"], int(kw["device_seed"])) for kw in drawn]  # the word of this step
+        return keys, seeds
 
-    first = run(1234)
+    first, host_seeds = run(1234)
     assert len(first) == 6 and len(set(first)) == 6
-    assert run(1234) == first
-    assert set(run(1235)).isdisjoint(first)
+    assert host_seeds[:2] == host_seeds[2:4] == host_seeds[4:] and len(set(host_seeds)) == 2
+    assert run(1234)[0] == first
+    assert set(run(1235)[0]).isdisjoint(first)
 
 
 def test_mxfp4_tseng_rounds_both_backward_operands_prescaled_by_three_quarters(recorder: Recorder) -> None:

@@ -73,7 +73,7 @@ def _triton_module(x: torch.Tensor, fmt: str, backend: str, opts: dict[str, obje
     """The Triton module when it should serve this call, else None (reference).
 
     `opts` are the contract keywords (axis, block_size, scale, rounding, saturate, preset, plus the
-    extension keywords tensor_scale, seed, block_2d, amax only when used); each module's
+    extension keywords tensor_scale, seed, device_seed, block_2d, amax only when used); each module's
     `supports(x, fmt, **opts)` decides, so the kernels only ever serve what they cover and everything
     else gets the reference.
     """
@@ -100,7 +100,12 @@ def _triton_module(x: torch.Tensor, fmt: str, backend: str, opts: dict[str, obje
 
 
 def _prepare(
-    x: torch.Tensor, fmt: str, backend: str, amax: torch.Tensor | float | None, **keywords: Any
+    x: torch.Tensor,
+    fmt: str,
+    backend: str,
+    amax: torch.Tensor | float | None,
+    device_seed: torch.Tensor | None,
+    **keywords: Any,
 ) -> tuple[Options, ModuleType | None, dict[str, object]]:
     """The one place fake_quant and encode check their keywords: resolved options, the kernel module
     that serves the call (None: reference) and the keywords to hand it."""
@@ -114,6 +119,9 @@ def _prepare(
         kw["tensor_scale"] = True
     if opts.seed is not None:
         kw["seed"] = keywords["seed"]
+    if device_seed is not None:
+        _check_device_seed(x, opts, device_seed)
+        kw["device_seed"] = device_seed
     if opts.block_2d:
         kw["block_2d"] = True
     if amax is not None:
@@ -122,6 +130,17 @@ def _prepare(
                                  f"tensor_scale=True), not {fmt!r}")  # fmt: skip
         kw["amax"] = amax
     return opts, _triton_module(x, fmt, backend, kw), kw
+
+
+def _check_device_seed(x: torch.Tensor, opts: Options, word: torch.Tensor) -> None:
+    if opts.seed is None:
+        raise ValueNameError("device_seed= mixes a device word into a stochastic-rounding seed: it needs "
+                             "rounding='stochastic' and seed=")  # fmt: skip
+    if not isinstance(word, torch.Tensor) or word.dim() != 0 or word.dtype not in (torch.int64, torch.int32):
+        raise ValueNameError(f"device_seed= must be a 0-d int64 (or int32) tensor, got {word!r}")  # fmt: skip
+    if word.device != x.device:
+        raise ValueNameError(f"device_seed= is on {word.device}, the tensor on {x.device}: put it on the "
+                             "same device (the kernels read it there)")  # fmt: skip
 
 
 def fake_quant(
@@ -138,6 +157,7 @@ def fake_quant(
     seed: int | None = None,
     block_2d: bool = False,
     amax: torch.Tensor | float | None = None,
+    device_seed: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Quantize then dequantize `x` in format `fmt`; same shape and dtype as `x`.
@@ -145,7 +165,8 @@ def fake_quant(
     MX formats: blocks of `block_size` (default 32) consecutive elements along `axis` (a ragged last
     block is just shorter) share an E8M0 scale chosen by `scale` ("floor" = OCP spec, "rceil" = round the
     scale up so the block max never saturates); elements round to nearest with ties to `rounding`
-    ("even" or "away"), or `rounding="stochastic"` with an integer `seed`.
+    ("even" or "away"), or `rounding="stochastic"` with an integer `seed` (and optionally `device_seed`, a
+    0-d int64 tensor on x's device mixed into the seed on the device: formats._random).
     NVFP4: blocks of 16 along `axis` with E4M3 block scales under an FP32 tensor scale amax/2688 (amax =
     max |x|, or the `amax` given); `scale` is ignored; bit-exact with torchao's two-level NVFP4.
     `block_2d=True` (MX, NVFP4): block_size x block_size tiles over the last two axes instead.
@@ -156,21 +177,24 @@ def fake_quant(
     Exact semantics: docs/formats.md.
     """
     opts, kernels, kw = _prepare(
-        x, fmt, backend, amax, axis=axis, block_size=block_size, scale=scale, rounding=rounding,
-        saturate=saturate, preset=preset, tensor_scale=tensor_scale, seed=seed, block_2d=block_2d,
+        x, fmt, backend, amax, device_seed, axis=axis, block_size=block_size, scale=scale,
+        rounding=rounding, saturate=saturate, preset=preset, tensor_scale=tensor_scale, seed=seed,
+        block_2d=block_2d,
     )  # fmt: skip
     if kernels is not None:
         return _kernel_fake_quant(kernels, fmt, kw, x)
-    return _reference_fake_quant(opts, amax, x)
+    return _reference_fake_quant(opts, amax, device_seed, x)
 
 
-def _reference_fake_quant(opts: Options, amax: torch.Tensor | float | None, x: torch.Tensor) -> torch.Tensor:
+def _reference_fake_quant(
+    opts: Options, amax: torch.Tensor | float | None, device_seed: torch.Tensor | None, x: torch.Tensor
+) -> torch.Tensor:
     with torch.no_grad():
         if opts.fmt.block_scale == "e4m3":
-            return fake_quant_nvfp4(x, opts, amax)
+            return fake_quant_nvfp4(x, opts, amax, device_seed)
         if opts.fmt.block_scaled:
-            return fake_quant_mx(x, opts)
-        return fake_quant_hif8(x, opts, amax)
+            return fake_quant_mx(x, opts, device_seed)
+        return fake_quant_hif8(x, opts, amax, device_seed)
 
 
 def quantizer(
@@ -185,14 +209,15 @@ def quantizer(
     """
     given = {**_KW_DEFAULTS, **keywords}
     amax = given.pop("amax", None)
-    opts, kernels, kw = _prepare(x, fmt, "auto", amax, **given)
+    device_seed = given.pop("device_seed", None)
+    opts, kernels, kw = _prepare(x, fmt, "auto", amax, device_seed, **given)
     if kernels is None:
         reason = (
             f"not a CUDA tensor ({x.device})"
             if not x.is_cuda
             else f"the Triton kernels do not cover fmt={fmt!r} with {kw} on {x.dtype}"
         )
-        return functools.partial(_reference_fake_quant, opts, amax), "reference", reason
+        return functools.partial(_reference_fake_quant, opts, amax, device_seed), "reference", reason
     bound = getattr(kernels, "fake_quant_fn", None)
     if bound is not None and "seed" not in kw and "block_2d" not in kw and "amax" not in kw:
         return bound(opts), "triton", None
@@ -225,21 +250,23 @@ def encode(
     seed: int | None = None,
     block_2d: bool = False,
     amax: torch.Tensor | float | None = None,
+    device_seed: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> Encoded:
     """The real bits of `fake_quant(x, fmt, ...)` with the same keywords: decode(encode(x)) equals it."""
     opts, kernels, kw = _prepare(
-        x, fmt, backend, amax, axis=axis, block_size=block_size, scale=scale, rounding=rounding,
-        saturate=saturate, preset=preset, tensor_scale=tensor_scale, seed=seed, block_2d=block_2d,
+        x, fmt, backend, amax, device_seed, axis=axis, block_size=block_size, scale=scale,
+        rounding=rounding, saturate=saturate, preset=preset, tensor_scale=tensor_scale, seed=seed,
+        block_2d=block_2d,
     )  # fmt: skip
     with torch.no_grad():
         if kernels is not None:
             return kernels.encode(x, fmt, **kw)
         if opts.fmt.block_scale == "e4m3":
-            return encode_nvfp4(x, opts, amax)
+            return encode_nvfp4(x, opts, amax, device_seed)
         if opts.fmt.block_scaled:
-            return encode_mx(x, opts)
-        return encode_hif8(x, opts, amax)
+            return encode_mx(x, opts, device_seed)
+        return encode_hif8(x, opts, amax, device_seed)
 
 
 def decode(enc: Encoded, dtype: torch.dtype = torch.float32) -> torch.Tensor:

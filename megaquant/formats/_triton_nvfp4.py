@@ -35,14 +35,25 @@ from megaquant.formats._triton import (
 )
 from megaquant.formats.registry import Encoded, Options, resolve_options
 
-__all__ = ["encode", "fake_quant", "supports", "tensor_amax"]
+__all__ = ["encode", "fake_quant", "rht_matrix", "supports", "tensor_amax"]
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _ELEMS_PER_PROGRAM = 2048
 _NUM_WARPS = 4
 _AMAX_BLOCK = 4096
 _KEYWORDS = frozenset(
-    ("axis", "block_size", "scale", "rounding", "saturate", "preset", "seed", "amax", "block_2d")
+    (
+        "axis",
+        "block_size",
+        "scale",
+        "rounding",
+        "saturate",
+        "preset",
+        "seed",
+        "amax",
+        "block_2d",
+        "device_seed",
+    )
 )
 _E2M1 = dict(EMIN=0, MAN=1, BIAS=1, BITS=4, EXP_BITS=2, SUB_SCALE=2.0)
 # The hash multipliers as constexpr globals: a compiled @triton.jit function may read a module global only
@@ -64,6 +75,15 @@ def _hash32(x):
     x = x ^ (x >> 15)
     x = x * _M2
     return x ^ (x >> 15)
+
+
+@triton.jit
+def _stream_key(key, word_ptr, MIX: tl.constexpr):
+    """The stream key: the seed's key argument, or with MIX formats._random.mixed_key of it and the device
+    word at word_ptr (one scalar load and hash per program; the same value in every program)."""
+    if MIX:
+        return _hash32((tl.load(word_ptr) & 0xFFFFFFFF).to(tl.uint32) ^ key.to(tl.uint32, bitcast=True))
+    return key.to(tl.uint32, bitcast=True)
 
 
 @triton.jit
@@ -203,15 +223,17 @@ def _quant(
 
 @triton.jit(do_not_specialize=["key"])
 def _lastaxis_kernel(
-    x_ptr, out_ptr, codes_ptr, scales_ptr, amax_ptr, total_blocks, n, n_blocks, n_packed,
+    x_ptr, out_ptr, codes_ptr, scales_ptr, amax_ptr, word_ptr, total_blocks, n, n_blocks, n_packed,
     BS: tl.constexpr, G: tl.constexpr, ENCODE: tl.constexpr, NV: tl.constexpr, SR: tl.constexpr,
-    key, WIDE: tl.constexpr, EMAX: tl.constexpr, EMIN: tl.constexpr, MAN: tl.constexpr,
+    key, MIX: tl.constexpr, WIDE: tl.constexpr, EMAX: tl.constexpr, EMIN: tl.constexpr, MAN: tl.constexpr,
     BIAS: tl.constexpr, BITS: tl.constexpr, EXP_BITS: tl.constexpr, MAXN: tl.constexpr,
     MAX_MANT: tl.constexpr, FILL_BITS: tl.constexpr, HAS_INF: tl.constexpr, HAS_NAN: tl.constexpr,
     NAN_BLOCK_CODE: tl.constexpr, SUB_SCALE: tl.constexpr, SATURATE: tl.constexpr, RCEIL: tl.constexpr,
     AWAY: tl.constexpr, BF16_BITS: tl.constexpr,
 ):  # fmt: skip
     """x viewed as (rows, n), blocks of BS along n (the last one may be short); G blocks per program."""
+    if SR:
+        key = _stream_key(key, word_ptr, MIX)
     blk = tl.program_id(0).to(tl.int64) * G + tl.arange(0, G)
     row = blk // n_blocks
     col0 = (blk % n_blocks) * BS
@@ -258,9 +280,9 @@ def _lastaxis_kernel(
 
 @triton.jit(do_not_specialize=["key"])
 def _inner_kernel(
-    x_ptr, out_ptr, codes_ptr, scales_ptr, amax_ptr, n, inner, n_blocks, n_packed,
+    x_ptr, out_ptr, codes_ptr, scales_ptr, amax_ptr, word_ptr, n, inner, n_blocks, n_packed,
     BS: tl.constexpr, BK: tl.constexpr, ENCODE: tl.constexpr, NV: tl.constexpr, SR: tl.constexpr,
-    key, WIDE: tl.constexpr, EMAX: tl.constexpr, EMIN: tl.constexpr, MAN: tl.constexpr,
+    key, MIX: tl.constexpr, WIDE: tl.constexpr, EMAX: tl.constexpr, EMIN: tl.constexpr, MAN: tl.constexpr,
     BIAS: tl.constexpr, BITS: tl.constexpr, EXP_BITS: tl.constexpr, MAXN: tl.constexpr,
     MAX_MANT: tl.constexpr, FILL_BITS: tl.constexpr, HAS_INF: tl.constexpr, HAS_NAN: tl.constexpr,
     NAN_BLOCK_CODE: tl.constexpr, SUB_SCALE: tl.constexpr, SATURATE: tl.constexpr, RCEIL: tl.constexpr,
@@ -268,6 +290,8 @@ def _inner_kernel(
 ):  # fmt: skip
     """x viewed as (lead, n, inner), blocks of BS along n; one block x BK columns per program, as a
     (1, BS, BK) tile reduced over axis 1 (the layout of _triton._mx_inner_kernel)."""
+    if SR:
+        key = _stream_key(key, word_ptr, MIX)
     pid = tl.program_id(0).to(tl.int64)
     lead = pid // n_blocks
     b = pid % n_blocks
@@ -304,8 +328,8 @@ def _inner_kernel(
 
 @triton.jit(do_not_specialize=["key"])
 def _tiles_kernel(
-    x_ptr, out_ptr, amax_ptr, m, k, n_mb,
-    BS: tl.constexpr, T: tl.constexpr, NV: tl.constexpr, SR: tl.constexpr, key,
+    x_ptr, out_ptr, amax_ptr, word_ptr, m, k, n_mb,
+    BS: tl.constexpr, T: tl.constexpr, NV: tl.constexpr, SR: tl.constexpr, key, MIX: tl.constexpr,
     WIDE: tl.constexpr, EMAX: tl.constexpr, EMIN: tl.constexpr, MAN: tl.constexpr, MAXN: tl.constexpr,
     MAX_MANT: tl.constexpr, FILL_BITS: tl.constexpr, SATURATE: tl.constexpr, RCEIL: tl.constexpr,
     AWAY: tl.constexpr, BF16_BITS: tl.constexpr,
@@ -313,6 +337,8 @@ def _tiles_kernel(
     """block_2d fake-quant: x viewed as (lead, m, k), BS x BS tiles over the last two axes, T tiles along k
     per program. The (BS, T*BS) tile of rows is permuted to (T, BS*BS), so each tile is one block of BS*BS
     lanes (its amax is the tile's) and every lane keeps its element's address and index."""
+    if SR:
+        key = _stream_key(key, word_ptr, MIX)
     pid = tl.program_id(0).to(tl.int64)
     lead = pid // n_mb
     i = (pid % n_mb) * BS + tl.arange(0, BS)
@@ -350,13 +376,14 @@ def _tiles_kernel(
 
 @triton.jit(do_not_specialize=["key"])
 def _hif8_sr_kernel(
-    x_ptr, out_ptr, numel, BLOCK: tl.constexpr, ENCODE: tl.constexpr, SATURATE: tl.constexpr,
-    FORK: tl.constexpr, MB_TABLE: tl.constexpr, BF16_BITS: tl.constexpr, key,
+    x_ptr, out_ptr, word_ptr, numel, BLOCK: tl.constexpr, ENCODE: tl.constexpr, SATURATE: tl.constexpr,
+    FORK: tl.constexpr, MB_TABLE: tl.constexpr, BF16_BITS: tl.constexpr, key, MIX: tl.constexpr,
     WIDE: tl.constexpr,
 ):  # fmt: skip
     """HiF8 with stochastic rounding, per element, as hif8.quantize_hif8 with uniforms: the step of x's
     binade e is 2^k, k = max(e - mb(|e|), -22) (mb from MB_TABLE as in _triton._hif8_quant; |x| capped at
     2^16, whose step 2^16 overflows either way); +0 for zero, NaN kept."""
+    key = _stream_key(key, word_ptr, MIX)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -377,6 +404,22 @@ def _hif8_sr_kernel(
         tl.store(out_ptr + offs, _hif8_codes(q).to(tl.uint8), mask=mask)
     else:
         _store_values(out_ptr, offs, q, mask, BF16_BITS)
+
+
+@triton.jit(do_not_specialize=["key"])
+def _rht_matrix_kernel(out_ptr, word_ptr, key, scale, BLOCK: tl.constexpr, MIX: tl.constexpr):
+    """R = diag(signs) H / sqrt(BLOCK) (fp32, BLOCK x BLOCK) in one program, as hadamard.hadamard_matrix:
+    sign i = bit 31 of hash32(i ^ stream key) (formats._random.device_key), H[i, j] = (-1)^popcount(i & j)
+    (Sylvester's), `scale` the reference's fp32 1/sqrt(BLOCK); every entry is +-scale, so exact."""
+    k = _stream_key(key, word_ptr, MIX)
+    i = tl.arange(0, BLOCK)
+    flip = (_hash32(i.to(tl.uint32) ^ k) >> 31).to(tl.int32)
+    p = i[:, None] & i[None, :]
+    p = p ^ (p >> 4)
+    p = p ^ (p >> 2)
+    p = p ^ (p >> 1)  # bit 0: the parity of the low 8 bits (BLOCK <= 256)
+    negative = ((p ^ flip[:, None]) & 1) != 0
+    tl.store(out_ptr + i[:, None] * BLOCK + i[None, :], tl.where(negative, -scale, scale))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -414,15 +457,16 @@ def _key_arg(seed: int) -> int:
     return k - (1 << 32) if k >= 1 << 31 else k
 
 
-def _hif8_sr(x: torch.Tensor, opts: Options, encode: bool) -> torch.Tensor | Encoded:
+def _hif8_sr(x: torch.Tensor, opts: Options, encode: bool, word: object = None) -> torch.Tensor | Encoded:
     assert opts.seed is not None
     xc = x.contiguous()
     out = torch.empty(xc.shape, dtype=torch.uint8 if encode else x.dtype, device=x.device)
     bf16_bits = not encode and x.dtype == torch.bfloat16
     _hif8_sr_kernel[(triton.cdiv(xc.numel(), _ELEMS_PER_PROGRAM),)](
-        xc, out.view(torch.int16) if bf16_bits else out, xc.numel(), BLOCK=_ELEMS_PER_PROGRAM, ENCODE=encode,
-        SATURATE=opts.saturate, FORK=opts.fork_clamp, MB_TABLE=_HIF8_MB_TABLE, BF16_BITS=bf16_bits,
-        key=_key_arg(opts.seed), WIDE=xc.numel() >= 1 << 32, num_warps=_NUM_WARPS,
+        xc, out.view(torch.int16) if bf16_bits else out, xc if word is None else word, xc.numel(),
+        BLOCK=_ELEMS_PER_PROGRAM, ENCODE=encode, SATURATE=opts.saturate, FORK=opts.fork_clamp,
+        MB_TABLE=_HIF8_MB_TABLE, BF16_BITS=bf16_bits, key=_key_arg(opts.seed), MIX=word is not None,
+        WIDE=xc.numel() >= 1 << 32, num_warps=_NUM_WARPS,
     )  # fmt: skip
     if not encode:
         return out
@@ -460,6 +504,19 @@ def supports(x: torch.Tensor, fmt: str, **opts: object) -> bool:
     return _options(x, fmt, **opts) is not None
 
 
+def rht_matrix(
+    block: int, seed: int, word: torch.Tensor | None, device: torch.device, scale: float
+) -> torch.Tensor:
+    """hadamard.hadamard_matrix(block, seed, device_seed=word) on `device` in one launch (block a power of
+    two, 2..256; `scale` the fp32 value of H / sqrt(block)'s entries): bit-identical to the torch form."""
+    out = torch.empty((block, block), dtype=torch.float32, device=device)
+    _rht_matrix_kernel[(1,)](
+        out, out if word is None else word, _key_arg(seed), scale, BLOCK=block, MIX=word is not None,
+        num_warps=_NUM_WARPS,
+    )  # fmt: skip
+    return out
+
+
 def tensor_amax(x: torch.Tensor) -> torch.Tensor:
     """max |x| as a 0-d fp32 tensor in one pass (NaN if x has a NaN), without a host sync."""
     xc = x.contiguous()
@@ -469,10 +526,13 @@ def tensor_amax(x: torch.Tensor) -> torch.Tensor:
     return out.view(torch.float32).reshape(())
 
 
-def _run(x: torch.Tensor, opts: Options, encode: bool, amax: object) -> torch.Tensor | Encoded:
+def _run(
+    x: torch.Tensor, opts: Options, encode: bool, amax: object, word: object = None
+) -> torch.Tensor | Encoded:
+    """`word`: the device_seed tensor (mixed into the key in the kernels, from its pointer) or None."""
     spec = opts.fmt
     if not spec.block_scaled:
-        return _hif8_sr(x, opts, encode)
+        return _hif8_sr(x, opts, encode, word)
     nv = spec.block_scale == "e4m3"
     ax = opts.axis % x.dim()
     x = x.contiguous()
@@ -503,9 +563,10 @@ def _run(x: torch.Tensor, opts: Options, encode: bool, amax: object) -> torch.Te
     else:
         out = torch.empty_like(x)
     out_arg = out.view(torch.int16) if bf16_bits else out
+    word_arg = x if word is None else word  # a placeholder pointer when there is no word (MIX off)
     common = dict(
-        ENCODE=encode, NV=nv, SR=sr, key=key, WIDE=x.numel() >= 1 << 32, BF16_BITS=bf16_bits,
-        num_warps=_NUM_WARPS, **consts,
+        ENCODE=encode, NV=nv, SR=sr, key=key, MIX=sr and word is not None, WIDE=x.numel() >= 1 << 32,
+        BF16_BITS=bf16_bits, num_warps=_NUM_WARPS, **consts,
     )  # fmt: skip
     if opts.block_2d:
         assert not encode
@@ -524,18 +585,30 @@ def _run(x: torch.Tensor, opts: Options, encode: bool, amax: object) -> torch.Te
         ):
             common.pop(name)
         grid2 = (math.prod(shape[:-2]) * n_mb, triton.cdiv(k, t * bs))
-        _tiles_kernel[grid2](x, out_arg, amax_t, m, k, n_mb, BS=bs, T=t, **common)
+        _tiles_kernel[grid2](x, out_arg, amax_t, word_arg, m, k, n_mb, BS=bs, T=t, **common)
     elif inner == 1:
         total = lead * n_blocks
         g = max(1, _ELEMS_PER_PROGRAM // bs)
         _lastaxis_kernel[(triton.cdiv(total, g),)](
-            x, out_arg, codes, scales, amax_t, total, n, n_blocks, n_codes, BS=bs, G=g, **common
+            x, out_arg, codes, scales, amax_t, word_arg, total, n, n_blocks, n_codes, BS=bs, G=g, **common
         )
     else:
         bk = max(1, min(triton.next_power_of_2(inner), _ELEMS_PER_PROGRAM // bs))
         grid = (lead * n_blocks, triton.cdiv(inner, bk))
         _inner_kernel[grid](
-            x, out_arg, codes, scales, amax_t, n, inner, n_blocks, n_codes, BS=bs, BK=bk, **common
+            x,
+            out_arg,
+            codes,
+            scales,
+            amax_t,
+            word_arg,
+            n,
+            inner,
+            n_blocks,
+            n_codes,
+            BS=bs,
+            BK=bk,
+            **common,
         )
     if not encode:
         return out
@@ -561,7 +634,7 @@ def _resolved(x: torch.Tensor, fmt: str, opts: dict[str, object]) -> Options:
 
 def fake_quant(x: torch.Tensor, fmt: str, **opts: object) -> torch.Tensor:
     """Kernel fake-quant with the contract's keywords; bit-identical to the reference. Needs supports()."""
-    out = _run(x, _resolved(x, fmt, opts), False, opts.get("amax"))
+    out = _run(x, _resolved(x, fmt, opts), False, opts.get("amax"), opts.get("device_seed"))
     assert isinstance(out, torch.Tensor)
     return out
 
@@ -574,6 +647,6 @@ def encode(x: torch.Tensor, fmt: str, **opts: object) -> Encoded:
         from megaquant.formats import encode as reference_encode
 
         return reference_encode(x, fmt, backend="reference", **opts)  # type: ignore[arg-type]
-    enc = _run(x, resolved, True, opts.get("amax"))
+    enc = _run(x, resolved, True, opts.get("amax"), opts.get("device_seed"))
     assert isinstance(enc, Encoded)
     return enc

@@ -3,20 +3,24 @@
 Recipes apply it to both operands of a GEMM along the reduction axis before quantizing (NVFP4 paper,
 arXiv:2509.25149: 16x16 on the wgrad inputs; Tseng et al. 2025, "Training LLMs with MXFP4": in the
 backward), so that (x R)(R^T y) = x y while outliers are spread over each block. The random signs come
-from the seed through the counter-based hash of formats._random, identical on every device. Which seed a
-GEMM gets is the recipe's sign schedule (megaquant.ops.state: one fixed vector per run for nvfp4_paper, a
-fresh one per GEMM and step for mxfp4_tseng).
+from the seed through the counter-based hash of formats._random, identical on every device, optionally
+mixed with a device word (`device_seed`, formats._random) on the device, so that a CUDA graph replay gets
+the word's current signs. Which seed a GEMM gets is the recipe's sign schedule (megaquant.ops.state: one
+fixed vector per run for nvfp4_paper, a fresh one per GEMM and step for mxfp4_tseng: a per-draw seed and
+the step word).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import math
+from types import ModuleType
 
 import torch
 
 from megaquant.errors import ValueNameError
-from megaquant.formats._random import hash32, seed_key
+from megaquant.formats._random import device_key, hash32
 
 __all__ = ["hadamard_matrix", "inverse_random_hadamard", "random_hadamard", "rht_signs"]
 
@@ -26,11 +30,19 @@ def _check_block(block: int) -> None:
         raise ValueNameError(f"Hadamard block must be a power of two >= 2 (16, 32, ...), got {block!r}")
 
 
-def rht_signs(block: int, seed: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """The +-1 sign vector (fp32, length `block`) of a seed: bit 31 of hash32(i ^ key(seed)), computed on
-    `device` itself (no host-to-device copy, so it can run inside a CUDA graph capture)."""
+def rht_signs(
+    block: int,
+    seed: int,
+    device: torch.device | str | None = None,
+    device_seed: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The +-1 sign vector (fp32, length `block`) of a seed: bit 31 of hash32(i ^ key), key the seed's
+    (formats._random.device_key: with `device_seed`, mixed with that device word), computed on `device`
+    itself (no host-to-device copy, so it can run inside a CUDA graph capture)."""
     _check_block(block)
-    bits = hash32(torch.arange(block, dtype=torch.int64, device=device) ^ seed_key(seed)) >> 31
+    index = torch.arange(block, dtype=torch.int64, device=device)
+    word = None if device_seed is None else device_seed.to(index.device)
+    bits = hash32(index ^ device_key(seed, word)) >> 31
     return 1.0 - 2.0 * bits.to(torch.float32)
 
 
@@ -44,13 +56,39 @@ def _sylvester(block: int, device: str) -> torch.Tensor:
 
 
 def hadamard_matrix(
-    block: int, seed: int | None = None, *, device: torch.device | str | None = None
+    block: int,
+    seed: int | None = None,
+    *,
+    device: torch.device | str | None = None,
+    device_seed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """R = diag(signs(seed)) · H / sqrt(block) (fp32, block x block), H the Sylvester Hadamard matrix;
     seed None: no signs. R is orthogonal (R R^T = I); the transform of a row block v is v @ R."""
     _check_block(block)
     h = _sylvester(block, str(torch.device(device if device is not None else "cpu")))
-    return h.clone() if seed is None else rht_signs(block, seed, h.device).unsqueeze(1) * h
+    if seed is None:
+        return h.clone()
+    if h.is_cuda and block <= 256:
+        kernels = _kernels()
+        if kernels is not None:  # one launch instead of ~15 small torch ops; the same bits
+            word = None if device_seed is None else device_seed.to(h.device)
+            return kernels.rht_matrix(block, seed, word, h.device, _entry(block))
+    return rht_signs(block, seed, h.device, device_seed).unsqueeze(1) * h
+
+
+@functools.lru_cache(maxsize=64)
+def _entry(block: int) -> float:
+    """The fp32 value of 1/sqrt(block) as _sylvester computes it (the kernel writes +- this)."""
+    return float(_sylvester(block, "cpu")[0, 0])
+
+
+@functools.lru_cache(maxsize=1)
+def _kernels() -> ModuleType | None:
+    """The Triton module with the sign-matrix kernel, or None when Triton is not installed."""
+    try:
+        return importlib.import_module("megaquant.formats._triton_nvfp4")
+    except ImportError:
+        return None
 
 
 def _apply(x: torch.Tensor, m: torch.Tensor, axis: int, block: int) -> torch.Tensor:
@@ -69,21 +107,34 @@ def _apply(x: torch.Tensor, m: torch.Tensor, axis: int, block: int) -> torch.Ten
     return out.to(x.dtype)
 
 
-def random_hadamard(x: torch.Tensor, axis: int = -1, *, block: int = 16, seed: int = 0) -> torch.Tensor:
+def random_hadamard(
+    x: torch.Tensor,
+    axis: int = -1,
+    *,
+    block: int = 16,
+    seed: int = 0,
+    device_seed: torch.Tensor | None = None,
+) -> torch.Tensor:
     """x with every `block` consecutive elements along `axis` replaced by v @ R (R = hadamard_matrix(block,
     seed)), computed in fp32 and cast back to x.dtype. The axis length must be a multiple of block.
 
     For a GEMM a @ b: random_hadamard(a, -1, seed=s) @ random_hadamard(b, -2, seed=s) equals a @ b up to
     rounding, because R is orthogonal and the -2 axis of b is transformed by the same R (b^T's rows).
+    `device_seed`: a device word mixed into the seed on the device (formats._random).
     """
     _check_block(block)
-    return _apply(x, hadamard_matrix(block, seed, device=x.device), axis, block)
+    return _apply(x, hadamard_matrix(block, seed, device=x.device, device_seed=device_seed), axis, block)
 
 
 def inverse_random_hadamard(
-    x: torch.Tensor, axis: int = -1, *, block: int = 16, seed: int = 0
+    x: torch.Tensor,
+    axis: int = -1,
+    *,
+    block: int = 16,
+    seed: int = 0,
+    device_seed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The inverse of random_hadamard (v @ R^T per block): inverse(random_hadamard(x)) == x up to fp32
     rounding, exactly so in exact arithmetic."""
     _check_block(block)
-    return _apply(x, hadamard_matrix(block, seed, device=x.device).T, axis, block)
+    return _apply(x, hadamard_matrix(block, seed, device=x.device, device_seed=device_seed).T, axis, block)

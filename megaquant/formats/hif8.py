@@ -74,7 +74,10 @@ def quantize_hif8(
 
 
 def _quantize(
-    x: torch.Tensor, opts: Options, amax: torch.Tensor | float | None = None
+    x: torch.Tensor,
+    opts: Options,
+    amax: torch.Tensor | float | None = None,
+    device_seed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     x32 = x.to(torch.float32)
     s = _tensor_scale_exp(x32, amax) if opts.tensor_scale else None
@@ -83,14 +86,20 @@ def _quantize(
     u = None
     if opts.rounding == "stochastic":
         assert opts.seed is not None
-        u = uniform24(torch.arange(x.numel(), device=x.device, dtype=torch.int64).reshape(x.shape), opts.seed)
+        index = torch.arange(x.numel(), device=x.device, dtype=torch.int64).reshape(x.shape)
+        u = uniform24(index, opts.seed, device_seed)
     return quantize_hif8(x32, saturate=opts.saturate, fork_clamp=opts.fork_clamp, u=u), s
 
 
-def fake_quant_hif8(x: torch.Tensor, opts: Options, amax: torch.Tensor | float | None = None) -> torch.Tensor:
+def fake_quant_hif8(
+    x: torch.Tensor,
+    opts: Options,
+    amax: torch.Tensor | float | None = None,
+    device_seed: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Quantize-dequantize per element; same shape and dtype as `x`. With tensor scaling the rounded
     value is multiplied back by 2^-s in fp32 before the cast to x.dtype. NaN outputs are canonical."""
-    q, s = _quantize(x, opts, amax)
+    q, s = _quantize(x, opts, amax, device_seed)
     if s is not None:
         q = q * pow2(-s)
     return torch.where(torch.isnan(q), float("nan"), q).to(x.dtype)
@@ -154,9 +163,14 @@ def hif8_values() -> torch.Tensor:
     return torch.where(codes == NAN_CODE, float("nan"), values)
 
 
-def encode_hif8(x: torch.Tensor, opts: Options, amax: torch.Tensor | float | None = None) -> Encoded:
+def encode_hif8(
+    x: torch.Tensor,
+    opts: Options,
+    amax: torch.Tensor | float | None = None,
+    device_seed: torch.Tensor | None = None,
+) -> Encoded:
     """One HiF8 code per element (same shape as x); tensor_scale_exp holds s when tensor scaling."""
-    q, s = _quantize(x, opts, amax)
+    q, s = _quantize(x, opts, amax, device_seed)
     return Encoded(
         codes=hif8_codes(q).contiguous(),
         scales=None,

@@ -71,14 +71,17 @@ def unblockify(blocks: torch.Tensor, shape: tuple[int, ...], opts: Options) -> t
     return _from_blocks(blocks, shape[opts.axis], opts.axis)
 
 
-def block_uniforms(x: torch.Tensor, opts: Options) -> torch.Tensor | None:
+def block_uniforms(
+    x: torch.Tensor, opts: Options, device_seed: torch.Tensor | None = None
+) -> torch.Tensor | None:
     """Stochastic rounding: one uniform per lane of blockify(x) from the element's row-major index in x
-    (padding lanes get index 0; they are zeros and never round up). None for round-to-nearest."""
+    (padding lanes get index 0; they are zeros and never round up), keyed by the seed and the optional
+    device word (formats._random). None for round-to-nearest."""
     if opts.rounding != "stochastic":
         return None
     assert opts.seed is not None
     index = torch.arange(x.numel(), device=x.device, dtype=torch.int64).reshape(x.shape)
-    return uniform24(blockify(index, opts), opts.seed)
+    return uniform24(blockify(index, opts), opts.seed, device_seed)
 
 
 def check_block_2d(x: torch.Tensor, opts: Options) -> None:
@@ -133,23 +136,27 @@ def quantize_elements(
     return torch.where(over, fill, q)
 
 
-def _quantize_blocks(x: torch.Tensor, opts: Options) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantize_blocks(
+    x: torch.Tensor, opts: Options, device_seed: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     check_block_2d(x, opts)
     blocks = blockify(x.to(torch.float32), opts)
     e = block_exponents(blocks, opts.fmt, opts.scale)
     scaled = blocks * pow2(-e.clamp(max=127)).unsqueeze(-1)
-    q = quantize_elements(scaled, opts.fmt, opts.rounding, opts.saturate, block_uniforms(x, opts))
+    q = quantize_elements(
+        scaled, opts.fmt, opts.rounding, opts.saturate, block_uniforms(x, opts, device_seed)
+    )
     return q, e
 
 
-def fake_quant_mx(x: torch.Tensor, opts: Options) -> torch.Tensor:
+def fake_quant_mx(x: torch.Tensor, opts: Options, device_seed: torch.Tensor | None = None) -> torch.Tensor:
     """Quantize-dequantize along `opts.axis`; same shape and dtype as `x`.
 
     Output = element * 2^e computed exactly in fp32 and then cast to x.dtype (the cast is exact except
     where the value exceeds the dtype's range: RCEIL can round a block max up past 65504 for fp16 or
     past the fp32 maximum, giving Inf). Every NaN produced is the canonical positive quiet NaN.
     """
-    q, e = _quantize_blocks(x, opts)
+    q, e = _quantize_blocks(x, opts, device_seed)
     out = q * pow2(e.clamp(max=127)).unsqueeze(-1)
     out = torch.where((e == 128).unsqueeze(-1) | torch.isnan(out), float("nan"), out)
     return unblockify(out, tuple(x.shape), opts).to(x.dtype)
@@ -241,9 +248,9 @@ def element_values_of(enc: Encoded, spec: ElementFormat) -> torch.Tensor:
     return element_values(spec).to(codes.device)[codes.to(torch.int64)]
 
 
-def encode_mx(x: torch.Tensor, opts: Options) -> Encoded:
+def encode_mx(x: torch.Tensor, opts: Options, device_seed: torch.Tensor | None = None) -> Encoded:
     """Element codes and E8M0 scale bytes, exactly the values fake_quant_mx produces (see Encoded)."""
-    q, e = _quantize_blocks(x, opts)
+    q, e = _quantize_blocks(x, opts, device_seed)
     codes = element_codes(q, opts.fmt).to(torch.int32)
     codes = torch.where((e == 128).unsqueeze(-1), NAN_BLOCK_CODE[opts.fmt.name], codes).to(torch.uint8)
     scales = (e + 127).clamp(max=E8M0_NAN).to(torch.uint8)

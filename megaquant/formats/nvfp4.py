@@ -53,7 +53,7 @@ def tensor_scale(x32: torch.Tensor, amax: torch.Tensor | float | None) -> torch.
 
 
 def _quantize(
-    x: torch.Tensor, opts: Options, amax: torch.Tensor | float | None
+    x: torch.Tensor, opts: Options, amax: torch.Tensor | float | None, device_seed: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(E2M1 element values in blocked form, E4M3 block scales (fp32), tensor scale (0-d fp32)).
 
@@ -70,7 +70,7 @@ def _quantize(
     e4m3 = quantize_elements(scaled_scale, _E4M3, "even", True)
     reciprocal = torch.reciprocal(ts) / e4m3
     s = (blocks * reciprocal.unsqueeze(-1)).clamp(-E2M1_MAX, E2M1_MAX)
-    q = quantize_elements(s, opts.fmt, opts.rounding, True, block_uniforms(x, opts))
+    q = quantize_elements(s, opts.fmt, opts.rounding, True, block_uniforms(x, opts, device_seed))
     return q, e4m3, ts
 
 
@@ -81,18 +81,26 @@ def _scale_codes(e4m3: torch.Tensor) -> torch.Tensor:
 
 
 def fake_quant_nvfp4(
-    x: torch.Tensor, opts: Options, amax: torch.Tensor | float | None = None
+    x: torch.Tensor,
+    opts: Options,
+    amax: torch.Tensor | float | None = None,
+    device_seed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Quantize-dequantize: element * (tensor_scale * e4m3) in fp32 (two roundings, as torchao's
     dequantize), then cast to x.dtype. Same shape and dtype as x."""
-    q, e4m3, ts = _quantize(x, opts, amax)
+    q, e4m3, ts = _quantize(x, opts, amax, device_seed)
     out = q * (ts * e4m3).unsqueeze(-1)
     return unblockify(out, tuple(x.shape), opts).to(x.dtype)
 
 
-def encode_nvfp4(x: torch.Tensor, opts: Options, amax: torch.Tensor | float | None = None) -> Encoded:
+def encode_nvfp4(
+    x: torch.Tensor,
+    opts: Options,
+    amax: torch.Tensor | float | None = None,
+    device_seed: torch.Tensor | None = None,
+) -> Encoded:
     """Packed E2M1 codes, E4M3 block-scale codes and the fp32 tensor scale (see Encoded)."""
-    q, e4m3, ts = _quantize(x, opts, amax)
+    q, e4m3, ts = _quantize(x, opts, amax, device_seed)
     return Encoded(
         codes=codes_along_axis(element_codes(q, opts.fmt), x, opts, 4),
         scales=scales_layout(_scale_codes(e4m3), x, opts),

@@ -7,13 +7,17 @@ forward and backward of all microbatches once (after `--cuda-graph-warmup-steps`
 the graph every later step: the host cost of the step disappears and the kernels (the same kernels, on the
 same buffers) decide the step time. The optimizer step stays outside the graph.
 
-What a graph cannot replay is host-side state that changes from step to step: the recipes' per-step
-seeds (stochastic rounding, random Hadamard signs drawn per GEMM) and delayed scaling's amax-history slots
-are Python values baked into the captured kernels' arguments, so a replay would reuse step k's random bits
-and history slot forever. Those recipes are refused under graphs. Dropless MoE reads token counts back to
-the host (not capturable); multi-GPU and pipeline-parallel graphs have not been verified here yet; the
-fork's own pretrain_gpt.py predates the full-iteration graph. `auto` (the default) turns graphs on only
-where none of this applies, and says why not otherwise. Pure: no torch.
+What a graph cannot replay is host-side state that changes from step to step. The recipes keep none:
+stochastic rounding and per-GEMM random Hadamard signs pass the same host seed every step and mix in a
+device word that `next_step()` overwrites outside the graph, and delayed scaling shifts its amax histories
+with fixed-index device ops (megaquant.ops.state; tests/test_graphsafe.py checks the host arguments,
+tests/test_graphsafe_gpu.py the replay against eager). `recipe_blockers` is where a recipe feature that
+does keep such state would be refused. Delayed scaling is left out of `auto` (`recipe_unverified`): its
+training steps replay exactly, but evaluation meets new amax slots every iteration, which a replayed
+validation graph scales as current scaling while eager evaluation reuses earlier evaluations' histories.
+Dropless MoE reads token counts back to the host (not capturable); multi-GPU and pipeline-parallel graphs
+have not been verified here yet; the fork's own pretrain_gpt.py predates the full-iteration graph. `auto`
+(the default) turns graphs on only where none of this applies, and says why not otherwise. Pure: no torch.
 """
 
 from __future__ import annotations
@@ -25,7 +29,14 @@ from megaquant.argvalues import flag_values
 from megaquant.errors import LaunchError
 from megaquant.recipes import Recipe
 
-__all__ = ["GRAPH_CHOICES", "GRAPH_FLAGS", "GraphDecision", "decide_graphs", "recipe_blockers"]
+__all__ = [
+    "GRAPH_CHOICES",
+    "GRAPH_FLAGS",
+    "GraphDecision",
+    "decide_graphs",
+    "recipe_blockers",
+    "recipe_unverified",
+]
 
 GRAPH_CHOICES = ("auto", "on", "off")
 GRAPH_FLAGS = ("--cuda-graph-impl", "full_iteration", "--no-check-for-nan-in-loss-and-grad")
@@ -40,15 +51,21 @@ class GraphDecision:
 
 
 def recipe_blockers(recipe: Recipe) -> list[str]:
-    """What in `recipe` a replayed graph would get wrong (empty: nothing)."""
-    out = []
-    if recipe.stochastic_rounding != "none":
-        out.append(f"stochastic rounding ({recipe.stochastic_rounding}) draws new seeds every step")
-    if recipe.hadamard != "none" and recipe.hadamard_signs != "fixed":
-        out.append(f"the random Hadamard transform ({recipe.hadamard}) draws new signs every step")
+    """What in `recipe` a replayed graph would get wrong (empty: nothing). Every recipe feature is graph
+    safe now (module docstring), so this is empty for every recipe in the registry."""
+    del recipe
+    return []
+
+
+def recipe_unverified(recipe: Recipe) -> list[str]:
+    """Why `auto` leaves graphs off for `recipe` although `on` may use them: what of it a replay is not
+    shown to repeat exactly (empty: nothing)."""
     if recipe.tensor_scaling == "delayed":
-        out.append("delayed scaling moves through its amax history every step")
-    return out
+        return [
+            "delayed scaling replays exactly in training steps, but evaluation under the graph scales its "
+            "new amax slots as current scaling where eager evaluation reuses earlier evaluations' histories"
+        ]
+    return []
 
 
 def _tree_supports(root: Path) -> bool:
@@ -96,6 +113,11 @@ def decide_graphs(
         return GraphDecision(False, why)
     if choice == "on":
         return GraphDecision(True, "--cuda-graphs on")
+    unverified = recipe_unverified(recipe)
+    if unverified:
+        return GraphDecision(
+            False, f"recipe {recipe.name}: {'; '.join(unverified)} (--cuda-graphs on to use it)"
+        )
     if not own_entry:
         return GraphDecision(False, "the tree's own pretrain_gpt.py trains (graphs need megaquant's entry)")
     if training_root is not None and not _tree_supports(training_root):

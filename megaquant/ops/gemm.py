@@ -43,15 +43,19 @@ def _quant_op(
     t: torch.Tensor, fmt: str, axis: int, cfg: QuantConfig, operand: str, role: str
 ) -> tuple[torch.Tensor, str]:
     """fake_quant `t` along `axis` with the recipe's options for this operand ("activation", "weight" or
-    "gradient"), and the path that served it: stochastic rounding in backward GEMMs (seed from
-    megaquant.ops.state, optional pre-scale), 16x16 NVFP4 weight tiles, HiF8 per-tensor scaling (current:
-    fake_quant's tensor_scale, on the Triton kernels; delayed: from the amax history). Underneath,
-    `_quant_path`."""
+    "gradient"), and the path that served it: stochastic rounding in backward GEMMs (a per-draw seed and the
+    step's device word from megaquant.ops.state: the same host arguments every step; optional pre-scale),
+    16x16 NVFP4 weight tiles, HiF8 per-tensor scaling (current: fake_quant's tensor_scale, on the Triton
+    kernels; delayed: from the amax history). Underneath, `_quant_path`."""
     extra: dict[str, Any] = {}
     if cfg.grad and (
         cfg.stochastic == "backward" or (cfg.stochastic == "gradients" and operand == "gradient")
     ):
-        extra = {"rounding": "stochastic", "seed": state.draw_seed()}
+        extra = {
+            "rounding": "stochastic",
+            "seed": state.draw_seed(),
+            "device_seed": state.step_word(t.device),
+        }
         if cfg.sr_prescale != 1.0:  # quantize p*t (exact in fp32), divide back in fp32
             p = cfg.sr_prescale
             q, path = _quant_scaled(t.float() * p, fmt, axis, cfg, operand, role, extra)
@@ -127,8 +131,15 @@ def _hadamard_pair(a: torch.Tensor, b: torch.Tensor, cfg: QuantConfig) -> tuple[
             f"multiple of the Hadamard block {block}"
         )
     rht = _hadamard_module().random_hadamard
-    seed = state.fixed_seed() if cfg.hadamard_signs == "fixed" else state.draw_seed()
-    return rht(a, axis=-1, block=block, seed=seed), rht(b, axis=-2, block=block, seed=seed)
+    if cfg.hadamard_signs == "fixed":
+        seed = state.fixed_seed()
+        return rht(a, axis=-1, block=block, seed=seed), rht(b, axis=-2, block=block, seed=seed)
+    # per GEMM and step: a per-draw seed (the same every step) mixed with the step word on the device
+    seed, word = state.draw_seed(), state.step_word(a.device)
+    return (
+        rht(a, axis=-1, block=block, seed=seed, device_seed=word),
+        rht(b, axis=-2, block=block, seed=seed, device_seed=word),
+    )
 
 
 _Quantizer = tuple[Callable[[torch.Tensor], torch.Tensor], str, "str | None"]
@@ -143,10 +154,10 @@ def _quantizer(
     matrix as it is, result in the same layout: formats._triton.fake_quant_fn).
     Keyed by the config object's identity (quant_config caches them; the entry keeps it alive, so the id
     is not reused while it is in the table) to skip hashing a dataclass per call. A stochastic-rounding
-    seed changes every call: those are resolved per call."""
-    if "seed" in extra:
-        return quantizer(x, fmt, axis=axis, **{**_fq_keywords(cfg), **extra}), False
-    key = (fmt, id(cfg), axis, x.dim(), x.dtype, x.is_cuda, *(sorted(extra.items()) if extra else ()))
+    draw's seed and step word (megaquant.ops.state) repeat every step, so those are kept too, one per draw
+    (the step word by identity: the entry keeps it alive)."""
+    items = sorted((k, id(v) if k == "device_seed" else v) for k, v in extra.items()) if extra else ()
+    key = (fmt, id(cfg), axis, x.dim(), x.dtype, x.is_cuda, *items)
     found = _QUANTIZERS.get(key)
     if found is None or found[0] is not cfg:
         if len(_QUANTIZERS) > 4096:  # configs built per call elsewhere: keep the table bounded

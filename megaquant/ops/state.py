@@ -1,15 +1,27 @@
 """Run-time state of the recipes: the step, per-GEMM seeds and the amax histories of delayed scaling.
 
+Everything a step passes to its kernels and torch ops as a host value is the same every step, so that a
+CUDA graph captured in one step replays correctly in the next (megaquant.launch.graphs); what changes from
+step to step lives in device tensors that `next_step()` updates eagerly, outside the captured region.
+
 Seeds: every stochastically rounded operand and every random Hadamard transform draws a seed from
-(base seed, step, number of draws so far in the step). A training process runs its GEMMs in the same order
-each step, so the same run (same seed, same code) draws the same seeds: runs are reproducible, while each
-GEMM of each step gets fresh random bits. Trainers call `next_step()` once per optimizer step (minitrain and
-megaquant.launch.pretrain do); without it the draw counter simply keeps growing.
+(base seed, number of draws so far in the step) -- a host int, the same every step -- and the kernels mix it
+with the step's device word (`step_word(device)`: a 0-d int64 tensor holding a hash of (base seed, step),
+which `next_step()` overwrites in place) into the key of their random stream, on the device
+(formats._random.mixed_key). A training process runs its GEMMs in the same order each step, so the same run
+(same seed, same code) gets the same random bits: runs are reproducible, while each GEMM of each step gets
+fresh ones. Trainers call `next_step()` once per optimizer step (minitrain and megaquant.launch.pretrain do);
+without it the draw counter simply keeps growing. A step word is made on the first draw on its device; made
+during a CUDA graph capture it would be the capture's constant, so that raises (run one step eagerly first:
+Megatron's graph warm-up steps do).
 
 Delayed scaling keeps one amax history per operand slot: (role, GEMM kind, operand, dtype, shape, how many
 times that key was seen in this step). The slots of step t are those of step t-1 when the step runs the same
 GEMMs in the same order, so each history follows one tensor (a layer's weight, its input, its gradient).
-Before the first `next_step()` there is no step to remember, and delayed scaling acts as current scaling.
+A history is a device tensor of the last `length` amaxes, newest first (zeros where the slot has fewer), and
+recording shifts it by one: fixed-index ops, no host position. Before the first `next_step()` there is no
+step to remember, and delayed scaling acts as current scaling; so does a slot first met inside a CUDA graph
+capture (its history would be created by the graph, i.e. anew every replay), without being recorded.
 
 A recipe with one fixed Hadamard sign vector (nvfp4_paper) takes it from `fixed_seed()`: the same for every
 GEMM and step of the run, a function of the base seed only (draws nothing, so the other seeds do not move).
@@ -40,10 +52,12 @@ __all__ = [
     "next_step",
     "reset_state",
     "step",
+    "step_word",
 ]
 
 _MASK64 = (1 << 64) - 1
 _FIXED_SALT = 0x5248_5446  # "RHTF": the fixed-sign-vector seed is not any step's draw
+_STEP_SALT = 0x5354_4550  # "STEP": the step word is no draw's seed
 PLAIN_LINEAR = 1
 PLAIN_ALL = 2
 PLAIN_SCOPE: list[int] = [0]
@@ -68,7 +82,9 @@ class _State:
     step: int = 0
     draws: int = 0
     seen: Counter[tuple[object, ...]] = field(default_factory=Counter)
-    histories: dict[tuple[object, ...], tuple[torch.Tensor, list[int]]] = field(default_factory=dict)
+    histories: dict[tuple[object, ...], torch.Tensor] = field(default_factory=dict)
+    words: dict[torch.device, torch.Tensor] = field(default_factory=dict)
+    """The step word per device (step_word)."""
 
 
 _STATE = _State()
@@ -82,11 +98,39 @@ def reset_state(seed: int = 0) -> None:
 
 
 def next_step() -> int:
-    """Mark the start of the next optimizer step; returns its number (1 for the first)."""
+    """Mark the start of the next optimizer step; returns its number (1 for the first). Overwrites the step
+    words in place (one tiny fill per device, asynchronous: no host synchronisation)."""
     _STATE.step += 1
     _STATE.draws = 0
     _STATE.seen.clear()
+    if _STATE.words:
+        value = _word(_STATE.step)
+        for word in _STATE.words.values():
+            word.fill_(value)
     return _STATE.step
+
+
+def _word(step: int) -> int:
+    return _mix(_STATE.seed, step, _STEP_SALT)
+
+
+def step_word(device: torch.device) -> torch.Tensor:
+    """This step's device word on `device` (0-d int64, a 31-bit hash of the base seed and the step): the
+    same tensor every step, its value updated by next_step(). The kernels mix it into every per-step seed."""
+    word = _STATE.words.get(device)
+    if word is None:
+        import torch
+
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            from megaquant.errors import MegaquantError
+
+            raise MegaquantError(
+                "a per-step random seed was first needed inside a CUDA graph capture, where its value would "
+                "be frozen; run at least one training step eagerly before capturing (Megatron: "
+                "--cuda-graph-warmup-steps 1 or more), or train without CUDA graphs"
+            )
+        word = _STATE.words[device] = torch.full((), _word(_STATE.step), dtype=torch.int64, device=device)
+    return word
 
 
 def step() -> int:
@@ -95,9 +139,11 @@ def step() -> int:
 
 
 def draw_seed() -> int:
-    """The next seed of this step (one per stochastically rounded operand or Hadamard transform)."""
+    """The next seed of this step (one per stochastically rounded operand or Hadamard transform): a function
+    of the base seed and the draw's position in the step only; the kernels mix in step_word() on the device,
+    so the random bits are fresh every step while this host value repeats."""
     _STATE.draws += 1
-    return _mix(_STATE.seed, _STATE.step, _STATE.draws)
+    return _mix(_STATE.seed, _STATE.draws)
 
 
 def fixed_seed() -> int:
@@ -111,7 +157,9 @@ def history(key: tuple[object, ...], length: int, amax: torch.Tensor) -> torch.T
     tensor on the operand's device; nothing is read back to the host).
 
     Returns the max over the slot's history (the last `length` steps) when it has one, else `amax` itself
-    (the first step, and every call before the first next_step()).
+    (the first step, and every call before the first next_step()). Three fixed-index device ops per call
+    (the max, the shifted history, its copy back); amaxes are >= 0, so the zeros of a history shorter than
+    `length` never win the max.
     """
     import torch
 
@@ -119,14 +167,14 @@ def history(key: tuple[object, ...], length: int, amax: torch.Tensor) -> torch.T
         return amax
     _STATE.seen[key] += 1
     slot = (*key, _STATE.seen[key])
-    entry = _STATE.histories.get(slot)
-    if entry is None:
+    values = _STATE.histories.get(slot)
+    if values is None:
+        if amax.is_cuda and torch.cuda.is_current_stream_capturing():
+            return amax  # a history made by the graph would start over every replay: current scaling
         values = torch.zeros(length, dtype=torch.float32, device=amax.device)
         values[0] = amax
-        _STATE.histories[slot] = (values, [1])
+        _STATE.histories[slot] = values
         return amax
-    values, filled = entry
     scale_amax = values.amax()
-    values[filled[0] % length] = amax
-    filled[0] += 1
+    values.copy_(torch.cat((amax.reshape(1).to(values.dtype), values[:-1])))
     return scale_amax
