@@ -60,12 +60,19 @@ def recipe_blockers(recipe: Recipe) -> list[str]:
 def recipe_unverified(recipe: Recipe) -> list[str]:
     """Why `auto` leaves graphs off for `recipe` although `on` may use them: what of it a replay is not
     shown to repeat exactly (empty: nothing)."""
+    out = []
+    random_signs = recipe.hadamard != "none" and recipe.hadamard_signs != "fixed"
+    if recipe.stochastic_rounding != "none" or random_signs:
+        out.append(
+            "its device-side random streams (stochastic rounding, per-GEMM Hadamard signs) have not been "
+            "checked under a replayed graph on a GPU yet (tests/test_graphsafe_gpu.py)"
+        )
     if recipe.tensor_scaling == "delayed":
-        return [
+        out.append(
             "delayed scaling replays exactly in training steps, but evaluation under the graph scales its "
             "new amax slots as current scaling where eager evaluation reuses earlier evaluations' histories"
-        ]
-    return []
+        )
+    return out
 
 
 def _tree_supports(root: Path) -> bool:
