@@ -13,20 +13,25 @@ Runs (each one `megaquant train` on the built-in sample corpus, `--steps` optimi
   pp2-*                           the same, `--nproc-per-node 2 --pp 2` (item 2)
   ep2-FA_linear_mxfp8             DeepSeek-V2-Lite cut to 2 layers (dense + one 64-expert MoE layer, as
                                   benchmarks/deepseek_smoke.sh), smoke preset, `--nproc-per-node 2 --ep 2`
-Phases run one after the other; the runs of one phase at once (PHASES; `--sequential`: one run at a time,
-clean step times, ~8.5 min). Before the first phase the driver rehearses every command (`--dry-run`, one
-batched Megatron validation; the runs then pass `--no-validate`) and snapshots the main checkout (HEAD,
-status, branches, worktree list); after the worktree phase it checks them unchanged, both worktrees gone,
-and each manifest naming its own worktree, commit and GPU.
+Phases run one after the other, the runs of one phase at once (PHASES: the TP=1 pair, one GPU each; the
+two TP2 runs; the two PP2 runs with the EP2 run). `--sequential` runs one at a time instead (clean step
+times, ~9.5 min: more than one call holds once setup is counted; use it with `--only`). Before the first
+phase the driver rehearses every command (`--dry-run`, one batched Megatron validation; the runs then pass
+`--no-validate`) and snapshots the main checkout (HEAD, status, branches, worktree list). Every run trains
+its own `--worktree` (runs at once on one checkout would share its throwaway branch; megaquant train
+refuses that); after the TP=1 phase the driver checks the main checkout unchanged, both worktrees gone,
+and each manifest naming its own worktree, commit and GPU,
+and after the last phase the main checkout again and that no worktree is left.
 
 Time estimate (H200 x2; start-up ~45-60 s per run incl. imports, Megatron init, data, model build and the
 first Triton compiles; the 1B step ~0.3 s under the graph on one GPU, ~1-1.3 s eager per TP/PP rank with
-8 microbatches; the DeepSeek cut ~90 s start-up, ~1 s per step): setup (device_env, instrument, data
-prepare) ~45 s + rehearsal ~15 s + worktree pair ~70 s + TP2 pair ~95 s + PP2 pair ~95 s + EP2 ~120 s =
-~440 s (7.3 min) at 20 steps. `--budget-s` (default 540) starts no phase that its estimate says would end
-past the budget, and interrupts what still runs at it (megaquant train then records `interrupted` and
-restores); after every phase OUT/multi_gpu.tgz and OUT/summary.txt are rewritten, so a killed call still
-returns what finished. Step times of runs that shared the GPUs with another run are marked as such.
+8 microbatches; the DeepSeek cut ~90 s start-up, ~1 s per step), at 20 steps: setup (instrument, data
+prepare) ~45 s + rehearsal ~15 s + TP1 pair ~70 s + TP2 pair ~95 s + PP2 pair with EP2 ~150 s = ~375 s
+(6.3 min), plus ~25 s for benchmarks/device_env.sh before it. `--budget-s` (multi_gpu.sh: 480 s from its
+start, less setup) starts no phase whose estimate ends past the budget and interrupts what still runs at
+it (megaquant train then records `interrupted` and restores); after every phase OUT/multi_gpu.tgz and
+OUT/summary.txt are rewritten, so a killed call still returns what finished. Step times of runs that shared
+the GPUs with another run are marked (`with`) and are upper bounds.
 
 The comparator (`summarize`): per run exit code, status, median step time (steps after --warmup), peak
 memory (the last rank: it holds the loss), CUDA graphs, GEMMs per rank by path (triton / reference / plain;
@@ -76,7 +81,6 @@ class Run:
     """Megatron arguments after `--`."""
     gpus: str = "0,1"
     """CUDA_VISIBLE_DEVICES."""
-    worktree: bool = False
     est_s: float = 95.0
     """Planning assumption: wall time of this run alone (the phase budget check)."""
 
@@ -97,8 +101,8 @@ DEEPSEEK_CUT = ("--num-layers", "2", "--moe-layer-freq", "([0]+[1]*1)")
 RUNS: dict[str, Run] = {
     r.name: r
     for r in (
-        Run(name="tp1-bf16", item="worktrees", mode="bf16", gpus="0", worktree=True, est_s=70),
-        Run(name=f"tp1-{QUANTIZED}", item="worktrees", mode=QUANTIZED, gpus="1", worktree=True, est_s=70),
+        Run(name="tp1-bf16", item="worktrees", mode="bf16", gpus="0", est_s=70),
+        Run(name=f"tp1-{QUANTIZED}", item="worktrees", mode=QUANTIZED, gpus="1", est_s=70),
         Run(name="tp2-bf16", item="tp", mode="bf16", layout=TWO_TP),
         Run(name=f"tp2-{QUANTIZED}", item="tp", mode=QUANTIZED, layout=TWO_TP),
         Run(name="pp2-bf16", item="pp", mode="bf16", layout=TWO_PP),
@@ -117,9 +121,12 @@ RUNS: dict[str, Run] = {
 }
 PHASES: tuple[tuple[str, ...], ...] = (
     ("tp1-bf16", f"tp1-{QUANTIZED}"),  # one GPU each: the two worktree experiments at once
-    ("tp2-bf16", f"tp2-{QUANTIZED}"),
-    ("pp2-bf16", f"pp2-{QUANTIZED}"),
-    (f"ep2-{QUANTIZED}",),
+    ("tp2-bf16", f"tp2-{QUANTIZED}"),  # both on GPUs 0 and 1
+    (
+        "pp2-bf16",
+        f"pp2-{QUANTIZED}",
+        f"ep2-{QUANTIZED}",
+    ),  # three at once: fits the call, times are upper bounds
 )
 BASELINES = {name: f"tp1-{r.mode}" for name, r in RUNS.items() if r.item in ("tp", "pp")}
 """Each TP2 / PP2 run's losses are compared with the TP=1 run of its mode."""
@@ -139,9 +146,9 @@ def argv_for(
     argv = [*ns.megaquant, "train", "--megatron", str(ns.tree), "--model", run.model, "--dataset", "sample"]
     argv += ["--data-root", str(ns.data_root), "--training-config", run.preset, "-q", run.mode]
     argv += ["--steps", str(ns.steps), "--run-dir", str(ns.out / "runs" / run.name)]
-    argv += ["--master-port", str(port), *run.layout]
-    if run.worktree:
-        argv += ["--worktree", str(worktree_dir(ns, run))]
+    # every run in its own worktree: runs at once on one checkout would set their roles on one throwaway
+    # branch (megaquant train refuses a second run on a checkout being trained)
+    argv += ["--master-port", str(port), *run.layout, "--worktree", str(worktree_dir(ns, run))]
     if dry:
         argv += ["--dry-run", "--json"]
     if not validate:
@@ -277,7 +284,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> int:
     """Ctrl-C, not a kill: megaquant train stops torchrun, records 'interrupted' and restores the tree."""
     proc.send_signal(signal.SIGINT)
     try:
-        proc.wait(timeout=60)
+        proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
@@ -324,7 +331,7 @@ def worktree_checks(
         checks[f"main checkout {key} unchanged"] = before.get(key) == after.get(key)
     commits = {}
     for name, run in RUNS.items():
-        if not run.worktree:
+        if run.item != "worktrees":
             continue
         manifest = _json(ns.out / "runs" / name / "manifest.json") or {}
         env = manifest.get("environment") or {}
@@ -503,6 +510,12 @@ def summarize(out_dir: Path, record: Mapping[str, Any]) -> tuple[str, dict[str, 
             if not ok:
                 problems.append(f"worktrees: {what}")
         lines.append(f"  commits: {checks.get('commits')}")
+    unchanged = record.get("main_checkout_unchanged")
+    if unchanged is not None:
+        left = record.get("worktrees_left", [])
+        lines.append(f"after all runs: main checkout unchanged {unchanged}; worktrees left: {left or 'none'}")
+        problems += [f"main checkout {k} changed by the runs" for k, ok in unchanged.items() if not ok]
+        problems += [f"worktree {w} left behind (not restored)" for w in left]
     rehearsal = record.get("rehearsal")
     if rehearsal:
         bad = {n: r["problems"] for n, r in rehearsal["runs"].items() if r["problems"]}
@@ -614,24 +627,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not ns.no_rehearse:
         record["rehearsal"] = rehearse(ns, names)
     phases = [(n,) for p in PHASES for n in p] if ns.sequential else list(PHASES)
+    before = git_state(ns.tree)
     deadline = t0 + ns.budget_s
     for phase in phases:
         todo = [n for n in phase if n in names]
         if not todo:
             continue
-        estimate = max(RUNS[n].est_s for n in todo) * (1.0 if len(todo) == 1 else 1.25)
+        estimate = max(RUNS[n].est_s for n in todo) * (1.0 if len(todo) == 1 else 1.25)  # sharing slows
         if time.monotonic() + estimate > deadline:
             record["skipped"].update(
                 dict.fromkeys(todo, f"budget: {estimate:.0f} s estimated past --budget-s")
             )
             continue
-        with_worktrees = any(RUNS[n].worktree for n in todo)
-        before = git_state(ns.tree) if with_worktrees else {}
+        pair = any(RUNS[n].item == "worktrees" for n in todo)
         record["runs"].update(run_phase(ns, todo, deadline))
-        if with_worktrees:
+        if pair:
             record["worktree_checks"] = worktree_checks(ns, before, git_state(ns.tree))
         record["took_s"] = round(time.monotonic() - t0)
         _write_summary(ns, record)
+    after = git_state(ns.tree)
+    record["main_checkout_unchanged"] = {k: before[k] == after[k] for k in before}
+    record["worktrees_left"] = sorted(p.name for p in ns.worktrees.iterdir())
     record["took_s"] = round(time.monotonic() - t0)
     sys.stdout.write(_write_summary(ns, record))
     return 0

@@ -20,17 +20,17 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import multi_gpu as mg  # noqa: E402
 
-MLA_ATTENTION = (
-    "class DotProductAttention:\n    def __init__(self, config, layer_number,\n"
-    "        k_channels: Optional[int] = None, v_channels: Optional[int] = None):\n        pass\n"
-)
-
 
 def _tree_and_data(tmp_path: Path) -> tuple[Path, Path]:
     """A fixture Megatron tree whose attention takes MLA's channels (as `megaquant instrument` makes it), and
     a data root with the sample dataset's files and tokenizer in place (contents never read by a dry run)."""
     repo = make_git_repo(tmp_path, "v1_three")
-    (repo / "megatron/core/transformer/dot_product_attention.py").write_text(MLA_ATTENTION)
+    attention = repo / "megatron/core/transformer/dot_product_attention.py"
+    text = attention.read_text()
+    assert "def __init__(self, softmax_scale):" in text
+    attention.write_text(
+        text.replace("(self, softmax_scale):", "(self, softmax_scale, k_channels=None, v_channels=None):")
+    )
     handle = git.Repo(repo)
     handle.git.add("--all")
     handle.index.commit("attention takes k_channels / v_channels")
@@ -75,13 +75,14 @@ def test_rehearsal_dry_runs_the_device_commands(
         assert r["exit_code"] == 0 and r["problems"] == [] and "--no-validate" in r["command"]
         assert [a for a in r["dry_run"] if a not in ("--dry-run", "--json")] == r["command"]
         ports.add(mg._flag(r["command"], "--master-port"))
+        assert mg._flag(r["command"], "--worktree") == str(tmp_path / "wt" / name)  # every run its own
         if name in layouts:
             option, megatron = layouts[name]
             assert option in command
             for flag, value in megatron.items():
                 assert mg._flag(r["megatron_args"], flag) == value
-        else:  # the two worktree experiments: one GPU each, their own worktree
-            assert "--nproc-per-node" not in command and f"--worktree {tmp_path / 'wt' / name}" in command
+        else:  # the two worktree experiments: one GPU each
+            assert "--nproc-per-node" not in command
             assert mg._flag(r["megatron_args"], "--tensor-model-parallel-size") == "1"
     assert len(ports) == len(mg.RUNS)  # runs at once never share torchrun's rendezvous port
     ep = report["runs"]["ep2-FA_linear_mxfp8"]
@@ -177,3 +178,66 @@ def test_worktree_checks_catch_a_changed_main_checkout(tmp_path: Path) -> None:
     assert all(good["checks"].values()), good["checks"]
     bad = mg.worktree_checks(ns, state, {**state, "branches": "refs/heads/main\nrefs/heads/megaquant/main\n"})
     assert [k for k, ok in bad["checks"].items() if not ok] == ["main checkout branches unchanged"]
+
+
+STAND_IN = r"""
+import json, os, sys
+# megaquant train's MEGAQUANT_TRAIN_COMMAND stand-in for torchrun: one "rank" per visible GPU, each writing
+# its own path counts (Triton GEMMs where the checkout it was started in holds a quantized linear value;
+# expert GEMMs for MoE args) and the last rank metrics.jsonl, as megaquant.launch.pretrain does
+layers = open("megatron/core/tensor_parallel/layers.py").read()
+quantized = "custom_quant_type = 'mxfp8'" in layers
+args = sys.argv[1:]
+metrics = args[args.index("--mq-metrics") + 1]
+ranks = len(os.environ["CUDA_VISIBLE_DEVICES"].split(","))
+steps = 3
+for rank in range(ranks):
+    snap = {"gemms": {"linear_fwd": {"triton": 8} if quantized else {"plain": 8}}, "fallbacks": []}
+    if "--num-experts" in args:
+        snap["scoped"] = {"experts": {"linear_fwd": {"triton" if quantized else "plain": 4}}}
+    counts = os.path.join(os.environ["MEGAQUANT_PATH_COUNTS"], f"path_counts.rank{rank}.json")
+    with open(counts, "w") as f:
+        json.dump(snap, f)
+tp = args[args.index("--tensor-model-parallel-size") + 1]
+shift = 1e-3 if tp == "2" else 0.0
+with open(metrics, "w") as f:
+    for step in range(1, steps + 1):
+        line = {"step": step, "loss": 10.0 / step + shift, "step_time_s": 0.1, "peak_mem_bytes": 2**30}
+        f.write(json.dumps(line) + "\n")
+print("stand-in trained", "quantized" if quantized else "bf16", flush=True)
+"""
+
+
+def test_device_flow_against_a_stand_in_trainer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real run loop (phases at once, real `megaquant train` with real worktrees, restore, the worktree
+    checks on the real git state, summary and tarball) with a stand-in for torchrun."""
+    import tarfile
+
+    repo, data = _tree_and_data(tmp_path)
+    script = tmp_path / "stand_in.py"
+    script.write_text(STAND_IN)
+    monkeypatch.setenv(TRAIN_COMMAND_ENV, shlex.join([sys.executable, str(script)]))
+    out, packed = tmp_path / "out", tmp_path / "OUT"
+    cli = shlex.join([sys.executable, "-m", "megaquant"])
+    args = ["--tree", str(repo), "--data-root", str(data), "--out", str(out), "--pack-to", str(packed),
+            "--worktrees", str(tmp_path / "wt"), "--megaquant", cli, "--no-rehearse"]  # fmt: skip
+    code = mg.main(args)
+    summary = (packed / "summary.txt").read_text()
+    assert code == 0
+    assert "no problems found" in summary, summary
+    assert "ok   main checkout head unchanged" in summary and "FAIL" not in summary
+    assert "worktrees left: none" in summary
+    assert "tp2-bf16 vs tp1-bf16: max |delta| 0.001 at step" in summary
+    assert "pp2-FA_linear_mxfp8 vs tp1-FA_linear_mxfp8: max |delta| 0 at step" in summary
+    results = json.loads((out / "results.json").read_text())
+    assert results["runs"]["ep2-FA_linear_mxfp8"]["expert_ranks"] == {
+        "0": {"triton": 4, "reference": 0, "plain": 0},
+        "1": {"triton": 4, "reference": 0, "plain": 0},
+    }
+    assert set(results["worktree_checks"]["commits"]) == {"tp1-bf16", "tp1-FA_linear_mxfp8"}
+    assert not list((tmp_path / "wt").iterdir()) and git.Repo(repo).active_branch.name == "main"
+    with tarfile.open(packed / "multi_gpu.tgz") as tar:
+        names = set(tar.getnames())
+    for run in mg.RUNS:
+        assert {f"runs/{run}/manifest.json", f"runs/{run}/metrics.jsonl", f"logs/{run}.txt"} <= names
+    assert "runs/pp2-bf16/path_counts.rank1.json" in names and "summary.txt" in names
