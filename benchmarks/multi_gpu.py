@@ -153,7 +153,8 @@ def argv_for(
         argv += ["--dry-run", "--json"]
     if not validate:
         argv.append("--no-validate")
-    return [*argv, "--", *run.extra] if run.extra else argv
+    # each run its own dataset-index cache: runs at once building the same cache files would race
+    return [*argv, "--", *run.extra, "--data-cache-path", str(ns.out / "cache" / run.name)]
 
 
 def ports(names: Sequence[str]) -> dict[str, int]:
@@ -532,7 +533,7 @@ def pack(out_dir: Path, target: Path) -> None:
     tmp = target.with_suffix(".tmp")
     with tarfile.open(tmp, "w:gz") as tar:
         for path in sorted(out_dir.rglob("*")):
-            if not path.is_file() or path.suffix in (".bin", ".idx", ".pt") or path in (target, tmp):
+            if not path.is_file() or path.suffix in (".bin", ".idx", ".pt", ".npy") or path in (target, tmp):
                 continue
             data = path.read_bytes()
             if len(data) > TAIL_BYTES:

@@ -76,6 +76,7 @@ def test_rehearsal_dry_runs_the_device_commands(
         assert [a for a in r["dry_run"] if a not in ("--dry-run", "--json")] == r["command"]
         ports.add(mg._flag(r["command"], "--master-port"))
         assert mg._flag(r["command"], "--worktree") == str(tmp_path / "wt" / name)  # every run its own
+        assert mg._flag(r["megatron_args"], "--data-cache-path") == str(out / "cache" / name)
         if name in layouts:
             option, megatron = layouts[name]
             assert option in command
