@@ -162,8 +162,13 @@ def ports(names: Sequence[str]) -> dict[str, int]:
     return {name: PORT_BASE + i for i, name in enumerate(RUNS) if name in names}
 
 
+NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+"""NVLink multicast stays off (the lent machines require it: a program using it can take the host's shared
+GPUs out of service); set for every run whatever the caller's environment says."""
+
+
 def run_env(run: Run) -> dict[str, str]:
-    return {**os.environ, "CUDA_VISIBLE_DEVICES": run.gpus}
+    return {**os.environ, **NO_MULTICAST, "CUDA_VISIBLE_DEVICES": run.gpus}
 
 
 def _shown(run: Run, argv: Sequence[str]) -> str:

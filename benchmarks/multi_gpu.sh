@@ -8,6 +8,8 @@
 # Everything lands in $OUT/multi_gpu.tgz plus $OUT/summary.txt (rewritten after every phase).
 # Rehearsal anywhere (prints and dry-runs every command, no GPU): MULTI_GPU_ARGS=--rehearse bash benchmarks/multi_gpu.sh
 set -u
+# NVLink multicast off, as the lent machines require (the driver sets these for every run too)
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT="${OUT:-/tmp/multi-gpu}"; W="${WORK:-/tmp/mq}"; R=/tmp/multi_gpu
 mkdir -p "$OUT" "$W" "$R"
 T0=$(date +%s)

@@ -101,6 +101,14 @@ def test_rehearsal_dry_runs_the_device_commands(
     assert all(r["validated"] for r in report["runs"].values())
 
 
+def test_every_run_keeps_nvlink_multicast_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NCCL_NVLS_ENABLE", "1")
+    for run in mg.RUNS.values():
+        env = mg.run_env(run)
+        assert env["NCCL_NVLS_ENABLE"] == "0" and env["TORCH_SYMM_MEM_DISABLE_MULTICAST"] == "1"
+        assert env["NVSHMEM_DISABLE_NVLS"] == "1" and env["CUDA_VISIBLE_DEVICES"] == run.gpus
+
+
 def test_rehearsal_reports_a_wrong_layout() -> None:
     run = mg.RUNS["tp2-bf16"]
     plan = {"mode": "bf16", "megatron_args": ["--tensor-model-parallel-size", "1"], "problems": ["no data"]}
