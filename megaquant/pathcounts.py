@@ -13,7 +13,9 @@ ROLE is the role keyword the op got (or configure()'s), else the op's name (`mat
 `baddbmm`, `bmm`, `linear`); a GEMM's PATH is "triton", "reference" (any operand on the torch reference)
 or "plain" (value none); an operand's is "triton", "reference" or "cache" (a weight quantized earlier in
 the same optimizer step). "fallbacks" lists each CUDA operand shape that ran the reference, with why.
-Optional: "eval_gemms" / "eval_operands" (validation passes, kept out of the per-step counts) and
+Optional: "eval_gemms" / "eval_operands" (validation passes, kept out of the per-step counts),
+"scoped": {NAME: {ROLE: {PATH: n}}} (the forward GEMMs run inside a named scope, e.g. "experts": an MoE
+layer's experts on this rank; also counted in "gemms") and
 "cuda_graph": {"capture_step": k, "replayed_steps": n} when the trainer ran Megatron's full-iteration
 CUDA graph: the ops run in Python only up to step k, and each replayed step counts as step k did.
 """
@@ -51,6 +53,7 @@ def merge(snapshots: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     operands: dict[str, dict[str, int]] = {}
     eval_gemms: dict[str, dict[str, int]] = {}
     eval_operands: dict[str, dict[str, int]] = {}
+    scoped: dict[str, dict[str, dict[str, int]]] = {}
     fallbacks: list[dict[str, Any]] = []
     steps = 0
     graph: dict[str, Any] | None = None
@@ -59,12 +62,16 @@ def merge(snapshots: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
         _add(operands, snap.get("operands", {}))
         _add(eval_gemms, snap.get("eval_gemms", {}))
         _add(eval_operands, snap.get("eval_operands", {}))
+        for name, table in snap.get("scoped", {}).items():
+            _add(scoped.setdefault(name, {}), table)
         fallbacks.extend(snap.get("fallbacks", []))
         steps = max(steps, int(snap.get("steps", 0)))
         graph = graph or snap.get("cuda_graph")
     merged: dict[str, Any] = {"gemms": gemms, "operands": operands, "fallbacks": fallbacks, "steps": steps}
     if eval_gemms:
         merged.update(eval_gemms=eval_gemms, eval_operands=eval_operands)
+    if scoped:
+        merged["scoped"] = scoped
     if graph:
         merged["cuda_graph"] = graph
     return merged

@@ -100,6 +100,14 @@ def test_deepseek_builds_dense_then_moe_with_a_kv_norm_and_no_q_norm(
             assert "q norm NoneType" in layer and "kv norm RMSNorm" in layer, (version, layer)
 
 
+def test_the_experts_of_every_moe_layer_are_counted_per_rank(built: dict[str, dict[str, Built]]) -> None:
+    """megaquant.launch.pretrain finds the MoE layer's experts module on both megatron-core versions (the
+    path counts' scoped["experts"], which issue 12's EP run reads per rank), and nothing in dense models."""
+    for version, results in built.items():
+        for name, model in MODELS.items():
+            assert results[name].expert_modules == (1 if model.moe else 0), (version, name)
+
+
 def test_megatron_core_019_refuses_its_own_local_spec_for_this_shape(
     built: dict[str, dict[str, Built]],
 ) -> None:

@@ -320,3 +320,35 @@ def test_a_run_refused_at_set_leaves_no_run_directory(
         execute(plan)
     assert not plan.run_dir.exists()
     api.restore(fork_repo)
+
+
+def test_a_second_run_on_a_checkout_being_trained_is_refused(
+    fork_repo: Path, fake_trainer: Path, tmp_path: Path
+) -> None:
+    """Issue 12's kit started two runs at once on one checkout (no --worktree): the second set its roles on
+    the first one's throwaway branch, or failed half-way ("changed while megaquant was planning"). A run now
+    holds a lease on the checkout it trains, and a second one is refused before anything is set."""
+    import subprocess
+
+    from megaquant.launch.run import TRAINING_LEASE
+
+    lease = Path(git.Repo(fork_repo).git_dir) / TRAINING_LEASE
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        import socket
+
+        lease.write_text(
+            json.dumps({"pid": holder.pid, "host": socket.gethostname(), "run_dir": "elsewhere"})
+        )
+        plan = plan_run(_request(fork_repo, tmp_path, "linear_mxfp4"))
+        with pytest.raises(LaunchError, match="is training this checkout.*own `--worktree DIR`"):
+            execute(plan)
+        assert not plan.run_dir.exists() and git.Repo(fork_repo).active_branch.name == "main"
+        worktree = plan_run(_request(fork_repo, tmp_path, "linear_hifp8", worktree=tmp_path / "wt"))
+        assert execute(worktree).exit_code == 0  # a run in its own worktree is not held up
+    finally:
+        holder.kill()
+        holder.wait()
+    record = execute(plan)  # the holder is gone: a stale lease does not block
+    assert record.exit_code == 0 and not lease.exists()
+    assert git.Repo(fork_repo).active_branch.name == "main"

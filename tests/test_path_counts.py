@@ -156,6 +156,105 @@ def test_train_folds_the_counts_into_the_manifest(tmp_path: Path, monkeypatch: p
     assert counts["ranks"] == [0]
 
 
+TWO_RANKS = r"""
+import os, subprocess, sys
+# what torchrun does with --nproc-per-node 2: one process per rank, RANK / WORLD_SIZE in the environment;
+# each counts its own GEMMs and writes its own file at exit (rank 1 quantizes, rank 0 runs plain)
+child = "import torch; from megaquant import ops; " + \
+    "ops.quant_matmul(torch.randn(4, 64), torch.randn(64, 8), sys.argv[1], role='linear_fwd')"
+procs = [subprocess.Popen([sys.executable, "-c", "import sys; " + child, value],
+                          env={**os.environ, "RANK": str(rank), "WORLD_SIZE": "2"})
+         for rank, value in enumerate(("none", "mxfp8"))]
+sys.exit(max(p.wait() for p in procs))
+"""
+
+
+def test_every_rank_writes_its_own_counts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 12 needs "every rank quantizes": each training process's counts reach the run dir apart."""
+    repo = make_git_repo(tmp_path, "v1_three")
+    script = tmp_path / "two_ranks.py"
+    script.write_text(TWO_RANKS)
+    monkeypatch.setenv(TRAIN_COMMAND_ENV, shlex.join([sys.executable, str(script)]))
+    request = TrainRequest(
+        model="tiny",
+        dataset=None,
+        mode="linear_mxfp8",
+        preset="smoke",
+        megatron=repo,
+        run_dir=tmp_path / "run",
+    )
+    record = execute(plan_run(request))
+    assert record.exit_code == 0, (record.run_dir / "train.log").read_text()
+    per_rank = {
+        r: json.loads((record.run_dir / pathcounts.file_name(r)).read_text())["gemms"] for r in (0, 1)
+    }
+    assert per_rank == {0: {"linear_fwd": {"plain": 1}}, 1: {"linear_fwd": {"reference": 1}}}
+    manifest = json.loads((record.run_dir / "manifest.json").read_text())
+    assert manifest["path_counts"]["ranks"] == [0, 1]
+
+
+def test_gemms_inside_a_scope_are_counted_apart_and_merged() -> None:
+    a, b = _rand(4, 64), _rand(64, 8, seed=1)
+    quant_matmul(a, b, "mxfp8", role="linear_fwd")
+    counters.push_scope("experts")
+    quant_matmul(a, b, "mxfp8", role="linear_fwd")
+    quant_matmul(a, b, "none", role="linear_fwd")
+    counters.pop_scope()
+    counters.pop_scope()  # unbalanced pops are harmless
+    quant_matmul(a, b, "mxfp8", role="linear_fwd")
+    snap = counters.snapshot()
+    assert snap["gemms"] == {"linear_fwd": {"reference": 3, "plain": 1}}
+    assert snap["scoped"] == {"experts": {"linear_fwd": {"reference": 1, "plain": 1}}}
+    with counters.evaluation():  # validation GEMMs stay out of the training scopes too
+        counters.push_scope("experts")
+        quant_matmul(a, b, "mxfp8", role="linear_fwd")
+        counters.pop_scope()
+    assert counters.snapshot()["scoped"] == snap["scoped"]
+    merged = pathcounts.merge([snap, {"scoped": {"experts": {"linear_fwd": {"reference": 2}}}}])
+    assert merged["scoped"] == {"experts": {"linear_fwd": {"reference": 3, "plain": 1}}}
+    counters.reset()
+    assert "scoped" not in counters.snapshot()
+
+
+def test_expert_forward_gemms_are_counted_per_rank() -> None:
+    """megaquant.launch.pretrain hooks every MoE layer's experts module (an object with `experts` and
+    `num_local_experts`, as megatron-core's MoELayer): its forward GEMMs land in scoped["experts"]."""
+    from megaquant.launch.pretrain import count_expert_gemms
+
+    class Experts(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return quant_matmul(x, torch.ones(64, 8), "mxfp8", role="linear_fwd")
+
+    class MoE(torch.nn.Module):
+        num_local_experts = 2
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.experts = Experts()
+            self.shared = Experts()  # not under the scope: a shared expert runs on every rank anyway
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.experts(x) + self.shared(x)
+
+    model = torch.nn.Sequential(MoE())
+    assert count_expert_gemms(model) == 1
+    model(_rand(4, 64))
+    snap = counters.snapshot()
+    assert snap["gemms"] == {"linear_fwd": {"reference": 2}}
+    assert snap["scoped"] == {"experts": {"linear_fwd": {"reference": 1}}}
+
+
+def test_metrics_come_from_the_rank_that_holds_the_loss() -> None:
+    """Under --pp 2 the loss exists on the last pipeline stage only; rank 0 used to write metrics.jsonl and
+    left it empty."""
+    from megaquant.launch.pretrain import metrics_rank
+
+    assert metrics_rank({})  # one process
+    assert not metrics_rank({"RANK": "0", "WORLD_SIZE": "2"})
+    assert metrics_rank({"RANK": "1", "WORLD_SIZE": "2"})
+    assert [metrics_rank({"RANK": str(r), "WORLD_SIZE": "4"}) for r in range(4)] == [False] * 3 + [True]
+
+
 # ------------------------------------------------------------------------------------- weight cache
 
 

@@ -36,6 +36,8 @@ class Built:
     layers: tuple[str, ...] = ()
     """Attention and MLP module class names of each built layer (what actually got built)."""
     parameters: int = 0
+    expert_modules: int = 0
+    """MoE layers whose experts' GEMMs megaquant.launch.pretrain counts per rank (count_expert_gemms)."""
     namespace: Mapping[str, Any] = field(default_factory=dict)
     """Megatron's parsed arguments (JSON-able part) when the tree parsed them: reusable as `namespaces`."""
 
@@ -109,6 +111,7 @@ def build_models(
             error=str(r["error"]),
             layers=tuple(r.get("layers", ())),
             parameters=int(r.get("parameters", 0)),
+            expert_modules=int(r.get("expert_modules", 0)),
             namespace=r.get("namespace", {}),
         )
         for r in results
@@ -243,8 +246,10 @@ def _build_one(
         with _local_spec(stock=bool(case.get("stock_spec"))):
             model, parsed = _build(case, namespace)
         layers, parameters = _describe(model)
+        from megaquant.launch.pretrain import count_expert_gemms
+
         return {"name": case["name"], "ok": True, "error": "", "layers": layers, "parameters": parameters,
-                "namespace": parsed}  # fmt: skip
+                "expert_modules": count_expert_gemms(model), "namespace": parsed}  # fmt: skip
     except Exception as exc:
         return {"name": case["name"], "ok": False, "error": f"{type(exc).__name__}: {exc}"}
 

@@ -30,10 +30,12 @@ __all__ = [
     "StepRecord",
     "add_megaquant_args",
     "build_gpt",
+    "count_expert_gemms",
     "keep_bf16_layers",
     "loss_from_reduced",
     "main",
     "masked_lm_loss",
+    "metrics_rank",
     "prepare_argv",
     "step_record",
     "weight_cache_bound",
@@ -93,7 +95,8 @@ def add_megaquant_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         "--mq-metrics",
         type=Path,
         default=None,
-        help="Write one JSON object per step (step, loss, step_time_s, peak_mem_bytes) here (rank 0).",
+        help="Write one JSON object per step (step, loss, step_time_s, peak_mem_bytes) here (the last "
+        "rank, which holds the reported loss).",
     )
     return parser
 
@@ -116,6 +119,16 @@ class StepRecord:
                 "peak_mem_bytes": self.peak_mem_bytes,
             }
         )
+
+
+def metrics_rank(environ: Mapping[str, str]) -> bool:
+    """Whether this training process writes metrics.jsonl: the last rank (torchrun's RANK = WORLD_SIZE - 1).
+    Megatron reduces the loss on the last pipeline stage only (the other stages' train_step returns an
+    empty loss dict) and logs it from the last rank; with one stage every rank has it. Rank 0 used to
+    write, which left metrics.jsonl empty under pipeline parallelism. Pure."""
+    rank = int(environ.get("RANK", "0") or 0)
+    world = int(environ.get("WORLD_SIZE", "1") or 1)
+    return rank == world - 1
 
 
 def loss_from_reduced(loss_dict: Mapping[str, Any], key: str = "lm loss") -> float | None:
@@ -216,7 +229,26 @@ def _model_provider(
         pg_collection=pg_collection,
     )
     keep_bf16_layers(model, args.num_layers)
+    count_expert_gemms(model)
     return model
+
+
+def count_expert_gemms(model: Any) -> int:
+    """Open megaquant.ops.counters' "experts" scope around the forward of every MoE layer's experts in this
+    model chunk (an MoELayer's `experts` module: SequentialMLP on the local spec), so each rank's path
+    counts say how many of its own expert GEMMs ran on which path (expert parallelism puts different
+    experts on each rank). Returns the number of expert modules hooked."""
+    from megaquant.ops import counters
+
+    hooked = 0
+    for module in model.modules():
+        experts = getattr(module, "experts", None)
+        if experts is None or not hasattr(module, "num_local_experts") or not hasattr(experts, "forward"):
+            continue
+        experts.register_forward_pre_hook(lambda *_: counters.push_scope("experts"))
+        experts.register_forward_hook(lambda *_: counters.pop_scope())
+        hooked += 1
+    return hooked
 
 
 def keep_bf16_layers(model: Any, num_layers: int) -> tuple[int, ...]:
@@ -416,7 +448,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = pretrain_cfg_container_from_args(args, None)
     rank0 = int(os.environ.get("RANK", "0")) == 0
     sink = None
-    if args.mq_metrics is not None and rank0:
+    if args.mq_metrics is not None and metrics_rank(os.environ):
         args.mq_metrics.parent.mkdir(parents=True, exist_ok=True)
         sink = args.mq_metrics.open("w")
     from megaquant.ops import counters, weights

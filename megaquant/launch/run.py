@@ -56,8 +56,15 @@ __all__ = [
     "execute",
     "failure_hint",
     "plan_run",
+    "release_training_lease",
     "srun_prefix",
+    "take_training_lease",
 ]
+
+TRAINING_LEASE = "megaquant.training"
+"""File in a checkout's own git dir while `megaquant train` trains that checkout (no --worktree): pid, host,
+run dir. A second run on the same checkout would set its roles on the same throwaway branch under the
+first run (or be refused half-way, "changed while megaquant was planning"); it is refused up front instead."""
 
 LOCK_WAIT_S = 120.0
 """How long a run waits for the repository lock held by another live megaquant process (experiments
@@ -345,6 +352,45 @@ def _stop(proc: subprocess.Popen[str]) -> None:
             continue
 
 
+def _lease_holder(path: Path) -> dict[str, object] | None:
+    """Who holds the training lease at `path` (None: nobody, or a process that is gone)."""
+    from megaquant.branch.lock import _pid_alive
+
+    try:
+        data = json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("pid"), int):
+        return None
+    if data.get("host") == socket.gethostname() and not _pid_alive(int(data["pid"])):
+        return None  # stale: its megaquant train was killed
+    return data
+
+
+def take_training_lease(tree: Path, run_dir: Path) -> Path | None:
+    """Refuse a run on a checkout another live `megaquant train` is training; else hold its lease (the path,
+    for release_training_lease; None where the tree is no git checkout, which `api.apply` then refuses)."""
+    import git
+
+    try:
+        path = Path(git.Repo(tree, search_parent_directories=True).git_dir).resolve() / TRAINING_LEASE
+    except (git.InvalidGitRepositoryError, git.NoSuchPathError):  # no repository: nothing to lease
+        return None
+    holder = _lease_holder(path)
+    if holder is not None and holder.get("pid") != os.getpid():
+        raise LaunchError(
+            f"{tree}: megaquant train (pid {holder.get('pid')}, run dir {holder.get('run_dir')}) is training "
+            "this checkout; runs at once each need their own `--worktree DIR` (or wait for that one)"
+        )
+    path.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "run_dir": str(run_dir)}))
+    return path
+
+
+def release_training_lease(path: Path | None) -> None:
+    if path is not None:
+        path.unlink(missing_ok=True)
+
+
 def execute(
     plan: RunPlan,
     *,
@@ -358,9 +404,10 @@ def execute(
     run_dir = plan.run_dir
     if (run_dir / "manifest.json").exists():
         raise LaunchError(f"{run_dir}: already holds a run (manifest.json); choose a new --run-dir")
+    request = plan.request
+    lease = take_training_lease(plan.tree, run_dir) if request.worktree is None else None
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
-    request = plan.request
     try:
         applied = api.apply(
             plan.tree,
@@ -370,6 +417,7 @@ def execute(
             lock_wait_s=LOCK_WAIT_S,
         )
     except BaseException:
+        release_training_lease(lease)
         if created and not any(run_dir.iterdir()):
             run_dir.rmdir()  # refused before anything ran: leave no empty run directory behind
         raise
@@ -438,7 +486,10 @@ def execute(
         manifest["error"] = str(exc)
         raise
     finally:
-        restored = api.restore(checkout, lock_wait_s=LOCK_WAIT_S)
+        try:
+            restored = api.restore(checkout, lock_wait_s=LOCK_WAIT_S)
+        finally:
+            release_training_lease(lease)
         manifest["path_counts"] = collect(run_dir)  # None: nothing counted (e.g. the fork's own ops)
         manifest.update(
             end=_now(),

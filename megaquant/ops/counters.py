@@ -3,8 +3,11 @@ plain op or the weight cache, or had no elements ("empty": an MoE expert that go
 reference fallback logs one line per shape with the reason.
 
 The counts live in this process (`snapshot`, `reset`); with PATH_COUNTS_ENV (megaquant.pathcounts) set,
-`write()` and interpreter exit store them in that directory, one file per rank, for the launcher to fold
-into the run's manifest. Counting is a dictionary increment per call: it is always on.
+`write()` and interpreter exit store them in that directory, one file per rank (torchrun's RANK), for the
+launcher to fold into the run's manifest. Counting is a dictionary increment per call: it is always on.
+GEMMs that run inside a named scope (`push_scope`/`pop_scope`: the trainer opens "experts" around the
+forward of an MoE layer's experts) are also counted under that name, so a rank's file says whether its own
+experts were quantized, apart from the dense layers it runs too.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ __all__ = [
     "expect_graph",
     "mark_step",
     "note_fallback",
+    "pop_scope",
+    "push_scope",
     "reset",
     "snapshot",
     "write",
@@ -41,6 +46,8 @@ _FALLBACKS: dict[tuple[object, ...], dict[str, Any]] = {}
 _STEPS = [0]
 _EVAL_GEMMS: Counter[tuple[str, str]] = Counter()
 _EVAL_OPERANDS: Counter[tuple[str, str]] = Counter()
+_SCOPES: list[str] = []
+_SCOPED: Counter[tuple[str, str, str]] = Counter()
 
 
 @dataclass
@@ -65,6 +72,19 @@ def expect_graph(capture_step: int) -> None:
 
 def count_gemm(role: str, path: str) -> None:
     _GEMMS[role, path] += 1
+    if _SCOPES:
+        _SCOPED[_SCOPES[-1], role, path] += 1
+
+
+def push_scope(name: str) -> None:
+    """GEMMs from now until pop_scope() are also counted under `name` (`scoped` in the snapshot); forward
+    GEMMs only when opened by module forward hooks (the backward runs later, outside the hooks)."""
+    _SCOPES.append(name)
+
+
+def pop_scope() -> None:
+    if _SCOPES:
+        _SCOPES.pop()
 
 
 def count_operand(role: str, path: str) -> None:
@@ -89,16 +109,15 @@ def mark_step() -> None:
 @contextmanager
 def evaluation() -> Iterator[None]:
     """Count the GEMMs inside (a validation pass) apart from the training steps' (`eval_gemms`, ...)."""
-    gemms, operands = Counter(_GEMMS), Counter(_OPERANDS)
+    gemms, operands, scoped = Counter(_GEMMS), Counter(_OPERANDS), Counter(_SCOPED)
     try:
         yield
     finally:
         _EVAL_GEMMS.update(_GEMMS - gemms)
         _EVAL_OPERANDS.update(_OPERANDS - operands)
-        _GEMMS.clear()
-        _GEMMS.update(gemms)
-        _OPERANDS.clear()
-        _OPERANDS.update(operands)
+        for counter, before in ((_GEMMS, gemms), (_OPERANDS, operands), (_SCOPED, scoped)):
+            counter.clear()
+            counter.update(before)  # type: ignore[arg-type]
 
 
 def note_fallback(role: str, shape: tuple[int, ...], dtype: object, fmt: str, reason: str) -> None:
@@ -134,6 +153,11 @@ def snapshot() -> dict[str, Any]:
     }
     if _EVAL_GEMMS:
         out.update(eval_gemms=_table(_EVAL_GEMMS), eval_operands=_table(_EVAL_OPERANDS))
+    if _SCOPED:
+        scoped: dict[str, dict[str, dict[str, int]]] = {}
+        for (name, role, path), n in sorted(_SCOPED.items()):
+            scoped.setdefault(name, {}).setdefault(role, {})[path] = n
+        out["scoped"] = scoped
     if _GRAPH.capture_step is not None:
         out["cuda_graph"] = {"capture_step": _GRAPH.capture_step, "replayed_steps": _GRAPH.replays}
     return out
@@ -146,6 +170,8 @@ def reset() -> None:
     _STEPS[0] = 0
     _EVAL_GEMMS.clear()
     _EVAL_OPERANDS.clear()
+    _SCOPES.clear()
+    _SCOPED.clear()
     global _GRAPH
     _GRAPH = _Graph()
 
