@@ -123,7 +123,8 @@ def _last_flag(args: Sequence[str], flag: str) -> str | None:
 
 
 def family_of(manifest: dict[str, Any], steps: int) -> str:
-    """A family's name: model, depth, sequence, sequences per step and steps, from the run's own record."""
+    """A family's name: model, depth, sequence, sequences per step, steps and, when Megatron evaluated the
+    whole validation split (`--full-validation`), that: from the run's own record."""
     setup = run_setup(manifest)
 
     def number(key: str) -> str:
@@ -133,9 +134,11 @@ def family_of(manifest: dict[str, Any], steps: int) -> str:
         except ValueError:
             return value
 
+    args = [str(a) for a in manifest.get("megatron_args") or []]
+    full = ", full validation" if "--full-validation" in args else ""
     return (
         f"{manifest.get('model', '?')}, {number('layers')} layers, seq {number('seq_len')}, "
-        f"{number('global_batch')} seq/step, {steps} steps"
+        f"{number('global_batch')} seq/step, {steps} steps{full}"
     )
 
 

@@ -69,6 +69,10 @@ class Shape:
     startup_s: float
     basis: str
     """Where `step_s` comes from (docs/benchmarks.md)."""
+    full_validation: bool = False
+    """Megatron's `--full-validation`: every evaluation reads the whole validation split, so every seed and
+    every evaluation sees the same text (without it, 10 batches drawn by the run's seed, new ones at each
+    evaluation). Off for `8b-4l`, whose first runs were stored before it."""
 
     @property
     def tokens(self) -> int:
@@ -87,9 +91,10 @@ SHAPES: dict[str, Shape] = {
             global_batch=4,
             steps=1000,
             step_s=0.15,
-            startup_s=60,
+            startup_s=75,  # + ~15 s: 11 full validations of 45 batches
             basis="benchmarks.md §6c: bf16 281 ms per 16 x 1024 tokens (8 microbatches) under the CUDA "
             "graph; one microbatch of 4 x 2048 tokens: about half the kernels, plus longer attention",
+            full_validation=True,
         ),
         Shape(
             name="dsv2-2l",
@@ -103,11 +108,12 @@ SHAPES: dict[str, Shape] = {
             layers=2,
             extra=("--moe-layer-freq", "([0]+[1]*1)"),
             step_s=0.3,
-            startup_s=90,
+            startup_s=140,  # + ~50 s: 11 full validations, eager
             basis="benchmarks.md §7, this cut: FA_linear_mxfp8 1.5-1.9 s per step of 8 microbatches of 256 "
             "tokens, host-bound by the sequential experts (~0.2 s per microbatch); one microbatch of "
             "4 x 2048 tokens per step, bf16 cheaper. With 4 layers (3 MoE) a quantized run is assumed "
             "~9.5 min: no fit in one 10-minute command",
+            full_validation=True,
         ),
         Shape(
             name="8b-4l",
@@ -222,6 +228,8 @@ def extra_args(spec: RunSpec, *, cache: Path) -> list[str]:
         extra += ["--num-layers", str(shape.layers)]
     extra += list(shape.extra)
     extra += ["--eval-interval", str(max(1, steps // EVAL_POINTS)), "--seed", str(spec.seed)]
+    if shape.full_validation:
+        extra.append("--full-validation")
     extra += ["--data-cache-path", str(cache)]
     return extra
 

@@ -240,3 +240,10 @@ def test_a_cell_on_one_easy_seed_is_compared_with_that_seed_of_bf16(tmp_path: Pa
     write_run(root, "mx4-s99", "FA_linear_mxfp8", "default", 99, 2.0)  # no bf16 run with its seed
     runs, _ = rp.load_store(root)
     assert _cell(rp.cells(runs), "FA_linear_mxfp8").val is None
+
+
+def test_full_validation_runs_form_their_own_family() -> None:
+    args = ["--num-layers", "16", "--seq-length", "2048"]
+    plain = rp.family_of({"model": "llama32-1b", "megatron_args": args}, 1000)
+    full = rp.family_of({"model": "llama32-1b", "megatron_args": [*args, "--full-validation"]}, 1000)
+    assert full == plain + ", full validation"

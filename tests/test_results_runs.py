@@ -70,6 +70,7 @@ def test_megaquant_train_gets_the_steps_shape_eval_and_seed_asked_for(shape: str
     assert _flag(args, "--seed") == "1236" and _flag(args, "--split") == "98,2,0"
     assert _flag(args, "--data-cache-path") == str(tmp_path / "cache")
     assert _flag(options, "--master-port") == "29510"
+    assert ("--full-validation" in args) == shape_.full_validation  # 8b-4l keeps its stored protocol
 
 
 @pytest.mark.parametrize("shape", list(rr.SHAPES))
