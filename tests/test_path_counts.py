@@ -276,6 +276,28 @@ def test_weight_cache_reuses_within_a_step_and_never_changes_a_bit() -> None:
     assert s["entries"] == 2 and s["bytes"] == 2 * w.numel() * 4 and s["hits"] == 2
 
 
+@pytest.mark.parametrize("tensor_scale", [False, True])
+def test_hif8_weight_serves_forward_and_dgrad_from_one_entry(tensor_scale: bool) -> None:
+    # HiF8 is elementwise (tensor scaling: one amax over the same elements), so the forward's W.t() and
+    # dgrad's W are one quantized copy and its transpose: one entry, the same bits as without the cache
+    x, g = _rand(8, 64), _rand(8, 32, seed=5)
+    w = torch.nn.Parameter(_rand(32, 64, seed=4))
+    configure(tensor_scale=True) if tensor_scale else configure()
+    try:
+        with torch.no_grad():
+            fresh = (quant_matmul(x, w.t(), "hifp8"), quant_matmul(g, w, "hifp8", grad=True))
+            weights.enable_weight_cache()
+            first = (quant_matmul(x, w.t(), "hifp8"), quant_matmul(g, w, "hifp8", grad=True))
+            again = (quant_matmul(x, w.t(), "hifp8"), quant_matmul(g, w, "hifp8", grad=True))
+    finally:
+        configure()
+    for a, b, c in zip(fresh, first, again, strict=True):
+        assert torch.equal(_bits(a), _bits(b)) and torch.equal(_bits(b), _bits(c))
+    s = weights.stats()
+    assert s["entries"] == 1 and s["bytes"] == w.numel() * 4 and s["hits"] == 3
+    assert counters.snapshot()["operands"]["matmul.grad"]["cache"] == 2  # dgrad hit the forward's copy
+
+
 def test_weight_cache_sees_in_place_updates_and_steps() -> None:
     x = _rand(8, 64)
     w = torch.nn.Parameter(_rand(32, 64, seed=3))

@@ -200,12 +200,20 @@ def _quant_path(
     """
     cacheable = weights.enabled() and "seed" not in extra  # a stochastic rounding is drawn anew every call
     op_key: tuple[object, ...] = ()
+    flip = False  # cache t's transpose: an elementwise format's copy of W serves W.t() as its transpose
     if cacheable:
-        op_key = (fmt, axis, cfg, *sorted(extra.items()))
-        cached = weights.lookup(t, op_key)
+        if fmt == "hifp8" and cfg.rounding != "stochastic" and t.dim() == 2:
+            # elementwise (tensor scaling included: one amax over the same elements), so q(W.t()) is
+            # q(W).t() bit for bit, whatever the axis or block options: the forward's W.t() and dgrad's W
+            # share one entry (half the cache's memory for HiF8)
+            op_key = ("elementwise", fmt, cfg.rounding, cfg.preset, *sorted(extra.items()))
+            flip = not t.is_contiguous() and t.t().is_contiguous()
+        else:
+            op_key = (fmt, axis, cfg, *sorted(extra.items()))
+        cached = weights.lookup(t.t() if flip else t, op_key)
         if cached is not None:
             counters.count_operand(role, "cache")
-            return cached
+            return (cached[0].t(), cached[1]) if flip else cached
     if t.dim() >= 2 and t.numel():
         (fn, path, reason), keeps = _quantizer(t, fmt, axis, cfg, extra)
         if keeps and (t.is_contiguous() or (t.dim() == 2 and t.stride() == (1, t.shape[0]))):
@@ -213,7 +221,7 @@ def _quant_path(
             counters.count_operand(role, path)
             q = fn(t)
             if cacheable:
-                weights.store(t, op_key, q, path)
+                weights.store(t.t() if flip else t, op_key, q.t() if flip else q, path)
             return q, path
     if t.dim() < 2:
         q, path = _fake_quant(t, fmt, axis, cfg, role, extra)
@@ -249,7 +257,7 @@ def _quant_path(
         inverse = [perm.index(d) for d in range(t.dim())]
         q = q.reshape(shape).permute(inverse)
     if cacheable:
-        weights.store(t, op_key, q, path)
+        weights.store(t.t() if flip else t, op_key, q.t() if flip else q, path)
     return q, path
 
 
