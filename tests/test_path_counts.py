@@ -298,6 +298,19 @@ def test_hif8_weight_serves_forward_and_dgrad_from_one_entry(tensor_scale: bool)
     assert counters.snapshot()["operands"]["matmul.grad"]["cache"] == 2  # dgrad hit the forward's copy
 
 
+def test_nvfp4_weight_tiles_come_from_the_cache_too() -> None:
+    # nvfp4_paper's 16x16 weight tiles were quantized at every use (the cache was skipped on that path)
+    x = _rand(8, 64)
+    w = torch.nn.Parameter(_rand(32, 64, seed=6))
+    with torch.no_grad():
+        fresh = quant_matmul(x, w.t(), "nvfp4", recipe="nvfp4_paper", gemm="fprop")
+        weights.enable_weight_cache()
+        first = quant_matmul(x, w.t(), "nvfp4", recipe="nvfp4_paper", gemm="fprop")
+        again = quant_matmul(x, w.t(), "nvfp4", recipe="nvfp4_paper", gemm="fprop")
+    assert torch.equal(_bits(fresh), _bits(first)) and torch.equal(_bits(first), _bits(again))
+    assert weights.stats()["entries"] == 1 and weights.stats()["hits"] == 1
+
+
 def test_weight_cache_sees_in_place_updates_and_steps() -> None:
     x = _rand(8, 64)
     w = torch.nn.Parameter(_rand(32, 64, seed=3))

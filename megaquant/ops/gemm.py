@@ -67,8 +67,19 @@ def _quant_scaled(
     t: torch.Tensor, fmt: str, axis: int, cfg: QuantConfig, operand: str, role: str, extra: dict[str, Any]
 ) -> tuple[torch.Tensor, str]:
     if cfg.weight_block_2d and operand == "weight" and t.dim() == 2:
-        # 16x16 tiles over the matrix as it is (the same tiles for W and W.T)
-        return _fake_quant(t, fmt, axis, cfg, role, {**extra, "block_2d": True})
+        # 16x16 tiles over the matrix as it is (the same tiles for W and W.T); a parameter's copy comes from
+        # the weight cache like any other (one entry per layout: the GEMM reads exactly what it would)
+        tiles = {**extra, "block_2d": True}
+        cacheable = weights.enabled() and "seed" not in tiles
+        key: tuple[object, ...] = ("tiles2d", fmt, axis, cfg, *sorted(tiles.items())) if cacheable else ()
+        cached = weights.lookup(t, key) if cacheable else None
+        if cached is not None:
+            counters.count_operand(role, "cache")
+            return cached
+        q, path = _fake_quant(t, fmt, axis, cfg, role, tiles)
+        if cacheable:
+            weights.store(t, key, q, path)
+        return q, path
     if fmt != "hifp8" or cfg.tensor_scaling == "none":
         return _quant_path(t, fmt, axis, cfg, role, extra)
     if cfg.tensor_scaling == "current":  # amax + scale on the device (Triton), equal to the ops-level form
