@@ -255,13 +255,32 @@ def train_argv(
 _FA_ONLY = ("FA_", "qk_", "pv_")
 
 
+def graphed(spec: RunSpec) -> bool:
+    """Whether `megaquant train --cuda-graphs auto` runs this cell under the full-iteration CUDA graph: the
+    launcher's own decision (megaquant.launch.graphs), for megaquant's entry on one GPU."""
+    from megaquant.launch.graphs import decide_graphs
+    from megaquant.recipes import get_recipe
+
+    decision = decide_graphs(
+        "auto",
+        recipe=get_recipe(spec.recipe),
+        own_entry=True,
+        training_root=None,
+        moe=SHAPES[spec.shape].model == "deepseek2_lite",
+        world_size=1,
+        pipeline=1,
+    )
+    return decision.enabled
+
+
 def cost_factor(spec: RunSpec) -> float:
-    """Assumed step time of a mode relative to bf16 (planning only). Graph-safe modes on the dense shapes run
-    under the full-iteration CUDA graph like bf16: 1.02x (FA_linear_mxfp8) and 1.04x (+ hifp8_scaled)
-    measured at the 8B cut (benchmarks.md §6d), 1.05-1.09x at the 1B single-gpu shape (§6c). The SR / RHT /
-    delayed-scaling recipes run eager (docs/running.md, "CUDA graphs"): 3.7x (mxfp4_tseng) and 2.7x
-    (nvfp4_paper) at the 8B cut while sharing the GPU (§6d), assumed 3x. DeepSeek's MoE runs eager in every
-    mode: 1.7x for quantized modes (§7, host-bound), 1.9x tensor-scaled HiF8, 2.5x the recipes."""
+    """Assumed step time of a mode relative to bf16 (planning only). Cells under the full-iteration CUDA graph
+    (`graphed`) cost about what bf16 does: 1.02x (FA_linear_mxfp8) and 1.04x (+ hifp8_scaled) measured at
+    the 8B cut (benchmarks.md §6d), 1.05-1.09x at the 1B single-gpu shape (§6c). Eager cells of a graphed
+    shape (the SR / RHT / delayed-scaling recipes while `auto` keeps them eager): 3.7x (mxfp4_tseng) and
+    2.7x (nvfp4_paper) at the 8B cut while sharing the GPU (§6d), assumed 3x. DeepSeek's MoE runs eager in
+    every mode, bf16 too: 1.7x for quantized modes (§7, host-bound), 1.9x tensor-scaled HiF8, 2.5x the
+    recipes."""
     if spec.mode == "bf16":
         return 1.0
     step_state = spec.recipe in ("sr_gradients", "mxfp4_tseng", "nvfp4_paper", "hifp8_delayed")
@@ -271,9 +290,17 @@ def cost_factor(spec: RunSpec) -> float:
         if spec.recipe in ("hifp8_scaled", "hifp8_delayed"):
             factor = max(factor, 1.9)
         return 2.5 if step_state else factor
-    if step_state:
+    if not graphed(spec):
         return 3.0
     return 1.1 if spec.recipe == "hifp8_scaled" else 1.05
+
+
+def may_share(spec: RunSpec, active: Sequence[RunSpec]) -> bool:
+    """Whether `spec` may start beside the `active` runs: always alone; beside others only if it or all of
+    them run eager. Two graphed runs at once gained only 1.10x throughput on the H200 (benchmarks.md §6d)
+    and each one's step time would no longer be clean; an eager, host-bound run leaves the GPU idle between
+    its launches, which another run can use."""
+    return not active or not graphed(spec) or not any(graphed(a) for a in active)
 
 
 def estimate_s(spec: RunSpec, measured: dict[str, float]) -> float:
@@ -459,7 +486,13 @@ def run_batch(ns: argparse.Namespace, batch: Sequence[RunSpec]) -> dict[str, dic
             running = len(active)
             others = [(a.start - t0, estimate_s(a.spec, measured)) for a in active]
             spec = next(
-                (s for s in pending if can_start(now, estimate_s(s, measured), others, ns.budget_s)), None
+                (
+                    s
+                    for s in pending
+                    if (ns.share_any or may_share(s, [a.spec for a in active]))
+                    and can_start(now, estimate_s(s, measured), others, ns.budget_s)
+                ),
+                None,
             )
             if spec is None:
                 break
@@ -659,6 +692,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--work", type=Path, required=True, help="run dirs, slot trees, index caches")
     run.add_argument("--out", type=Path, required=True, help="the batch tarball and driver log")
     run.add_argument("--budget-s", type=float, default=540.0, help="start nothing that would end later")
+    run.add_argument(
+        "--share-any",
+        action="store_true",
+        help="with --concurrency > 1, let graphed runs share the GPU with each other too (default: a run "
+        "shares the GPU only if it or every run already going is eager)",
+    )
     run.add_argument("--megaquant", default=None, help="the CLI as words (default: megaquant on PATH)")
     pack = sub.add_parser("pack-data", help="the prepared realtext corpus as one .tar.xz (here)")
     pack.add_argument("--data-root", type=Path, required=True)

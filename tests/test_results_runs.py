@@ -88,6 +88,18 @@ def test_each_family_covers_the_issue_matrix(shape: str) -> None:
     assert runs[0].mode == "bf16"  # the baseline first: a cut-short batch still has it
 
 
+def test_only_eager_runs_share_the_gpu_by_default() -> None:
+    graph_run = rr.RunSpec(shape="8b-4l", mode="FA_linear_mxfp8", seed=1234)
+    eager = rr.RunSpec(shape="8b-4l", mode="FA_linear_mxfp4", recipe="mxfp4_tseng", seed=1234)
+    moe = rr.RunSpec(shape="dsv2-2l", mode="bf16", seed=1234)  # DeepSeek's MoE is never graphed
+    assert rr.graphed(graph_run) and not rr.graphed(eager) and not rr.graphed(moe)
+    assert rr.may_share(graph_run, [])
+    assert not rr.may_share(graph_run, [graph_run])  # two graphed runs: 1.10x, and neither time is clean
+    assert rr.may_share(eager, [graph_run]) and rr.may_share(graph_run, [eager])
+    assert rr.may_share(moe, [eager])
+    assert rr.cost_factor(eager) == 3.0 and rr.cost_factor(graph_run) == 1.05
+
+
 def test_budget_decision() -> None:
     spec = rr.RunSpec(shape="8b-4l", mode="bf16", steps=100)
     assumed = rr.estimate_s(spec, {})
@@ -179,7 +191,7 @@ def test_runs_share_the_gpu_in_their_own_trees_and_come_back_in_one_tarball(
     batch = tuple(rr.RunSpec(shape="8b-4l", mode=m, steps=8) for m in ("bf16", "FA_mxfp8", "linear_mxfp8"))
     monkeypatch.setitem(rr.BATCHES, "test", batch)
     megaquant, log = _fake(tmp_path, monkeypatch, sleep=1.0)
-    assert _run(tmp_path, megaquant, "--concurrency", "2", "--budget-s", "600") == 0
+    assert _run(tmp_path, megaquant, "--concurrency", "2", "--share-any", "--budget-s", "600") == 0
     starts = [json.loads(line) for line in log.read_text().splitlines()]
     first, second = starts[0], starts[1]
     assert first["tree"] != second["tree"] and first["port"] != second["port"]  # concurrent: apart
@@ -308,7 +320,7 @@ def test_real_megaquant_train_two_at_once_then_the_page(
     monkeypatch.setenv("MEGAQUANT_TRAIN_COMMAND", shlex.join([sys.executable, str(script)]))
     batch = tuple(rr.RunSpec(shape="8b-4l", mode=m, steps=8) for m in ("bf16", "linear_mxfp4"))
     monkeypatch.setitem(rr.BATCHES, "test", batch)
-    code = _run(tmp_path, f"{sys.executable} -m megaquant", "--concurrency", "2", tree=tree)
+    code = _run(tmp_path, f"{sys.executable} -m megaquant", "--concurrency", "2", "--share-any", tree=tree)
     assert code == 0
     store = tmp_path / "store"
     rr.unpack(tmp_path / "out" / "test.tar.gz", store)
