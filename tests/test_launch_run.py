@@ -352,3 +352,19 @@ def test_a_second_run_on_a_checkout_being_trained_is_refused(
     record = execute(plan)  # the holder is gone: a stale lease does not block
     assert record.exit_code == 0 and not lease.exists()
     assert git.Repo(fork_repo).active_branch.name == "main"
+
+
+def test_of_two_runs_taking_the_lease_at_once_one_gets_it(fork_repo: Path, tmp_path: Path) -> None:
+    """The lease is created exclusively (check-then-write let two runs starting together both pass); the
+    second of two runs starting together finds the first one's file, empty until it writes its record."""
+    import os
+
+    from megaquant.launch.run import TRAINING_LEASE, release_training_lease, take_training_lease
+
+    lease = Path(git.Repo(fork_repo).git_dir) / TRAINING_LEASE
+    lease.write_text("")  # a lease being written this instant by another run: not taken over
+    with pytest.raises(LaunchError, match="another megaquant train is starting"):
+        take_training_lease(fork_repo, tmp_path / "a")
+    os.utime(lease, (1.0, 1.0))  # the same empty file, long ago: a leftover, taken over
+    release_training_lease(take_training_lease(fork_repo, tmp_path / "a"))
+    assert not lease.exists()

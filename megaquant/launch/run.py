@@ -376,14 +376,39 @@ def take_training_lease(tree: Path, run_dir: Path) -> Path | None:
         path = Path(git.Repo(tree, search_parent_directories=True).git_dir).resolve() / TRAINING_LEASE
     except (git.InvalidGitRepositoryError, git.NoSuchPathError):  # no repository: nothing to lease
         return None
-    holder = _lease_holder(path)
-    if holder is not None and holder.get("pid") != os.getpid():
-        raise LaunchError(
-            f"{tree}: megaquant train (pid {holder.get('pid')}, run dir {holder.get('run_dir')}) is training "
-            "this checkout; runs at once each need their own `--worktree DIR` (or wait for that one)"
-        )
-    path.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "run_dir": str(run_dir)}))
-    return path
+    record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "run_dir": str(run_dir)})
+    for _ in range(3):
+        try:  # created exclusively: of two runs starting at the same instant, one gets it
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            holder = _lease_holder(path)
+            if holder is not None and holder.get("pid") != os.getpid():
+                raise LaunchError(
+                    f"{tree}: megaquant train (pid {holder.get('pid')}, run dir {holder.get('run_dir')}) is "
+                    "training this checkout; runs at once each need their own `--worktree DIR` (or wait for "
+                    "that one)"
+                ) from None
+            if holder is None and _just_created(path):  # another run is writing it right now
+                raise LaunchError(
+                    f"{tree}: another megaquant train is starting on this checkout; runs at once each need "
+                    "their own `--worktree DIR`"
+                ) from None
+            path.unlink(missing_ok=True)  # stale (its run was killed) or our own: take it over
+            continue
+        with os.fdopen(fd, "w") as out:
+            out.write(record)
+        return path
+    raise LaunchError(f"{path}: could not take the training lease (it keeps reappearing); try again")
+
+
+def _just_created(path: Path, seconds: float = 10.0) -> bool:
+    """An unreadable lease younger than `seconds`: being written by the run that just created it."""
+    import time
+
+    try:
+        return time.time() - path.stat().st_mtime < seconds and not path.read_text().strip()
+    except OSError:
+        return False
 
 
 def release_training_lease(path: Path | None) -> None:
