@@ -348,7 +348,8 @@ def weight_cache_pays(*, microbatches: int, recompute: bool) -> bool:
     """Whether caching a step's weight copies saves any quantization: only when a copy is used twice in one
     optimizer step, i.e. by several microbatches (gradient accumulation, pipeline schedules) or by a
     recomputed forward. With one microbatch and no recomputation the cache would cost its memory (one copy
-    per cached operand) for nothing. Pure."""
+    per cached operand) for nothing, or for one quantization per weight and step where HiF8's forward copy
+    also serves dgrad: not worth a copy of every weight. Pure."""
     return microbatches > 1 or recompute
 
 
