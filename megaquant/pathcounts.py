@@ -57,6 +57,7 @@ def merge(snapshots: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     fallbacks: list[dict[str, Any]] = []
     steps = 0
     graph: dict[str, Any] | None = None
+    cache: dict[str, Any] | None = None
     for snap in snapshots:
         _add(gemms, snap.get("gemms", {}))
         _add(operands, snap.get("operands", {}))
@@ -67,6 +68,11 @@ def merge(snapshots: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
         fallbacks.extend(snap.get("fallbacks", []))
         steps = max(steps, int(snap.get("steps", 0)))
         graph = graph or snap.get("cuda_graph")
+        if snap.get("weight_cache"):  # the same decision on every rank; the largest rank's holding
+            rank = dict(snap["weight_cache"])
+            if cache is not None:
+                rank["peak_bytes"] = max(int(cache.get("peak_bytes") or 0), int(rank.get("peak_bytes") or 0))
+            cache = rank
     merged: dict[str, Any] = {"gemms": gemms, "operands": operands, "fallbacks": fallbacks, "steps": steps}
     if eval_gemms:
         merged.update(eval_gemms=eval_gemms, eval_operands=eval_operands)
@@ -74,6 +80,8 @@ def merge(snapshots: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
         merged["scoped"] = scoped
     if graph:
         merged["cuda_graph"] = graph
+    if cache:
+        merged["weight_cache"] = cache
     return merged
 
 

@@ -467,3 +467,20 @@ def test_ops_without_autograd_equal_the_autograd_path() -> None:
     qa, qb = fake_quant(a, "hifp8").expand(2, 4, 64), fake_quant(b.detach(), "hifp8").expand(2, 64, 8)
     ref = torch.baddbmm(inp, qa, qb, beta=0.0, alpha=0.5)
     assert torch.equal(_bits(bad), _bits(ref))
+
+
+def test_the_weight_cache_decision_and_holding_reach_the_counts_file() -> None:
+    assert "weight_cache" not in counters.snapshot()  # not decided: nothing said
+    counters.note_weight_cache(True, "default")
+    weights.enable_weight_cache()
+    w = torch.nn.Parameter(_rand(32, 64, seed=7))
+    with torch.no_grad():
+        quant_matmul(_rand(8, 64), w.t(), "mxfp8")
+    snap = counters.snapshot()
+    assert snap["weight_cache"] == {
+        "enabled": True, "reason": "default", "peak_bytes": w.numel() * 4, "bound": None,
+    }  # fmt: skip
+    merged = pathcounts.merge([snap, {"weight_cache": {**snap["weight_cache"], "peak_bytes": 1}}])
+    assert merged["weight_cache"]["peak_bytes"] == w.numel() * 4  # the largest rank's holding
+    counters.reset()
+    assert "weight_cache" not in counters.snapshot()

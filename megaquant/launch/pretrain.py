@@ -460,15 +460,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     dp = max(1, int(getattr(args, "data_parallel_size", 1) or 1))
     microbatches = max(1, int(args.global_batch_size) // (int(args.micro_batch_size) * dp))
     recompute = getattr(args, "recompute_granularity", None) is not None
-    if (
-        enabled
-        and not (setting or "").strip()
-        and not weight_cache_pays(microbatches=microbatches, recompute=recompute)
-    ):
+    given = (setting or "").strip()
+    reason = f"{WEIGHT_CACHE_ENV}={given}" if given else "default"
+    if enabled and not given and not weight_cache_pays(microbatches=microbatches, recompute=recompute):
         enabled = False
+        reason = "one microbatch per step and no recomputation: each weight copy would be used once"
         if rank0:
             print(f"megaquant: weight cache off: one microbatch per step and no recomputation, so each "
                   f"weight copy is used once ({WEIGHT_CACHE_ENV}=on caches anyway)", flush=True)  # fmt: skip
+    counters.note_weight_cache(enabled, reason)
     if enabled:
         weights.enable_weight_cache(max_bytes)
     if getattr(args, "cuda_graph_impl", "none") == "full_iteration":

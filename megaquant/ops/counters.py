@@ -32,6 +32,7 @@ __all__ = [
     "expect_graph",
     "mark_step",
     "note_fallback",
+    "note_weight_cache",
     "pop_scope",
     "push_scope",
     "reset",
@@ -48,6 +49,13 @@ _EVAL_GEMMS: Counter[tuple[str, str]] = Counter()
 _EVAL_OPERANDS: Counter[tuple[str, str]] = Counter()
 _SCOPES: list[str] = []
 _SCOPED: Counter[tuple[str, str, str]] = Counter()
+_WEIGHT_CACHE: dict[str, Any] = {}
+
+
+def note_weight_cache(enabled: bool, reason: str) -> None:
+    """Record the training process's weight-cache decision; snapshot() adds what the cache held at most."""
+    _WEIGHT_CACHE.clear()
+    _WEIGHT_CACHE.update(enabled=enabled, reason=reason)
 
 
 @dataclass
@@ -160,6 +168,11 @@ def snapshot() -> dict[str, Any]:
         out["scoped"] = scoped
     if _GRAPH.capture_step is not None:
         out["cuda_graph"] = {"capture_step": _GRAPH.capture_step, "replayed_steps": _GRAPH.replays}
+    if _WEIGHT_CACHE:
+        from megaquant.ops import weights
+
+        held = weights.stats()
+        out["weight_cache"] = {**_WEIGHT_CACHE, "peak_bytes": held["peak_bytes"], "bound": held["max_bytes"]}
     return out
 
 
@@ -172,6 +185,7 @@ def reset() -> None:
     _EVAL_OPERANDS.clear()
     _SCOPES.clear()
     _SCOPED.clear()
+    _WEIGHT_CACHE.clear()
     global _GRAPH
     _GRAPH = _Graph()
 
