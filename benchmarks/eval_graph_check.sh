@@ -18,7 +18,7 @@ for g in on off; do
 done
 wait
 {
-  for g in on off; do echo "graphs $g: exit $(grep -c . "$R/$g/metrics.jsonl" 2>/dev/null) metric lines"; \
+  for g in on off; do echo "graphs $g: $(grep -c . "$R/$g/metrics.jsonl" 2>/dev/null) steps logged"; \
     grep -h "validation loss" "$R/$g/train.log"; done
   python3 - "$R" <<'PY'
 import json, re, sys
