@@ -48,7 +48,6 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -59,6 +58,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _procs import interrupt  # noqa: E402
 
 QUANTIZED = "FA_linear_mxfp8"
 PORT_BASE = 29610
@@ -287,13 +289,7 @@ def git_state(tree: Path) -> dict[str, str]:
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> int:
-    """Ctrl-C, not a kill: megaquant train stops torchrun, records 'interrupted' and restores the tree."""
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    interrupt([proc], 30.0)
     return 124
 
 

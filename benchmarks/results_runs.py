@@ -30,7 +30,6 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
@@ -40,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _procs import interrupt  # noqa: E402
 from results_page import parse_validation  # noqa: E402
 
 BASE_PRESET = "single-gpu"
@@ -448,17 +448,7 @@ def _slot_trees(tree: Path, work: Path, n: int) -> list[Path]:
 
 
 def _interrupt(runs: Sequence[Active], wait_s: float = 60.0) -> None:
-    """Ctrl-C for each `megaquant train`, all at once (it stops torchrun, records 'interrupted' and restores
-    the tree), then wait for them together; whatever is left after `wait_s` is killed."""
-    for run in runs:
-        run.proc.send_signal(signal.SIGINT)
-    deadline = time.monotonic() + wait_s
-    for run in runs:
-        try:
-            run.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            run.proc.kill()
-            run.proc.wait()
+    interrupt([run.proc for run in runs], wait_s)
 
 
 def run_batch(ns: argparse.Namespace, batch: Sequence[RunSpec]) -> dict[str, dict[str, bytes]]:

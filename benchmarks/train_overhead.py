@@ -25,7 +25,6 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _procs import interrupt  # noqa: E402
 
 SHAPES: dict[str, tuple[str, str, tuple[str, ...], int]] = {
     # name: (model, preset, extra Megatron args, global batch)
@@ -173,14 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 code = proc.wait(timeout=ns.row_timeout_s)
             except subprocess.TimeoutExpired:
-                # Ctrl-C, not a kill: megaquant train stops torchrun, records 'interrupted' and restores the
-                # tree, so the next row starts from the instrumented base
-                proc.send_signal(signal.SIGINT)
-                try:
-                    proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+                interrupt([proc], 60.0)  # the next row starts from the instrumented base
                 code = 124
         took.append(time.monotonic() - t0)
         try:
