@@ -19,7 +19,7 @@ from megaquant import pathcounts
 from megaquant.errors import LaunchError
 from megaquant.formats import fake_quant, quantizer
 from megaquant.launch.pretrain import weight_cache_bound, weight_cache_pays
-from megaquant.launch.run import TRAIN_COMMAND_ENV, TrainRequest, execute, plan_run
+from megaquant.launch.run import TRAIN_COMMAND_ENV, RunRecord, TrainRequest, execute, plan_run
 from megaquant.ops import configure, counters, quant_baddbmm, quant_bmm, quant_linear, quant_matmul, weights
 
 
@@ -134,21 +134,24 @@ print("counted into", os.environ.get("MEGAQUANT_PATH_COUNTS"), flush=True)
 """  # no explicit write: the at-exit hook of megaquant.ops.counters stores the counts
 
 
-def test_train_folds_the_counts_into_the_manifest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _train_with(trainer: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> RunRecord:
+    """`megaquant train` (tiny, smoke, linear_mxfp8) on a fixture repo with `trainer` as the training
+    command (the test hook); asserts it exited 0."""
     repo = make_git_repo(tmp_path, "v1_three")
-    script = tmp_path / "fake_trainer.py"
-    script.write_text(FAKE_TRAINER)
+    script = tmp_path / "trainer.py"
+    script.write_text(trainer)
     monkeypatch.setenv(TRAIN_COMMAND_ENV, shlex.join([sys.executable, str(script)]))
+    run_dir = tmp_path / "run"
     request = TrainRequest(
-        model="tiny",
-        dataset=None,
-        mode="linear_mxfp8",
-        preset="smoke",
-        megatron=repo,
-        run_dir=tmp_path / "run",
+        model="tiny", dataset=None, mode="linear_mxfp8", preset="smoke", megatron=repo, run_dir=run_dir
     )
     record = execute(plan_run(request))
     assert record.exit_code == 0, (record.run_dir / "train.log").read_text()
+    return record
+
+
+def test_train_folds_the_counts_into_the_manifest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    record = _train_with(FAKE_TRAINER, tmp_path, monkeypatch)
     manifest = json.loads((record.run_dir / "manifest.json").read_text())
     assert manifest["env"][pathcounts.PATH_COUNTS_ENV] == str(record.run_dir)
     counts = manifest["path_counts"]
@@ -171,20 +174,7 @@ sys.exit(max(p.wait() for p in procs))
 
 def test_every_rank_writes_its_own_counts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 12 needs "every rank quantizes": each training process's counts reach the run dir apart."""
-    repo = make_git_repo(tmp_path, "v1_three")
-    script = tmp_path / "two_ranks.py"
-    script.write_text(TWO_RANKS)
-    monkeypatch.setenv(TRAIN_COMMAND_ENV, shlex.join([sys.executable, str(script)]))
-    request = TrainRequest(
-        model="tiny",
-        dataset=None,
-        mode="linear_mxfp8",
-        preset="smoke",
-        megatron=repo,
-        run_dir=tmp_path / "run",
-    )
-    record = execute(plan_run(request))
-    assert record.exit_code == 0, (record.run_dir / "train.log").read_text()
+    record = _train_with(TWO_RANKS, tmp_path, monkeypatch)
     per_rank = {
         r: json.loads((record.run_dir / pathcounts.file_name(r)).read_text())["gemms"] for r in (0, 1)
     }
