@@ -3,6 +3,7 @@ runs at once, the budget, the tarball) against a stand-in for `megaquant train`.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import tarfile
@@ -278,6 +279,11 @@ def test_skip_done_leaves_out_succeeded_runs_only(tmp_path: Path, capsys: pytest
     assert rr.main(["plan", "--batch", "8b-4l", "--skip-done", str(tmp_path), "--skip-done", str(other)]) == 0
     table = capsys.readouterr().out
     assert f"| {batch[2].name} |" not in table and f"{len(batch) - 2} runs" in table
+    # `run` also leaves out what its --work dir already holds (a warm machine's earlier call)
+    ns = argparse.Namespace(batch="8b-4l", only="", skip_done=None, work=tmp_path / "work")
+    (ns.work / "runs" / "8b-4l" / batch[3].name).mkdir(parents=True)
+    (ns.work / "runs" / "8b-4l" / batch[3].name / "manifest.json").write_text('{"status": "succeeded"}')
+    assert [s.name for s in rr._select(ns)] == [s.name for s in batch if s is not batch[3]]
 
 
 TRAINER = r"""
