@@ -480,7 +480,7 @@ def _paired_val_curve(cell: Cell, base_runs: Sequence[StoredRun]) -> dict[int, l
     both have. bf16's own curve: each seed minus the seeds' mean (its spread around 0)."""
     by_seed = {r.seed: {p.step: p.loss for p in r.validation if not p.final} for r in base_runs}
     out: dict[int, list[float]] = {}
-    if cell.runs is base_runs or tuple(cell.runs) == tuple(base_runs):
+    if tuple(cell.runs) == tuple(base_runs):  # bf16 itself
         steps = sorted({s for v in by_seed.values() for s in v})
         for s in steps:
             vals = [v[s] for v in by_seed.values() if s in v]
