@@ -135,6 +135,32 @@ def analyse(prof: Any, wall_s: float) -> dict[str, Any]:
     }
 
 
+GEMM_ROLES = {"fprop": "linear_fwd", "dgrad": "linear_dgrad", "wgrad": "linear_wgrad"}
+
+
+def linear_role(kw: dict[str, Any]) -> str:
+    """The role of an instrumented linear GEMM: its hook names the GEMM; a call without one is fprop."""
+    return GEMM_ROLES[kw.get("gemm") or "fprop"]
+
+
+def wrap_fused_attention(state: dict[str, Any], record_function: Any) -> None:
+    """The fused attention core takes the tree's qk / pv values as arguments: run the variant's instead."""
+    try:
+        from megaquant.ops.attention_core import FusedCore
+    except ImportError:  # a tree instrumented before the fused core existed
+        return
+    call = FusedCore.__call__
+
+    def wrapped(self: Any, qk: str, pv: str) -> Any:
+        values = state["values"]
+        if state["profiling"]:
+            with record_function("mq.attention"):
+                return call(self, values["qk"], values["pv"])
+        return call(self, values["qk"], values["pv"])
+
+    FusedCore.__call__ = wrapped  # type: ignore[method-assign]
+
+
 def inner(ns: argparse.Namespace, argv: list[str]) -> int:
     import torch
     from megatron.training import training
@@ -170,9 +196,10 @@ def inner(ns: argparse.Namespace, argv: list[str]) -> int:
 
         setattr(ops, name, wrapped)
 
-    wrap("quant_matmul", 2, lambda kw: "linear_bwd" if kw.get("grad") else "linear_fwd")
+    wrap("quant_matmul", 2, linear_role)
     wrap("quant_baddbmm", 3, lambda kw: "qk")
     wrap("quant_bmm", 2, lambda kw: "pv")
+    wrap_fused_attention(state, record_function)
     original = training.train_step
 
     def save() -> None:

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import pytest
+
 from megaquant.argvalues import flag_values
 from megaquant.launch.run import TrainRequest, plan_run
 
@@ -53,3 +55,27 @@ def test_attention_train_request_is_accepted(tmp_path: Path) -> None:
     )  # fmt: skip
     args = plan_run(request).megatron_args
     assert flag_values(args, "--train-samples")[-1] == "60"
+
+
+def test_profile_step_gives_every_instrumented_gemm_a_role_of_the_mode() -> None:
+    """The 8B-cut profile died on KeyError 'linear_bwd': the dgrad hook's GEMM took a role no mode has."""
+    from megaquant.launch.modes import get_mode
+
+    profile_step = _load("profile_step")
+    values = get_mode("FA_linear_mxfp8").values()
+    for kw, role in (({"gemm": "fprop"}, "linear_fwd"), ({"grad": True, "gemm": "dgrad"}, "linear_dgrad"),
+                     ({"grad": True, "gemm": "wgrad"}, "linear_wgrad"), ({}, "linear_fwd")):  # fmt: skip
+        assert profile_step.linear_role(kw) == role and role in values
+
+
+def test_profile_step_runs_the_fused_attention_with_the_variant_values(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from megaquant.ops import attention_core
+
+    profile_step = _load("profile_step")
+    seen: list[tuple[str, str]] = []
+    monkeypatch.setattr(attention_core.FusedCore, "__call__", lambda self, qk, pv: seen.append((qk, pv)))
+    profile_step.wrap_fused_attention({"values": {"qk": "mxfp8", "pv": "hifp8"}, "profiling": False}, None)
+    attention_core.FusedCore.__call__(object(), "none", "none")  # type: ignore[arg-type]
+    assert seen == [("mxfp8", "hifp8")]

@@ -43,18 +43,15 @@ def test_auto_turns_graphs_on_only_where_a_replay_is_exact() -> None:
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
-def test_every_recipe_may_run_under_graphs_and_auto_leaves_out_the_unverified(name: str) -> None:
-    # stochastic rounding, per-GEMM random signs and delayed scaling keep no per-step host state any more
-    # (tests/test_graphsafe.py); `auto` waits for the replay-vs-eager GPU test (tests/test_graphsafe_gpu.py)
-    # for the random streams, and for evaluation semantics for delayed scaling
+def test_every_recipe_may_run_under_graphs_and_auto_leaves_out_only_delayed_scaling(name: str) -> None:
+    # stochastic rounding, per-GEMM random signs and delayed scaling keep no per-step host state
+    # (tests/test_graphsafe.py), and the random streams replay bit for bit on a GPU
+    # (tests/test_graphsafe_gpu.py); `auto` still waits on evaluation semantics for delayed scaling
     recipe = get_recipe(name)
     assert recipe_blockers(recipe) == []
     assert _decide("on", recipe=name).enabled
     assert _decide("off", recipe=name, extra=("--cuda-graph-impl", "full_iteration")).enabled
-    random_streams = recipe.stochastic_rounding != "none" or (
-        recipe.hadamard != "none" and recipe.hadamard_signs != "fixed"
-    )
-    unverified = random_streams or recipe.tensor_scaling == "delayed"
+    unverified = recipe.tensor_scaling == "delayed"
     assert bool(recipe_unverified(recipe)) == unverified
     decision = _decide(recipe=name)
     assert decision.enabled != unverified
@@ -62,12 +59,12 @@ def test_every_recipe_may_run_under_graphs_and_auto_leaves_out_the_unverified(na
         assert name in decision.reason and "--cuda-graphs on" in decision.reason
 
 
-def test_the_formerly_blocked_recipes_wait_for_the_gpu_check_in_auto() -> None:
+def test_auto_graphs_the_random_stream_recipes_and_not_delayed_scaling() -> None:
     # the test above must not pass vacuously: the registry has the per-step recipes
-    for name in ("sr_gradients", "nvfp4_paper", "mxfp4_tseng", "hifp8_delayed"):
-        assert not _decide(recipe=name).enabled, name
-        assert _decide("on", recipe=name).enabled, name
-    assert _decide(recipe="hifp8_scaled").enabled
+    for name in ("sr_gradients", "nvfp4_paper", "mxfp4_tseng", "hifp8_scaled"):
+        assert _decide(recipe=name).enabled, name
+    assert not _decide(recipe="hifp8_delayed").enabled
+    assert _decide("on", recipe="hifp8_delayed").enabled
 
 
 def test_plan_adds_the_graph_flags_when_the_tree_supports_them(tmp_path: Path) -> None:

@@ -18,7 +18,12 @@ from conftest import make_git_repo
 from megaquant import pathcounts
 from megaquant.errors import LaunchError
 from megaquant.formats import fake_quant, quantizer
-from megaquant.launch.pretrain import weight_cache_bound, weight_cache_pays
+from megaquant.launch.pretrain import (
+    weight_cache_bound,
+    weight_cache_off_reason,
+    weight_cache_pays,
+    weight_cache_saving,
+)
 from megaquant.launch.run import TRAIN_COMMAND_ENV, RunRecord, TrainRequest, execute, plan_run
 from megaquant.ops import configure, counters, quant_baddbmm, quant_bmm, quant_linear, quant_matmul, weights
 
@@ -401,10 +406,20 @@ def test_weight_cache_setting() -> None:
         weight_cache_bound("lots", gpu)
 
 
-def test_weight_cache_is_on_by_default_only_where_a_copy_is_used_twice() -> None:
-    assert weight_cache_pays(microbatches=8, recompute=False)  # the single-gpu preset: 8 microbatches
-    assert weight_cache_pays(microbatches=1, recompute=True)  # the recomputed forward reuses the copy
-    assert not weight_cache_pays(microbatches=1, recompute=False)  # one use per step: memory for nothing
+def test_weight_cache_is_on_by_default_only_where_a_copy_is_used_again_and_that_pays() -> None:
+    def pays(m: int, tokens: int, recompute: bool = False) -> bool:
+        return weight_cache_pays(microbatches=m, recompute=recompute, tokens_per_microbatch=tokens)
+
+    assert pays(8, 2 * 1024)  # the single-gpu preset: 8 microbatches of 2 x 1024 (measured: 6.9 % saved)
+    assert pays(32, 2048) and pays(8, 256)  # the fast and smoke presets
+    assert pays(1, 2048, recompute=True)  # the recomputed forward reuses the copy
+    assert not pays(1, 256)  # one use per step: memory for nothing
+    assert not pays(2, 8192)  # the 8B cut at seq 8192, 2 microbatches: ~1 % for 1.8 GiB of copies
+    assert weight_cache_saving(microbatches=8, recompute=False, tokens_per_microbatch=2048) == pytest.approx(
+        7 / 8 * 160 / 2048
+    )
+    assert "~1.0% of a step" in weight_cache_off_reason(microbatches=2, recompute=False, tokens=8192)
+    assert "one microbatch" in weight_cache_off_reason(microbatches=1, recompute=False, tokens=8192)
 
 
 # ------------------------------------------------------------------------------------ launch path

@@ -11,8 +11,8 @@ What a graph cannot replay is host-side state that changes from step to step. Th
 stochastic rounding and per-GEMM random Hadamard signs pass the same host seed every step and mix in a
 device word that `next_step()` overwrites outside the graph, and delayed scaling shifts its amax histories
 with fixed-index device ops (megaquant.ops.state; tests/test_graphsafe.py checks the host arguments,
-tests/test_graphsafe_gpu.py the replay against eager). `recipe_blockers` is where a recipe feature that
-does keep such state would be refused. Delayed scaling is left out of `auto` (`recipe_unverified`): its
+tests/test_graphsafe_gpu.py the replay against eager, on an H200). `recipe_blockers` is where a recipe feature
+that does keep such state would be refused. Delayed scaling is left out of `auto` (`recipe_unverified`): its
 training steps replay exactly, but evaluation meets new amax slots every iteration, which a replayed
 validation graph scales as current scaling while eager evaluation reuses earlier evaluations' histories.
 Dropless MoE reads token counts back to the host (not capturable); multi-GPU and pipeline-parallel graphs
@@ -59,20 +59,16 @@ def recipe_blockers(recipe: Recipe) -> list[str]:
 
 def recipe_unverified(recipe: Recipe) -> list[str]:
     """Why `auto` leaves graphs off for `recipe` although `on` may use them: what of it a replay is not
-    shown to repeat exactly (empty: nothing)."""
-    out = []
-    random_signs = recipe.hadamard != "none" and recipe.hadamard_signs != "fixed"
-    if recipe.stochastic_rounding != "none" or random_signs:
-        out.append(
-            "its device-side random streams (stochastic rounding, per-GEMM Hadamard signs) have not been "
-            "checked under a replayed graph on a GPU yet (tests/test_graphsafe_gpu.py)"
-        )
+    shown to repeat exactly (empty: nothing). The device-side random streams (stochastic rounding,
+    per-GEMM Hadamard signs) are verified: tests/test_graphsafe_gpu.py, and `megaquant train` of
+    sr_gradients / mxfp4_tseng / nvfp4_paper under the graph and eagerly gave bit-identical training and
+    validation losses (benchmarks/eval_graph_check.sh, docs/benchmarks.md)."""
     if recipe.tensor_scaling == "delayed":
-        out.append(
+        return [
             "delayed scaling replays exactly in training steps, but evaluation under the graph scales its "
             "new amax slots as current scaling where eager evaluation reuses earlier evaluations' histories"
-        )
-    return out
+        ]
+    return []
 
 
 def _tree_supports(root: Path) -> bool:

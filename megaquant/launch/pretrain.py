@@ -39,7 +39,9 @@ __all__ = [
     "prepare_argv",
     "step_record",
     "weight_cache_bound",
+    "weight_cache_off_reason",
     "weight_cache_pays",
+    "weight_cache_saving",
 ]
 
 
@@ -344,13 +346,46 @@ def weight_cache_bound(value: str | None, device_bytes: int) -> tuple[bool, int 
     return True, int(mib * 2**20)
 
 
-def weight_cache_pays(*, microbatches: int, recompute: bool) -> bool:
-    """Whether caching a step's weight copies saves any quantization: only when a copy is used twice in one
-    optimizer step, i.e. by several microbatches (gradient accumulation, pipeline schedules) or by a
-    recomputed forward. With one microbatch and no recomputation the cache would cost its memory (one copy
-    per cached operand) for nothing, or for one quantization per weight and step where HiF8's forward copy
-    also serves dgrad: not worth a copy of every weight. Pure."""
-    return microbatches > 1 or recompute
+WEIGHT_CACHE_MIN_SAVING = 0.02
+"""The default caches weight copies only where they are predicted to save at least this share of a step."""
+_WEIGHT_QUANT_TOKENS = 160
+"""One quantization of a weight costs about what the step's GEMMs through it cost for 160 tokens: a weight
+element is read and written once per quantization (memory-bound), and takes 6 multiply-adds per token in
+the forward and backward GEMMs (compute-bound), so the ratio depends on the tokens only. Measured on one
+H200 at the 1B single-gpu preset (8 microbatches of 2048 tokens): the cache saved 21 ms of a 305 ms
+step (docs/benchmarks.md §6d), 7/8 x 160 / 2048 = 6.8 %."""
+
+
+def weight_cache_saving(*, microbatches: int, recompute: bool, tokens_per_microbatch: int) -> float:
+    """The predicted share of a step that caching the weight copies saves. A copy is used once per
+    microbatch (twice with a recomputed forward); the cache saves all uses but the first, each costing
+    `_WEIGHT_QUANT_TOKENS / tokens_per_microbatch` of its microbatch's GEMM time. Pure."""
+    uses = max(1, microbatches) * (2 if recompute else 1)
+    return (uses - 1) / uses * _WEIGHT_QUANT_TOKENS / max(1, tokens_per_microbatch)
+
+
+def weight_cache_pays(*, microbatches: int, recompute: bool, tokens_per_microbatch: int) -> bool:
+    """Whether the default caches a step's weight copies: only where a copy is used again in one optimizer
+    step (several microbatches, or a recomputed forward) *and* that saves at least
+    WEIGHT_CACHE_MIN_SAVING of the step, since the cache holds one bf16 copy per cached operand of every
+    quantized weight (two for MX and NVFP4 weights, one for HiF8). With long microbatches the saving is
+    small: the 8B shape at seq 8192 with 2 microbatches would pay 1.8 GiB of copies for ~1 % of its
+    step. Pure."""
+    saving = weight_cache_saving(
+        microbatches=microbatches, recompute=recompute, tokens_per_microbatch=tokens_per_microbatch
+    )
+    return saving >= WEIGHT_CACHE_MIN_SAVING
+
+
+def weight_cache_off_reason(*, microbatches: int, recompute: bool, tokens: int) -> str:
+    """Why the default leaves the weight cache off (for the run log and the manifest). Pure."""
+    if microbatches <= 1 and not recompute:
+        return "one microbatch per step and no recomputation: each weight copy would be used once"
+    saving = weight_cache_saving(microbatches=microbatches, recompute=recompute, tokens_per_microbatch=tokens)
+    return (
+        f"{microbatches} microbatch(es) of {tokens} tokens per step: caching would save ~{saving:.1%} of a "
+        f"step (below {WEIGHT_CACHE_MIN_SAVING:.0%}) for one bf16 copy per quantized weight operand"
+    )
 
 
 def _timed_train_step(original: Callable[..., Any], sink: IO[str] | None) -> Callable[..., Any]:
@@ -462,12 +497,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     recompute = getattr(args, "recompute_granularity", None) is not None
     given = (setting or "").strip()
     reason = f"{WEIGHT_CACHE_ENV}={given}" if given else "default"
-    if enabled and not given and not weight_cache_pays(microbatches=microbatches, recompute=recompute):
+    tokens = int(args.micro_batch_size) * int(args.seq_length)
+    if (
+        enabled
+        and not given
+        and not weight_cache_pays(
+            microbatches=microbatches, recompute=recompute, tokens_per_microbatch=tokens
+        )
+    ):
         enabled = False
-        reason = "one microbatch per step and no recomputation: each weight copy would be used once"
+        reason = weight_cache_off_reason(microbatches=microbatches, recompute=recompute, tokens=tokens)
         if rank0:
-            print(f"megaquant: weight cache off: one microbatch per step and no recomputation, so each "
-                  f"weight copy is used once ({WEIGHT_CACHE_ENV}=on caches anyway)", flush=True)  # fmt: skip
+            print(f"megaquant: weight cache off: {reason} ({WEIGHT_CACHE_ENV}=on caches anyway)", flush=True)
     counters.note_weight_cache(enabled, reason)
     if enabled:
         weights.enable_weight_cache(max_bytes)
