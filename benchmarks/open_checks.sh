@@ -13,6 +13,9 @@
 #      8b-2l cells not measured yet: bf16 / FA_linear_{mxfp8,mxfp4,hifp8} / +ts.
 #   C: train_overhead's other missing cells: tiny-smoke FA_linear_{mxfp4,hifp8} / +ts, 1b-fast
 #      FA_linear_{mxfp4,hifp8}.
+#   T: the whole issue-9 table (4 shapes x 5 modes, ~14 min) as one train_overhead run spread over two
+#      back-to-back calls: each call continues /tmp/open_checks_T/to (--keep-done) within --budget-s 520;
+#      a cold machine starts from the results.json in $KEEP if given (carry it), else from scratch.
 # Run from the repo root on the GPU machine:
 #   . benchmarks/device_env.sh && OUT=$OUT bash benchmarks/open_checks.sh A     (then B, then C)
 # Everything lands in $OUT/open_checks_<part>.tgz plus $OUT/summary_<part>.txt.
@@ -44,6 +47,13 @@ elif [ "$PART" = B ]; then
     --only 8b-2l --modes bf16,FA_linear_mxfp8,FA_linear_mxfp4,FA_linear_hifp8,FA_linear_hifp8+ts \
     --steps 12 --budget-s 260 > "$R/8b.txt" 2>&1
   cat "$R/to/table.md" "$R/8b/table.md" >> "$S" 2>&1
+elif [ "$PART" = T ]; then
+  mkdir -p "$R/to"
+  if [ -n "${KEEP:-}" ] && [ ! -f "$R/to/results.json" ]; then cp "$KEEP" "$R/to/results.json"; fi
+  python3 benchmarks/train_overhead.py --tree "$W/megatron" --data-root "$W/data" --out "$R/to" \
+    --keep-done --steps 12 --budget-s 520 > "$R/to.txt" 2>&1
+  cp "$R/to/results.json" "$R/to/table.md" "$OUT/" 2>/dev/null
+  cat "$R/to/table.md" >> "$S" 2>&1
 else
   python3 benchmarks/train_overhead.py --tree "$W/megatron" --data-root "$W/data" --out "$R/tiny" \
     --only tiny-smoke --modes bf16,FA_linear_mxfp4,FA_linear_hifp8,FA_linear_hifp8+ts --steps 12 \

@@ -16,6 +16,11 @@ scaled HiF8). `MODE+nocache` runs with MEGAQUANT_WEIGHT_CACHE=off (for the bit-i
 `MODE+again` repeats a row (its own run dir: bit-identity across runs);
 `MODE+graph` / `MODE+nograph` run with `--cuda-graphs on` / `off` (Megatron's full-iteration CUDA graph;
 without either, `megaquant train`'s default `auto` decides, see megaquant/launch/graphs.py).
+
+The whole table takes longer than one 10-minute device call: `--keep-done` continues a run in the same
+`--out` (a warm machine's /tmp, or the results.json carried back), keeping the rows that succeeded there
+and running the rest, so the table is still one run's (same code, same machine); `--budget-s` stops a call
+before a row that would not fit.
 """
 
 from __future__ import annotations
@@ -103,6 +108,15 @@ def measure(run_dir: Path, warmup: int) -> dict[str, Any]:
     }
 
 
+def kept_results(path: Path) -> dict[str, dict[str, Any]]:
+    """The rows of an earlier call's results.json that were measured (a failed or cut row runs again)."""
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {name: r for name, r in earlier.items() if "median_ms" in r and r.get("exit_code") == 0}
+
+
 def table(results: dict[str, dict[str, Any]], rows: list[Row]) -> str:
     lines = [
         "| shape | mode | steps | median step | vs bf16 | peak memory | vs bf16 | GEMMs/step triton / "
@@ -142,6 +156,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=0.0, help="start no row past this (0: none)")
     parser.add_argument("--row-timeout-s", type=float, default=300.0)
     parser.add_argument(
+        "--keep-done", action="store_true", help="keep the rows --out/results.json has measured; run the rest"
+    )
+    parser.add_argument(
         "--megaquant", default=None, help="the CLI as words (default: `megaquant` on PATH, else python -m)"
     )
     ns = parser.parse_args(argv)
@@ -156,10 +173,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unknown shape(s) {unknown}; choose from {', '.join(SHAPES)}")
     rows = [Row(s, m) for s in ns.only.split(",") for m in ns.modes.split(",")]
     ns.out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, dict[str, Any]] = {}
+    results = kept_results(ns.out / "results.json") if ns.keep_done else {}
     start = time.monotonic()
     took: list[float] = []
     for row in rows:
+        if row.name in results:
+            print(f"train_overhead: {row.name}: kept from {ns.out / 'results.json'}", flush=True)
+            continue
         elapsed = time.monotonic() - start
         if ns.budget_s and took and elapsed + max(took) > ns.budget_s:
             print(f"train_overhead: budget: {elapsed:.0f} s spent, not starting {row.name}", flush=True)

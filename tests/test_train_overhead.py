@@ -1,0 +1,65 @@
+"""benchmarks/train_overhead.py's loop with a fake `megaquant train` (no GPU, no Megatron): the table's
+ratios, and `--keep-done` continuing a run across calls without re-running what it measured."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+FAKE = """
+import json, sys
+from pathlib import Path
+argv = sys.argv[1:]
+run = Path(argv[argv.index("--run-dir") + 1])
+mode = argv[argv.index("-q") + 1]
+run.mkdir(parents=True)
+step = 0.2 if mode == "bf16" else 0.25
+with (run / "metrics.jsonl").open("w") as f:
+    for i in range(6):
+        row = {"step": i + 1, "loss": 5.0, "step_time_s": step, "peak_mem_bytes": 2**30}
+        f.write(json.dumps(row) + "\\n")
+(run / "manifest.json").write_text(json.dumps({"status": "succeeded", "path_counts": {"steps": 6}}))
+with open(Path(__file__).with_name("calls.txt"), "a") as f:
+    f.write(mode + "\\n")
+"""
+
+
+def _load() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_train_overhead", BENCH / "train_overhead.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_keep_done_continues_the_same_table_without_rerunning(tmp_path: Path) -> None:
+    to = _load()
+    fake = tmp_path / "fake_megaquant.py"
+    fake.write_text(FAKE)
+    out = tmp_path / "out"
+    common = [
+        "--tree",
+        str(tmp_path),
+        "--data-root",
+        str(tmp_path),
+        "--out",
+        str(out),
+        "--only",
+        "tiny-smoke",
+    ]
+    cli = ["--megaquant", f"{sys.executable} {fake}"]
+    assert to.main([*common, *cli, "--modes", "bf16"]) == 0
+    assert to.main([*common, *cli, "--modes", "bf16,FA_linear_mxfp8", "--keep-done"]) == 0
+    assert (tmp_path / "calls.txt").read_text().split() == ["bf16", "FA_linear_mxfp8"]  # bf16 kept
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == {"tiny-smoke-bf16", "tiny-smoke-FA_linear_mxfp8"}
+    assert "| tiny-smoke | FA_linear_mxfp8 | 6 | 250.0 ms | 1.25× |" in (out / "table.md").read_text()
+    # without --keep-done every row runs again
+    assert to.main([*common, *cli, "--modes", "bf16"]) == 0
+    assert (tmp_path / "calls.txt").read_text().split() == ["bf16", "FA_linear_mxfp8", "bf16"]
