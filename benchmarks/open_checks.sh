@@ -16,6 +16,9 @@
 #   T: the whole issue-9 table (4 shapes x 5 modes, ~14 min) as one train_overhead run spread over two
 #      back-to-back calls: each call continues /tmp/open_checks_T/to (--keep-done) within --budget-s 520;
 #      a cold machine starts from the results.json in $KEEP if given (carry it), else from scratch.
+#   P: profile_step.py at the 1B single-gpu preset (eager): where tensor-scaled HiF8's extra ~28 ms per step
+#      goes (amax kernel time vs launches), and the weight cache's share, per variant (~3 min); then the A/B
+#      of HiF8's shared wgrad gradient (MEGAQUANT_SHARED_GRADS) at 1b-single through megaquant train (~3 min).
 # Run from the repo root on the GPU machine:
 #   . benchmarks/device_env.sh && OUT=$OUT bash benchmarks/open_checks.sh A     (then B, then C)
 # Everything lands in $OUT/open_checks_<part>.tgz plus $OUT/summary_<part>.txt.
@@ -47,6 +50,17 @@ elif [ "$PART" = B ]; then
     --only 8b-2l --modes bf16,FA_linear_mxfp8,FA_linear_mxfp4,FA_linear_hifp8,FA_linear_hifp8+ts \
     --steps 12 --budget-s 260 > "$R/8b.txt" 2>&1
   cat "$R/to/table.md" "$R/8b/table.md" >> "$S" 2>&1
+elif [ "$PART" = P ]; then
+  python3 benchmarks/profile_step.py --tree "$W/megatron" --data-root "$W/data" --model llama32-1b \
+    --preset single-gpu --variants bf16,FA_linear_hifp8+cache,FA_linear_hifp8+ts+cache,FA_linear_mxfp8+cache,FA_linear_mxfp8 \
+    --warmup 2 --timed 2 --train-steps 30 --out "$R/prof1b/prof.json" --table-dir "$R/prof1b" \
+    --timeout-s 400 > "$R/prof1b.txt" 2>&1
+  python3 -c "import json,sys; [print(v, {k: p.get(k) for k in ('wall_ms','gpu_busy_ms','kernel_ms','kernels','by_kind','top_kernels_ms')}) for v, p in json.load(open(sys.argv[1]))['profiles'].items()]" "$R/prof1b/prof.json" >> "$S" 2>&1
+  python3 benchmarks/train_overhead.py --tree "$W/megatron" --data-root "$W/data" --out "$R/share" \
+    --only 1b-single --modes bf16,FA_linear_hifp8,FA_linear_hifp8+noshare,FA_linear_hifp8+ts,FA_linear_hifp8+ts+noshare \
+    --steps 12 --budget-s 260 > "$R/share.txt" 2>&1
+  cat "$R/share/table.md" >> "$S" 2>&1
+  python3 -c "import json,sys; r=json.load(open(sys.argv[1])); b=lambda n: r.get('1b-single-'+n,{}).get('losses'); print('bits same with and without sharing:', b('FA_linear_hifp8')==b('FA_linear_hifp8_noshare'), b('FA_linear_hifp8_ts')==b('FA_linear_hifp8_ts_noshare'))" "$R/share/results.json" >> "$S" 2>&1
 elif [ "$PART" = T ]; then
   mkdir -p "$R/to"
   if [ -n "${KEEP:-}" ] && [ ! -f "$R/to/results.json" ]; then cp "$KEEP" "$R/to/results.json"; fi

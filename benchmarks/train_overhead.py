@@ -12,7 +12,8 @@ Shapes (the issue's): `1b-single` Llama-3.2-1B full depth, single-gpu preset (mi
 `1b-fast` the same model with the fast preset (micro 1 x 2048, global 32); `8b-2l` Llama-3.1-8B cut to 2
 layers at the standard preset's shape (micro 1 x 8192, global 2); `tiny-smoke` the tiny model, smoke preset.
 Modes: bf16, FA_linear_{mxfp8, mxfp4, hifp8} and `FA_linear_hifp8+ts` (`--recipe hifp8_scaled`: per-tensor
-scaled HiF8). `MODE+nocache` runs with MEGAQUANT_WEIGHT_CACHE=off (for the bit-identity check: same losses);
+scaled HiF8). `MODE+nocache` runs with MEGAQUANT_WEIGHT_CACHE=off (for the bit-identity check: same losses),
+`MODE+noshare` with MEGAQUANT_SHARED_GRADS=off (HiF8's wgrad quantizes dy again: an A/B, same losses);
 `MODE+again` repeats a row (its own run dir: bit-identity across runs);
 `MODE+graph` / `MODE+nograph` run with `--cuda-graphs on` / `off` (Megatron's full-iteration CUDA graph;
 without either, `megaquant train`'s default `auto` decides, see megaquant/launch/graphs.py).
@@ -81,6 +82,8 @@ def env_for(row: Row, ns: argparse.Namespace) -> dict[str, str]:
     parts = row.mode.split("+")[1:]
     if "nocache" in parts:
         env["MEGAQUANT_WEIGHT_CACHE"] = "off"
+    if "noshare" in parts:
+        env["MEGAQUANT_SHARED_GRADS"] = "off"
     return env
 
 

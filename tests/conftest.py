@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
+import sys
 from pathlib import Path
+from types import ModuleType
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -37,3 +40,13 @@ def make_git_repo(tmp_path: Path, name: str) -> Path:
     repo.git.add("--all")
     repo.index.commit(f"fixture {name}")
     return repo_dir
+
+
+def load_script(path: Path, name: str | None = None) -> ModuleType:
+    """Import a script that is no package module (benchmarks/*.py, train_config.py) under `name`."""
+    spec = importlib.util.spec_from_file_location(name or f"script_{path.stem}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 
-from conftest import make_git_repo
+from conftest import load_script, make_git_repo
 from typer.testing import CliRunner
 
 from megaquant.cli import build_app
@@ -85,10 +84,7 @@ def test_a_real_run_records_the_recipe_and_the_trainer_gets_it(tmp_path: Path) -
 
 def test_train_config_front_end_takes_the_recipe(tmp_path: Path) -> None:
     script = Path(__file__).resolve().parents[1] / "train_config.py"
-    spec = importlib.util.spec_from_file_location("train_config", script)
-    assert spec is not None and spec.loader is not None
-    front = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(front)
+    front = load_script(script, "train_config")
     assert front.parser().parse_args(["--recipe", "nvfp4_paper"]).recipe == "nvfp4_paper"
     repo = make_git_repo(tmp_path, "v1_three")
     base = [sys.executable, str(script), "--model", "tiny", "--megatron", str(repo), "--dry-run"]

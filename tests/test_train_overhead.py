@@ -3,11 +3,12 @@ ratios, and `--keep-done` continuing a run across calls without re-running what 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 from types import ModuleType
+
+from conftest import load_script
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -30,12 +31,7 @@ with open(Path(__file__).with_name("calls.txt"), "a") as f:
 
 
 def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_train_overhead", BENCH / "train_overhead.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(BENCH / "train_overhead.py", "bench_train_overhead")
 
 
 def test_keep_done_continues_the_same_table_without_rerunning(tmp_path: Path) -> None:

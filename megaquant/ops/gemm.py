@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from megaquant.errors import ValueNameError
 from megaquant.formats import fake_quant, quantizer
 from megaquant.formats._bits import binade, pow2  # exact power-of-two scale of HiF8 tensor scaling
-from megaquant.ops import counters, state, weights
+from megaquant.ops import counters, shared, state, weights
 from megaquant.ops.config import _DEFAULTS, _PLAIN, QuantConfig, quant_config
 from megaquant.ops.state import PLAIN_SCOPE as _BF16  # recipe BF16 layers (megaquant.ops.layers): run plain
 
@@ -80,10 +80,18 @@ def _quant_scaled(
         if cacheable:
             weights.store(t, key, q, path)
         return q, path
-    if fmt != "hifp8" or cfg.tensor_scaling == "none":
+    if fmt != "hifp8":
         return _quant_path(t, fmt, axis, cfg, role, extra)
-    if cfg.tensor_scaling == "current":  # amax + scale on the device (Triton), equal to the ops-level form
-        return _quant_path(t, fmt, axis, cfg, role, {**extra, "tensor_scale": True})
+    if cfg.tensor_scaling in ("none", "current"):  # current: amax + scale on the device (Triton)
+        extra = {**extra, "tensor_scale": True} if cfg.tensor_scaling == "current" else extra
+        if (
+            operand == "gradient"
+            and "seed" not in extra
+            and cfg.rounding != "stochastic"
+            and shared.enabled()
+        ):
+            return _shared_gradient(t, fmt, axis, cfg, role, extra)
+        return _quant_path(t, fmt, axis, cfg, role, extra)
     # delayed: t * 2^s, HiF8, * 2^-s, both scalings exact in fp32 and bf16 (the same exponent range), so
     # the result equals fake_quant(t, "hifp8", tensor_scale=True) when the amax is the current one (tested)
     key = (cfg.role, cfg.gemm, cfg.grad, operand, axis % max(t.dim(), 1), t.dtype, tuple(t.shape))
@@ -91,6 +99,21 @@ def _quant_scaled(
     work = t if t.dtype in (torch.float32, torch.bfloat16) else t.float()
     q, path = _quant_path(work * scale.to(work.dtype), fmt, axis, cfg, role, extra)
     return (q * (1.0 / scale).to(work.dtype)).to(t.dtype), path
+
+
+def _shared_gradient(
+    t: torch.Tensor, fmt: str, axis: int, cfg: QuantConfig, role: str, extra: dict[str, Any]
+) -> tuple[torch.Tensor, str]:
+    """A HiF8 gradient operand through megaquant.ops.shared: wgrad's dy.t() takes dgrad's q(dy) (elementwise,
+    one amax over the same elements: the same bits), anything else is quantized and offered."""
+    key = (fmt, cfg.block_size, cfg.scale, cfg.rounding, cfg.preset, *sorted(extra.items()))
+    hit = shared.take(t, key)
+    if hit is not None:
+        counters.count_operand(role, "shared")
+        return hit
+    q, path = _quant_path(t, fmt, axis, cfg, role, extra)
+    shared.offer(t, key, q, path)
+    return q, path
 
 
 def _hif8_scale(t: torch.Tensor, cfg: QuantConfig, key: tuple[object, ...]) -> torch.Tensor:
