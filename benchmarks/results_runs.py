@@ -72,7 +72,11 @@ class Shape:
     full_validation: bool = False
     """Megatron's `--full-validation`: every evaluation reads the whole validation split, so every seed and
     every evaluation sees the same text (without it, 10 batches drawn by the run's seed, new ones at each
-    evaluation). Off for `8b-4l`, whose first runs were stored before it."""
+    evaluation). Megatron 0.19.2 reads it one sequence per forward (`MegatronFullValidationSampler`:
+    micro batch 1), i.e. ~180 forwards of 2048 tokens per evaluation of realtext's split. On for `1b`
+    (graphed: ~10 ms a forward, ~20 s a run); off for `8b-4l`, whose first runs were stored before it,
+    and for `dsv2-2l`, whose eager MoE forward (~70 ms, host-bound) would add ~130 s to a ~300 s run.
+    The page pairs every gap by seed, which makes the 10-batch families comparable too."""
 
     @property
     def tokens(self) -> int:
@@ -91,7 +95,7 @@ SHAPES: dict[str, Shape] = {
             global_batch=4,
             steps=1000,
             step_s=0.15,
-            startup_s=75,  # + ~15 s: 11 full validations of 45 batches
+            startup_s=75,  # + ~20 s: 11 full validations, ~180 graphed forwards of one sequence each
             basis="benchmarks.md §6c: bf16 281 ms per 16 x 1024 tokens (8 microbatches) under the CUDA "
             "graph; one microbatch of 4 x 2048 tokens: about half the kernels, plus longer attention",
             full_validation=True,
@@ -108,12 +112,11 @@ SHAPES: dict[str, Shape] = {
             layers=2,
             extra=("--moe-layer-freq", "([0]+[1]*1)"),
             step_s=0.3,
-            startup_s=140,  # + ~50 s: 11 full validations, eager
+            startup_s=100,  # 11 evaluations of 10 batches, eager
             basis="benchmarks.md §7, this cut: FA_linear_mxfp8 1.5-1.9 s per step of 8 microbatches of 256 "
             "tokens, host-bound by the sequential experts (~0.2 s per microbatch); one microbatch of "
             "4 x 2048 tokens per step, bf16 cheaper. With 4 layers (3 MoE) a quantized run is assumed "
             "~9.5 min: no fit in one 10-minute command",
-            full_validation=True,
         ),
         Shape(
             name="8b-4l",

@@ -394,7 +394,7 @@ def _timed_train_step(original: Callable[..., Any], sink: IO[str] | None) -> Cal
     import torch
 
     from megaquant import ops
-    from megaquant.ops import counters, weights
+    from megaquant.ops import counters, shared, weights
 
     state = {"step": 0}
 
@@ -408,6 +408,7 @@ def _timed_train_step(original: Callable[..., Any], sink: IO[str] | None) -> Cal
             result = original(*args, **kwargs)
         finally:
             weights.next_step()  # the optimizer changed the weights; free the copies until the next step
+            shared.clear()  # a gradient copy no wgrad took (memory only: a stale one is never served)
             counters.mark_step()
         torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
