@@ -99,6 +99,8 @@ class StoredRun:
     attention_core: tuple[str, ...]
     commit: str | None
     batch: str = ""
+    cuda_graph: bool | None = None
+    """Whether the run trained under Megatron's full-iteration CUDA graph (manifest `cuda_graphs`)."""
 
     @property
     def train_final(self) -> float:
@@ -192,6 +194,7 @@ def load_store(root: Path) -> tuple[list[StoredRun], list[str]]:
                 attention_core=tuple(str(c) for c in manifest.get("attention_core") or ()),
                 commit=manifest.get("commit"),
                 batch=str(record.get("batch") or Path(name).parts[0]),
+                cuda_graph=(manifest.get("cuda_graphs") or {}).get("enabled"),
             )
         )
     return runs, notes
@@ -401,16 +404,17 @@ def family_section(family: str, family_cells: Sequence[Cell], figures: dict[str,
         "",
         "| run | seed | steps | final train loss | final val loss "
         "| GEMMs per step: triton / reference / plain "
-        "| attention core | commit |",
-        "| --- | ---: | ---: | ---: | ---: | --- | --- | --- |",
+        "| attention core | CUDA graph | commit |",
+        "| --- | ---: | ---: | ---: | ---: | --- | --- | --- | --- |",
     ]
     for c in family_cells:
         for r in c.runs:
             core = ", ".join(sorted({a.split(" ", 1)[0] for a in r.attention_core})) or "—"
             seed = r.seed if r.seed is not None else "—"
+            graph = "—" if r.cuda_graph is None else ("on" if r.cuda_graph else "off")
             lines.append(
                 f"| {r.name} | {seed} | {r.run.steps[-1]} | {r.train_final:.4f} | {_f(r.val_final, '.4f')} | "
-                f"{_paths_per_step(r.path_counts)} | {core} | {(r.commit or '—')[:10]} |"
+                f"{_paths_per_step(r.path_counts)} | {core} | {graph} | {(r.commit or '—')[:10]} |"
             )
     return "\n".join(lines) + "\n"
 

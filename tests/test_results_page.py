@@ -68,6 +68,7 @@ def _manifest(
         "status": status,
         "exit_code": 0 if status == "succeeded" else 1,
         "attention_core": ["fused (sdpa) qk=none pv=none"],
+        "cuda_graphs": {"enabled": recipe == "default", "reason": "auto"},
         "path_counts": {
             "gemms": {"linear_fwd": {"triton": 40, "plain": 8}, "linear_dgrad": {"triton": 40}},
             "operands": {},
@@ -191,7 +192,7 @@ def test_page_tables_and_figures(store: Path, tmp_path: Path) -> None:
     assert "| FA_mxfp8 | default | 1 | 3.0500 | +0.0500 [+0.0500, +0.0500] | 1 seed |" in text
     assert "| FA_linear_mxfp8 | default | 300.0 (shared) | 1.50× | 10.00 | 1.00× | 3 of 3 |" in text
     assert "| FA_linear_hifp8 | hifp8_scaled | 200.0 | 1.00× | 12.00 | 1.20× | 0 of 1 |" in text
-    assert "| batch1/bf16-s1234 | 1234 | 20 | " in text and "| 20 / 0 / 2 | fused | 0123456789 |" in text
+    assert "| batch1/bf16-s1234 | 1234 | 20 | " in text and "| 20 / 0 / 2 | fused | on | 0123456789 |" in text
     assert "batch1/broken: failed (exit 1); left out" in text
     assert "smoke" not in text  # a sample-dataset run belongs to the smoke page
     # the calibration run: its own table, start-up + evaluation = wall 65 s - 20 steps x 0.25 s
