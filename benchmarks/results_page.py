@@ -126,7 +126,8 @@ def _last_flag(args: Sequence[str], flag: str) -> str | None:
 
 def family_of(manifest: dict[str, Any], steps: int) -> str:
     """A family's name: model, depth, sequence, sequences per step, steps and, when Megatron evaluated the
-    whole validation split (`--full-validation`), that: from the run's own record."""
+    whole validation split (`--full-validation`) or a fixed validation shuffle (`validation_seed`), that:
+    from the run's own record."""
     setup = run_setup(manifest)
 
     def number(key: str) -> str:
@@ -138,6 +139,8 @@ def family_of(manifest: dict[str, Any], steps: int) -> str:
 
     args = [str(a) for a in manifest.get("megatron_args") or []]
     full = ", full validation" if "--full-validation" in args else ""
+    if manifest.get("validation_seed") is not None:
+        full += f", validation seed {manifest['validation_seed']}"
     return (
         f"{manifest.get('model', '?')}, {number('layers')} layers, seq {number('seq_len')}, "
         f"{number('global_batch')} seq/step, {steps} steps{full}"

@@ -322,3 +322,41 @@ def test_sample_corpus_builds_every_split_of_every_preset(sample_data: Path, pre
     splits = BlendedMegatronDatasetBuilder(GPTDataset, [train_samples, 0, 0], lambda: True, config).build()
     assert splits[0] is not None and len(splits[0]) >= train_samples
     assert {i: len(ds) for i, ds in enumerate(splits) if ds is not None and len(ds) == 0} == {}
+
+
+def test_a_fixed_validation_seed_gives_every_run_the_same_validation_samples(sample_data: Path) -> None:
+    """megaquant.launch.pretrain.gpt_datasets with megatron-core's GPTDataset over the sample corpus: with
+    --mq-validation-seed the validation split is the same for runs of different seeds, and only it is."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    from megaquant.launch.datasets import get_dataset
+    from megaquant.launch.pretrain import gpt_datasets
+
+    ds = get_dataset("sample")
+    tokenizer, eod = load_tokenizer(sample_data / str(ds.tokenizer))
+    stub = SimpleNamespace(eod=eod, pad=-1, vocab_size=tokenizer.get_vocab_size(), unique_identifiers={})
+
+    def make_config(seed: int) -> GPTDatasetConfig:
+        return GPTDatasetConfig(
+            random_seed=seed, sequence_length=128, blend=([str(sample_data / ds.prefix)], None),
+            split="80,20,0", path_to_cache=str(sample_data / "cache-valseed"), reset_position_ids=False,
+            reset_attention_mask=False, eod_mask_loss=False, tokenizer=stub, mid_level_dataset_surplus=0.005,
+        )  # fmt: skip
+
+    def build(config: GPTDatasetConfig, n: list[int]) -> list[GPTDataset]:
+        return BlendedMegatronDatasetBuilder(GPTDataset, n, lambda: True, config).build()
+
+    def samples(split: GPTDataset) -> list[list[int]]:
+        return [split[i]["tokens"].tolist() for i in range(8)]
+
+    def run(seed: int, validation_seed: int | None) -> tuple[list[list[int]], list[list[int]]]:
+        train, valid, _ = gpt_datasets(
+            [64, 16, 0], seed=seed, validation_seed=validation_seed, make_config=make_config, build=build
+        )
+        return samples(train), samples(valid)
+
+    (train_a, valid_a), (train_b, valid_b) = run(1235, 7), run(1236, 7)
+    assert valid_a == valid_b and train_a != train_b  # the same validation text, the run's own training order
+    assert run(1235, None)[1] != run(1236, None)[1]  # Megatron's default: the run's seed shuffles it too
+    assert run(7, 7) == run(7, None)  # the same seed: one build, Megatron's own datasets

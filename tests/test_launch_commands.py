@@ -44,6 +44,22 @@ def test_train_dry_run_json() -> None:
     assert payload["env"]["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
 
 
+def test_train_validation_seed_reaches_megaquants_entry_and_the_fork_refuses_it(tmp_path: Path) -> None:
+    base = ["train", "--model", "tiny", "--mock-data", "--training-config", "smoke", "--dry-run",
+            "--no-validate", "--validation-seed", "7"]  # fmt: skip
+    result = RUNNER.invoke(APP, [*base, "--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.output)
+    argv = payload["argv"]
+    assert argv[argv.index("--mq-validation-seed") + 1] == "7" and payload["validation_seed"] == 7
+    assert "--mq-validation-seed" not in payload["megatron_args"]  # megaquant's flag, not Megatron's
+    assert "validation split shuffled by seed 7" in RUNNER.invoke(APP, base).output
+    fork = make_git_repo(tmp_path, "v1_three")
+    (fork / "pretrain_gpt.py").write_text("# the fork's own entry\n")
+    refused = RUNNER.invoke(APP, [*base, "--megatron", str(fork)])
+    assert refused.exit_code == 1 and "its own pretrain_gpt.py" in refused.output
+
+
 def test_train_list_and_errors() -> None:
     listing = RUNNER.invoke(APP, ["train", "--list"])
     assert listing.exit_code == 0 and "deepseek2_lite" in listing.output

@@ -401,6 +401,8 @@ def test_megaquant_args_parse(tmp_path: Path) -> None:
     ns = parser.parse_args(["--mq-metrics", str(tmp_path / "m.jsonl")])
     assert ns.mq_metrics == tmp_path / "m.jsonl"
     assert parser.parse_args([]).mq_metrics is None
+    assert parser.parse_args(["--mq-validation-seed", "7"]).mq_validation_seed == 7
+    assert parser.parse_args([]).mq_validation_seed is None
 
 
 def test_step_records_from_reduced_losses() -> None:

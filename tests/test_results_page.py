@@ -248,3 +248,5 @@ def test_full_validation_runs_form_their_own_family() -> None:
     plain = rp.family_of({"model": "llama32-1b", "megatron_args": args}, 1000)
     full = rp.family_of({"model": "llama32-1b", "megatron_args": [*args, "--full-validation"]}, 1000)
     assert full == plain + ", full validation"
+    fixed = rp.family_of({"model": "llama32-1b", "megatron_args": args, "validation_seed": 1234}, 1000)
+    assert fixed == plain + ", validation seed 1234"

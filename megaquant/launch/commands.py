@@ -52,6 +52,13 @@ def register(app: typer.Typer) -> None:
             str,
             _Opt(help="auto | on | off: Megatron's full-iteration CUDA graph (auto: on where it is safe)."),
         ] = "auto",
+        validation_seed: Annotated[
+            int | None,
+            _Opt(
+                help="Shuffle the validation split by this seed instead of the run's --seed, so runs of "
+                "different seeds evaluate the same text (megaquant's own training entry)."
+            ),
+        ] = None,
         tp: Annotated[int, _Opt(help="Tensor model parallel size.")] = 1,
         pp: Annotated[int, _Opt(help="Pipeline model parallel size.")] = 1,
         ep: Annotated[int, _Opt(help="Expert model parallel size (MoE models).")] = 1,
@@ -122,6 +129,7 @@ def register(app: typer.Typer) -> None:
             steps=steps,
             recipe=recipe,
             cuda_graphs=cuda_graphs,
+            validation_seed=validation_seed,
         )
         options = SlurmOptions(partition=partition, time=time_limit, account=account) if slurm else None
         code = train(

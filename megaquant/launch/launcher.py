@@ -144,6 +144,11 @@ def _describe(
         f"role values: {values}",
         f"recipe: {plan.request.recipe} ({get_recipe(plan.request.recipe).title})",
         f"cuda graphs: {'on' if plan.cuda_graphs.enabled else 'off'} ({plan.cuda_graphs.reason})",
+        *(
+            [f"validation split shuffled by seed {plan.request.validation_seed} (not the run's --seed)"]
+            if plan.request.validation_seed is not None
+            else []
+        ),
         *_bf16_line(plan),
         f"spec: {plan.spec}   tree: {plan.tree}   run dir: {plan.run_dir}",
         f"validation: {validation.note}",
@@ -237,6 +242,7 @@ def train(
                 "preset": plan.request.preset,
                 "recipe": plan.request.recipe,
                 "cuda_graphs": {"enabled": plan.cuda_graphs.enabled, "reason": plan.cuda_graphs.reason},
+                "validation_seed": plan.request.validation_seed,
                 "bf16_layers": list(bf16_layers_for_args(plan.request.recipe, plan.megatron_args)),
                 "values": plan.values,
                 "spec": plan.spec,

@@ -29,6 +29,7 @@ __all__ = [
     "WEIGHT_CACHE_ENV",
     "StepRecord",
     "add_megaquant_args",
+    "gpt_datasets",
     "build_gpt",
     "count_expert_gemms",
     "keep_bf16_layers",
@@ -99,6 +100,13 @@ def add_megaquant_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         default=None,
         help="Write one JSON object per step (step, loss, step_time_s, peak_mem_bytes) here (the last "
         "rank, which holds the reported loss).",
+    )
+    group.add_argument(
+        "--mq-validation-seed",
+        type=int,
+        default=None,
+        help="Shuffle the validation split with this seed instead of --seed: runs of different seeds then "
+        "evaluate the same validation batches, in the same order (default: --seed, Megatron's behaviour).",
     )
     return parser
 
@@ -272,8 +280,28 @@ def keep_bf16_layers(model: Any, num_layers: int) -> tuple[int, ...]:
     return hooked
 
 
+def gpt_datasets(
+    num_samples: Sequence[int],
+    *,
+    seed: int,
+    validation_seed: int | None,
+    make_config: Callable[[int], Any],
+    build: Callable[[Any, Sequence[int]], Sequence[Any]],
+) -> list[Any]:
+    """Megatron's [train, valid, test] datasets: all from `make_config(seed)`, except the validation split
+    from `make_config(validation_seed)` when that is given and differs. GPTDataset shuffles each split's
+    documents and samples by the config's random seed, so a fixed validation seed gives every run the
+    same validation samples in the same order, while training data still follows the run's seed. The
+    second build costs one more index build per split (cached under the config's hash)."""
+    datasets = list(build(make_config(seed), num_samples))
+    if validation_seed is not None and validation_seed != seed:
+        datasets[1] = build(make_config(validation_seed), num_samples)[1]
+    return datasets
+
+
 def _datasets_provider(train_val_test_num_samples: Sequence[int], vp_stage: int | None = None) -> Any:
-    """GPTDataset (or MockGPTDataset with --mock-data) over Megatron indexed data, built on every rank."""
+    """GPTDataset (or MockGPTDataset with --mock-data) over Megatron indexed data, built on every rank;
+    the validation split shuffled by --mq-validation-seed when given (`gpt_datasets`)."""
     with quiet_megatron_import():
         from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
         from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
@@ -282,22 +310,34 @@ def _datasets_provider(train_val_test_num_samples: Sequence[int], vp_stage: int 
 
     args = get_args()
     blend, blend_per_split = get_blend_and_blend_per_split(args)
-    config = GPTDatasetConfig(
-        random_seed=args.seed,
-        sequence_length=args.seq_length,
-        blend=blend,
-        blend_per_split=blend_per_split,
-        split=args.split,
-        path_to_cache=args.data_cache_path,
-        tokenizer=get_tokenizer(),
-        reset_position_ids=args.reset_position_ids,
-        reset_attention_mask=args.reset_attention_mask,
-        eod_mask_loss=args.eod_mask_loss,
-        create_attention_mask=args.create_attention_mask_in_dataloader,
-        mmap_bin_files=args.mmap_bin_files,
-    )
     kind = MockGPTDataset if args.mock_data else GPTDataset
-    return BlendedMegatronDatasetBuilder(kind, train_val_test_num_samples, lambda: True, config).build()
+
+    def make_config(seed: int) -> Any:
+        return GPTDatasetConfig(
+            random_seed=seed,
+            sequence_length=args.seq_length,
+            blend=blend,
+            blend_per_split=blend_per_split,
+            split=args.split,
+            path_to_cache=args.data_cache_path,
+            tokenizer=get_tokenizer(),
+            reset_position_ids=args.reset_position_ids,
+            reset_attention_mask=args.reset_attention_mask,
+            eod_mask_loss=args.eod_mask_loss,
+            create_attention_mask=args.create_attention_mask_in_dataloader,
+            mmap_bin_files=args.mmap_bin_files,
+        )
+
+    def build(config: Any, num_samples: Sequence[int]) -> Sequence[Any]:
+        return BlendedMegatronDatasetBuilder(kind, list(num_samples), lambda: True, config).build()
+
+    return gpt_datasets(
+        train_val_test_num_samples,
+        seed=args.seed,
+        validation_seed=getattr(args, "mq_validation_seed", None),
+        make_config=make_config,
+        build=build,
+    )
 
 
 _datasets_provider.is_distributed = True  # type: ignore[attr-defined]  # every rank reads its own loader

@@ -105,6 +105,9 @@ class TrainRequest:
     """megaquant.recipes name; the training process gets it as MEGAQUANT_RECIPE."""
     cuda_graphs: str = "auto"
     """auto | on | off: Megatron's full-iteration CUDA graph (megaquant.launch.graphs)."""
+    validation_seed: int | None = None
+    """Shuffle the validation split by this seed instead of the run's (`--mq-validation-seed` of
+    megaquant.launch.pretrain): runs of different seeds then evaluate the same text. None: Megatron's."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -189,6 +192,13 @@ def plan_run(request: TrainRequest, *, require_tree: bool = True) -> RunPlan:
         )
     if model.mla and not is_tree:
         notes.append(f"{model.name} needs a tree whose local DotProductAttention takes k_channels/v_channels")
+    if request.validation_seed is not None and (tree / "pretrain_gpt.py").is_file():
+        raise LaunchError(
+            f"--validation-seed: {tree} trains with its own pretrain_gpt.py, which shuffles the validation "
+            "split by --seed and has no option for another seed (megaquant's own entry has: it trains "
+            "trees without a pretrain_gpt.py, e.g. `megaquant instrument --from-installed`); drop "
+            "--validation-seed, or compare validation losses of the same seed"
+        )
     data_root = (request.data_root or tree).absolute()
     args = megatron_args(
         model,
@@ -247,6 +257,8 @@ def command_for(
     args = list(plan.megatron_args)
     if entry.own_metrics:
         args += ["--mq-metrics", str(plan.run_dir / "metrics.jsonl")]
+        if plan.request.validation_seed is not None:
+            args += ["--mq-validation-seed", str(plan.request.validation_seed)]
     override = environ.get(TRAIN_COMMAND_ENV)
     if override:
         argv = shlex.split(override) + args
@@ -455,6 +467,7 @@ def execute(
         "preset": request.preset,
         "recipe": request.recipe,
         "cuda_graphs": {"enabled": plan.cuda_graphs.enabled, "reason": plan.cuda_graphs.reason},
+        "validation_seed": request.validation_seed,
         "bf16_layers": list(bf16_layers_for_args(request.recipe, plan.megatron_args)),  # 1-based, unquantized
         "values": dict(applied.values),
         "absent_roles": list(applied.absent),
