@@ -344,8 +344,12 @@ def test_a_fixed_validation_seed_gives_every_run_the_same_validation_samples(sam
             reset_attention_mask=False, eod_mask_loss=False, tokenizer=stub, mid_level_dataset_surplus=0.005,
         )  # fmt: skip
 
+    built: list[list[bool]] = []
+
     def build(config: GPTDatasetConfig, n: list[int]) -> list[GPTDataset]:
-        return BlendedMegatronDatasetBuilder(GPTDataset, n, lambda: True, config).build()
+        splits = BlendedMegatronDatasetBuilder(GPTDataset, n, lambda: True, config).build()
+        built.append([d is not None for d in splits])
+        return splits
 
     def samples(split: GPTDataset) -> list[list[int]]:
         return [split[i]["tokens"].tolist() for i in range(8)]
@@ -358,5 +362,7 @@ def test_a_fixed_validation_seed_gives_every_run_the_same_validation_samples(sam
 
     (train_a, valid_a), (train_b, valid_b) = run(1235, 7), run(1236, 7)
     assert valid_a == valid_b and train_a != train_b  # the same validation text, the run's own training order
+    assert built[1] == [False, True, False]  # the second build makes the validation split only
     assert run(1235, None)[1] != run(1236, None)[1]  # Megatron's default: the run's seed shuffles it too
     assert run(7, 7) == run(7, None)  # the same seed: one build, Megatron's own datasets
+    assert run(7, None)[1] == valid_a  # validation-only build = the validation split of a full build

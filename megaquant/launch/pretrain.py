@@ -292,10 +292,15 @@ def gpt_datasets(
     from `make_config(validation_seed)` when that is given and differs. GPTDataset shuffles each split's
     documents and samples by the config's random seed, so a fixed validation seed gives every run the
     same validation samples in the same order, while training data still follows the run's seed. The
-    second build costs one more index build per split (cached under the config's hash)."""
+    second build makes the validation split only (its split matrix keeps just the validation documents'
+    range, so a large training split is not indexed twice), cached under its config's hash."""
     datasets = list(build(make_config(seed), num_samples))
     if validation_seed is not None and validation_seed != seed:
-        datasets[1] = build(make_config(validation_seed), num_samples)[1]
+        config = make_config(validation_seed)
+        matrix = getattr(config, "split_matrix", None)
+        if isinstance(matrix, list) and len(matrix) == 3:  # None for a split: Megatron skips building it
+            config.split_matrix = [None, matrix[1], None]
+        datasets[1] = build(config, num_samples)[1]
     return datasets
 
 
