@@ -16,7 +16,8 @@
 #   T: the whole issue-9 table (4 shapes x 5 modes, ~14 min) as one train_overhead run spread over two
 #      back-to-back calls: each call continues /tmp/open_checks_T/to (--keep-done) within --budget-s 520;
 #      a cold machine starts from the results.json in $KEEP if given (carry it), else from scratch.
-#   P: tests/test_shared_grads.py (its CUDA-graph test included), then profile_step.py at the 1B single-gpu
+#   P: tests/test_shared_grads.py (its CUDA-graph test included), the launch-path and HiF8 amax GPU tests
+#      (the amax pass writes partial maxima since session 10), then profile_step.py at the 1B single-gpu
 #      preset (eager): where tensor-scaled HiF8's extra ~28 ms per step
 #      goes (amax kernel time vs launches), and the weight cache's share, per variant (~3 min); then the A/B
 #      of HiF8's shared wgrad gradient (MEGAQUANT_SHARED_GRADS) at 1b-single through megaquant train (~3 min).
@@ -52,8 +53,11 @@ elif [ "$PART" = B ]; then
     --steps 12 --budget-s 260 > "$R/8b.txt" 2>&1
   cat "$R/to/table.md" "$R/8b/table.md" >> "$S" 2>&1
 elif [ "$PART" = P ]; then
-  python3 -m pytest -q -rf -p no:cacheprovider tests/test_shared_grads.py > "$R/pytest.txt" 2>&1
-  echo "pytest shared grads: $(tail -1 "$R/pytest.txt")" >> "$S"
+  python3 -m pytest -q -rf -p no:cacheprovider tests/test_shared_grads.py tests/test_launch.py \
+    "tests/test_triton.py::test_tensor_scaled_hif8_equals_reference" \
+    "tests/test_triton_nvfp4.py::test_tensor_amax_pass" > "$R/pytest.txt" 2>&1
+  echo "pytest shared grads, launch paths, amax parts: $(tail -1 "$R/pytest.txt")" >> "$S"
+  grep -E "^FAILED|^ERROR" "$R/pytest.txt" >> "$S"
   python3 benchmarks/profile_step.py --tree "$W/megatron" --data-root "$W/data" --model llama32-1b \
     --preset single-gpu --variants bf16,FA_linear_hifp8+cache,FA_linear_hifp8+ts+cache,FA_linear_mxfp8+cache,FA_linear_mxfp8 \
     --warmup 2 --timed 2 --train-steps 30 --out "$R/prof1b/prof.json" --table-dir "$R/prof1b" \

@@ -44,6 +44,8 @@ FMT_CASES: list[tuple[str, dict[str, object]]] = [
     ("mxfp8_e4m3", dict(preset="fork")),
     ("hifp8", {}),
     ("hifp8", dict(saturate=False, preset="fork")),
+    ("hifp8", dict(tensor_scale=True)),  # the amax pass (partial maxima) + the scaled quantize pass
+    ("hifp8", dict(tensor_scale=True, saturate=False, preset="fork")),
 ]
 TILE_CASES: list[tuple[str, dict[str, object]]] = gpu_tests.TILES
 LAYOUTS: list[tuple[tuple[int, ...], int]] = [
@@ -121,7 +123,7 @@ def main() -> None:
     layouts = LAYOUTS[:6] if args.quick else LAYOUTS
     fmt_cases, tile_cases, tile_shapes, dtypes = FMT_CASES, TILE_CASES, TILE_SHAPES, DTYPES
     if args.smoke:  # every kernel, NVFP4 and MX, nearest and stochastic, last axis and inner, fp16 and bf16
-        fmt_cases = [FMT_CASES[i] for i in (0, 1, 4, 10, 13, 18)]
+        fmt_cases = [FMT_CASES[i] for i in (0, 1, 4, 10, 13, 18, len(FMT_CASES) - 2)]
         layouts, dtypes = [LAYOUTS[0], LAYOUTS[2]], (torch.bfloat16, torch.float16)
         tile_cases, tile_shapes = [TILE_CASES[1], TILE_CASES[3]], TILE_SHAPES[:1]
     t0 = time.perf_counter()
@@ -139,6 +141,8 @@ def main() -> None:
                 nv_kernels._run(x, opts, enc, torch.empty((), device="meta"))
         elif opts.fmt.block_scaled:
             mx_kernels._mx(x, opts, enc)
+        elif opts.tensor_scale:
+            mx_kernels._hif8_scaled(x, opts, enc)
         else:
             mx_kernels._hif8(x, opts, enc)
     for (fmt, kw), shape, dtype, axis in itertools.product(tile_cases, tile_shapes, dtypes, (-1, -2)):

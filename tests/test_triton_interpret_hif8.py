@@ -78,10 +78,12 @@ for fmt, shape, axis, ts in [("mxfp8_e4m3", (64, 96), -2, False), ("mxfp4_e2m1",
     want = fake_quant(x, fmt, axis=axis, tensor_scale=ts, backend="reference")
     if not (torch.equal(got, want) and got.stride() == x.stride()):
         failures.append(("fake_quant_fn transposed", fmt, shape, axis, ts, got.stride()))
-# the amax pass's grid-stride loop: 2 programs over 6 blocks + a tail, the largest |x| in the last block
+# the amax pass's grid-stride loop: 2 programs (2 partial maxima) over 6 blocks + a tail, the largest |x|
+# in the last block, the first, or the second program's second block
 T.AMAX_PROGRAMS = 2
-for where in (-1, 0, 3 * 2048 + 5):
-    x = torch.randn(6 * 2048 + 17, generator=g) * 0.5
+B = T._HIF8_AMAX_BLOCK
+for where in (-1, 0, 3 * B + 5):
+    x = torch.randn(6 * B + 17, generator=g) * 0.5
     x[where] = -300.0
     x[7] = float("inf")  # does not count
     opts = resolve_options("hifp8", axis=-1, block_size=32, scale="floor", rounding="even", preset=None,

@@ -381,13 +381,16 @@ def _hif8_kernel(x_ptr, out_ptr, numel, BLOCK: tl.constexpr, ENCODE: tl.constexp
 
 
 @triton.jit
-def _amax_bits_kernel(x_ptr, amax_ptr, numel, BLOCK: tl.constexpr, FINITE: tl.constexpr):
-    """amax_ptr[0] (int32, zeroed) = max over x of the fp32 bits of |x|: the bits of a non-negative float
-    order like its value, so an integer atomic max reduces across programs. FINITE: Inf and NaN do not
-    count (0 for none; HiF8's tensor scale, hif8._tensor_scale_exp); else NaN ranks above Inf above every
-    finite value (NVFP4's tensor amax). Each program strides over the blocks (grid-stride loop, grid
-    `amax_grid`) and issues one atomic: atomics on one address serialise, and one per block would be
-    thousands per tensor."""
+def _amax_bits_kernel(
+    x_ptr, amax_ptr, numel, BLOCK: tl.constexpr, FINITE: tl.constexpr, PARTS: tl.constexpr = False
+):
+    """The max over x of the fp32 bits of |x|: the bits of a non-negative float order like its value.
+    FINITE: Inf and NaN do not count (0 for none; HiF8's tensor scale, hif8._tensor_scale_exp); else NaN
+    ranks above Inf above every finite value (NVFP4's tensor amax). Each program strides over the blocks
+    (grid-stride loop) and writes its own maximum: PARTS, to amax_ptr[program] (no zeroed buffer, no
+    atomics; the consumer reduces the parts: HiF8's quantize pass), else by one integer atomic max into
+    amax_ptr[0] (int32, zeroed; grid `amax_grid`: atomics on one address serialise, one per block would be
+    thousands per tensor)."""
     pid = tl.program_id(0).to(tl.int64)
     stride = tl.num_programs(0).to(tl.int64) * BLOCK
     acc = tl.zeros((BLOCK,), dtype=tl.int32)
@@ -398,19 +401,25 @@ def _amax_bits_kernel(x_ptr, amax_ptr, numel, BLOCK: tl.constexpr, FINITE: tl.co
         if FINITE:
             abits = tl.where(abits < 0x7F800000, abits, 0)
         acc = tl.maximum(acc, abits)
-    tl.atomic_max(amax_ptr, tl.max(acc, axis=0))
+    if PARTS:
+        tl.store(amax_ptr + pid, tl.max(acc, axis=0))
+    else:
+        tl.atomic_max(amax_ptr, tl.max(acc, axis=0))
 
 
 @triton.jit
-def _hif8_scaled_kernel(x_ptr, out_ptr, amax_ptr, s_ptr, numel, BLOCK: tl.constexpr, ENCODE: tl.constexpr,
-                        SATURATE: tl.constexpr, FORK: tl.constexpr, MB_TABLE: tl.constexpr):  # fmt: skip
-    """hif8 fake-quant/encode with tensor scaling, as hif8._quantize + fake_quant_hif8: s = clamp(3 -
-    floor(log2 amax), -127, 127) (0 for amax 0), x * 2^s rounded to the grid, times 2^-s in fp32, then
-    cast to the output dtype with round-to-nearest-even (not truncated: x 2^-s can be inexact in bf16)."""
+def _hif8_scaled_kernel(x_ptr, out_ptr, amax_ptr, s_ptr, numel, nparts, BLOCK: tl.constexpr,
+                        NPARTS: tl.constexpr, ENCODE: tl.constexpr, SATURATE: tl.constexpr,
+                        FORK: tl.constexpr, MB_TABLE: tl.constexpr):  # fmt: skip
+    """hif8 fake-quant/encode with tensor scaling, as hif8._quantize + fake_quant_hif8: amax = the max of
+    the amax pass's `nparts` partial maxima (amax_ptr[0:nparts], int32 bits), s = clamp(3 - floor(log2
+    amax), -127, 127) (0 for amax 0), x * 2^s rounded to the grid, times 2^-s in fp32, then cast to the
+    output dtype with round-to-nearest-even (not truncated: x 2^-s can be inexact in bf16)."""
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
-    amax_bits = tl.load(amax_ptr)
+    parts = tl.arange(0, NPARTS)
+    amax_bits = tl.max(tl.load(amax_ptr + parts, mask=parts < nparts, other=0), axis=0)
     s = tl.minimum(tl.maximum(3 - ((amax_bits >> 23) - 127), -127), 127)
     s = tl.where(amax_bits > 0, s, 0)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -584,48 +593,66 @@ def _hif8_encoded(x: torch.Tensor, opts: Options, codes: torch.Tensor, s: torch.
                    tensor_scale_exp=s)  # fmt: skip
 
 
-_AMAX_LAUNCHER = Launcher(
-    _amax_bits_kernel, 2, 1, BLOCK=_ELEMS_PER_PROGRAM, FINITE=True, num_warps=_NUM_WARPS
-)
-"""(x, amax), (numel,); grid `amax_grid(numel)`."""
 AMAX_PROGRAMS = 1024
 """At most this many programs (atomics) per amax pass: ~8 per SM of an H100/H200, enough to keep the
 memory system busy while the loop reads the rest."""
+_HIF8_AMAX_BLOCK = 8192
+"""Elements per program and loop iteration of HiF8's amax pass: with at most `_HIF8_AMAX_PARTS` programs,
+256 x 8192 bf16 = 4 MB in flight per sweep, as 1024 x 2048 would be."""
+_HIF8_AMAX_PARTS = 256
+"""At most this many partial maxima (programs) per HiF8 amax pass; every quantize program reads them all
+(1 KB, from L2)."""
+_AMAX_LAUNCHER = Launcher(
+    _amax_bits_kernel, 2, 1, BLOCK=_HIF8_AMAX_BLOCK, FINITE=True, PARTS=True, num_warps=8
+)
+"""(x, parts), (numel,); grid `hif8_amax_grid(numel)`: one partial maximum per program into parts."""
 
 
 def amax_grid(numel: int, block: int = _ELEMS_PER_PROGRAM) -> tuple[int, int, int]:
     return (max(1, min(-(-numel // block), AMAX_PROGRAMS)), 1, 1)
 
 
+def hif8_amax_grid(numel: int) -> tuple[int, int, int]:
+    """The HiF8 amax pass's grid: its size is the number of partial maxima the quantize pass reduces."""
+    return (max(1, min(-(-numel // _HIF8_AMAX_BLOCK), _HIF8_AMAX_PARTS, AMAX_PROGRAMS)), 1, 1)
+
+
+def _hif8_amax_parts(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The amax pass: (a buffer of partial maxima, how many), no zeroing launch (each program writes its
+    own slot), no host synchronisation."""
+    numel = x.numel()
+    grid = hif8_amax_grid(numel)
+    parts = torch.empty(_HIF8_AMAX_PARTS, dtype=torch.int32, device=x.device)
+    _AMAX_LAUNCHER(grid, (x, parts), (numel,))
+    return parts, grid[0]
+
+
 @functools.lru_cache(maxsize=256)
 def _hif8_scaled_launcher(opts: Options, encode: bool) -> Launcher:
-    """(x, out, amax, s), (numel,)."""
+    """(x, out, parts, s), (numel, nparts)."""
     return Launcher(
-        _hif8_scaled_kernel, 4, 1, BLOCK=_ELEMS_PER_PROGRAM, ENCODE=encode, SATURATE=opts.saturate,
-        FORK=opts.fork_clamp, MB_TABLE=_HIF8_MB_TABLE, num_warps=_NUM_WARPS,
+        _hif8_scaled_kernel, 4, 2, BLOCK=_ELEMS_PER_PROGRAM, NPARTS=_HIF8_AMAX_PARTS, ENCODE=encode,
+        SATURATE=opts.saturate, FORK=opts.fork_clamp, MB_TABLE=_HIF8_MB_TABLE, num_warps=_NUM_WARPS,
     )  # fmt: skip
 
 
 def _hif8_scaled_into(x: torch.Tensor, out: torch.Tensor, launcher: Launcher) -> None:
-    """The amax pass into a one-element int32 buffer, then the quantize pass of `launcher` reading it on
-    the device (no host synchronisation); x and out dense in the same memory order (elementwise)."""
+    """The amax pass (partial maxima), then the quantize pass of `launcher` reducing them on the device
+    (no host synchronisation); x and out dense in the same memory order (elementwise)."""
     numel = x.numel()
-    grid = (-(-numel // _ELEMS_PER_PROGRAM), 1, 1)
-    amax = torch.zeros(1, dtype=torch.int32, device=x.device)
-    _AMAX_LAUNCHER(amax_grid(numel), (x, amax), (numel,))
-    launcher(grid, (x, out, amax, amax), (numel,))
+    parts, nparts = _hif8_amax_parts(x)
+    launcher((-(-numel // _ELEMS_PER_PROGRAM), 1, 1), (x, out, parts, parts), (numel, nparts))
 
 
 def _hif8_scaled(x: torch.Tensor, opts: Options, encode: bool) -> torch.Tensor | Encoded:
     """HiF8 with tensor scaling: the amax pass, then the quantize pass (no host synchronisation)."""
     xc = x.contiguous()
     numel = xc.numel()
-    grid = (-(-numel // _ELEMS_PER_PROGRAM), 1, 1)
-    amax = torch.zeros(1, dtype=torch.int32, device=x.device)
-    _AMAX_LAUNCHER(amax_grid(numel), (xc, amax), (numel,))
+    parts, nparts = _hif8_amax_parts(xc)
     out = torch.empty(xc.shape, dtype=torch.uint8 if encode else x.dtype, device=x.device)
-    s = torch.empty((), dtype=torch.int32, device=x.device) if encode else amax
-    _hif8_scaled_launcher(opts, encode)(grid, (xc, out, amax, s), (numel,))
+    s = torch.empty((), dtype=torch.int32, device=x.device) if encode else parts
+    grid = (-(-numel // _ELEMS_PER_PROGRAM), 1, 1)
+    _hif8_scaled_launcher(opts, encode)(grid, (xc, out, parts, s), (numel, nparts))
     return out if not encode else _hif8_encoded(x, opts, out, s)
 
 

@@ -522,7 +522,7 @@ def tensor_amax(x: torch.Tensor) -> torch.Tensor:
     xc = x.contiguous()
     out = torch.zeros(1, dtype=torch.int32, device=x.device)
     grid = amax_grid(xc.numel(), _AMAX_BLOCK)
-    _amax_bits_kernel[grid](xc, out, xc.numel(), BLOCK=_AMAX_BLOCK, FINITE=False, num_warps=8)
+    _amax_bits_kernel[grid](xc, out, xc.numel(), BLOCK=_AMAX_BLOCK, FINITE=False, PARTS=False, num_warps=8)
     return out.view(torch.float32).reshape(())
 
 
