@@ -53,7 +53,7 @@ def test_int_spec_is_at_least_as_fine_as_tritons() -> None:
         ("_mx_inner_kernel", 4, 4),
         ("_hif8_kernel", 2, 1),
         ("_amax_bits_kernel", 2, 1),
-        ("_hif8_scaled_kernel", 4, 1),
+        ("_hif8_scaled_kernel", 4, 2),
     ],
 )
 def test_spec_key_determines_tritons_specialization(kernel: str, n_ptrs: int, n_ints: int) -> None:
