@@ -50,3 +50,14 @@ def load_script(path: Path, name: str | None = None) -> ModuleType:
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def fake_sample_files(root: Path) -> None:
+    """Stand-ins (not a real dataset) for the files `megaquant data prepare --dataset sample` writes under
+    `root`: what the launcher's preflight looks for, for tests that never read the data."""
+    prefix = root / "dataset/sample_processed/sample_processed_text_document"
+    prefix.parent.mkdir(parents=True)
+    for suffix in (".bin", ".idx"):
+        Path(f"{prefix}{suffix}").write_bytes(b"x")
+    (root / "tokenizers/megaquant-bpe").mkdir(parents=True)
+    (root / "tokenizers/megaquant-bpe/tokenizer.json").write_text("{}")

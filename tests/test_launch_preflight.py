@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import make_git_repo
+from conftest import fake_sample_files, make_git_repo
 from typer.testing import CliRunner
 
 from megaquant import megatron_src
@@ -88,12 +88,8 @@ def test_dry_run_checks_the_data_prefix_and_tokenizer(
     problems = json.loads(missing.stdout)["problems"]
     assert len(problems) == 2 and "sample_processed_text_document.bin" in problems[0]
     assert "megaquant data prepare" in problems[0] and "tokenizer" in problems[1]
+    fake_sample_files(repo)
     prefix = repo / "dataset/sample_processed/sample_processed_text_document"
-    prefix.parent.mkdir(parents=True)
-    for suffix in (".bin", ".idx"):
-        Path(f"{prefix}{suffix}").write_bytes(b"x")
-    (repo / "tokenizers/megaquant-bpe").mkdir(parents=True)
-    (repo / "tokenizers/megaquant-bpe/tokenizer.json").write_text("{}")
     ready = RUNNER.invoke(APP, args)
     assert ready.exit_code == 0, ready.output
     assert json.loads(ready.stdout)["problems"] == []

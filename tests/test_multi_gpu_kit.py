@@ -11,7 +11,7 @@ from pathlib import Path
 
 import git
 import pytest
-from conftest import make_git_repo
+from conftest import fake_sample_files, make_git_repo
 
 from megaquant.launch.run import TRAIN_COMMAND_ENV
 
@@ -35,12 +35,7 @@ def _tree_and_data(tmp_path: Path) -> tuple[Path, Path]:
     handle.git.add("--all")
     handle.index.commit("attention takes k_channels / v_channels")
     data = tmp_path / "data"
-    prefix = data / "dataset/sample_processed/sample_processed_text_document"
-    prefix.parent.mkdir(parents=True)
-    for suffix in (".bin", ".idx"):
-        Path(f"{prefix}{suffix}").write_bytes(b"x")
-    (data / "tokenizers/megaquant-bpe").mkdir(parents=True)
-    (data / "tokenizers/megaquant-bpe/tokenizer.json").write_text("{}")
+    fake_sample_files(data)
     return repo, data
 
 
