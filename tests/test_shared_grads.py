@@ -3,6 +3,10 @@ only where that is exact."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -125,3 +129,14 @@ def test_shared_gradient_under_a_cuda_graph_equals_eager_unshared(recipe: str) -
         torch.cuda.synchronize()
         for got, ref in zip(static, want, strict=True):
             assert torch.equal(got.view(torch.int16), ref.view(torch.int16))
+
+
+def test_the_environment_switch_turns_sharing_off() -> None:
+    # read once at import, in the training process: a child process with MEGAQUANT_SHARED_GRADS=off
+    code = "from megaquant.ops import shared; print(shared.enabled())"
+    for value, want in (("off", "False"), ("on", "True")):
+        env = {**os.environ, shared.ENV: value}
+        done = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        )
+        assert done.stdout.strip() == want

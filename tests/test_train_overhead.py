@@ -4,9 +4,10 @@ ratios, and `--keep-done` continuing a run across calls without re-running what 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
 from conftest import load_script
 
@@ -59,3 +60,14 @@ def test_keep_done_continues_the_same_table_without_rerunning(tmp_path: Path) ->
     # without --keep-done every row runs again
     assert to.main([*common, *cli, "--modes", "bf16"]) == 0
     assert (tmp_path / "calls.txt").read_text().split() == ["bf16", "FA_linear_mxfp8", "bf16"]
+
+
+def test_ab_rows_set_the_environment_they_name() -> None:
+    to = _load()
+    ns = SimpleNamespace()
+    assert (
+        to.env_for(to.Row("1b-single", "FA_linear_hifp8+ts+noshare"), ns)["MEGAQUANT_SHARED_GRADS"] == "off"
+    )
+    assert to.env_for(to.Row("1b-single", "FA_linear_mxfp8+nocache"), ns)["MEGAQUANT_WEIGHT_CACHE"] == "off"
+    plain = to.env_for(to.Row("1b-single", "FA_linear_hifp8+ts"), ns)
+    assert plain.get("MEGAQUANT_SHARED_GRADS") == os.environ.get("MEGAQUANT_SHARED_GRADS")
