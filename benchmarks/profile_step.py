@@ -102,11 +102,29 @@ def analyse(prof: Any, wall_s: float) -> dict[str, Any]:
             row["calls"] += 1
             row["cpu_ms"] += e.cpu_time_total / 1e3
             row["kernel_ms"] += e.device_time_total / 1e3
+    summary = kernel_summary(kernels)
+    return {
+        "wall_ms": wall_s * 1e3,
+        "gpu_busy_ms": summary["gpu_busy_ms"],
+        "gpu_busy_fraction": summary["gpu_busy_ms"] / (wall_s * 1e3) if wall_s else None,
+        "kernels": summary["kernels"],
+        "kernel_ms": summary["kernel_ms"],
+        "by_kind": summary["by_kind"],
+        "launch_calls": launches,
+        "launch_cpu_ms": launch_cpu_us / 1e3,
+        "roles": roles,
+        "top_kernels_ms": summary["top_kernels_ms"],
+    }
+
+
+def kernel_summary(kernels: list[tuple[float, float, str]], steps: int = 1) -> dict[str, Any]:
+    """GPU busy time (union of the intervals), kernel time and count by kind, the top kernels; per step.
+    `kernels`: (start µs, end µs, name) of every GPU activity in the `steps` steps covered."""
     by_kind: dict[str, dict[str, float]] = {}
     for start, end, name in kernels:
         row = by_kind.setdefault(_kernel_kind(name), {"count": 0, "ms": 0.0})
-        row["count"] += 1
-        row["ms"] += (end - start) / 1e3
+        row["count"] += 1 / steps
+        row["ms"] += (end - start) / 1e3 / steps
     busy = 0.0
     cur_s = cur_e = None
     for start, end, _ in sorted(kernels):
@@ -120,19 +138,35 @@ def analyse(prof: Any, wall_s: float) -> dict[str, Any]:
         busy += cur_e - cur_s
     top: dict[str, float] = {}
     for start, end, name in kernels:
-        top[name[:80]] = top.get(name[:80], 0.0) + (end - start) / 1e3
+        top[name[:80]] = top.get(name[:80], 0.0) + (end - start) / 1e3 / steps
     return {
-        "wall_ms": wall_s * 1e3,
-        "gpu_busy_ms": busy / 1e3,
-        "gpu_busy_fraction": busy / 1e3 / (wall_s * 1e3) if wall_s else None,
-        "kernels": len(kernels),
+        "gpu_busy_ms": busy / 1e3 / steps,
+        "kernels": len(kernels) / steps,
         "kernel_ms": sum(r["ms"] for r in by_kind.values()),
         "by_kind": by_kind,
-        "launch_calls": launches,
-        "launch_cpu_ms": launch_cpu_us / 1e3,
-        "roles": roles,
         "top_kernels_ms": dict(sorted(top.items(), key=lambda kv: -kv[1])[:15]),
     }
+
+
+_TRACE_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def analyse_trace(path: Path, steps: int) -> dict[str, Any]:
+    """`kernel_summary` of a chrome trace (torch.profiler's export, e.g. Megatron's `--profile
+    --use-pytorch-profiler` output `torch_profile/rank-0.json.gz`) covering `steps` training steps: the
+    graphed steps that this script's in-process profile cannot run (CUPTI records a replayed graph's
+    kernels one by one; the kernel count per step shows whether it did)."""
+    import gzip
+
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        events = json.load(f).get("traceEvents", [])
+    kernels = [
+        (float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0)), str(e.get("name", "")))
+        for e in events
+        if e.get("ph") == "X" and e.get("cat") in _TRACE_CATS
+    ]
+    return kernel_summary(kernels, steps)
 
 
 GEMM_ROLES = {"fprop": "linear_fwd", "dgrad": "linear_dgrad", "wgrad": "linear_wgrad"}

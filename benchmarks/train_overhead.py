@@ -16,7 +16,10 @@ scaled HiF8). `MODE+nocache` runs with MEGAQUANT_WEIGHT_CACHE=off (for the bit-i
 `MODE+noshare` with MEGAQUANT_SHARED_GRADS=off (HiF8's wgrad quantizes dy again: an A/B, same losses);
 `MODE+again` repeats a row (its own run dir: bit-identity across runs);
 `MODE+graph` / `MODE+nograph` run with `--cuda-graphs on` / `off` (Megatron's full-iteration CUDA graph;
-without either, `megaquant train`'s default `auto` decides, see megaquant/launch/graphs.py).
+without either, `megaquant train`'s default `auto` decides, see megaquant/launch/graphs.py);
+`MODE+prof` traces steps 8-10 with Megatron's own torch.profiler (`--profile --use-pytorch-profiler`),
+i.e. steps the graph replays, and adds their kernel time per step by kind to results.json and the table
+(its median step includes the two traced steps: read its time from the row without +prof).
 
 The whole table takes longer than one 10-minute device call: `--keep-done` continues a run in the same
 `--out` (a warm machine's /tmp, or the results.json carried back), keeping the rows that succeeded there
@@ -42,6 +45,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _procs import interrupt  # noqa: E402
+from profile_step import analyse_trace  # noqa: E402
 
 SHAPES: dict[str, tuple[str, str, tuple[str, ...], int]] = {
     # name: (model, preset, extra Megatron args, global batch)
@@ -50,6 +54,7 @@ SHAPES: dict[str, tuple[str, str, tuple[str, ...], int]] = {
     "1b-fast": ("llama32-1b", "fast", (), 32),
     "8b-2l": ("llama31-8b", "standard", ("--num-layers", "2", "--global-batch-size", "2"), 2),
 }
+PROFILE_STEPS = (8, 10)  # +prof rows trace these steps (replayed under the graph, which captures at 4)
 MODES = ("bf16", "FA_linear_mxfp8", "FA_linear_hifp8+ts", "FA_linear_hifp8", "FA_linear_mxfp4")
 
 
@@ -74,6 +79,9 @@ def argv_for(row: Row, ns: argparse.Namespace, run_dir: Path) -> list[str]:
     if "graph" in parts or "nograph" in parts:
         argv += ["--cuda-graphs", "on" if "graph" in parts else "off"]
     argv += ["--run-dir", str(run_dir), "--no-validate", "--steps", str(ns.steps), "--", *extra]
+    if "prof" in parts:  # Megatron's own torch.profiler: the trace lands in RUN_DIR/torch_profile
+        argv += ["--profile", "--use-pytorch-profiler", "--tensorboard-dir", str(run_dir / "tb")]
+        argv += ["--profile-step-start", str(PROFILE_STEPS[0]), "--profile-step-end", str(PROFILE_STEPS[1])]
     return [*argv, "--log-interval", "1"]
 
 
@@ -99,7 +107,10 @@ def measure(run_dir: Path, warmup: int) -> dict[str, Any]:
         for path, n in paths.items():
             per_step[path] = per_step.get(path, 0) + n / steps
     cache = sum(paths.get("cache", 0) for paths in counts.get("operands", {}).values()) / steps
+    trace = run_dir / "torch_profile" / "rank-0.json.gz"
+    extra = {"trace": analyse_trace(trace, PROFILE_STEPS[1] - PROFILE_STEPS[0])} if trace.is_file() else {}
     return {
+        **extra,
         "steps": len(metrics),
         "median_ms": statistics.median(m["step_time_s"] for m in timed) * 1e3,
         "peak_bytes": max(m["peak_mem_bytes"] for m in metrics),
@@ -141,6 +152,29 @@ def table(results: dict[str, dict[str, Any]], rows: list[Row]) -> str:
         lines.append(
             f"| {row.shape} | {mode} | {r['steps']} | {r['median_ms']:.1f} ms | {ratio} | "
             f"{r['peak_bytes'] / 2**30:.2f} GiB | {mem} | {paths} | {r['cache_hits_per_step']:.0f} |"
+        )
+    return "\n".join(lines) + "\n" + trace_table(results, rows)
+
+
+def trace_table(results: dict[str, dict[str, Any]], rows: list[Row]) -> str:
+    """Kernel time per traced step of the +prof rows (Megatron's profiler over steps 8-10), or ''."""
+    traced = [(row, results[row.name]["trace"]) for row in rows if "trace" in results.get(row.name, {})]
+    if not traced:
+        return ""
+    lines = [
+        "",
+        f"Kernels per traced step (steps {PROFILE_STEPS[0]}-{PROFILE_STEPS[1]}, Megatron's torch.profiler):",
+        "",
+        "| shape | mode | GPU busy | kernel time | GEMMs | quantization | other | kernels |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row, t in traced:
+        kind = " | ".join(
+            f"{t['by_kind'].get(k, {}).get('ms', 0.0):.1f} ms" for k in ("gemm", "quant", "other")
+        )
+        lines.append(
+            f"| {row.shape} | {row.mode} | {t['gpu_busy_ms']:.1f} ms | {t['kernel_ms']:.1f} ms | {kind} | "
+            f"{t['kernels']:.0f} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -28,6 +28,18 @@ with (run / "metrics.jsonl").open("w") as f:
 (run / "manifest.json").write_text(json.dumps({"status": "succeeded", "path_counts": {"steps": 6}}))
 with open(Path(__file__).with_name("calls.txt"), "a") as f:
     f.write(mode + "\\n")
+if "--profile" in argv:  # what Megatron's torch.profiler leaves: TB_DIR/../torch_profile/rank-0.json.gz
+    import gzip
+    tb = Path(argv[argv.index("--tensorboard-dir") + 1])
+    (tb.parent / "torch_profile").mkdir()
+    events = [  # two traced steps: busy 1000 + 1200 us (two kernels overlap), 2500 us of kernels
+        {"ph": "X", "cat": "kernel", "name": "nvjet_sm90_tst_256x128", "ts": 0.0, "dur": 1000.0},
+        {"ph": "X", "cat": "kernel", "name": "_mx_lastaxis_kernel", "ts": 2000.0, "dur": 500.0},
+        {"ph": "X", "cat": "kernel", "name": "elementwise_kernel", "ts": 2200.0, "dur": 1000.0},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0.0, "dur": 9000.0},
+    ]
+    with gzip.open(tb.parent / "torch_profile" / "rank-0.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
 """
 
 
@@ -71,3 +83,35 @@ def test_ab_rows_set_the_environment_they_name() -> None:
     assert to.env_for(to.Row("1b-single", "FA_linear_mxfp8+nocache"), ns)["MEGAQUANT_WEIGHT_CACHE"] == "off"
     plain = to.env_for(to.Row("1b-single", "FA_linear_hifp8+ts"), ns)
     assert plain.get("MEGAQUANT_SHARED_GRADS") == os.environ.get("MEGAQUANT_SHARED_GRADS")
+
+
+def test_prof_rows_trace_replayed_steps_and_tabulate_their_kernels(tmp_path: Path) -> None:
+    to = _load()
+    fake = tmp_path / "fake_megaquant.py"
+    fake.write_text(FAKE)
+    out = tmp_path / "out"
+    ns = SimpleNamespace(megaquant=["megaquant"], tree=tmp_path, data_root=tmp_path, steps=12)
+    argv = to.argv_for(to.Row("1b-single", "FA_linear_mxfp8+prof"), ns, out / "run")
+    at = argv.index("--profile-step-start")
+    assert argv[at + 1 : at + 4] == ["8", "--profile-step-end", "10"]  # after the graph's capture at step 4
+    assert argv[argv.index("--tensorboard-dir") + 1] == str(out / "run" / "tb")
+    assert "--profile" not in to.argv_for(to.Row("1b-single", "FA_linear_mxfp8"), ns, out / "run")
+    common = [
+        "--tree",
+        str(tmp_path),
+        "--data-root",
+        str(tmp_path),
+        "--out",
+        str(out),
+        "--only",
+        "tiny-smoke",
+    ]
+    cli = ["--megaquant", f"{sys.executable} {fake}"]
+    assert to.main([*common, *cli, "--modes", "bf16,FA_linear_mxfp8+prof"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    trace = results["tiny-smoke-FA_linear_mxfp8_prof"]["trace"]
+    assert trace["gpu_busy_ms"] == 1.1 and trace["kernel_ms"] == 1.25 and trace["kernels"] == 1.5
+    assert {k: v["ms"] for k, v in trace["by_kind"].items()} == {"gemm": 0.5, "quant": 0.25, "other": 0.5}
+    assert "trace" not in results["tiny-smoke-bf16"]
+    text = (out / "table.md").read_text()
+    assert "| tiny-smoke | FA_linear_mxfp8+prof | 1.1 ms | 1.2 ms | 0.5 ms | 0.2 ms | 0.5 ms | 2 |" in text
