@@ -47,30 +47,26 @@ def _load() -> ModuleType:
     return load_script(BENCH / "train_overhead.py", "bench_train_overhead")
 
 
-def test_keep_done_continues_the_same_table_without_rerunning(tmp_path: Path) -> None:
-    to = _load()
+def _fake_cli(tmp_path: Path, out: Path) -> list[str]:
+    """train_overhead's arguments for the tiny-smoke rows with FAKE standing in for `megaquant`."""
     fake = tmp_path / "fake_megaquant.py"
     fake.write_text(FAKE)
+    args = ["--tree", str(tmp_path), "--data-root", str(tmp_path), "--out", str(out), "--only", "tiny-smoke"]
+    return [*args, "--megaquant", f"{sys.executable} {fake}"]
+
+
+def test_keep_done_continues_the_same_table_without_rerunning(tmp_path: Path) -> None:
+    to = _load()
     out = tmp_path / "out"
-    common = [
-        "--tree",
-        str(tmp_path),
-        "--data-root",
-        str(tmp_path),
-        "--out",
-        str(out),
-        "--only",
-        "tiny-smoke",
-    ]
-    cli = ["--megaquant", f"{sys.executable} {fake}"]
-    assert to.main([*common, *cli, "--modes", "bf16"]) == 0
-    assert to.main([*common, *cli, "--modes", "bf16,FA_linear_mxfp8", "--keep-done"]) == 0
+    common = _fake_cli(tmp_path, out)
+    assert to.main([*common, "--modes", "bf16"]) == 0
+    assert to.main([*common, "--modes", "bf16,FA_linear_mxfp8", "--keep-done"]) == 0
     assert (tmp_path / "calls.txt").read_text().split() == ["bf16", "FA_linear_mxfp8"]  # bf16 kept
     results = json.loads((out / "results.json").read_text())
     assert set(results) == {"tiny-smoke-bf16", "tiny-smoke-FA_linear_mxfp8"}
     assert "| tiny-smoke | FA_linear_mxfp8 | 6 | 250.0 ms | 1.25× |" in (out / "table.md").read_text()
     # without --keep-done every row runs again
-    assert to.main([*common, *cli, "--modes", "bf16"]) == 0
+    assert to.main([*common, "--modes", "bf16"]) == 0
     assert (tmp_path / "calls.txt").read_text().split() == ["bf16", "FA_linear_mxfp8", "bf16"]
 
 
@@ -87,8 +83,6 @@ def test_ab_rows_set_the_environment_they_name() -> None:
 
 def test_prof_rows_trace_replayed_steps_and_tabulate_their_kernels(tmp_path: Path) -> None:
     to = _load()
-    fake = tmp_path / "fake_megaquant.py"
-    fake.write_text(FAKE)
     out = tmp_path / "out"
     ns = SimpleNamespace(megaquant=["megaquant"], tree=tmp_path, data_root=tmp_path, steps=12)
     argv = to.argv_for(to.Row("1b-single", "FA_linear_mxfp8+prof"), ns, out / "run")
@@ -96,18 +90,8 @@ def test_prof_rows_trace_replayed_steps_and_tabulate_their_kernels(tmp_path: Pat
     assert argv[at + 1 : at + 4] == ["8", "--profile-step-end", "10"]  # after the graph's capture at step 4
     assert argv[argv.index("--tensorboard-dir") + 1] == str(out / "run" / "tb")
     assert "--profile" not in to.argv_for(to.Row("1b-single", "FA_linear_mxfp8"), ns, out / "run")
-    common = [
-        "--tree",
-        str(tmp_path),
-        "--data-root",
-        str(tmp_path),
-        "--out",
-        str(out),
-        "--only",
-        "tiny-smoke",
-    ]
-    cli = ["--megaquant", f"{sys.executable} {fake}"]
-    assert to.main([*common, *cli, "--modes", "bf16,FA_linear_mxfp8+prof"]) == 0
+    common = _fake_cli(tmp_path, out)
+    assert to.main([*common, "--modes", "bf16,FA_linear_mxfp8+prof"]) == 0
     results = json.loads((out / "results.json").read_text())
     trace = results["tiny-smoke-FA_linear_mxfp8_prof"]["trace"]
     assert trace["gpu_busy_ms"] == 1.1 and trace["kernel_ms"] == 1.25 and trace["kernels"] == 1.5
