@@ -16,7 +16,8 @@ The budget: a run starts only when its estimated wall time (measured on earlier 
 this batch, else the assumed step time of SHAPES) ends before --budget-s; at --budget-s the driver
 interrupts what still runs (the manifest then says `interrupted`, the tree is restored). After every run it
 rewrites OUT/<batch>.tar.gz: per run manifest.json, metrics.jsonl, path_counts.rank*.json,
-validation.jsonl (Megatron's evaluations, parsed from train.log), train_tail.log (the log's last lines) and
+validation.jsonl (Megatron's evaluations, parsed from train.log), train_tail.log (the log's last lines),
+timing.log (the log's timestamps and timer reports: where the time besides the steps went) and
 results_run.json (this driver's record: slot, concurrency, wall time, which runs overlapped it). The lent
 machine returns at most 8 files, so one tarball carries a whole batch; `unpack` puts it under
 docs/results/runs/<batch>/<run>/, where `python benchmarks/results_page.py` reads it.
@@ -386,10 +387,36 @@ def small_files(run_dir: Path, record: dict[str, object]) -> dict[str, bytes]:
         points = parse_validation(text)
         out["validation.jsonl"] = "".join(json.dumps(p.as_json()) + "\n" for p in points).encode()
         out["train_tail.log"] = "".join(text.splitlines(keepends=True)[-TAIL_LINES:]).encode()
+        out["timing.log"] = timing_lines(text).encode()
         if "metrics.jsonl" not in out:  # a fork tree's pretrain_gpt.py: the log is the only curve
             out["train.log"] = text.encode()
     out["results_run.json"] = (json.dumps(record, indent=1) + "\n").encode()
     return out
+
+
+_TIMING_MARKS = ("datetime:", "time to initialize", "time across ranks", "CUDA graph capture")
+FIRST_ITERATIONS = 5
+
+
+def timing_lines(log: str) -> str:
+    """Where a run's wall time went besides its steps: Megatron's timestamps ("[after model, optimizer, ...]
+    datetime: ...", time to initialize), its timer reports with their indented rows (set-up, evaluate), the
+    graph's capture, and the first iterations' time-stamped lines (the start of training)."""
+    keep: list[str] = []
+    timers = iterations = 0
+    for line in log.splitlines(keepends=True):
+        if timers and line.startswith(("    ", "\t")):  # a timer report's rows
+            keep.append(line)
+            continue
+        timers = 0
+        if "time across ranks" in line:
+            timers = 1
+        if any(mark in line for mark in _TIMING_MARKS):
+            keep.append(line)
+        elif "] iteration " in line and iterations < FIRST_ITERATIONS:
+            iterations += 1
+            keep.append(line)
+    return "".join(keep)
 
 
 def write_tarball(path: Path, batch: str, runs: dict[str, dict[str, bytes]]) -> None:

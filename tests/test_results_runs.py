@@ -214,6 +214,7 @@ def test_runs_share_the_gpu_in_their_own_trees_and_come_back_in_one_tarball(
             "metrics.jsonl",
             "validation.jsonl",
             "train_tail.log",
+            "timing.log",
             "results_run.json",
         ):
             assert f"test/{spec.name}/{file}" in names
@@ -368,3 +369,23 @@ def test_every_batch_argv_passes_megatrons_own_parser(tmp_path: Path) -> None:
     cases = {key: Case(argv=_planned_args(spec, tmp_path)[1]) for key, spec in specs.items()}
     verdicts = validate(list(cases.values()), source)
     assert {key: v.error for key, v in zip(cases, verdicts, strict=True) if not v.ok} == {}
+
+
+def test_timing_log_keeps_where_the_time_besides_the_steps_went() -> None:
+    rows = [
+        "using world size: 1",
+        "[after megatron is initialized] datetime: 2026-12-01 20:16:20 ",
+        "> building train, validation, and test datasets ...",
+        "[after dataloaders are built] datetime: 2026-12-01 20:16:33 ",
+        "(min, max) time across ranks (ms):",
+        "    model-and-optimizer-setup ......................: (10592.11, 10592.11)",
+        "    train/valid/test-data-iterators-setup ..........: (1846.53, 1846.53)",
+        "training ...",
+        *(f" [2026-12-01 20:16:4{i}.1] iteration {i + 1:8d}/     320 | lm loss: 9.0E+00 |" for i in range(7)),
+        "CUDA graph capture done for training!!!",
+        "(min, max) time across ranks (ms):",
+        "    evaluate .......................................: (612.30, 612.30)",
+        " validation loss at iteration 32 on validation set | lm loss value: 6.0E+00 |",
+    ]
+    kept = rr.timing_lines("\n".join(rows) + "\n").splitlines()
+    assert kept == [rows[1], rows[3], *rows[4:7], *rows[8:13], rows[15], *rows[16:18]]
