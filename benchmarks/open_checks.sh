@@ -74,7 +74,7 @@ elif [ "$PART" = P ]; then
 elif [ "$PART" = G ]; then
   python3 benchmarks/train_overhead.py --tree "$W/megatron" --data-root "$W/data" --out "$R/prof" \
     --only 1b-single --modes bf16+prof,FA_linear_mxfp8+prof,FA_linear_hifp8+prof,FA_linear_mxfp4+prof \
-    --steps 12 --budget-s 330 > "$R/prof.txt" 2>&1
+    --steps 12 --budget-s 330 --pack-to "$OUT" > "$R/prof.txt" 2>&1
   cat "$R/prof/table.md" >> "$S" 2>&1
   python3 -c "import json,sys; [print(k, {n: round(v, 2) for n, v in r['trace']['top_kernels_ms'].items()}) for k, r in json.load(open(sys.argv[1])).items() if 'trace' in r]" "$R/prof/results.json" >> "$S" 2>&1
   find "$R/prof" -name 'rank-0.json.gz' -delete  # tens of MB each; the summary is in results.json
@@ -82,7 +82,7 @@ elif [ "$PART" = T ]; then
   mkdir -p "$R/to"
   if [ -n "${KEEP:-}" ] && [ ! -f "$R/to/results.json" ]; then cp "$KEEP" "$R/to/results.json"; fi
   python3 benchmarks/train_overhead.py --tree "$W/megatron" --data-root "$W/data" --out "$R/to" \
-    --keep-done --steps 12 --budget-s 520 > "$R/to.txt" 2>&1
+    --keep-done --steps 12 --budget-s 520 --pack-to "$OUT" > "$R/to.txt" 2>&1
   cp "$R/to/results.json" "$R/to/table.md" "$OUT/" 2>/dev/null
   cat "$R/to/table.md" >> "$S" 2>&1
 else

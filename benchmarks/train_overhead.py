@@ -37,6 +37,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -122,6 +123,21 @@ def measure(run_dir: Path, warmup: int) -> dict[str, Any]:
     }
 
 
+PACKED = ("results.json", "table.md", "*.log", "runs/*/manifest.json", "runs/*/metrics.jsonl")
+PACKED += ("runs/*/path_counts.rank*.json",)
+
+
+def pack(out: Path, tarball: Path) -> None:
+    """`out`'s small files (PACKED; no traces, no checkpoints) into `tarball`, written whole or not at all."""
+    tarball.parent.mkdir(parents=True, exist_ok=True)
+    part = tarball.with_name(tarball.name + ".part")
+    with tarfile.open(part, "w:gz") as tar:
+        for pattern in PACKED:
+            for path in sorted(out.glob(pattern)):
+                tar.add(path, arcname=str(path.relative_to(out)))
+    part.replace(tarball)
+
+
 def kept_results(path: Path) -> dict[str, dict[str, Any]]:
     """The rows of an earlier call's results.json that were measured (a failed or cut row runs again)."""
     try:
@@ -196,6 +212,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--keep-done", action="store_true", help="keep the rows --out/results.json has measured; run the rest"
     )
     parser.add_argument(
+        "--pack-to",
+        type=Path,
+        default=None,
+        help="after every row, write DIR/train_overhead.tgz: results.json, table.md, the row logs, the run "
+        "directories' small files (a lent machine returns few files, and only what a cut call left)",
+    )
+    parser.add_argument(
         "--megaquant", default=None, help="the CLI as words (default: `megaquant` on PATH, else python -m)"
     )
     ns = parser.parse_args(argv)
@@ -243,6 +266,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"train_overhead: {row.name}: exit {code}, {took[-1]:.0f} s", flush=True)
         (ns.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
         (ns.out / "table.md").write_text(table(results, rows))
+        if ns.pack_to is not None:
+            pack(ns.out, ns.pack_to / "train_overhead.tgz")
     print(table(results, rows), flush=True)
     return 0
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tarfile
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
@@ -91,7 +92,11 @@ def test_prof_rows_trace_replayed_steps_and_tabulate_their_kernels(tmp_path: Pat
     assert argv[argv.index("--tensorboard-dir") + 1] == str(out / "run" / "tb")
     assert "--profile" not in to.argv_for(to.Row("1b-single", "FA_linear_mxfp8"), ns, out / "run")
     common = _fake_cli(tmp_path, out)
-    assert to.main([*common, "--modes", "bf16,FA_linear_mxfp8+prof"]) == 0
+    assert to.main([*common, "--modes", "bf16,FA_linear_mxfp8+prof", "--pack-to", str(tmp_path / "o")]) == 0
+    with tarfile.open(tmp_path / "o" / "train_overhead.tgz") as tar:
+        names = set(tar.getnames())
+    assert {"results.json", "table.md", "tiny-smoke-bf16.log", "runs/tiny-smoke-bf16/metrics.jsonl"} <= names
+    assert not any(n.endswith(".json.gz") for n in names)  # the trace stays behind
     results = json.loads((out / "results.json").read_text())
     trace = results["tiny-smoke-FA_linear_mxfp8_prof"]["trace"]
     assert trace["gpu_busy_ms"] == 1.1 and trace["kernel_ms"] == 1.25 and trace["kernels"] == 1.5
