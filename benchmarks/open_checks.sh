@@ -23,7 +23,8 @@
 #      of HiF8's shared wgrad gradient (MEGAQUANT_SHARED_GRADS) at 1b-single through megaquant train (~3 min).
 #   G: (session 11) where FA_linear_mxfp8's graphed 1b-single step goes: its kernels add 14 ms in the eager
 #      profile, its graphed step 31 ms. train_overhead +prof rows trace two replayed steps per mode with
-#      Megatron's torch.profiler (~4 min); compare kernel time by kind with the eager profile (§6f).
+#      Megatron's torch.profiler, and the same eagerly (+nograph: the same harness without the graph) for
+#      bf16 and mxfp8 (~6 min); compare kernel time by kind, graphed vs eager.
 # Run from the repo root on the GPU machine:
 #   . benchmarks/device_env.sh && OUT=$OUT bash benchmarks/open_checks.sh A     (then B, then C)
 # Everything lands in $OUT/open_checks_<part>.tgz plus $OUT/summary_<part>.txt.
@@ -73,8 +74,8 @@ elif [ "$PART" = P ]; then
   python3 -c "import json,sys; r=json.load(open(sys.argv[1])); b=lambda n: r.get('1b-single-'+n,{}).get('losses'); print('bits same with and without sharing:', b('FA_linear_hifp8')==b('FA_linear_hifp8_noshare'), b('FA_linear_hifp8_ts')==b('FA_linear_hifp8_ts_noshare'))" "$R/share/results.json" >> "$S" 2>&1
 elif [ "$PART" = G ]; then
   python3 benchmarks/train_overhead.py --tree "$W/megatron" --data-root "$W/data" --out "$R/prof" \
-    --only 1b-single --modes bf16+prof,FA_linear_mxfp8+prof,FA_linear_hifp8+prof,FA_linear_mxfp4+prof \
-    --steps 12 --budget-s 330 --pack-to "$OUT" > "$R/prof.txt" 2>&1
+    --only 1b-single --modes bf16+prof,FA_linear_mxfp8+prof,FA_linear_hifp8+prof,bf16+prof+nograph,FA_linear_mxfp8+prof+nograph,FA_linear_mxfp4+prof \
+    --steps 12 --budget-s 420 --pack-to "$OUT" > "$R/prof.txt" 2>&1
   cat "$R/prof/table.md" >> "$S" 2>&1
   python3 -c "import json,sys; [print(k, {n: round(v, 2) for n, v in r['trace']['top_kernels_ms'].items()}) for k, r in json.load(open(sys.argv[1])).items() if 'trace' in r]" "$R/prof/results.json" >> "$S" 2>&1
   find "$R/prof" -name 'rank-0.json.gz' -delete  # tens of MB each; the summary is in results.json
