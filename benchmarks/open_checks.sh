@@ -25,6 +25,9 @@
 #      profile, its graphed step 31 ms. train_overhead +prof rows trace two replayed steps per mode with
 #      Megatron's torch.profiler, and the same eagerly (+nograph: the same harness without the graph) for
 #      bf16 and mxfp8 (~6 min); compare kernel time by kind, graphed vs eager.
+#   D: (session 11) where the DeepSeek-V2-Lite cut's eager step goes (the results family's largest device
+#      cost, ~126 of ~290 planned minutes): train_overhead dsv2-2l bf16 / FA_linear_mxfp8 with +prof (~3 min):
+#      GPU busy vs step time says how host-bound it is, the kernel count how many launches a step makes.
 # Run from the repo root on the GPU machine:
 #   . benchmarks/device_env.sh && OUT=$OUT bash benchmarks/open_checks.sh A     (then B, then C)
 # Everything lands in $OUT/open_checks_<part>.tgz plus $OUT/summary_<part>.txt.
@@ -79,6 +82,13 @@ elif [ "$PART" = G ]; then
   cat "$R/prof/table.md" >> "$S" 2>&1
   python3 -c "import json,sys; [print(k, {n: round(v, 2) for n, v in r['trace']['top_kernels_ms'].items()}) for k, r in json.load(open(sys.argv[1])).items() if 'trace' in r]" "$R/prof/results.json" >> "$S" 2>&1
   find "$R/prof" -name 'rank-0.json.gz' -delete  # tens of MB each; the summary is in results.json
+elif [ "$PART" = D ]; then
+  python3 benchmarks/train_overhead.py --tree "$W/megatron" --data-root "$W/data" --out "$R/prof" \
+    --only dsv2-2l --modes bf16,bf16+prof,FA_linear_mxfp8,FA_linear_mxfp8+prof --steps 12 --budget-s 330 \
+    --row-timeout-s 200 --pack-to "$OUT" > "$R/prof.txt" 2>&1
+  cat "$R/prof/table.md" >> "$S" 2>&1
+  python3 -c "import json,sys; [print(k, {n: round(v, 2) for n, v in r['trace']['top_kernels_ms'].items()}) for k, r in json.load(open(sys.argv[1])).items() if 'trace' in r]" "$R/prof/results.json" >> "$S" 2>&1
+  find "$R/prof" -name 'rank-0.json.gz' -delete
 elif [ "$PART" = T ]; then
   mkdir -p "$R/to"
   if [ -n "${KEEP:-}" ] && [ ! -f "$R/to/results.json" ]; then cp "$KEEP" "$R/to/results.json"; fi

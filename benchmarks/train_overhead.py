@@ -11,6 +11,8 @@ ratio, GEMMs per step by path (Triton / reference / plain) and weight-cache hits
 Shapes (the issue's): `1b-single` Llama-3.2-1B full depth, single-gpu preset (micro 2 x 1024, global 16);
 `1b-fast` the same model with the fast preset (micro 1 x 2048, global 32); `8b-2l` Llama-3.1-8B cut to 2
 layers at the standard preset's shape (micro 1 x 8192, global 2); `tiny-smoke` the tiny model, smoke preset.
+Not in the default table: `dsv2-2l`, the results page's DeepSeek-V2-Lite cut (2 layers, seq 2048, 4 x 2048
+per step; eager: its dropless MoE cannot be captured), e.g. for `+prof` traces of where its step goes.
 Modes: bf16, FA_linear_{mxfp8, mxfp4, hifp8} and `FA_linear_hifp8+ts` (`--recipe hifp8_scaled`: per-tensor
 scaled HiF8). `MODE+nocache` runs with MEGAQUANT_WEIGHT_CACHE=off (for the bit-identity check: same losses),
 `MODE+noshare` with MEGAQUANT_SHARED_GRADS=off (HiF8's wgrad quantizes dy again: an A/B, same losses);
@@ -54,7 +56,17 @@ SHAPES: dict[str, tuple[str, str, tuple[str, ...], int]] = {
     "tiny-smoke": ("tiny", "smoke", (), 8),
     "1b-fast": ("llama32-1b", "fast", (), 32),
     "8b-2l": ("llama31-8b", "standard", ("--num-layers", "2", "--global-batch-size", "2"), 2),
+    # not in the issue's table: the results page's DeepSeek cut (eager: dropless MoE), for +prof traces
+    "dsv2-2l": (
+        "deepseek2_lite",
+        "single-gpu",
+        ("--seq-length", "2048", "--micro-batch-size", "4", "--global-batch-size", "4", "--num-layers", "2")
+        + ("--moe-layer-freq", "([0]+[1]*1)"),
+        4,
+    ),
 }
+TABLE_SHAPES = ("1b-single", "tiny-smoke", "1b-fast", "8b-2l")
+"""The issue's four shapes: the default of --only."""
 PROFILE_STEPS = (8, 10)  # +prof rows trace these steps (replayed under the graph, which captures at 4)
 MODES = ("bf16", "FA_linear_mxfp8", "FA_linear_hifp8+ts", "FA_linear_hifp8", "FA_linear_mxfp4")
 
@@ -202,7 +214,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tree", type=Path, required=True, help="instrumented Megatron tree")
     parser.add_argument("--data-root", type=Path, required=True, help="with the prepared sample dataset")
     parser.add_argument("--out", type=Path, required=True, help="run dirs, results.json, table.md")
-    parser.add_argument("--only", default=",".join(SHAPES), help="shapes, comma-separated")
+    parser.add_argument(
+        "--only", default=",".join(TABLE_SHAPES), help=f"shapes, comma-separated (of {', '.join(SHAPES)})"
+    )
     parser.add_argument("--modes", default=",".join(MODES), help="modes, comma-separated")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=3, help="steps left out of the median")

@@ -10,6 +10,7 @@ import tarfile
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
+import pytest
 from conftest import load_script
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -104,3 +105,41 @@ def test_prof_rows_trace_replayed_steps_and_tabulate_their_kernels(tmp_path: Pat
     assert "trace" not in results["tiny-smoke-bf16"]
     text = (out / "table.md").read_text()
     assert "| tiny-smoke | FA_linear_mxfp8+prof | 1.1 ms | 1.2 ms | 0.5 ms | 0.2 ms | 0.5 ms | 2 |" in text
+
+
+def test_every_shape_and_the_profiler_flags_pass_megatrons_own_parser(tmp_path: Path) -> None:
+    """Each shape's `megaquant train` request, plain and +prof, planned by megaquant and parsed by
+    megatron-core 0.19.2's parse_args + validate_args, before any GPU time."""
+    pytest.importorskip("triton", reason="megatron-core 0.19's argument parsing imports triton")
+    from megaquant.errors import MegaquantError
+    from megaquant.launch.run import TrainRequest, plan_run
+    from megaquant.launch.validate import Case, source_for, validate
+
+    to = _load()
+    try:
+        source = source_for(None)
+    except MegaquantError as exc:
+        pytest.skip(f"no Megatron sources with megatron/training available: {exc}")
+    ns = SimpleNamespace(
+        megaquant=["megaquant"], tree=tmp_path / "tree", data_root=tmp_path / "data", steps=12
+    )
+    cases = {}
+    for shape in to.SHAPES:
+        for mode in ("FA_linear_mxfp8", "FA_linear_mxfp8+prof"):
+            argv = to.argv_for(to.Row(shape, mode), ns, tmp_path / "run")
+            split = argv.index("--")
+            options, extra = argv[2:split], tuple(argv[split + 1 :])
+            request = TrainRequest(
+                model=options[options.index("--model") + 1],
+                dataset="sample",
+                mode=options[options.index("-q") + 1],
+                preset=options[options.index("--training-config") + 1],
+                megatron=ns.tree,
+                data_root=ns.data_root,
+                steps=12,
+                extra=extra,
+                spec="megatron-core",
+            )
+            cases[(shape, mode)] = Case(argv=plan_run(request, require_tree=False).megatron_args)
+    verdicts = validate(list(cases.values()), source)
+    assert {key: v.error for key, v in zip(cases, verdicts, strict=True) if not v.ok} == {}
