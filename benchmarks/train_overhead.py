@@ -121,7 +121,12 @@ def measure(run_dir: Path, warmup: int) -> dict[str, Any]:
             per_step[path] = per_step.get(path, 0) + n / steps
     cache = sum(paths.get("cache", 0) for paths in counts.get("operands", {}).values()) / steps
     trace = run_dir / "torch_profile" / "rank-0.json.gz"
-    extra = {"trace": analyse_trace(trace, PROFILE_STEPS[1] - PROFILE_STEPS[0])} if trace.is_file() else {}
+    extra: dict[str, Any] = {}
+    if trace.is_file():
+        try:
+            extra["trace"] = analyse_trace(trace, PROFILE_STEPS[1] - PROFILE_STEPS[0])
+        except (OSError, EOFError, ValueError) as exc:  # a cut or partial trace: the row's times still count
+            extra["trace_error"] = f"{type(exc).__name__}: {exc}"
     return {
         **extra,
         "steps": len(metrics),
