@@ -14,7 +14,9 @@ dataset-index cache (two processes building the same cache files would race).
 
 The budget: a run starts only when its estimated wall time (measured on earlier runs of the same shape in
 this batch, else the assumed step time of SHAPES) ends before --budget-s; at --budget-s the driver
-interrupts what still runs (the manifest then says `interrupted`, the tree is restored). After every run it
+interrupts what still runs (the manifest then says `interrupted`, the tree is restored). A shape whose
+runs have all failed so far starts no more runs in the batch (`shape_failing`: a set-up failure would repeat
+in each of them); other shapes go on. After every run it
 rewrites OUT/<batch>.tar.gz: per run manifest.json, metrics.jsonl, path_counts.rank*.json,
 validation.jsonl (Megatron's evaluations, parsed from train.log), train_tail.log (the log's last lines),
 timing.log (the log's timestamps and timer reports: where the time besides the steps went) and
@@ -337,6 +339,14 @@ def start_estimate(spec: RunSpec, measured: dict[str, float], running: int) -> f
     return estimate_s(spec, measured) * (1 + SHARE_PENALTY * running)
 
 
+def shape_failing(shape: str, failed: dict[str, list[str]], measured: dict[str, float]) -> bool:
+    """Whether runs of `shape` should wait: one failed on its own and none of the shape has succeeded in
+    this batch yet. A shape's first failure is usually its set-up (an argument, the data, memory), which
+    every run of it would repeat, burning device time; once a run of the shape succeeds, a failure is the
+    mode's own and the others go on. Runs of other shapes are not held up."""
+    return bool(failed.get(shape)) and shape not in measured
+
+
 def can_start(now: float, alone_s: float, active: Sequence[tuple[float, float]], budget_s: float) -> bool:
     """Whether a run estimated `alone_s` seconds on its own may start at `now` next to `active` runs, given as
     (start, estimate on their own): it must end inside the budget slowed by the others, and so must every
@@ -500,6 +510,8 @@ def run_batch(ns: argparse.Namespace, batch: Sequence[RunSpec]) -> dict[str, dic
     pending = list(batch)
     active: list[Active] = []
     measured: dict[str, float] = {}  # shape -> wall seconds per step, the slowest finished run
+    failed: dict[str, list[str]] = {}  # shape -> runs that exited non-zero on their own (not interrupted)
+    stopped: set[str] = set()  # runs the driver interrupted at the budget
     t0 = time.monotonic()
     log = (ns.out / f"{ns.batch}.driver.log").open("a")
 
@@ -520,7 +532,8 @@ def run_batch(ns: argparse.Namespace, batch: Sequence[RunSpec]) -> dict[str, dic
                 (
                     s
                     for s in pending
-                    if (ns.share_any or may_share(s, [a.spec for a in active]))
+                    if not shape_failing(s.shape, failed, measured)
+                    and (ns.share_any or may_share(s, [a.spec for a in active]))
                     and can_start(now, estimate_s(s, measured), others, ns.budget_s)
                 ),
                 None,
@@ -554,8 +567,15 @@ def run_batch(ns: argparse.Namespace, batch: Sequence[RunSpec]) -> dict[str, dic
                 + shlex.join(argv)
             )
         if not active:
-            if pending:
-                say(f"budget: {now:.0f} s spent; not starting {', '.join(s.name for s in pending)}")
+            failing = [s for s in pending if shape_failing(s.shape, failed, measured)]
+            if failing:
+                shapes = dict.fromkeys(s.shape for s in failing)
+                why = "; ".join(f"{shape}: {', '.join(failed[shape])} failed" for shape in shapes)
+                names = ", ".join(s.name for s in failing)
+                say(f"not starting {names}: no run of their shape succeeded ({why})")
+            rest = [s for s in pending if s not in failing]
+            if rest:
+                say(f"budget: {now:.0f} s spent; not starting {', '.join(s.name for s in rest)}")
             break
         time.sleep(2)
         over = time.monotonic() - t0 >= ns.budget_s
@@ -563,6 +583,7 @@ def run_batch(ns: argparse.Namespace, batch: Sequence[RunSpec]) -> dict[str, dic
             overrunning = [a for a in active if a.proc.poll() is None]
             if overrunning:
                 say(f"budget reached: interrupting {', '.join(a.spec.name for a in overrunning)}")
+                stopped.update(a.spec.name for a in overrunning)
                 _interrupt(overrunning)
         for done in list(active):
             if done.proc.poll() is None:
@@ -586,6 +607,8 @@ def run_batch(ns: argparse.Namespace, batch: Sequence[RunSpec]) -> dict[str, dic
             if code == 0:
                 per_step = wall / done.spec.length() / cost_factor(done.spec)
                 measured[done.spec.shape] = max(per_step, measured.get(done.spec.shape, 0.0))
+            elif done.spec.name not in stopped:
+                failed.setdefault(done.spec.shape, []).append(done.spec.name)
             collected[done.spec.name] = small_files(done.run_dir, record)
             write_tarball(tarball, ns.batch, collected)
             say(f"end {done.spec.name}: exit {code}, {wall:.0f} s")

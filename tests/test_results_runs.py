@@ -162,6 +162,9 @@ with open(os.environ["FAKE_LOG"], "a") as log:
     started = {"run": run.name, "tree": flag("--megatron"), "port": flag("--master-port")}
     started["start"] = time.time()
     log.write(json.dumps(started) + "\n")
+if f"{flag('--model')}:{flag('-q')}" in os.environ.get("FAKE_FAIL", "").split(","):
+    write("failed", 3)
+    sys.exit(3)
 time.sleep(float(os.environ["FAKE_SLEEP"]))
 metrics = [{"step": i, "loss": 5.0 - i / 10, "step_time_s": 0.1, "peak_mem_bytes": 1} for i in range(1, 5)]
 (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
@@ -261,6 +264,33 @@ def test_the_budget_stops_starting_runs_and_interrupts_overrunning_ones(
         assert not any(batch[1].name in n for n in tar.getnames())
     driver_log = (tmp_path / "out" / "test.driver.log").read_text()
     assert "interrupting" in driver_log and f"not started: {batch[1].name}" in driver_log
+
+
+def test_a_shape_whose_runs_all_failed_starts_no_more_of_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first 1b run fails (its set-up, say): the other 1b runs wait and are not started, the 8B runs
+    go on; after an 8B run succeeded, an 8B failure is that mode's own and the next 8B run still starts."""
+    modes_8b = ("bf16", "FA_linear_mxfp8", "FA_linear_mxfp4")
+    batch = (
+        rr.RunSpec(shape="1b", mode="bf16", steps=8),
+        rr.RunSpec(shape="1b", mode="FA_linear_mxfp8", steps=8),
+        *(rr.RunSpec(shape="8b-4l", mode=m, steps=8) for m in modes_8b),
+    )
+    monkeypatch.setitem(rr.BATCHES, "test", batch)
+    monkeypatch.setenv("FAKE_FAIL", "llama32-1b:bf16,llama31-8b:FA_linear_mxfp8")
+    megaquant, log = _fake(tmp_path, monkeypatch, sleep=0.0)
+    assert _run(tmp_path, megaquant, "--budget-s", "3000") == 0
+    started = [json.loads(line)["run"] for line in log.read_text().splitlines()]
+    assert started == [batch[0].name, *(s.name for s in batch[2:])]  # 1b's second run never started
+    driver_log = (tmp_path / "out" / "test.driver.log").read_text()
+    assert (
+        f"not starting {batch[1].name}: no run of their shape succeeded (1b: {batch[0].name} failed)"
+        in driver_log
+    )
+    with tarfile.open(tmp_path / "out" / "test.tar.gz") as tar:
+        names = tar.getnames()
+    assert not any(batch[1].name in n for n in names) and any(batch[4].name in n for n in names)
 
 
 def test_unpack_refuses_members_outside_batch_run_file(tmp_path: Path) -> None:
