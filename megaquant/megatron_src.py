@@ -25,16 +25,19 @@ PINNED_VERSION = "0.19.2"
 """The megatron-core release whose sources megaquant validates argv against and instruments in CI."""
 
 
-BACKEND_FALLBACK_WARNING = r"(?:Transformer Engine|Apex)(?: and Apex)? (?:is|are) not installed"
+BACKEND_FALLBACK_WARNING = (
+    r"(?:(?:Transformer Engine|Apex)(?: and Apex)? (?:is|are)|absl\.logging is) not installed"
+)
 """The start of the UserWarnings Megatron's modules emit on import when Transformer Engine / Apex are missing
-("Transformer Engine and Apex are not installed. Falling back to ...", "Apex is not installed. ...")."""
+("Transformer Engine and Apex are not installed. Falling back to ...", "Apex is not installed. ..."), and
+megatron-core 0.19's `hyper_comm_grid` when absl is ("absl.logging is not installed. Using logging...")."""
 
 
 @contextlib.contextmanager
 def quiet_megatron_import() -> Iterator[None]:
-    """Wrap every import of Megatron in megaquant: hides the Transformer Engine / Apex fallback UserWarnings
-    (megaquant runs Megatron's local implementation on purpose: only its GEMMs carry quantization sites)
-    and nothing else; the filter is removed when the block ends."""
+    """Wrap every import of Megatron in megaquant: hides the Transformer Engine / Apex / absl fallback
+    UserWarnings (megaquant runs Megatron's local implementation on purpose: only its GEMMs carry
+    quantization sites) and nothing else; the filter is removed when the block ends."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=BACKEND_FALLBACK_WARNING, category=UserWarning)
         yield

@@ -26,6 +26,7 @@ def test_only_the_backend_fallback_user_warnings_are_hidden() -> None:
             warn("Transformer Engine and Apex are not installed. Falling back to Torch optimizers.")
             warn("Apex is not installed. Falling back to Torch Norm")
             warn("Transformer Engine is not installed. Falling back")
+            warn("absl.logging is not installed. Using logging.getLogger(__name__) instead.")  # core 0.19
             warn("something else is not installed")
             warn("Apex is not installed. Falling back to Torch Norm", DeprecationWarning)
         warn("Apex is not installed. Falling back to Torch Norm")  # the scope has ended
