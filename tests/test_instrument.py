@@ -212,13 +212,19 @@ PROBE = textwrap.dedent(
     tp = parallel_state.get_tensor_model_parallel_group()
     g = torch.Generator().manual_seed(0)
     res = {"megatron": inspect.getfile(Linear)}
+    # Linear.apply is positional and its parameters grow across releases (0.19 adds gtp_remat_size)
+    LINEAR_DEFAULTS = {"bias": None, "gradient_accumulation_fusion": False, "allreduce_dgrad": False,
+        "sequence_parallel": False, "grad_output_buffer": None, "wgrad_deferral_limit": 0,
+        "gtp_remat_size": 1}
+    LINEAR_PARAMS = list(inspect.signature(Linear.forward).parameters)[1:]  # after ctx
 
     def linear(mark_lm_head):
         x = torch.randn(16, 2, 64, generator=torch.Generator().manual_seed(1)).requires_grad_()
         w = torch.randn(96, 64, generator=torch.Generator().manual_seed(2)).requires_grad_()
         if mark_lm_head:
             w.megaquant_lm_head = True
-        y = Linear.apply(x, w, None, False, False, False, None, 0, tp)
+        given = {**LINEAR_DEFAULTS, "input": x, "weight": w, "tp_group": tp}
+        y = Linear.apply(*(given[name] for name in LINEAR_PARAMS))
         y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(3)))
         return y.detach(), x.grad, w.grad
 
@@ -246,7 +252,6 @@ PROBE = textwrap.dedent(
     import torch.nn.functional as F
     import megatron.core.transformer.multi_latent_attention as mla_module
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_config import MLATransformerConfig
     if not isinstance(mla_module.TELinear, type):  # no TE: megatron-core puts a MagicMock here
         mla_module.TELinear = type("NoTransformerEngine", (), {})
@@ -257,7 +262,10 @@ PROBE = textwrap.dedent(
         use_cpu_initialization=True, masked_softmax_fusion=False, bias_activation_fusion=False,
         bias_dropout_fusion=False, apply_rope_fusion=False, persist_layer_norm=False, rope_type="rope",
         gradient_accumulation_fusion=False)
-    spec = get_gpt_layer_local_spec(multi_latent_attention=True, qk_layernorm=True, normalization="RMSNorm")
+    # the spec megaquant trains with: the local block, MLA without a Q norm (megatron-core 0.19 refuses one
+    # without q-LoRA)
+    from megaquant.launch.layer_spec import gpt_block_spec
+    spec = gpt_block_spec(mla_gpt_config, normalization="RMSNorm")
     try:
         torch.manual_seed(0)
         gpt = GPTModel(config=mla_gpt_config, transformer_layer_spec=spec, vocab_size=100,
