@@ -38,6 +38,13 @@ T0=$(date +%s)
 [ -d "$W/megatron" ] || megaquant instrument --from-installed "$W/megatron" > "$R/setup.log" 2>&1
 [ -d "$W/data/dataset" ] || megaquant data prepare --dataset sample --data-root "$W/data" >> "$R/setup.log" 2>&1
 S="$OUT/summary_$PART.txt"; : > "$S"
+traced() {  # train_overhead rows (+prof: traced) into $R/prof; their tables and top kernels into the summary
+  python3 benchmarks/train_overhead.py --tree "$W/megatron" --data-root "$W/data" --out "$R/prof" \
+    --steps 12 --pack-to "$OUT" "$@" > "$R/prof.txt" 2>&1
+  cat "$R/prof/table.md" >> "$S" 2>&1
+  python3 -c "import json,sys; [print(k, {n: round(v, 2) for n, v in r['trace']['top_kernels_ms'].items()}) for k, r in json.load(open(sys.argv[1])).items() if 'trace' in r]" "$R/prof/results.json" >> "$S" 2>&1
+  find "$R/prof" -name 'rank-0.json.gz' -delete  # tens of MB each; the summary is in results.json
+}
 if [ "$PART" = A ]; then
   python3 -m pytest -q -rf -p no:cacheprovider tests/test_graphsafe_gpu.py \
     "tests/test_triton.py::test_tensor_scaled_hif8_equals_reference" \
@@ -76,19 +83,10 @@ elif [ "$PART" = P ]; then
   cat "$R/share/table.md" >> "$S" 2>&1
   python3 -c "import json,sys; r=json.load(open(sys.argv[1])); b=lambda n: r.get('1b-single-'+n,{}).get('losses'); print('bits same with and without sharing:', b('FA_linear_hifp8')==b('FA_linear_hifp8_noshare'), b('FA_linear_hifp8_ts')==b('FA_linear_hifp8_ts_noshare'))" "$R/share/results.json" >> "$S" 2>&1
 elif [ "$PART" = G ]; then
-  python3 benchmarks/train_overhead.py --tree "$W/megatron" --data-root "$W/data" --out "$R/prof" \
-    --only 1b-single --modes bf16+prof,FA_linear_mxfp8+prof,FA_linear_hifp8+prof,bf16+prof+nograph,FA_linear_mxfp8+prof+nograph,FA_linear_mxfp4+prof \
-    --steps 12 --budget-s 420 --pack-to "$OUT" > "$R/prof.txt" 2>&1
-  cat "$R/prof/table.md" >> "$S" 2>&1
-  python3 -c "import json,sys; [print(k, {n: round(v, 2) for n, v in r['trace']['top_kernels_ms'].items()}) for k, r in json.load(open(sys.argv[1])).items() if 'trace' in r]" "$R/prof/results.json" >> "$S" 2>&1
-  find "$R/prof" -name 'rank-0.json.gz' -delete  # tens of MB each; the summary is in results.json
+  traced --only 1b-single --budget-s 420 \
+    --modes bf16+prof,FA_linear_mxfp8+prof,FA_linear_hifp8+prof,bf16+prof+nograph,FA_linear_mxfp8+prof+nograph,FA_linear_mxfp4+prof
 elif [ "$PART" = D ]; then
-  python3 benchmarks/train_overhead.py --tree "$W/megatron" --data-root "$W/data" --out "$R/prof" \
-    --only dsv2-2l --modes bf16,bf16+prof,FA_linear_mxfp8,FA_linear_mxfp8+prof --steps 12 --budget-s 330 \
-    --row-timeout-s 200 --pack-to "$OUT" > "$R/prof.txt" 2>&1
-  cat "$R/prof/table.md" >> "$S" 2>&1
-  python3 -c "import json,sys; [print(k, {n: round(v, 2) for n, v in r['trace']['top_kernels_ms'].items()}) for k, r in json.load(open(sys.argv[1])).items() if 'trace' in r]" "$R/prof/results.json" >> "$S" 2>&1
-  find "$R/prof" -name 'rank-0.json.gz' -delete
+  traced --only dsv2-2l --modes bf16,bf16+prof,FA_linear_mxfp8,FA_linear_mxfp8+prof --budget-s 330 --row-timeout-s 200
 elif [ "$PART" = T ]; then
   mkdir -p "$R/to"
   if [ -n "${KEEP:-}" ] && [ ! -f "$R/to/results.json" ]; then cp "$KEEP" "$R/to/results.json"; fi
