@@ -28,6 +28,10 @@
 #   D: (session 11) where the DeepSeek-V2-Lite cut's eager step goes (the results family's largest device
 #      cost, ~126 of ~290 planned minutes): train_overhead dsv2-2l bf16 / FA_linear_mxfp8 with +prof (~3 min):
 #      GPU busy vs step time says how host-bound it is, the kernel count how many launches a step makes.
+#   S: (session 12) the single-read MX gradient (dgrad's read of dy makes wgrad's token blocking too):
+#      its GPU tests (kernel vs the one-axis kernels, CUDA graph capture, bits vs unshared), the kernel
+#      benchmark (quant_kernels.py --both-axes), and train_overhead at 1b-single bf16 / FA_linear_{mxfp8,
+#      mxfp4, hifp8} / FA_linear_mxfp8+noshare (the A/B: same losses) and 1b-fast bf16 / FA_linear_mxfp8.
 # Run from the repo root on the GPU machine:
 #   . benchmarks/device_env.sh && OUT=$OUT bash benchmarks/open_checks.sh A     (then B, then C)
 # Everything lands in $OUT/open_checks_<part>.tgz plus $OUT/summary_<part>.txt.
@@ -85,6 +89,16 @@ elif [ "$PART" = P ]; then
 elif [ "$PART" = G ]; then
   traced --only 1b-single --budget-s 420 \
     --modes bf16+prof,FA_linear_mxfp8+prof,FA_linear_hifp8+prof,bf16+prof+nograph,FA_linear_mxfp8+prof+nograph,FA_linear_mxfp4+prof
+elif [ "$PART" = S ]; then
+  python3 -m pytest -q -rf -p no:cacheprovider tests/test_mx_both_axes.py tests/test_shared_grads.py \
+    tests/test_triton.py tests/test_graphsafe_gpu.py > "$R/pytest.txt" 2>&1
+  echo "pytest both-axes, shared grads, triton, graph-safe: $(tail -1 "$R/pytest.txt")" >> "$S"
+  grep -E "^FAILED|^ERROR" "$R/pytest.txt" >> "$S"
+  python3 benchmarks/quant_kernels.py --both-axes --out "$R/kern" > "$R/kern.txt" 2>&1
+  cat "$R/kern/both_axes.json" >> "$S" 2>&1 || tail -5 "$R/kern.txt" >> "$S"
+  traced --only 1b-single,1b-fast --budget-s 350 --row-timeout-s 150 \
+    --modes bf16,FA_linear_mxfp8,FA_linear_mxfp8+noshare,FA_linear_mxfp4,FA_linear_hifp8
+  python3 -c "import json,sys; r=json.load(open(sys.argv[1])); b=lambda n: r.get('1b-single-'+n,{}).get('losses'); print('mxfp8 bits same with and without the shared gradient:', b('FA_linear_mxfp8')==b('FA_linear_mxfp8_noshare') and b('FA_linear_mxfp8') is not None)" "$R/prof/results.json" >> "$S" 2>&1
 elif [ "$PART" = D ]; then
   traced --only dsv2-2l --modes bf16,bf16+prof,FA_linear_mxfp8,FA_linear_mxfp8+prof --budget-s 330 --row-timeout-s 200
 elif [ "$PART" = T ]; then

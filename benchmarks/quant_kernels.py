@@ -306,6 +306,42 @@ def matmul_rows(log: list[str]) -> list[dict[str, object]]:
     return out
 
 
+BOTH_AXES_SHAPES = [(2048, 2048), (2048, 3072), (2048, 16384), (8192, 4096), (8192, 28672)]
+"""Incoming gradients of a linear layer: the 1B single-gpu preset's 2048 tokens (proj/fc2, qkv, fc1) and
+the 8B shape's 8192 tokens (qkv 4096 + 2 x 1024 wide is near 4096 x 1.5; fc1 28672)."""
+
+
+def both_axes_rows(copy_gbps: float) -> list[dict[str, object]]:
+    """formats.quantizer_both_axes (one read of dy, two blockings) against the two one-axis kernels it
+    replaces (megaquant.ops' short path: dy along its last axis, dy along its rows), MXFP8 E5M2 (the
+    gradient format), bf16, replayed from CUDA graphs; bytes are counted as dy read once per pass plus
+    both outputs written."""
+    from megaquant.formats import quantizer, quantizer_both_axes
+
+    out = []
+    for shape in BOTH_AXES_SHAPES:
+        inputs = _rotation(shape, torch.bfloat16, seed=31)
+        dual = quantizer_both_axes(inputs[0], "mxfp8_e5m2")
+        assert dual is not None and dual[1] == "triton"
+        last = quantizer(inputs[0], "mxfp8_e5m2", axis=-1)[0]
+        rows = quantizer(inputs[0].view(1, *shape), "mxfp8_e5m2", axis=-2)[0]
+
+        def two(x: torch.Tensor, last=last, rows=rows) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[no-untyped-def]
+            return last(x), rows(x.view(1, *x.shape))
+
+        got, want = dual[0](inputs[0]), two(inputs[0])
+        exact = _same_bits(got[0], want[0]) and _same_bits(got[1], want[1].view(shape))
+        t_two, t_one = _bench_graph(two, inputs), _bench_graph(dual[0], inputs)
+        nbytes = math.prod(shape) * 2
+        out.append(dict(
+            shape=list(shape), two_pass_us=t_two, single_read_us=t_one, ratio=t_one / t_two, exact=exact,
+            two_pass_frac=4 * nbytes / t_two / 1e3 / copy_gbps,
+            single_read_frac=3 * nbytes / t_one / 1e3 / copy_gbps,
+        ))  # fmt: skip
+        print(out[-1], flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("."), help="folder for bench.md, bench.json")
@@ -313,6 +349,9 @@ def main() -> None:
         "--compile-budget", type=float, default=120.0, help="seconds of torch.compile at most"
     )
     parser.add_argument("--no-sweep", action="store_true", help="skip the launch-configuration sweep")
+    parser.add_argument(
+        "--both-axes", action="store_true", help="only the single-read two-blocking rows (both_axes.json)"
+    )
     args = parser.parse_args()
     import triton
 
@@ -327,6 +366,11 @@ def main() -> None:
     copy_gbps, copy_us = copy_bandwidth()
     log.append(f"device-to-device copy, 1 GiB bf16: {copy_us:.1f}us = {copy_gbps:.0f} GB/s (read + written)")
     print(log[-1], flush=True)
+    if args.both_axes:
+        args.out.mkdir(parents=True, exist_ok=True)
+        result = {"header": header, "copy": log[-1], "rows": both_axes_rows(copy_gbps)}
+        (args.out / "both_axes.json").write_text(json.dumps(result, indent=1))
+        return
     if not args.no_sweep:
         sweep_launch(log)
         print("\n".join(log[-6:]), flush=True)

@@ -7,6 +7,7 @@ the request. Importing this package imports torch (`import megaquant` does not).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 from collections.abc import Callable
@@ -48,6 +49,7 @@ __all__ = [
     "inverse_random_hadamard",
     "random_hadamard",
     "quantizer",
+    "quantizer_both_axes",
 ]
 
 BACKENDS = ("auto", "reference", "triton")
@@ -222,6 +224,42 @@ def quantizer(
     if bound is not None and "seed" not in kw and "block_2d" not in kw and "amax" not in kw:
         return bound(opts), "triton", None
     return functools.partial(_kernel_fake_quant, kernels, fmt, kw), "triton", None
+
+
+def quantizer_both_axes(
+    x: torch.Tensor, fmt: str, **keywords: Any
+) -> tuple[Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], str, str | None] | None:
+    """A block-scaled fake_quant along both axes of the 2-D view, resolved once for tensors like `x`:
+    (function, path, reason) as quantizer's, or None where no single-read kernel serves it (not a
+    MX format (HiF8, NVFP4), or a seed, a device seed, 2-D tiles, tensor scaling or an amax is given:
+    those callers quantize each use on its own).
+
+    For y with x's kind (contiguous, >= 2 dims) viewed as (rows, n), the function returns
+    (fake_quant(y, fmt, axis=-1, ...), fake_quant(y.reshape(rows, n), fmt, axis=0, ...).view(y.shape))
+    bit for bit, both contiguous: one read of y. On the reference path (CPU, or options the kernels do
+    not cover) it is those two calls. Keywords as fake_quant's; `axis` is ignored."""
+    given = {**_KW_DEFAULTS, **keywords, "axis": -1}
+    if x.dim() < 2 or any(given[k] for k in ("seed", "block_2d", "tensor_scale")) or "amax" in keywords:
+        return None
+    device_seed = given.pop("device_seed", None)
+    given.pop("amax", None)
+    opts, kernels, kw = _prepare(x, fmt, "auto", None, device_seed, **given)
+    if not opts.fmt.block_scaled or opts.fmt.block_scale == "e4m3" or device_seed is not None:
+        return None  # HiF8 is elementwise (one copy serves both: megaquant.ops.shared); NVFP4: no kernel
+    if kernels is None:
+        reason = f"not a CUDA tensor ({x.device})" if not x.is_cuda else f"not covered: {fmt!r} with {kw}"
+        return functools.partial(_reference_both_axes, opts), "reference", reason
+    make = getattr(kernels, "fake_quant_dual_fn", None)
+    dual = make(opts) if make is not None else None
+    return (dual, "triton", None) if dual is not None else None
+
+
+def _reference_both_axes(opts: Options, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.contiguous()
+    rows = x.reshape(-1, x.shape[-1])
+    last = _reference_fake_quant(dataclasses.replace(opts, axis=-1), None, None, x).contiguous()
+    by_rows = _reference_fake_quant(dataclasses.replace(opts, axis=0), None, None, rows).contiguous()
+    return last, by_rows.view(x.shape)
 
 
 def _kernel_fake_quant(kernels: ModuleType, fmt: str, kw: dict[str, object], x: torch.Tensor) -> torch.Tensor:

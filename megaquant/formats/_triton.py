@@ -19,7 +19,7 @@ from megaquant.errors import MegaquantError
 from megaquant.formats._launch import Launcher
 from megaquant.formats.registry import ElementFormat, Encoded, Options, resolve_options
 
-__all__ = ["encode", "fake_quant", "fake_quant_fn", "fake_quant_resolved", "supports"]
+__all__ = ["encode", "fake_quant", "fake_quant_dual_fn", "fake_quant_fn", "fake_quant_resolved", "supports"]
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _ELEMS_PER_PROGRAM = 2048
@@ -288,6 +288,49 @@ def _mx_inner_kernel(
             tl.store(codes_ptr + offs, codes.to(tl.uint8), mask=mask)
     else:
         _store_values(out_ptr, offs, tl.reshape(_mx_dequant(r, sign, e), (BS, BK)), mask, BF16_BITS)
+
+
+@triton.jit
+def _mx_dual_kernel(
+    x_ptr,
+    last_ptr,
+    rows_ptr,
+    rows,
+    n,
+    BS: tl.constexpr,
+    BK: tl.constexpr,
+    EMAX: tl.constexpr,
+    EMIN: tl.constexpr,
+    MAN: tl.constexpr,
+    MAXN: tl.constexpr,
+    MAX_MANT: tl.constexpr,
+    FILL_BITS: tl.constexpr,
+    SATURATE: tl.constexpr,
+    RCEIL: tl.constexpr,
+    AWAY: tl.constexpr,
+    BF16_BITS: tl.constexpr,
+):
+    """x viewed as (rows, n), one (BS, BK) tile per program read once and fake-quantized twice: blocks of BS
+    along n into last_ptr (the blocks of _mx_lastaxis_kernel: BK is a multiple of BS, so a tile holds whole
+    blocks) and blocks of BS along the rows into rows_ptr (the blocks of _mx_inner_kernel with lead 1).
+    The same block helpers on the same elements: each output equals its one-axis kernel's bit for bit."""
+    pid = tl.program_id(0).to(tl.int64)
+    tiles = tl.cdiv(n, BK)  # neighbouring programs take neighbouring tiles of the same rows
+    i = (pid // tiles) * BS + tl.arange(0, BS)
+    k = (pid % tiles) * BK + tl.arange(0, BK)
+    mask = (i < rows)[:, None] & (k < n)[None, :]
+    offs = i[:, None] * n + k[None, :]
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    # (1, BS, BK): blocks down the rows
+    r, sign, e = _mx_quant(
+        tl.expand_dims(x, 0), EMAX, EMIN, MAN, MAXN, MAX_MANT, FILL_BITS, SATURATE, RCEIL, AWAY
+    )
+    _store_values(rows_ptr, offs, tl.reshape(_mx_dequant(r, sign, e), (BS, BK)), mask, BF16_BITS)
+    # (BK, BS): each row's BK elements as BK // BS blocks
+    r, sign, e = _mx_quant(
+        tl.reshape(x, (BK, BS)), EMAX, EMIN, MAN, MAXN, MAX_MANT, FILL_BITS, SATURATE, RCEIL, AWAY
+    )
+    _store_values(last_ptr, offs, tl.reshape(_mx_dequant(r, sign, e), (BS, BK)), mask, BF16_BITS)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -699,6 +742,52 @@ def fake_quant_fn(opts: Options) -> Callable[[torch.Tensor], torch.Tensor]:
 
     mx.keeps_layout = True  # type: ignore[attr-defined]
     return mx
+
+
+_DUAL_CONSTS = ("EMAX", "EMIN", "MAN", "MAXN", "MAX_MANT", "FILL_BITS", "SATURATE", "RCEIL", "AWAY")
+
+
+@functools.lru_cache(maxsize=256)
+def _mx_dual_launcher(opts: Options, bf16_bits: bool, bk: int) -> Launcher:
+    """(x, last, rows), (rows, n)."""
+    consts = _format_constants(opts.fmt, opts)
+    views = (None, torch.int16, torch.int16) if bf16_bits else ()
+    return Launcher(
+        _mx_dual_kernel, 3, 2, views, BS=opts.block_size, BK=bk, BF16_BITS=bf16_bits, num_warps=_NUM_WARPS,
+        **{k: consts[k] for k in _DUAL_CONSTS},
+    )  # fmt: skip
+
+
+def fake_quant_dual_fn(opts: Options) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None:
+    """Both blockings of one MX fake-quant from a single read, as a function of the tensor: for a
+    contiguous x of >= 2 dims viewed as (rows, n) (the leading dims flattened), (fake_quant(x, axis=-1),
+    fake_quant(x.reshape(rows, n), axis=0).view(x.shape)) with opts' other options, both contiguous in x's
+    shape. A linear layer's incoming gradient is blocked both ways: along its features for dgrad, along
+    the tokens for wgrad (megaquant.ops.gemm offers the second to wgrad through megaquant.ops.shared).
+    Needs a block-scaled format and a tensor supports() accepts; opts.axis is not used. None for blocks
+    longer than 64 (a tile is BS x >= BS elements: too large for one program's registers)."""
+    if not opts.fmt.block_scaled:
+        raise MegaquantError(f"fake_quant_dual_fn needs a block-scaled format, not {opts.fmt.name}")
+    bs = opts.block_size
+    if bs > 64:
+        return None
+    bk_max = max(bs, _ELEMS_PER_PROGRAM // bs)
+    entries: dict[tuple[torch.dtype, int], Launcher] = {}
+
+    def dual(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not x.is_contiguous():
+            x = x.contiguous()
+        n = x.shape[-1]
+        rows = x.numel() // n
+        bk = max(bs, min(bk_max, 1 << (n - 1).bit_length()))
+        launcher = entries.get((x.dtype, bk))
+        if launcher is None:
+            launcher = entries[x.dtype, bk] = _mx_dual_launcher(opts, x.dtype == torch.bfloat16, bk)
+        last, by_rows = torch.empty_like(x), torch.empty_like(x)
+        launcher((-(-rows // bs) * -(-n // bk), 1, 1), (x, last, by_rows), (rows, n))
+        return last, by_rows
+
+    return dual
 
 
 def _dense(x: torch.Tensor) -> bool:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from megaquant.errors import ValueNameError
-from megaquant.formats import fake_quant, quantizer
+from megaquant.formats import fake_quant, quantizer, quantizer_both_axes
 from megaquant.formats._bits import binade, pow2  # exact power-of-two scale of HiF8 tensor scaling
 from megaquant.ops import counters, shared, state, weights
 from megaquant.ops.config import _DEFAULTS, _PLAIN, QuantConfig, quant_config
@@ -81,6 +81,11 @@ def _quant_scaled(
             weights.store(t, key, q, path)
         return q, path
     if fmt != "hifp8":
+        if operand == "gradient" and not extra and _rows_blocked(t, axis) and _shares_blocks(cfg):
+            hit = shared.take(t, _rows_key(fmt, cfg))  # wgrad's dy2.t(): dgrad's read made this copy
+            if hit is not None:
+                counters.count_operand(role, "shared")
+                return hit
         return _quant_path(t, fmt, axis, cfg, role, extra)
     if cfg.tensor_scaling in ("none", "current"):  # current: amax + scale on the device (Triton)
         extra = {**extra, "tensor_scale": True} if cfg.tensor_scaling == "current" else extra
@@ -114,6 +119,56 @@ def _shared_gradient(
     q, path = _quant_path(t, fmt, axis, cfg, role, extra)
     shared.offer(t, key, q, path)
     return q, path
+
+
+def _shares_blocks(cfg: QuantConfig) -> bool:
+    """Whether a block-scaled gradient's two blockings can come from one read (megaquant.ops.shared):
+    round-to-nearest gradients without a Hadamard transform (else each GEMM's operand differs)."""
+    plain = cfg.stochastic == "none" and cfg.rounding != "stochastic" and cfg.hadamard == "none"
+    return plain and shared.enabled()
+
+
+def _rows_key(fmt: str, cfg: QuantConfig) -> tuple[object, ...]:
+    return ("rows", fmt, cfg.block_size, cfg.scale, cfg.rounding, cfg.preset)
+
+
+def _rows_blocked(t: torch.Tensor, axis: int) -> bool:
+    """`t` is a dense matrix blocked along the leading axis of its memory (the tokens of a gradient's 2-D
+    view): wgrad's dy2.t() along its last axis, or dy2 along its first."""
+    if t.dim() != 2:
+        return False
+    if t.is_contiguous():
+        return axis % 2 == 0
+    return axis % 2 == 1 and t.t().is_contiguous()
+
+
+_BOTH: dict[tuple[object, ...], tuple[QuantConfig, Any]] = {}
+
+
+def _gradient_both_axes(
+    dy: torch.Tensor, fmt: str, cfg: QuantConfig, role: str
+) -> tuple[torch.Tensor, str] | None:
+    """dgrad's incoming gradient dy (contiguous, blocked along its features) quantized together with its
+    token-axis blocking, which is offered to the wgrad GEMM that follows (one read of dy instead of two:
+    formats.quantizer_both_axes); None where no single-read path serves it (the caller quantizes as usual).
+    The same bits as quantizing each use on its own (tests/test_shared_grads.py)."""
+    if dy.dim() < 2 or not dy.is_contiguous() or not dy.numel() or not _shares_blocks(cfg):
+        return None
+    key = (fmt, id(cfg), dy.dim(), dy.dtype, dy.is_cuda)
+    found = _BOTH.get(key)
+    if found is None or found[0] is not cfg:
+        if len(_BOTH) > 1024:
+            _BOTH.clear()
+        found = _BOTH[key] = (cfg, quantizer_both_axes(dy, fmt, **_fq_keywords(cfg)))
+    if found[1] is None:
+        return None
+    fn, path, reason = found[1]
+    counters.count_operand(role, path)
+    if reason is not None and dy.is_cuda:
+        counters.note_fallback(role, tuple(dy.shape), dy.dtype, fmt, reason)
+    last, by_rows = fn(dy)
+    shared.offer(dy, _rows_key(fmt, cfg), by_rows, path)
+    return last, path
 
 
 def _hif8_scale(t: torch.Tensor, cfg: QuantConfig, key: tuple[object, ...]) -> torch.Tensor:
@@ -357,7 +412,10 @@ def _quant_pair(
     """Both operands of one GEMM quantized (a along its last axis, b along `axis_b`) after the recipe's
     Hadamard transform, if any; counts the GEMM."""
     a, b = _hadamard_pair(a, b, cfg)
-    qa, pa = _quant_op(a, fmt, -1, cfg, operands[0], role)
+    both = None
+    if operands == ("gradient", "weight") and cfg.gemm == "dgrad" and b.dim() == 2 and fmt != "hifp8":
+        both = _gradient_both_axes(a, fmt, cfg, role)  # a linear layer's dgrad: wgrad blocks dy next
+    qa, pa = both if both is not None else _quant_op(a, fmt, -1, cfg, operands[0], role)
     qb, pb = _quant_op(b, fmt, axis_b, cfg, operands[1], role)
     counters.count_gemm(role, _gemm_path(pa, pb))
     return qa, qb
