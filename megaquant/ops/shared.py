@@ -1,12 +1,16 @@
-"""One HiF8 quantization of an incoming gradient serves both backward GEMMs of a linear layer.
+"""One quantization pass over an incoming gradient serves both backward GEMMs of a linear layer.
 
 Megatron's linear backward quantizes the incoming gradient dy twice: for dgrad (`dy @ W`, dy quantized as
-it is) and right after for wgrad (`dy.t() @ x`, the transposed view of the same storage). HiF8 is
-elementwise, and its per-tensor scale (current scaling) is the amax over the same elements either way, so
-q(dy.t()) is q(dy).t() bit for bit: megaquant.ops.gemm offers dgrad's copy here and wgrad takes it,
-instead of quantizing dy again (one of the four activation-side casts of each linear per microbatch).
-Block-scaled formats block dy along different axes in the two GEMMs, stochastic rounding draws new bits
-per GEMM, and delayed scaling keeps one amax history per GEMM: none of those is shared.
+it is) and right after for wgrad (`dy.t() @ x`, the transposed view of the same storage).
+- HiF8 is elementwise, and its per-tensor scale (current scaling) is the amax over the same elements
+  either way, so q(dy.t()) is q(dy).t() bit for bit: megaquant.ops.gemm offers dgrad's copy here and
+  wgrad takes it, instead of quantizing dy again (one of the four activation-side casts of each linear
+  per microbatch).
+- MX formats block dy along its features in dgrad and along the tokens in wgrad: two different copies.
+  dgrad makes both from one read of dy (formats.quantizer_both_axes) and offers the token-blocked one,
+  which wgrad takes: the same bits as blocking dy on its own, one pass over dy fewer.
+Stochastic rounding draws new bits per GEMM, a Hadamard transform differs per GEMM, and delayed scaling
+keeps one amax history per GEMM: none of those is shared.
 
 An offered copy is taken at most once, and only for the same elements of the same storage (the entry
 holds the source tensor, so its memory cannot be reused by another tensor while the entry lives), at
@@ -14,7 +18,8 @@ the same version counter (views share it: an in-place write in between misses), 
 its transpose, and in the same CUDA-graph mode it was made in (as the weight cache: a copy made eagerly is
 never read by a capture, nor one made under capture eagerly). At most one entry exists: the next offer
 replaces it, a take or `clear()` drops it. Memory: one gradient-sized tensor held from dgrad to wgrad,
-which wgrad would have allocated anyway.
+which wgrad would have allocated anyway (for MX it now exists during dgrad too: +0.32 GiB peak at the 8B
+cut, docs/benchmarks.md §6g).
 
 `MEGAQUANT_SHARED_GRADS=off` in the environment (read once, at import) quantizes each use again, for A/B
 measurements; the bits are the same either way (tests/test_shared_grads.py).
