@@ -13,7 +13,8 @@ ROLE is the role keyword the op got (or configure()'s), else the op's name (`mat
 `baddbmm`, `bmm`, `linear`); a GEMM's PATH is "triton", "reference" (any operand on the torch reference)
 or "plain" (value none); an operand's is "triton", "reference", "cache" (a weight quantized earlier in
 the same optimizer step) or "shared" (wgrad's gradient operand, the copy dgrad made: HiF8's q(dy), or the
-token-blocked MX copy dgrad's read of dy produced; megaquant.ops.shared). "fallbacks" lists each CUDA operand shape that ran the reference, with why.
+token-blocked MX copy dgrad's read of dy produced; megaquant.ops.shared). "fallbacks" lists each CUDA
+operand shape that ran the reference, with why.
 Optional: "eval_gemms" / "eval_operands" (validation passes, kept out of the per-step counts),
 "scoped": {NAME: {ROLE: {PATH: n}}} (the forward GEMMs run inside a named scope, e.g. "experts": an MoE
 layer's experts on this rank; also counted in "gemms") and
