@@ -195,6 +195,27 @@ def wrap_fused_attention(state: dict[str, Any], record_function: Any) -> None:
     FusedCore.__call__ = wrapped  # type: ignore[method-assign]
 
 
+WGRAD_BINDING = "_mq_wgrad_matmul"
+"""The name `megaquant instrument` binds the wgrad hook's op to in a hooked module (rewrites/
+megatron-core.instrument.toml: `from megaquant.ops import quant_matmul as _mq_wgrad_matmul`)."""
+
+
+def rebind_wgrad(op: Any, modules: Sequence[Any] | None = None) -> list[str]:
+    """Point every hooked module's wgrad binding at `op` (the wrapped quant_matmul); the names rebound.
+
+    The fprop and dgrad hooks look `quant_matmul` up on megaquant.ops at each call, so wrapping the module
+    attribute reaches them; the wgrad hook calls a name its module bound at import. Before this (session
+    12) the wrapper never saw wgrad, whose GEMMs therefore ran with the tree's own value (bf16 in a tree
+    set to none): every quantized variant's profile missed wgrad's casts (benchmarks.md §6g)."""
+    done = []
+    for module in list(sys.modules.values()) if modules is None else modules:
+        found = getattr(module, "__dict__", {}).get(WGRAD_BINDING)
+        if found is not None and found is not op:
+            setattr(module, WGRAD_BINDING, op)
+            done.append(getattr(module, "__name__", "?"))
+    return done
+
+
 def inner(ns: argparse.Namespace, argv: list[str]) -> int:
     import torch
     from megatron.training import training
@@ -242,6 +263,10 @@ def inner(ns: argparse.Namespace, argv: list[str]) -> int:
 
     def train_step(*args: Any, **kwargs: Any) -> Any:
         i = state["i"]
+        if i == 0:  # the model is built: every hooked module is imported
+            out["wgrad_rebound"] = rebind_wgrad(ops.quant_matmul)
+            if not out["wgrad_rebound"]:
+                print(f"profile_step: no {WGRAD_BINDING} found: wgrad runs unwrapped", flush=True)
         variant, k = plan[min(i, len(plan) - 1)]
         parts = variant.split("+")
         state["values"] = _role_values(parts[0])

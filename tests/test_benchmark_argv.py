@@ -73,3 +73,19 @@ def test_profile_step_runs_the_fused_attention_with_the_variant_values(
     profile_step.wrap_fused_attention({"values": {"qk": "mxfp8", "pv": "hifp8"}, "profiling": False}, None)
     attention_core.FusedCore.__call__(object(), "none", "none")  # type: ignore[arg-type]
     assert seen == [("mxfp8", "hifp8")]
+
+
+def test_profile_step_rebinds_the_wgrad_hooks_name_to_its_wrapper() -> None:
+    # the wgrad hook calls a name bound at its module's import; the wrapper must reach it (session 12: it
+    # did not, so every profiled quantized variant ran wgrad unquantized)
+    prof = _load("profile_step")
+    import tomllib
+
+    toml = tomllib.loads((BENCH.parent / "rewrites" / "megatron-core.instrument.toml").read_text())
+    assert any(prof.WGRAD_BINDING in line for line in toml["imports"]), "the rewrite's wgrad binding moved"
+    stock, wrapped = object(), object()
+    hooked, other = ModuleType("hooked"), ModuleType("other")
+    hooked._mq_wgrad_matmul = stock  # type: ignore[attr-defined]
+    assert prof.rebind_wgrad(wrapped, [hooked, other]) == ["hooked"]
+    assert hooked._mq_wgrad_matmul is wrapped  # type: ignore[attr-defined]
+    assert prof.rebind_wgrad(wrapped, [hooked, other]) == []  # already the wrapper
