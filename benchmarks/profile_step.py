@@ -475,8 +475,9 @@ def microbench(ns: argparse.Namespace) -> int:
     if switch is not None:
         switch(None)
         out["launch_stats"] = _launch.stats()
-    ns.out.parent.mkdir(parents=True, exist_ok=True)
-    ns.out.write_text(json.dumps(out, indent=1) + "\n")
+    if ns.out is not None:  # optional here: the rows are printed as they come
+        ns.out.parent.mkdir(parents=True, exist_ok=True)
+        ns.out.write_text(json.dumps(out, indent=1) + "\n")
     return 0
 
 
@@ -536,6 +537,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return compare(*ns.compare)
     if ns.microbench:
         return microbench(ns)
+    if ns.out is None:
+        parser.error("--out is required (except with --microbench or --compare)")
     if ns.inner:
         return inner(ns, argv[cut + 1 :])
     steps = len(ns.variants.split(",")) * (ns.warmup + 1 + ns.timed)
