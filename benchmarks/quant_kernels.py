@@ -311,13 +311,22 @@ BOTH_AXES_SHAPES = [(2048, 2048), (2048, 3072), (2048, 16384), (8192, 4096), (81
 the 8B shape's 8192 tokens (qkv 4096 + 2 x 1024 wide is near 4096 x 1.5; fc1 28672)."""
 
 
+BOTH_AXES_CONFIGS = [(4096, 4), (4096, 8), (8192, 8)]
+"""Launch configurations of the single-read kernel swept beside its default (2048 elements, 4 warps)."""
+
+
 def both_axes_rows(copy_gbps: float) -> list[dict[str, object]]:
     """formats.quantizer_both_axes (one read of dy, two blockings) against the two one-axis kernels it
     replaces (megaquant.ops' short path: dy along its last axis, dy along its rows), MXFP8 E5M2 (the
     gradient format), bf16, replayed from CUDA graphs; bytes are counted as dy read once per pass plus
     both outputs written."""
+    import megaquant.formats._triton as kernels
     from megaquant.formats import quantizer, quantizer_both_axes
+    from megaquant.formats.registry import resolve_options
 
+    opts = resolve_options(
+        "mxfp8_e5m2", axis=-1, block_size=None, scale="floor", rounding="even", saturate=True, preset=None
+    )
     out = []
     for shape in BOTH_AXES_SHAPES:
         inputs = _rotation(shape, torch.bfloat16, seed=31)
@@ -333,10 +342,17 @@ def both_axes_rows(copy_gbps: float) -> list[dict[str, object]]:
         exact = _same_bits(got[0], want[0]) and _same_bits(got[1], want[1].view(shape))
         t_two, t_one = _bench_graph(two, inputs), _bench_graph(dual[0], inputs)
         nbytes = math.prod(shape) * 2
+        sweep = {}  # other launch configurations of the same kernel: (elements per program, warps)
+        for elems, warps in BOTH_AXES_CONFIGS:
+            fn = kernels.fake_quant_dual_fn(opts, tile_elems=elems, num_warps=warps)
+            assert fn is not None
+            got_c = fn(inputs[0])
+            same = _same_bits(got_c[0], got[0]) and _same_bits(got_c[1], got[1])
+            sweep[f"{elems}x{warps}w"] = (round(_bench_graph(fn, inputs), 2), same)
         out.append(dict(
             shape=list(shape), two_pass_us=t_two, single_read_us=t_one, ratio=t_one / t_two, exact=exact,
             two_pass_frac=4 * nbytes / t_two / 1e3 / copy_gbps,
-            single_read_frac=3 * nbytes / t_one / 1e3 / copy_gbps,
+            single_read_frac=3 * nbytes / t_one / 1e3 / copy_gbps, configs=sweep,
         ))  # fmt: skip
         print(out[-1], flush=True)
     return out

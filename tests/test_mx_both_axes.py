@@ -86,6 +86,12 @@ def _interpreted() -> None:
         for i, (shape, dtype) in enumerate(CASES):
             _check(fn, _input(shape, dtype, 100 + i), fmt, kw, f"{fmt} {kw} {shape} {dtype}")
             n += 1
+    # the launch configurations benchmarks/quant_kernels.py --both-axes sweeps: the same bits
+    base = dict(axis=-1, block_size=None, scale="floor", rounding="even", saturate=True, preset=None)
+    opts = resolve_options("mxfp8_e5m2", **base)  # type: ignore[arg-type]
+    for elems, warps in ((4096, 4), (8192, 8)):
+        fn = kernels.fake_quant_dual_fn(opts, tile_elems=elems, num_warps=warps)
+        _check(fn, _input((70, 300), torch.float32, 7), "mxfp8_e5m2", {}, f"tile {elems} x {warps} warps")
     print(f"{n} cases ok")
 
 

@@ -748,17 +748,19 @@ _DUAL_CONSTS = ("EMAX", "EMIN", "MAN", "MAXN", "MAX_MANT", "FILL_BITS", "SATURAT
 
 
 @functools.lru_cache(maxsize=256)
-def _mx_dual_launcher(opts: Options, bf16_bits: bool, bk: int) -> Launcher:
+def _mx_dual_launcher(opts: Options, bf16_bits: bool, bk: int, num_warps: int) -> Launcher:
     """(x, last, rows), (rows, n)."""
     consts = _format_constants(opts.fmt, opts)
     views = (None, torch.int16, torch.int16) if bf16_bits else ()
     return Launcher(
-        _mx_dual_kernel, 3, 2, views, BS=opts.block_size, BK=bk, BF16_BITS=bf16_bits, num_warps=_NUM_WARPS,
+        _mx_dual_kernel, 3, 2, views, BS=opts.block_size, BK=bk, BF16_BITS=bf16_bits, num_warps=num_warps,
         **{k: consts[k] for k in _DUAL_CONSTS},
     )  # fmt: skip
 
 
-def fake_quant_dual_fn(opts: Options) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None:
+def fake_quant_dual_fn(
+    opts: Options, tile_elems: int = _ELEMS_PER_PROGRAM, num_warps: int = _NUM_WARPS
+) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None:
     """Both blockings of one MX fake-quant from a single read, as a function of the tensor: for a
     contiguous x of >= 2 dims viewed as (rows, n) (the leading dims flattened), (fake_quant(x, axis=-1),
     fake_quant(x.reshape(rows, n), axis=0).view(x.shape)) with opts' other options, both contiguous in x's
@@ -771,7 +773,7 @@ def fake_quant_dual_fn(opts: Options) -> Callable[[torch.Tensor], tuple[torch.Te
     bs = opts.block_size
     if bs > 64:
         return None
-    bk_max = max(bs, _ELEMS_PER_PROGRAM // bs)
+    bk_max = max(bs, tile_elems // bs)  # tile_elems, num_warps: a launch configuration to sweep
     entries: dict[tuple[torch.dtype, int], Launcher] = {}
 
     def dual(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -782,7 +784,8 @@ def fake_quant_dual_fn(opts: Options) -> Callable[[torch.Tensor], tuple[torch.Te
         bk = max(bs, min(bk_max, 1 << (n - 1).bit_length()))
         launcher = entries.get((x.dtype, bk))
         if launcher is None:
-            launcher = entries[x.dtype, bk] = _mx_dual_launcher(opts, x.dtype == torch.bfloat16, bk)
+            bf16 = x.dtype == torch.bfloat16
+            launcher = entries[x.dtype, bk] = _mx_dual_launcher(opts, bf16, bk, num_warps)
         last, by_rows = torch.empty_like(x), torch.empty_like(x)
         launcher((-(-rows // bs) * -(-n // bk), 1, 1), (x, last, by_rows), (rows, n))
         return last, by_rows
