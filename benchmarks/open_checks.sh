@@ -32,6 +32,11 @@
 #      its GPU tests (kernel vs the one-axis kernels, CUDA graph capture, bits vs unshared), the kernel
 #      benchmark (quant_kernels.py --both-axes), and train_overhead at 1b-single bf16 / FA_linear_{mxfp8,
 #      mxfp4, hifp8} / FA_linear_mxfp8+noshare (the A/B: same losses) and 1b-fast bf16 / FA_linear_mxfp8.
+#   H: (for session 13, ~3 min) where an eager quantized GEMM's host time goes on the GPU machine
+#      (profile_step.py --microbench --cprofile: the CPU stub puts megaquant's own Python at ~14 us per
+#      GEMM, the H200 host measured ~80 us; the DeepSeek cut pays ~210 us), the single-read kernel's launch
+#      configurations (quant_kernels.py --both-axes), and profile_step at 1b-single with the wgrad fix
+#      (its quantization launches must now match train_overhead's +prof count: 2688 MX, 2112 HiF8).
 # Run from the repo root on the GPU machine:
 #   . benchmarks/device_env.sh && OUT=$OUT bash benchmarks/open_checks.sh A     (then B, then C)
 # Everything lands in $OUT/open_checks_<part>.tgz plus $OUT/summary_<part>.txt.
@@ -99,6 +104,17 @@ elif [ "$PART" = S ]; then
   traced --only 1b-single,1b-fast --budget-s 350 --row-timeout-s 150 \
     --modes bf16,FA_linear_mxfp8,FA_linear_mxfp8+noshare,FA_linear_mxfp4,FA_linear_hifp8
   python3 -c "import json,sys; r=json.load(open(sys.argv[1])); b=lambda n: r.get('1b-single-'+n,{}).get('losses'); print('mxfp8 bits same with and without the shared gradient:', b('FA_linear_mxfp8')==b('FA_linear_mxfp8_noshare') and b('FA_linear_mxfp8') is not None)" "$R/prof/results.json" >> "$S" 2>&1
+elif [ "$PART" = H ]; then
+  python3 benchmarks/profile_step.py --microbench --calls 300 --repeats 3 --cprofile --out "$R/micro.json" \
+    > "$R/micro.txt" 2>&1
+  grep -E "megatron 1024x2x2048|small 64x2048" "$R/micro.txt" | grep -E "direct " >> "$S"
+  sed -n '/cProfile of/,/^$/p' "$R/micro.txt" | head -40 >> "$S"
+  python3 benchmarks/quant_kernels.py --both-axes --out "$R/kern" > "$R/kern.txt" 2>&1
+  python3 -c "import json,sys; [print(r['shape'], round(r['single_read_us'],1), r['configs']) for r in json.load(open(sys.argv[1]))['rows']]" "$R/kern/both_axes.json" >> "$S" 2>&1
+  python3 benchmarks/profile_step.py --tree "$W/megatron" --data-root "$W/data" --model llama32-1b \
+    --preset single-gpu --variants bf16,FA_linear_mxfp8+cache,FA_linear_hifp8+cache \
+    --warmup 2 --timed 1 --train-steps 30 --out "$R/prof1b/prof.json" --timeout-s 300 > "$R/prof1b.txt" 2>&1
+  python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print('wgrad rebound in', len(d.get('wgrad_rebound', [])), 'modules'); [print(v, p['by_kind']) for v, p in d['profiles'].items()]" "$R/prof1b/prof.json" >> "$S" 2>&1
 elif [ "$PART" = D ]; then
   traced --only dsv2-2l --modes bf16,bf16+prof,FA_linear_mxfp8,FA_linear_mxfp8+prof --budget-s 330 --row-timeout-s 200
 elif [ "$PART" = T ]; then

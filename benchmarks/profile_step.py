@@ -472,6 +472,24 @@ def microbench(ns: argparse.Namespace) -> int:
             label = {True: "direct", False: "triton", None: ""}[direct]
             print(f"microbench: {case:20s} {name:38s} {label:6s} host {row['host_us']:7.1f} us/call, "
                   f"with GPU {row['total_us']:7.1f} us/call", flush=True)  # fmt: skip
+    if ns.cprofile:  # where the host time of one quantized GEMM goes (the last case's fprop, direct path)
+        import cProfile
+        import io
+        import pstats
+
+        if switch is not None and not ns.stub:
+            switch(True)
+        fn = calls["quant_matmul fprop x @ w.t() mxfp8"]
+        prof = cProfile.Profile()
+        with torch.no_grad():
+            prof.enable()
+            for _ in range(ns.calls):
+                fn()
+            prof.disable()
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
+        out["cprofile"] = text.getvalue()
+        print(f"microbench: cProfile of {ns.calls} fprop mxfp8 calls, {case}:\n{text.getvalue()}", flush=True)
     if switch is not None:
         switch(None)
         out["launch_stats"] = _launch.stats()
@@ -528,6 +546,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--microbench", action="store_true", help="host time per op call (see microbench)")
     parser.add_argument("--stub", action="store_true", help="--microbench on CPU with the kernels stubbed")
     parser.add_argument("--calls", type=int, default=200, help="--microbench: calls per timing")
+    parser.add_argument(
+        "--cprofile", action="store_true", help="--microbench: cProfile one quantized GEMM's host path too"
+    )
     parser.add_argument("--repeats", type=int, default=5, help="--microbench: timings per row (min taken)")
     parser.add_argument("--compare", nargs=2, type=Path, metavar=("A", "B"))
     argv = list(sys.argv[1:] if argv is None else argv)
