@@ -198,3 +198,18 @@ def test_the_environment_switch_turns_sharing_off() -> None:
             [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
         )
         assert done.stdout.strip() == want
+
+
+def test_a_wgrad_in_another_format_takes_nothing_from_dgrad() -> None:
+    # per-GEMM values (a tree may set dgrad and wgrad apart): the copy is keyed by format and options
+    dy, w, x = _data()
+    dy2 = dy.view(-1, 48)
+    for dgrad_value, wgrad_value in (("mxfp8", "mxfp4"), ("hifp8", "mxfp8"), ("mxfp8", "hifp8")):
+        shared.clear()
+        counters.reset()
+        ops.quant_matmul(dy, w, dgrad_value, grad=True, gemm="dgrad")
+        got = ops.quant_matmul(dy2.t(), x.view(-1, 32), wgrad_value, grad=True, gemm="wgrad")
+        cfg = ops.config.quant_config(wgrad_value, grad=True, gemm="wgrad")
+        want = torch.matmul(fake_quant(dy2.t(), cfg.fmt), fake_quant(x.view(-1, 32), cfg.fmt, axis=-2))
+        assert torch.equal(got, want), (dgrad_value, wgrad_value)
+        assert "shared" not in counters.snapshot()["operands"]["linear_wgrad"]
