@@ -273,7 +273,9 @@ def test_ops_hand_dense_operands_to_a_layout_keeping_quantizer_as_they_are(
     the layout (the Triton one) without views; values, strides and counts equal those of the view path
     (a quantizer without keeps_layout), for every operand layout of the hooked GEMMs."""
     from megaquant.formats import fake_quant
-    from megaquant.ops import counters, gemm
+    from megaquant.ops import counters
+    from megaquant.ops import operands as gemm  # the operand path (megaquant.ops.operands)
+    from megaquant.ops.config import quant_config
 
     seen: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
 
@@ -298,7 +300,7 @@ def test_ops_hand_dense_operands_to_a_layout_keeping_quantizer_as_they_are(
         (torch.randn(12, 48, generator=g).t(), -1),  # wgrad's grad_output.t()
         (torch.randn(2, 6, 64, generator=g).transpose(0, 1), -1),  # strided 3-D: the general path
     ]
-    cfg = gemm.quant_config("mxfp8")
+    cfg = quant_config("mxfp8")
     results = {}
     for keeps in (False, True):
         gemm._QUANTIZERS.clear()

@@ -26,6 +26,7 @@ from megaquant.formats import fake_quant
 from megaquant.formats._random import mixed_key
 from megaquant.ops import configure, quant_config, quant_linear, quant_matmul
 from megaquant.ops import gemm as gemm_mod
+from megaquant.ops import operands as operands_mod
 from megaquant.recipes import RECIPES, bf16_layers_for_args, check_recipe, get_recipe, layer_count
 
 
@@ -61,9 +62,9 @@ class Recorder:
 @pytest.fixture
 def recorder(monkeypatch: pytest.MonkeyPatch) -> Recorder:
     rec = Recorder()
-    monkeypatch.setattr(gemm_mod, "fake_quant", rec)
-    monkeypatch.setattr(gemm_mod, "quantizer", rec.quantizer)
-    monkeypatch.setattr(gemm_mod, "_QUANTIZERS", {})  # resolved quantizers of earlier tests: none
+    monkeypatch.setattr(operands_mod, "fake_quant", rec)
+    monkeypatch.setattr(operands_mod, "quantizer", rec.quantizer)
+    monkeypatch.setattr(operands_mod, "_QUANTIZERS", {})  # resolved quantizers of earlier tests: none
     return rec
 
 
@@ -102,7 +103,7 @@ def rht(monkeypatch: pytest.MonkeyPatch) -> FakeRHT:
     module = types.ModuleType("megaquant_test_rht")
     module.random_hadamard = fake.random_hadamard  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "megaquant_test_rht", module)
-    monkeypatch.setattr(gemm_mod, "_HADAMARD_MODULES", ("megaquant_test_rht",))
+    monkeypatch.setattr(operands_mod, "_HADAMARD_MODULES", ("megaquant_test_rht",))
     return fake
 
 
@@ -262,7 +263,7 @@ def test_mxfp4_tseng_rounds_both_backward_operands_prescaled_by_three_quarters(r
     configure(recipe="mxfp4_tseng")
     g, w = _rand(8, 64, dtype=torch.bfloat16), _rand(64, 32, seed=1, dtype=torch.bfloat16)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(gemm_mod, "_hadamard_pair", lambda a, b, cfg: (a, b))  # RHT tested below
+        mp.setattr(gemm_mod, "hadamard_pair", lambda a, b, cfg: (a, b))  # RHT tested below
         out = quant_matmul(g, w, "mxfp4", grad=True, gemm="dgrad")
     assert _roundings(recorder) == ["stochastic", "stochastic"]
     (_, _, qa), (_, _, qb) = recorder.calls
@@ -304,7 +305,7 @@ def test_rht_needs_the_gemm_kind_and_a_divisible_reduction(recorder: Recorder, r
 
 
 def test_missing_hadamard_module_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(gemm_mod, "_HADAMARD_MODULES", ("megaquant_no_such_module",))
+    monkeypatch.setattr(operands_mod, "_HADAMARD_MODULES", ("megaquant_no_such_module",))
     with pytest.raises(ValueNameError, match="random Hadamard transforms.*megaquant_no_such_module"):
         quant_matmul(_rand(8, 64), _rand(64, 8), "mxfp4", grad=True, gemm="dgrad", recipe="mxfp4_tseng")
 
@@ -447,11 +448,11 @@ def _wgrad_seeds(recipe: str, seed: int, steps: int = 3) -> list[list[int]]:
     module = types.ModuleType("megaquant_test_rht_schedule")
     module.random_hadamard = fake.random_hadamard  # type: ignore[attr-defined]
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(gemm_mod, "fake_quant", rec)
-        mp.setattr(gemm_mod, "quantizer", rec.quantizer)
-        mp.setattr(gemm_mod, "_QUANTIZERS", {})
+        mp.setattr(operands_mod, "fake_quant", rec)
+        mp.setattr(operands_mod, "quantizer", rec.quantizer)
+        mp.setattr(operands_mod, "_QUANTIZERS", {})
         mp.setitem(sys.modules, "megaquant_test_rht_schedule", module)
-        mp.setattr(gemm_mod, "_HADAMARD_MODULES", ("megaquant_test_rht_schedule",))
+        mp.setattr(operands_mod, "_HADAMARD_MODULES", ("megaquant_test_rht_schedule",))
         configure(recipe=recipe)
         ops.reset_state(seed=seed)
         value = "nvfp4" if recipe == "nvfp4_paper" else "mxfp4"

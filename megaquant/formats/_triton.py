@@ -765,7 +765,7 @@ def fake_quant_dual_fn(
     contiguous x of >= 2 dims viewed as (rows, n) (the leading dims flattened), (fake_quant(x, axis=-1),
     fake_quant(x.reshape(rows, n), axis=0).view(x.shape)) with opts' other options, both contiguous in x's
     shape. A linear layer's incoming gradient is blocked both ways: along its features for dgrad, along
-    the tokens for wgrad (megaquant.ops.gemm offers the second to wgrad through megaquant.ops.shared).
+    the tokens for wgrad (megaquant.ops.operands offers the second to wgrad through megaquant.ops.shared).
     Needs a block-scaled format and a tensor supports() accepts; opts.axis is not used. None for blocks
     longer than 64 (a tile is BS x >= BS elements: too large for one program's registers)."""
     if not opts.fmt.block_scaled:

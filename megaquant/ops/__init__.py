@@ -1,5 +1,7 @@
 """Autograd ops the hook sites call: quantized GEMMs (gemm.py) and attention (attention.py) over one
-configuration (config.py), with the run-time state of the recipes (state.py: step, seeds, amax histories)."""
+configuration (config.py), each operand quantized by operands.py (with the weight cache, weights.py, and
+the shared gradient copies, shared.py), with the run-time state of the recipes (state.py: step, seeds,
+amax histories)."""
 
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ from megaquant.formats._triton import (
 )
 from megaquant.formats.registry import resolve_options
 from megaquant.ops.config import QuantConfig
-from megaquant.ops.gemm import _quant
+from megaquant.ops.operands import quantized
 
 __all__ = ["attention", "backward", "forward", "quantize_p", "supports"]
 
@@ -576,18 +576,14 @@ def backward(
     return dq, dk_, dv_
 
 
-def _site_quant(t: torch.Tensor, cfg: QuantConfig, axis: int, role: str) -> torch.Tensor:
-    return t if cfg.fmt is None else _quant(t, cfg.fmt, axis, cfg, role=role)
-
-
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg_qk: QuantConfig, cfg_pv: QuantConfig,
         causal: bool, scale: float,
     ) -> torch.Tensor:  # fmt: skip
-        qq, kq = _site_quant(q, cfg_qk, -1, "qk"), _site_quant(k, cfg_qk, -1, "qk")
-        vq = _site_quant(v, cfg_pv, -2, "pv") if cfg_pv.fmt is not None else None
+        qq, kq = quantized(q, cfg_qk, -1, "qk"), quantized(k, cfg_qk, -1, "qk")
+        vq = quantized(v, cfg_pv, -2, "pv") if cfg_pv.fmt is not None else None
         o, ou, lse = forward(qq, kq, v, vq, cfg_pv, causal, scale)
         ctx.save_for_backward(q, k, v, ou, lse)
         ctx.cfg_qk, ctx.causal, ctx.scale = cfg_qk, causal, scale
@@ -598,8 +594,8 @@ class _FlashAttention(torch.autograd.Function):
         q, k, v, ou, lse = ctx.saved_tensors
         cfg_qk: QuantConfig = ctx.cfg_qk
         qq, kq = (
-            _site_quant(q, cfg_qk, -1, "qk"),
-            _site_quant(k, cfg_qk, -1, "qk"),
+            quantized(q, cfg_qk, -1, "qk"),
+            quantized(k, cfg_qk, -1, "qk"),
         )  # recomputed: cheaper than kept
         dq, dk, dv = backward(do, q, k, v, qq, kq, ou, lse, ctx.causal, ctx.scale)
         return dq, dk, dv, None, None, None, None

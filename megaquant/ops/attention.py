@@ -18,7 +18,8 @@ import torch
 from megaquant.errors import ValueNameError
 from megaquant.ops import counters
 from megaquant.ops.config import QuantConfig, quant_config
-from megaquant.ops.gemm import _mm, _quant
+from megaquant.ops.gemm import _mm
+from megaquant.ops.operands import quantize, quantized
 from megaquant.ops.state import PLAIN_SCOPE as _BF16  # recipe BF16 layers (megaquant.ops.layers): run plain
 
 __all__ = ["ATTENTION_BACKENDS", "attention_backend", "quant_attention"]
@@ -94,7 +95,7 @@ class _Chunk:
 
 def _pv_fwd(p: torch.Tensor, vq: torch.Tensor, cfg_pv: QuantConfig, dtype: torch.dtype) -> torch.Tensor:
     if cfg_pv.fmt is not None:
-        p = _quant(p.to(dtype), cfg_pv.fmt, -1, cfg_pv, role="pv").float()
+        p = quantize(p.to(dtype), cfg_pv.fmt, -1, cfg_pv, role="pv").float()
     return torch.matmul(p, vq.float())
 
 
@@ -116,10 +117,6 @@ def _grouped_mm(a: torch.Tensor, b: torch.Tensor, cfg: QuantConfig, g: int) -> t
     )
 
 
-def _quantized(t: torch.Tensor, cfg: QuantConfig, axis: int, role: str) -> torch.Tensor:
-    return t if cfg.fmt is None else _quant(t, cfg.fmt, axis, cfg, role=role)
-
-
 class _ReferenceAttention(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -136,9 +133,9 @@ class _ReferenceAttention(torch.autograd.Function):
         ctx.save_for_backward(q, k, v)
         ctx.cfg_qk, ctx.cfg_pv, ctx.causal, ctx.scale, ctx.rows = cfg_qk, cfg_pv, causal, scale, rows
         qq, kq, vq = (
-            _quantized(q, cfg_qk, -1, "qk"),
-            _quantized(k, cfg_qk, -1, "qk"),
-            _quantized(v, cfg_pv, -2, "pv"),
+            quantized(q, cfg_qk, -1, "qk"),
+            quantized(k, cfg_qk, -1, "qk"),
+            quantized(v, cfg_pv, -2, "pv"),
         )
         hq, sq = q.shape[1], q.shape[2]
         out = q.new_empty((*q.shape[:3], v.shape[3]))
@@ -153,7 +150,7 @@ class _ReferenceAttention(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         q, k, v = ctx.saved_tensors
         cfg_qk, cfg_pv, causal, scale, rows = ctx.cfg_qk, ctx.cfg_pv, ctx.causal, ctx.scale, ctx.rows
-        qq, kq = _quantized(q, cfg_qk, -1, "qk"), _quantized(k, cfg_qk, -1, "qk")
+        qq, kq = quantized(q, cfg_qk, -1, "qk"), quantized(k, cfg_qk, -1, "qk")
         hq, hkv, sq = q.shape[1], k.shape[1], q.shape[2]
         g = hq // hkv
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)

@@ -3,7 +3,7 @@
 Megatron's linear backward quantizes the incoming gradient dy twice: for dgrad (`dy @ W`, dy quantized as
 it is) and right after for wgrad (`dy.t() @ x`, the transposed view of the same storage).
 - HiF8 is elementwise, and its per-tensor scale (current scaling) is the amax over the same elements
-  either way, so q(dy.t()) is q(dy).t() bit for bit: megaquant.ops.gemm offers dgrad's copy here and
+  either way, so q(dy.t()) is q(dy).t() bit for bit: megaquant.ops.operands offers dgrad's copy here and
   wgrad takes it, instead of quantizing dy again (one of the four activation-side casts of each linear
   per microbatch).
 - MX formats block dy along its features in dgrad and along the tokens in wgrad: two different copies.

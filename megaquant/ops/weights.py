@@ -22,7 +22,7 @@ an eager lookup never returns a copy made under capture (its contents exist only
 
 Memory: one tensor per cached operand in the weight's dtype, i.e. up to twice the (bf16) linear weights for
 a linear layer (the forward format along the input features and the gradient format along the output
-features; once for HiF8, which is elementwise: megaquant.ops.gemm keys the forward's W.t() and dgrad's W
+features; once for HiF8, which is elementwise: megaquant.ops.operands keys the forward's W.t() and dgrad's W
 to one copy), held from the first microbatch to the end of the step; `max_bytes` bounds it (operands past the
 bound are quantized per use, as without the cache). `stats()` says what it holds and held at most.
 """
