@@ -311,6 +311,7 @@ BOTH_AXES_SHAPES = [(2048, 2048), (2048, 3072), (2048, 16384), (8192, 4096), (81
 the 8B shape's 8192 tokens (qkv 4096 + 2 x 1024 wide is near 4096 x 1.5; fc1 28672)."""
 
 
+_Fn = Callable[[torch.Tensor], torch.Tensor]
 BOTH_AXES_CONFIGS = [(4096, 4), (4096, 8), (8192, 8)]
 """Launch configurations of the single-read kernel swept beside its default (2048 elements, 4 warps)."""
 
@@ -335,7 +336,7 @@ def both_axes_rows(copy_gbps: float) -> list[dict[str, object]]:
         last = quantizer(inputs[0], "mxfp8_e5m2", axis=-1)[0]
         rows = quantizer(inputs[0].view(1, *shape), "mxfp8_e5m2", axis=-2)[0]
 
-        def two(x: torch.Tensor, last=last, rows=rows) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[no-untyped-def]
+        def two(x: torch.Tensor, last: _Fn = last, rows: _Fn = rows) -> tuple[torch.Tensor, torch.Tensor]:
             return last(x), rows(x.view(1, *x.shape))
 
         got, want = dual[0](inputs[0]), two(inputs[0])

@@ -89,3 +89,22 @@ def test_profile_step_rebinds_the_wgrad_hooks_name_to_its_wrapper() -> None:
     assert prof.rebind_wgrad(wrapped, [hooked, other]) == ["hooked"]
     assert hooked._mq_wgrad_matmul is wrapped  # type: ignore[attr-defined]
     assert prof.rebind_wgrad(wrapped, [hooked, other]) == []  # already the wrapper
+
+
+def test_profile_step_without_out_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    prof = _load("profile_step")
+    with pytest.raises(SystemExit) as done:
+        prof.main(["--tree", "t", "--data-root", "d"])
+    assert done.value.code == 2 and "--out is required" in capsys.readouterr().err
+
+
+def test_profile_step_microbench_cprofiles_one_quantized_gemm_on_the_cpu_stub() -> None:
+    # a subprocess: the stub replaces megaquant.formats' kernel dispatch for the rest of its process
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton", reason="the stub times megaquant's launch path up to the C launcher")
+    cmd = [sys.executable, str(BENCH / "profile_step.py"), "--microbench", "--stub", "--calls", "3"]
+    done = subprocess.run([*cmd, "--repeats", "1", "--cprofile"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "cProfile of 3 fprop mxfp8 calls" in done.stdout and "quant_path" in done.stdout

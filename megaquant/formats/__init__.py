@@ -230,21 +230,20 @@ def quantizer_both_axes(
     x: torch.Tensor, fmt: str, **keywords: Any
 ) -> tuple[Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], str, str | None] | None:
     """A block-scaled fake_quant along both axes of the 2-D view, resolved once for tensors like `x`:
-    (function, path, reason) as quantizer's, or None where no single-read kernel serves it (not a
-    MX format (HiF8, NVFP4), or a seed, a device seed, 2-D tiles, tensor scaling or an amax is given:
-    those callers quantize each use on its own).
+    (function, path, reason) as quantizer's, or None where no single-read kernel serves it (not an MX
+    format: HiF8, NVFP4; MX blocks longer than 64; or a seed, a device seed, 2-D tiles, tensor scaling or
+    an amax is given): those callers quantize each use on its own.
 
     For y with x's kind (contiguous, >= 2 dims) viewed as (rows, n), the function returns
     (fake_quant(y, fmt, axis=-1, ...), fake_quant(y.reshape(rows, n), fmt, axis=0, ...).view(y.shape))
     bit for bit, both contiguous: one read of y. On the reference path (CPU, or options the kernels do
     not cover) it is those two calls. Keywords as fake_quant's; `axis` is ignored."""
     given = {**_KW_DEFAULTS, **keywords, "axis": -1}
-    if x.dim() < 2 or any(given[k] for k in ("seed", "block_2d", "tensor_scale")) or "amax" in keywords:
+    per_call = any(given.get(k) is not None for k in ("seed", "device_seed", "amax"))
+    if x.dim() < 2 or per_call or given["block_2d"] or given["tensor_scale"]:
         return None
-    device_seed = given.pop("device_seed", None)
-    given.pop("amax", None)
-    opts, kernels, kw = _prepare(x, fmt, "auto", None, device_seed, **given)
-    if not opts.fmt.block_scaled or opts.fmt.block_scale == "e4m3" or device_seed is not None:
+    opts, kernels, kw = _prepare(x, fmt, "auto", None, None, **given)
+    if not opts.fmt.block_scaled or opts.fmt.block_scale == "e4m3":
         return None  # HiF8 is elementwise (one copy serves both: megaquant.ops.shared); NVFP4: no kernel
     if kernels is None:
         reason = f"not a CUDA tensor ({x.device})" if not x.is_cuda else f"not covered: {fmt!r} with {kw}"

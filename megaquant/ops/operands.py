@@ -84,7 +84,7 @@ def _quant_scaled(
             weights.store(t, key, q, path)
         return q, path
     if fmt != "hifp8":
-        if operand == "gradient" and not extra and _rows_blocked(t, axis) and _shares_blocks(cfg):
+        if operand == "gradient" and _shares_blocks(cfg) and _rows_blocked(t, axis):  # (no SR: no extra)
             hit = shared.take(t, _rows_key(fmt, cfg))  # wgrad's dy2.t(): dgrad's read made this copy
             if hit is not None:
                 counters.count_operand(role, "shared")
@@ -160,15 +160,11 @@ def gradient_both_axes(
     key = (fmt, id(cfg), dy.dim(), dy.dtype, dy.is_cuda)
     found = _BOTH.get(key)
     if found is None or found[0] is not cfg:
-        if len(_BOTH) > 1024:
-            _BOTH.clear()
-        found = _BOTH[key] = (cfg, quantizer_both_axes(dy, fmt, **_fq_keywords(cfg)))
+        found = _remember(_BOTH, key, cfg, quantizer_both_axes(dy, fmt, **_fq_keywords(cfg)), 1024)
     if found[1] is None:
         return None
     fn, path, reason = found[1]
-    counters.count_operand(role, path)
-    if reason is not None and dy.is_cuda:
-        counters.note_fallback(role, tuple(dy.shape), dy.dtype, fmt, reason)
+    _count(role, path, reason, dy, fmt)
     last, by_rows = fn(dy)
     shared.offer(dy, _rows_key(fmt, cfg), by_rows, path)
     return last, path
@@ -235,7 +231,7 @@ def hadamard_pair(a: torch.Tensor, b: torch.Tensor, cfg: QuantConfig) -> tuple[t
 
 
 _Quantizer = tuple[Callable[[torch.Tensor], torch.Tensor], str, "str | None"]
-_QUANTIZERS: dict[tuple[object, ...], tuple[QuantConfig, _Quantizer, bool]] = {}
+_QUANTIZERS: dict[tuple[object, ...], tuple[QuantConfig, tuple[_Quantizer, bool]]] = {}
 
 
 def _quantizer(
@@ -251,12 +247,29 @@ def _quantizer(
     items = sorted((k, id(v) if k == "device_seed" else v) for k, v in extra.items()) if extra else ()
     key = (fmt, id(cfg), axis, x.dim(), x.dtype, x.is_cuda, *items)
     found = _QUANTIZERS.get(key)
-    if found is None or found[0] is not cfg:
-        if len(_QUANTIZERS) > 4096:  # configs built per call elsewhere: keep the table bounded
-            _QUANTIZERS.clear()
+    if found is None or found[0] is not cfg:  # the hit path stays two lookups: it runs per operand
         q = quantizer(x, fmt, axis=axis, **{**_fq_keywords(cfg), **extra})
-        found = _QUANTIZERS[key] = (cfg, q, bool(getattr(q[0], "keeps_layout", False)))
-    return found[1], found[2]
+        found = _remember(_QUANTIZERS, key, cfg, (q, bool(getattr(q[0], "keeps_layout", False))), 4096)
+    return found[1]
+
+
+def _remember(
+    table: dict[tuple[object, ...], Any], key: tuple[object, ...], cfg: QuantConfig, value: Any, bound: int
+) -> Any:
+    """Store (cfg, value) under a key holding id(cfg): the entry keeps its config alive, so the id is not
+    reused while it is in the table (a lookup also checks `entry[0] is cfg`); the table starts over past
+    `bound` entries (configs built per call elsewhere)."""
+    if len(table) > bound:
+        table.clear()
+    entry = table[key] = (cfg, value)
+    return entry
+
+
+def _count(role: str, path: str, reason: str | None, x: torch.Tensor, fmt: str) -> None:
+    """Count an operand's path; log a CUDA fallback to the reference once per shape."""
+    counters.count_operand(role, path)
+    if reason is not None and x.is_cuda:
+        counters.note_fallback(role, tuple(x.shape), x.dtype, fmt, reason)
 
 
 def _fq_keywords(cfg: QuantConfig) -> dict[str, Any]:
@@ -273,9 +286,7 @@ def _fake_quant(
         counters.count_operand(role, "empty")
         return fake_quant(x, fmt, axis=axis, **{**_fq_keywords(cfg), **extra}), "empty"
     (fn, path, reason), _ = _quantizer(x, fmt, axis, cfg, extra)
-    counters.count_operand(role, path)
-    if reason is not None and x.is_cuda:
-        counters.note_fallback(role, tuple(x.shape), x.dtype, fmt, reason)
+    _count(role, path, reason, x, fmt)
     return fn(x), path
 
 
