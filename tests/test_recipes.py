@@ -296,12 +296,23 @@ def test_rht_on_wgrad_keeps_the_product_and_shares_one_seed(recorder: Recorder, 
     assert len(rht.calls) == 2  # nvfp4_paper: wgrad only
 
 
-def test_rht_needs_the_gemm_kind_and_a_divisible_reduction(recorder: Recorder, rht: FakeRHT) -> None:
-    g = _rand(8, 24)
+def test_rht_needs_the_gemm_kind(recorder: Recorder, rht: FakeRHT) -> None:
     with pytest.raises(ValueNameError, match="gemm='dgrad' or gemm='wgrad'"):
-        quant_matmul(g, _rand(24, 8), "nvfp4", grad=True, recipe="nvfp4_paper")
-    with pytest.raises(ValueNameError, match="not a multiple of the Hadamard block 64"):
-        quant_matmul(g, _rand(24, 8), "mxfp4", grad=True, recipe="mxfp4_tseng")
+        quant_matmul(_rand(8, 24), _rand(24, 8), "nvfp4", grad=True, recipe="nvfp4_paper")
+
+
+def test_rht_zero_pads_a_reduction_that_is_not_a_multiple_of_the_block(recorder: Recorder, rht: FakeRHT) -> None:
+    """An MoE expert's wgrad reduces over its routed tokens (419 in a DeepSeek run): both operands are padded
+    with zeros to the next multiple of the Hadamard block, so the product is unchanged."""
+    configure(recipe="mxfp4_tseng")
+    g, x = _rand(7, 45), _rand(45, 5, seed=1)
+    out = quant_matmul(g, x, "mxfp4", grad=True, gemm="wgrad")  # fake_quant is the identity here
+    torch.testing.assert_close(out, g @ x, rtol=1e-5, atol=1e-5)
+    (_, _, qa), (_, _, qb) = recorder.calls
+    assert qa.shape == (7, 64) and sorted(qb.shape) == [5, 64]  # the quantizers saw the padded operands
+    assert [c[:2] for c in rht.calls] == [(-1, 64), (-2, 64)]
+    batched = quant_matmul(_rand(2, 7, 45), _rand(2, 45, 5, seed=1), "mxfp4", grad=True, gemm="wgrad")
+    torch.testing.assert_close(batched, _rand(2, 7, 45) @ _rand(2, 45, 5, seed=1), rtol=1e-5, atol=1e-5)
 
 
 def test_missing_hadamard_module_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -511,3 +522,13 @@ def test_real_fixed_sign_transform_is_orthogonal_and_the_wgrad_product_is_unchan
     g, x = _rand(64, 24, dtype=torch.float64), _rand(64, 40, seed=1, dtype=torch.float64)
     product = random_hadamard(g.t(), -1, block=16, seed=seed) @ random_hadamard(x, -2, block=16, seed=seed)
     torch.testing.assert_close(product, g.t() @ x, rtol=1e-5, atol=1e-5)  # the transform runs in fp32
+
+
+def test_rht_with_real_kernels_on_an_unaligned_reduction_stays_near_the_product() -> None:
+    """The same padding through the real random Hadamard transform and MXFP4 quantizer (CPU reference)."""
+    configure(recipe="mxfp4_tseng")
+    g, x = _rand(16, 419), _rand(419, 32, seed=1)
+    out = quant_matmul(g, x, "mxfp4", grad=True, gemm="wgrad")
+    exact = g @ x
+    assert out.shape == exact.shape
+    assert ((out - exact).norm() / exact.norm()).item() < 0.3

@@ -201,7 +201,9 @@ def _hadamard_module() -> ModuleType:
 
 def hadamard_pair(a: torch.Tensor, b: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Both operands of a backward GEMM through one random Hadamard transform along the reduction axis (the
-    same random signs), when the recipe asks for it; (a H)(H^T b) = a b, so only the quantization changes."""
+    same random signs), when the recipe asks for it; (a H)(H^T b) = a b, so only the quantization changes.
+    A reduction length that is not a multiple of the Hadamard block (an MoE expert's wgrad over its routed
+    tokens) is zero-padded to one first, in both operands: the padded products are zero."""
     if not cfg.grad or cfg.hadamard == "none":
         return a, b
     if cfg.hadamard == "wgrad" and cfg.gemm != "wgrad":
@@ -212,12 +214,10 @@ def hadamard_pair(a: torch.Tensor, b: torch.Tensor, cfg: QuantConfig) -> tuple[t
                 "`megaquant instrument` on the tree)"
             )
         return a, b
-    block, k = cfg.hadamard_block, a.shape[-1]
-    if k % block:
-        raise ValueNameError(
-            f"recipe {cfg.recipe!r}: the reduction length {k} of this {cfg.gemm or 'gradient'} GEMM is not a "
-            f"multiple of the Hadamard block {block}"
-        )
+    block = cfg.hadamard_block
+    pad = -a.shape[-1] % block
+    if pad:  # e.g. an MoE expert's wgrad, reduced over its routed tokens: zeros add nothing to the product
+        a, b = torch.nn.functional.pad(a, (0, pad)), torch.nn.functional.pad(b, (0, 0, 0, pad))
     rht = _hadamard_module().random_hadamard
     if cfg.hadamard_signs == "fixed":
         seed = state.fixed_seed()
