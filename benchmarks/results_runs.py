@@ -72,18 +72,14 @@ class Shape:
     startup_s: float
     basis: str
     """Where `step_s` comes from (docs/benchmarks.md)."""
-    full_validation: bool = False
-    """Megatron's `--full-validation`: every evaluation reads the whole validation split, so every seed and
-    every evaluation sees the same text (without it, 10 batches drawn by the run's seed, new ones at each
-    evaluation). Megatron 0.19.2 reads it one sequence per forward (`MegatronFullValidationSampler`:
-    micro batch 1), i.e. ~180 forwards of 2048 tokens per evaluation of realtext's split. On for `1b`
-    (graphed: ~10 ms a forward, ~20 s a run); off for `8b-4l`, whose first runs were stored before it,
-    and for `dsv2-2l`, whose eager MoE forward (~70 ms, host-bound) would add ~130 s to a ~300 s run.
-    The page pairs every gap by seed, which makes the 10-batch families comparable too."""
     validation_seed: int | None = None
     """`megaquant train --validation-seed`: the 10 validation batches shuffled by this seed for every run,
     so the seeds evaluate the same text at no extra cost (the bf16 seed band is then training noise
-    only). For `dsv2-2l`, whose runs had not started when it was added."""
+    only). For `dsv2-2l` and `1b`; not for `8b-4l`, whose first runs were stored before it (the page pairs
+    every gap by seed, which makes its 10-batch evaluations comparable too). Megatron's
+    `--full-validation` is no option: megatron-core 0.19.2 crashes at its first evaluation without
+    `--multiple-validation-sets` (`'int' object is not subscriptable`, session 13's first 1b run), and
+    `megaquant train` refuses it."""
 
     @property
     def tokens(self) -> int:
@@ -102,10 +98,10 @@ SHAPES: dict[str, Shape] = {
             global_batch=4,
             steps=1000,
             step_s=0.15,
-            startup_s=75,  # + ~20 s: 11 full validations, ~180 graphed forwards of one sequence each
+            startup_s=75,
             basis="benchmarks.md §6c: bf16 281 ms per 16 x 1024 tokens (8 microbatches) under the CUDA "
             "graph; one microbatch of 4 x 2048 tokens: about half the kernels, plus longer attention",
-            full_validation=True,
+            validation_seed=1234,
         ),
         Shape(
             name="dsv2-2l",
@@ -238,8 +234,6 @@ def extra_args(spec: RunSpec, *, cache: Path) -> list[str]:
         extra += ["--num-layers", str(shape.layers)]
     extra += list(shape.extra)
     extra += ["--eval-interval", str(max(1, steps // EVAL_POINTS)), "--seed", str(spec.seed)]
-    if shape.full_validation:
-        extra.append("--full-validation")
     extra += ["--data-cache-path", str(cache)]
     return extra
 
