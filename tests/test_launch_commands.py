@@ -60,6 +60,31 @@ def test_train_validation_seed_reaches_megaquants_entry_and_the_fork_refuses_it(
     assert refused.exit_code == 1 and "its own pretrain_gpt.py" in refused.output
 
 
+def test_train_refuses_full_validation_where_megatron_crashes_on_it(tmp_path: Path) -> None:
+    """megatron-core 0.19.2 crashes at the first evaluation of a --full-validation run (after its training
+    steps): refused before anything starts, unless the tree's training.py lacks the crashing lines."""
+    tree = tmp_path / "tree"
+    (tree / "megatron" / "core").mkdir(parents=True)
+    training = tree / "megatron" / "training"
+    training.mkdir()
+    (training / "arguments.py").write_text("# a Megatron with megatron/training\n")
+    (training / "training.py").write_text(
+        "def evaluate_and_print_results(args, eval_iters):\n"
+        "    eval_iters = eval_iters.tolist()\n"
+        "    args.eval_iters = eval_iters[0] if not args.multiple_validation_sets else eval_iters\n"
+    )
+    base = ["train", "--model", "tiny", "--mock-data", "--training-config", "smoke", "--dry-run",
+            "--no-validate", "--megatron", str(tree), "--"]  # fmt: skip
+    refused = RUNNER.invoke(APP, [*base, "--full-validation"])
+    assert refused.exit_code == 1 and "--validation-seed" in refused.output, refused.output
+    assert "Traceback" not in refused.output
+    both = RUNNER.invoke(APP, [*base, "--full-validation", "--multiple-validation-sets"])
+    assert "--full-validation:" not in both.output
+    (training / "training.py").write_text("def evaluate_and_print_results(args, eval_iters):\n    pass\n")
+    fixed = RUNNER.invoke(APP, [*base, "--full-validation"])
+    assert "--full-validation:" not in fixed.output
+
+
 def test_train_list_and_errors() -> None:
     listing = RUNNER.invoke(APP, ["train", "--list"])
     assert listing.exit_code == 0 and "deepseek2_lite" in listing.output

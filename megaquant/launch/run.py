@@ -159,6 +159,26 @@ def _training_root(tree: Path) -> Path:
     return found.root if found is not None else tree
 
 
+_FULL_VALIDATION_CRASH = (  # megatron-core 0.19.2's evaluate_and_print_results, both lines
+    "eval_iters = eval_iters.tolist()",
+    "args.eval_iters = eval_iters[0] if not args.multiple_validation_sets else eval_iters",
+)
+
+
+def _full_validation_crashes(extra: Sequence[str], training_root: Path) -> bool:
+    """Whether `--full-validation` (without `--multiple-validation-sets`) would crash this Megatron at its
+    first evaluation: megatron-core 0.19.2 stores the full split's length as an int, then indexes it
+    (`'int' object is not subscriptable`), after all the training steps before it have run."""
+    flags = {a.partition("=")[0] for a in extra}
+    if "--full-validation" not in flags or "--multiple-validation-sets" in flags:
+        return False
+    try:
+        text = (training_root / "megatron" / "training" / "training.py").read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    return all(line in text for line in _FULL_VALIDATION_CRASH)
+
+
 def plan_run(request: TrainRequest, *, require_tree: bool = True) -> RunPlan:
     """Resolve names, role values and the Megatron arguments; refuse combinations that cannot work."""
     model = get_model(request.model)
@@ -198,6 +218,14 @@ def plan_run(request: TrainRequest, *, require_tree: bool = True) -> RunPlan:
             "split by --seed and has no option for another seed (megaquant's own entry has: it trains "
             "trees without a pretrain_gpt.py, e.g. `megaquant instrument --from-installed`); drop "
             "--validation-seed, or compare validation losses of the same seed"
+        )
+    if is_tree and _full_validation_crashes(request.extra, _training_root(tree)):
+        raise LaunchError(
+            f"--full-validation: the Megatron this run trains with ({_training_root(tree)}) crashes at its "
+            "first evaluation with it unless --multiple-validation-sets is given too (megatron-core 0.19.2: "
+            "\"'int' object is not subscriptable\" in evaluate_and_print_results, after the training steps "
+            "before it). Evaluate the same batches in every run with `megaquant train --validation-seed N` "
+            "instead, or raise --eval-iters"
         )
     data_root = (request.data_root or tree).absolute()
     args = megatron_args(
