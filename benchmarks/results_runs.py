@@ -663,6 +663,7 @@ def pack_data(data_root: Path, out: Path) -> None:
     problems = check_data(data_root)
     if problems:
         raise SystemExit("not the corpus the results use:\n" + "\n".join(problems))
+    out.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(out, "w:xz") as tar:
         for rel in REALTEXT_FILES:
             tar.add(data_root / rel, arcname=rel)
