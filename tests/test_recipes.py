@@ -301,7 +301,7 @@ def test_rht_needs_the_gemm_kind(recorder: Recorder, rht: FakeRHT) -> None:
         quant_matmul(_rand(8, 24), _rand(24, 8), "nvfp4", grad=True, recipe="nvfp4_paper")
 
 
-def test_rht_zero_pads_a_reduction_that_is_not_a_multiple_of_the_block(recorder: Recorder, rht: FakeRHT) -> None:
+def test_rht_zero_pads_a_reduction_not_a_multiple_of_the_block(recorder: Recorder, rht: FakeRHT) -> None:
     """An MoE expert's wgrad reduces over its routed tokens (419 in a DeepSeek run): both operands are padded
     with zeros to the next multiple of the Hadamard block, so the product is unchanged."""
     configure(recipe="mxfp4_tseng")

@@ -71,7 +71,7 @@ def test_megaquant_train_gets_the_steps_shape_eval_and_seed_asked_for(shape: str
     assert _flag(args, "--seed") == "1236" and _flag(args, "--split") == "98,2,0"
     assert _flag(args, "--data-cache-path") == str(tmp_path / "cache")
     assert _flag(options, "--master-port") == "29510"
-    assert "--full-validation" not in args  # megatron-core 0.19.2 crashes with it (megaquant train refuses it)
+    assert "--full-validation" not in args  # crashes megatron-core 0.19.2 (megaquant train refuses it)
     if shape_.validation_seed is None:
         assert "--validation-seed" not in options
     else:  # a megaquant train option (the fixed validation shuffle), not a Megatron argument
