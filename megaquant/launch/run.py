@@ -219,9 +219,10 @@ def plan_run(request: TrainRequest, *, require_tree: bool = True) -> RunPlan:
             "trees without a pretrain_gpt.py, e.g. `megaquant instrument --from-installed`); drop "
             "--validation-seed, or compare validation losses of the same seed"
         )
-    if is_tree and _full_validation_crashes(request.extra, _training_root(tree)):
+    training_root = _training_root(tree) if is_tree else None
+    if training_root is not None and _full_validation_crashes(request.extra, training_root):
         raise LaunchError(
-            f"--full-validation: the Megatron this run trains with ({_training_root(tree)}) crashes at its "
+            f"--full-validation: the Megatron this run trains with ({training_root}) crashes at its "
             "first evaluation with it unless --multiple-validation-sets is given too (megatron-core 0.19.2: "
             "\"'int' object is not subscriptable\" in evaluate_and_print_results, after the training steps "
             "before it). Evaluate the same batches in every run with `megaquant train --validation-seed N` "
@@ -247,7 +248,7 @@ def plan_run(request: TrainRequest, *, require_tree: bool = True) -> RunPlan:
         request.cuda_graphs,
         recipe=get_recipe(request.recipe),
         own_entry=not (tree / "pretrain_gpt.py").is_file(),
-        training_root=_training_root(tree) if is_tree else None,
+        training_root=training_root,
         moe=model.moe,
         world_size=parallel.nproc_per_node * parallel.nnodes,
         pipeline=parallel.pp,
