@@ -393,7 +393,10 @@ def family_section(family: str, family_cells: Sequence[Cell], figures: dict[str,
         "| --- | --- | ---: | ---: | ---: | ---: | --- |",
     ]
     for c in family_cells:
-        t_ratio = c.step_time_s / base_time if c.step_time_s and base_time else None
+        # a ratio only between times of runs that had the GPU alone: a shared run's step is slowed by the
+        # others by an amount nobody measured, so a ratio with one would be an invented number
+        clean = base is not None and not base.time_shared and not c.time_shared
+        t_ratio = c.step_time_s / base_time if clean and c.step_time_s and base_time else None
         m_ratio = c.peak_mem_bytes / base_mem if c.peak_mem_bytes and base_mem else None
         shared = sum(r.shared_gpu for r in c.runs)
         ms = None if c.step_time_s is None else c.step_time_s * 1e3

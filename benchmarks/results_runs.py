@@ -2,7 +2,7 @@
 one GPU, a wall-clock budget, and only the small files of each run brought back.
 
     python benchmarks/results_runs.py plan [--batch NAME]                  # the matrix, estimated times
-    python benchmarks/results_runs.py run --batch NAME --tree T --data-root D --work W --out OUT \\
+    python benchmarks/results_runs.py run --batch NAME[,NAME...] --tree T --data-root D --work W --out OUT \\
         [--concurrency 2] [--budget-s 480] [--only RUN,...]                 # on the GPU machine
     python benchmarks/results_runs.py unpack OUT/NAME.tar.gz [--into docs/results/runs]   # here, after
 
@@ -23,6 +23,11 @@ timing.log (the log's timestamps and timer reports: where the time besides the s
 results_run.json (this driver's record: slot, concurrency, wall time, which runs overlapped it). The lent
 machine returns at most 8 files, so one tarball carries a whole batch; `unpack` puts it under
 docs/results/runs/<batch>/<run>/, where `python benchmarks/results_page.py` reads it.
+
+Several batches in one call (`--batch 1b,dsv2-2l`) share one driver, one budget and one set of slots, so
+every run's record names all the runs that overlapped it, whichever batch they came from; each batch still
+gets its own tarball. This is how a graphed, GPU-bound run of one family can use the GPU time that the
+host-bound, eager runs of another leave idle (`may_share`).
 """
 
 from __future__ import annotations
@@ -495,18 +500,20 @@ def _interrupt(runs: Sequence[Active], wait_s: float = 60.0) -> None:
     interrupt([run.proc for run in runs], wait_s)
 
 
-def run_batch(ns: argparse.Namespace, batch: Sequence[RunSpec]) -> dict[str, dict[str, bytes]]:
+def run_batch(ns: argparse.Namespace, selected: Sequence[tuple[str, RunSpec]]) -> dict[str, dict[str, bytes]]:
+    """Run the selected (batch, run) pairs; returns the collected small files by run name."""
     work: Path = ns.work
     trees = _slot_trees(ns.tree, work, ns.concurrency)
-    tarball = ns.out / f"{ns.batch}.tar.gz"
+    batch_of = {spec.name: name for name, spec in selected}
+    batches = list(dict.fromkeys(batch_of.values())) or _batch_names(ns.batch)
     collected: dict[str, dict[str, bytes]] = {}
-    pending = list(batch)
+    pending = [spec for _, spec in selected]
     active: list[Active] = []
     measured: dict[str, float] = {}  # shape -> wall seconds per step, the slowest finished run
     failed: dict[str, list[str]] = {}  # shape -> runs that exited non-zero on their own (not interrupted)
     stopped: set[str] = set()  # runs the driver interrupted at the budget
     t0 = time.monotonic()
-    log = (ns.out / f"{ns.batch}.driver.log").open("a")
+    log = (ns.out / f"{'+'.join(batches)}.driver.log").open("a")
 
     def say(text: str) -> None:
         line = f"[{time.monotonic() - t0:6.0f} s] {text}"
@@ -514,7 +521,10 @@ def run_batch(ns: argparse.Namespace, batch: Sequence[RunSpec]) -> dict[str, dic
         log.write(line + "\n")
         log.flush()
 
-    say(f"batch {ns.batch}: {len(batch)} runs, concurrency {ns.concurrency}, budget {ns.budget_s:.0f} s")
+    say(
+        f"batch {'+'.join(batches)}: {len(pending)} runs, concurrency {ns.concurrency}, "
+        f"budget {ns.budget_s:.0f} s"
+    )
     while pending or active:
         now = time.monotonic() - t0
         free = sorted(set(range(ns.concurrency)) - {a.slot for a in active})
@@ -535,7 +545,7 @@ def run_batch(ns: argparse.Namespace, batch: Sequence[RunSpec]) -> dict[str, dic
                 break
             pending.remove(spec)
             slot = free.pop(0)
-            run_dir = work / "runs" / ns.batch / spec.name
+            run_dir = work / "runs" / batch_of[spec.name] / spec.name
             if run_dir.exists():
                 shutil.rmtree(run_dir)
             argv = train_argv(
@@ -548,7 +558,7 @@ def run_batch(ns: argparse.Namespace, batch: Sequence[RunSpec]) -> dict[str, dic
                 cache=work / "cache" / f"slot{slot}",
             )
             run_dir.parent.mkdir(parents=True, exist_ok=True)
-            with (work / "runs" / ns.batch / f"{spec.name}.out").open("w") as out:
+            with (work / "runs" / batch_of[spec.name] / f"{spec.name}.out").open("w") as out:
                 proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
             new = Active(spec, slot, proc, run_dir, time.monotonic())
             for other in active:
@@ -585,7 +595,7 @@ def run_batch(ns: argparse.Namespace, batch: Sequence[RunSpec]) -> dict[str, dic
             wall = time.monotonic() - done.start
             code = done.proc.returncode
             record = {
-                "batch": ns.batch,
+                "batch": batch_of[done.spec.name],
                 "run": done.spec.name,
                 "shape": done.spec.shape,
                 "shape_title": SHAPES[done.spec.shape].title,
@@ -603,7 +613,9 @@ def run_batch(ns: argparse.Namespace, batch: Sequence[RunSpec]) -> dict[str, dic
             elif done.spec.name not in stopped:
                 failed.setdefault(done.spec.shape, []).append(done.spec.name)
             collected[done.spec.name] = small_files(done.run_dir, record)
-            write_tarball(tarball, ns.batch, collected)
+            batch = batch_of[done.spec.name]
+            mine = {run: files for run, files in collected.items() if batch_of[run] == batch}
+            write_tarball(ns.out / f"{batch}.tar.gz", batch, mine)
             say(f"end {done.spec.name}: exit {code}, {wall:.0f} s")
         if over:
             if pending:
@@ -694,19 +706,34 @@ def _succeeded(manifest: Path) -> bool:
         return False
 
 
-def _select(ns: argparse.Namespace) -> list[RunSpec]:
-    batch = list(BATCHES[ns.batch])
+def _batch_names(text: str) -> list[str]:
+    names = [n for n in text.split(",") if n]
+    unknown = [n for n in names if n not in BATCHES]
+    if unknown or not names:
+        raise SystemExit(f"--batch: unknown {', '.join(unknown) or '(none)'}; known: {', '.join(BATCHES)}")
+    return list(dict.fromkeys(names))
+
+
+def _select(ns: argparse.Namespace) -> list[tuple[str, RunSpec]]:
+    """The (batch, run) pairs to run, in the batches' order: --only's names, less the stored successes."""
+    selected = [(name, spec) for name in _batch_names(ns.batch) for spec in BATCHES[name]]
     if ns.only:
         names = set(ns.only.split(","))
-        unknown = names - {s.name for s in batch}
+        unknown = names - {s.name for _, s in selected}
         if unknown:
             raise SystemExit(f"--only: not in batch {ns.batch}: {', '.join(sorted(unknown))}")
-        batch = [s for s in batch if s.name in names]
+        selected = [(b, s) for b, s in selected if s.name in names]
     stores = list(ns.skip_done or [])
     if getattr(ns, "work", None) is not None:
         stores.append(ns.work / "runs")  # a warm machine keeps the runs of its previous call there
-    done = {p.parent.name for st in stores for p in (st / ns.batch).glob("*/manifest.json") if _succeeded(p)}
-    return [s for s in batch if s.name not in done]
+    done = {
+        (b, p.parent.name)
+        for b in _batch_names(ns.batch)
+        for st in stores
+        for p in (st / b).glob("*/manifest.json")
+        if _succeeded(p)
+    }
+    return [(b, s) for b, s in selected if (b, s.name) not in done]
 
 
 def _megaquant(words: str | None) -> list[str]:
@@ -725,7 +752,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     plan = sub.add_parser("plan", help="print a batch's runs and assumed times")
     run = sub.add_parser("run", help="run a batch (GPU machine)")
     for p in (plan, run):
-        p.add_argument("--batch", choices=list(BATCHES), default="calib")
+        p.add_argument(
+            "--batch", default="calib", help=f"one of {', '.join(BATCHES)}, or several, comma-separated"
+        )
         p.add_argument("--only", default="", help="run names, comma-separated")
         p.add_argument(
             "--skip-done",
@@ -772,17 +801,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         for path in unpack(ns.tarball, ns.into, replace=ns.replace):
             print(f"wrote {path}")
         return 0
-    batch = _select(ns)
+    selected = _select(ns)
     if ns.command == "plan":
-        print(plan_table(batch, ns.concurrency), end="")
+        print(plan_table([spec for _, spec in selected], ns.concurrency), end="")
         return 0
     ns.megaquant = _megaquant(ns.megaquant)
     for name in ("tree", "data_root", "work", "out"):
         setattr(ns, name, getattr(ns, name).resolve())
     ns.out.mkdir(parents=True, exist_ok=True)
-    collected = run_batch(ns, batch)
+    collected = run_batch(ns, selected)
     ok = sum(1 for files in collected.values() if b'"status": "succeeded"' in files.get("manifest.json", b""))
-    print(f"{ok} of {len(batch)} runs succeeded; {ns.out / (ns.batch + '.tar.gz')}")
+    tarballs = ", ".join(str(ns.out / f"{b}.tar.gz") for b in dict.fromkeys(b for b, _ in selected))
+    print(f"{ok} of {len(selected)} runs succeeded; {tarballs or 'nothing to run'}")
     return 0
 
 

@@ -323,7 +323,7 @@ def test_skip_done_leaves_out_succeeded_runs_only(tmp_path: Path, capsys: pytest
     ns = argparse.Namespace(batch="8b-4l", only="", skip_done=None, work=tmp_path / "work")
     (ns.work / "runs" / "8b-4l" / batch[3].name).mkdir(parents=True)
     (ns.work / "runs" / "8b-4l" / batch[3].name / "manifest.json").write_text('{"status": "succeeded"}')
-    assert [s.name for s in rr._select(ns)] == [s.name for s in batch if s is not batch[3]]
+    assert [s.name for _, s in rr._select(ns)] == [s.name for s in batch if s is not batch[3]]
 
 
 TRAINER = r"""
@@ -420,3 +420,34 @@ def test_timing_log_keeps_where_the_time_besides_the_steps_went() -> None:
     ]
     kept = rr.timing_lines("\n".join(rows) + "\n").splitlines()
     assert kept == [rows[1], rows[3], *rows[4:7], *rows[8:13], rows[15], *rows[16:18]]
+
+
+def test_two_batches_share_one_driver_and_each_gets_its_own_tarball(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    graphed = (rr.RunSpec(shape="1b", mode="bf16", steps=8), rr.RunSpec(shape="1b", mode="FA_mxfp8", steps=8))
+    eager = (rr.RunSpec(shape="dsv2-2l", mode="bf16", steps=8),)
+    assert all(rr.graphed(s) for s in graphed) and not rr.graphed(eager[0])
+    monkeypatch.setitem(rr.BATCHES, "test", graphed)
+    monkeypatch.setitem(rr.BATCHES, "test2", eager)
+    megaquant, log = _fake(tmp_path, monkeypatch, sleep=1.0)
+    tree = tmp_path / "tree"
+    (tree / ".git").mkdir(parents=True)
+    paths = ["--tree", str(tree), "--data-root", str(tmp_path / "data"), "--work", str(tmp_path / "w")]
+    common = [*paths, "--out", str(tmp_path / "out"), "--megaquant", megaquant, "--concurrency", "3"]
+    assert rr.main(["run", "--batch", "test,test2", *common]) == 0
+    starts = [json.loads(line)["run"] for line in log.read_text().splitlines()]
+    # the second graphed run does not start beside the first; the eager run of the other batch does
+    assert starts == [graphed[0].name, eager[0].name, graphed[1].name]
+    store = tmp_path / "store"
+    assert [p.name for p in rr.unpack(tmp_path / "out" / "test2.tar.gz", store)] == [eager[0].name]
+    assert sorted(p.name for p in rr.unpack(tmp_path / "out" / "test.tar.gz", store)) == sorted(
+        s.name for s in graphed
+    )
+    record = json.loads((store / "test2" / eager[0].name / "results_run.json").read_text())
+    assert record["batch"] == "test2" and graphed[0].name in record["overlapped"]
+    assert (tmp_path / "out" / "test+test2.driver.log").is_file()
+    # stored runs of either batch are left out the next time
+    assert rr._select(argparse.Namespace(batch="test,test2", only="", skip_done=[store], work=None)) == []
+    with pytest.raises(SystemExit, match="unknown nope"):
+        rr.main(["plan", "--batch", "test,nope"])
