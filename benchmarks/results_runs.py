@@ -319,8 +319,9 @@ def may_share(spec: RunSpec, active: Sequence[RunSpec]) -> bool:
 
 
 def estimate_s(spec: RunSpec, measured: dict[str, float]) -> float:
-    """Wall seconds of one run: the slowest measured seconds-per-step of its shape in this batch (start-up
-    included, so short runs over-estimate; conservative), else the shape's assumptions."""
+    """Wall seconds of one run on its own: the slowest measured seconds-per-step of its shape in this batch
+    (start-up included, so short runs over-estimate; conservative; a run that started beside others counts
+    as its wall over start_estimate's sharing factor), else the shape's assumptions."""
     shape = SHAPES[spec.shape]
     if spec.shape in measured:
         return measured[spec.shape] * spec.length() * cost_factor(spec)
@@ -483,6 +484,7 @@ class Active:
     run_dir: Path
     start: float
     overlapped: set[str] = field(default_factory=set)
+    others_at_start: int = 0
 
 
 def _slot_trees(tree: Path, work: Path, n: int) -> list[Path]:
@@ -513,7 +515,7 @@ def run_batch(ns: argparse.Namespace, selected: Sequence[tuple[str, RunSpec]]) -
     failed: dict[str, list[str]] = {}  # shape -> runs that exited non-zero on their own (not interrupted)
     stopped: set[str] = set()  # runs the driver interrupted at the budget
     t0 = time.monotonic()
-    log = (ns.out / f"{'+'.join(batches)}.driver.log").open("a")
+    log = (ns.out / f"{'_'.join(batches)}.driver.log").open("a")  # no '+': the lent machine refuses it
 
     def say(text: str) -> None:
         line = f"[{time.monotonic() - t0:6.0f} s] {text}"
@@ -560,7 +562,7 @@ def run_batch(ns: argparse.Namespace, selected: Sequence[tuple[str, RunSpec]]) -
             run_dir.parent.mkdir(parents=True, exist_ok=True)
             with (work / "runs" / batch_of[spec.name] / f"{spec.name}.out").open("w") as out:
                 proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
-            new = Active(spec, slot, proc, run_dir, time.monotonic())
+            new = Active(spec, slot, proc, run_dir, time.monotonic(), others_at_start=running)
             for other in active:
                 other.overlapped.add(spec.name)
                 new.overlapped.add(other.spec.name)
@@ -608,7 +610,10 @@ def run_batch(ns: argparse.Namespace, selected: Sequence[tuple[str, RunSpec]]) -
                 "exit_code": code,
             }
             if code == 0:
-                per_step = wall / done.spec.length() / cost_factor(done.spec)
+                # as if alone: start_estimate multiplies the sharing back in, so a run measured while
+                # sharing would otherwise count its slow-down twice and block runs that fit
+                alone = wall / (1 + SHARE_PENALTY * done.others_at_start)
+                per_step = alone / done.spec.length() / cost_factor(done.spec)
                 measured[done.spec.shape] = max(per_step, measured.get(done.spec.shape, 0.0))
             elif done.spec.name not in stopped:
                 failed.setdefault(done.spec.shape, []).append(done.spec.name)

@@ -438,7 +438,7 @@ def test_two_batches_share_one_driver_and_each_gets_its_own_tarball(
     assert rr.main(["run", "--batch", "test,test2", *common]) == 0
     starts = [json.loads(line)["run"] for line in log.read_text().splitlines()]
     # the second graphed run does not start beside the first; the eager run of the other batch does
-    assert starts == [graphed[0].name, eager[0].name, graphed[1].name]
+    assert sorted(starts[:2]) == sorted([graphed[0].name, eager[0].name]) and starts[2] == graphed[1].name
     store = tmp_path / "store"
     assert [p.name for p in rr.unpack(tmp_path / "out" / "test2.tar.gz", store)] == [eager[0].name]
     assert sorted(p.name for p in rr.unpack(tmp_path / "out" / "test.tar.gz", store)) == sorted(
@@ -446,7 +446,7 @@ def test_two_batches_share_one_driver_and_each_gets_its_own_tarball(
     )
     record = json.loads((store / "test2" / eager[0].name / "results_run.json").read_text())
     assert record["batch"] == "test2" and graphed[0].name in record["overlapped"]
-    assert (tmp_path / "out" / "test+test2.driver.log").is_file()
+    assert (tmp_path / "out" / "test_test2.driver.log").is_file()
     # stored runs of either batch are left out the next time
     assert rr._select(argparse.Namespace(batch="test,test2", only="", skip_done=[store], work=None)) == []
     with pytest.raises(SystemExit, match="unknown nope"):
