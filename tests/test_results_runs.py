@@ -107,7 +107,7 @@ def test_only_eager_runs_share_the_gpu_by_default() -> None:
     assert rr.may_share(moe, [eager])
     assert rr.graphed(tseng) and not rr.may_share(tseng, [graph_run])  # its random streams replay exactly
     assert rr.cost_factor(eager) == 3.0 and rr.cost_factor(graph_run) == 1.05
-    assert rr.cost_factor(tseng) == 1.25
+    assert rr.cost_factor(tseng) == 2.2  # the RHT costs more than its 1.25x prediction (session 14)
 
 
 def test_budget_decision() -> None:
@@ -167,8 +167,10 @@ if f"{flag('--model')}:{flag('-q')}" in os.environ.get("FAKE_FAIL", "").split(",
     write("failed", 3)
     sys.exit(3)
 time.sleep(float(os.environ["FAKE_SLEEP"]))
-metrics = [{"step": i, "loss": 5.0 - i / 10, "step_time_s": 0.1, "peak_mem_bytes": 1} for i in range(1, 5)]
+steps = int(flag("--steps"))
+metrics = [{"step": i, "loss": 5.0 - i / 10, "step_time_s": 0.1, "peak_mem_bytes": 1} for i in range(1, steps + 1)]
 (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+time.sleep(float(os.environ.get("FAKE_FINAL_EVAL_S", "0")))  # trained; evaluating and exiting
 evals = " validation loss at iteration 2 | lm loss value: 4.500000E+00 | lm loss PPL: 9.0E+01 | \n"
 evals += " validation loss at iteration 4 on validation set | lm loss value: 4.250000E+00 | \n"
 (run / "train.log").write_text("".join(f"line {i}\n" for i in range(500)) + evals)
@@ -265,6 +267,32 @@ def test_the_budget_stops_starting_runs_and_interrupts_overrunning_ones(
         assert not any(batch[1].name in n for n in tar.getnames())
     driver_log = (tmp_path / "out" / "test.driver.log").read_text()
     assert "interrupting" in driver_log and f"not started: {batch[1].name}" in driver_log
+
+
+def test_a_run_that_has_trained_its_last_step_finishes_past_the_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Session 15's DeepSeek hifp8_delayed run was interrupted seconds after its final validation: a run
+    whose metrics show its last step gets --finish-grace-s; one still training past the grace does not."""
+    batch = (rr.RunSpec(shape="8b-4l", mode="bf16", steps=8),)
+    monkeypatch.setitem(rr.BATCHES, "test", batch)
+    quick = rr.Shape(**{**rr.SHAPES["8b-4l"].__dict__, "startup_s": 1.0, "step_s": 0.0})
+    monkeypatch.setitem(rr.SHAPES, "8b-4l", quick)
+    megaquant, _ = _fake(tmp_path, monkeypatch, sleep=0.5)
+    monkeypatch.setenv("FAKE_FINAL_EVAL_S", "6")  # trained by 0.5 s, exits at ~6.5 s: past the 3 s budget
+    assert _run(tmp_path, megaquant, "--budget-s", "3", "--finish-grace-s", "30") == 0
+    with tarfile.open(tmp_path / "out" / "test.tar.gz") as tar:
+        member = tar.extractfile(f"test/{batch[0].name}/manifest.json")
+        assert member is not None and json.loads(member.read())["status"] == "succeeded"
+    assert "has trained its last step, letting it finish" in (tmp_path / "out" / "test.driver.log").read_text()
+    monkeypatch.setenv("FAKE_FINAL_EVAL_S", "60")  # a final evaluation longer than the grace is cut
+    start = time.monotonic()
+    again = tmp_path / "again"  # a fresh --work: the first run is done in the old one
+    assert _run(again, megaquant, "--budget-s", "3", "--finish-grace-s", "4") == 0
+    assert time.monotonic() - start < 40
+    with tarfile.open(again / "out" / "test.tar.gz") as tar:
+        member = tar.extractfile(f"test/{batch[0].name}/manifest.json")
+        assert member is not None and json.loads(member.read())["status"] == "interrupted"
 
 
 def test_a_shape_whose_runs_all_failed_starts_no_more_of_them(
