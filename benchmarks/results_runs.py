@@ -323,13 +323,23 @@ def may_share(spec: RunSpec, active: Sequence[RunSpec]) -> bool:
 
 
 def estimate_s(spec: RunSpec, measured: dict[str, float]) -> float:
-    """Wall seconds of one run on its own: the slowest measured seconds-per-step of its shape in this batch
-    (start-up included, so short runs over-estimate; conservative; a run that started beside others counts
-    as its wall over start_estimate's sharing factor), else the shape's assumptions."""
+    """Wall seconds of one run on its own: the shape's start-up plus its steps at the slowest measured
+    seconds-per-step of its shape in this batch (`per_step_s`), else at the shape's assumed step time."""
     shape = SHAPES[spec.shape]
-    if spec.shape in measured:
-        return measured[spec.shape] * spec.length() * cost_factor(spec)
-    return shape.startup_s + shape.step_s * cost_factor(spec) * spec.length()
+    step_s = measured.get(spec.shape, shape.step_s)
+    return shape.startup_s + step_s * cost_factor(spec) * spec.length()
+
+
+def per_step_s(spec: RunSpec, wall_s: float, others_at_start: int) -> float:
+    """A finished run's bf16-equivalent seconds per step, as `estimate_s` uses it: its wall as if alone (a
+    run that started beside others counts as its wall over start_estimate's sharing factor, or the
+    slow-down would be counted twice), less the shape's start-up (the fixed part: start-up and the
+    evaluations; at least half the wall stays, so a start-up assumed too long cannot make steps free),
+    over its steps and its cost factor. Session 16: dividing start-up and all by the cost factor put a
+    short run's fixed part into every step of the slower cells, and a run that fitted was not started."""
+    alone = wall_s / (1 + SHARE_PENALTY * others_at_start)
+    stepping = max(alone - SHAPES[spec.shape].startup_s, alone / 2)
+    return stepping / spec.length() / cost_factor(spec)
 
 
 SHARE_PENALTY = 0.3
@@ -642,10 +652,7 @@ def run_batch(ns: argparse.Namespace, selected: Sequence[tuple[str, RunSpec]]) -
                 "exit_code": code,
             }
             if code == 0:
-                # as if alone: start_estimate multiplies the sharing back in, so a run measured while
-                # sharing would otherwise count its slow-down twice and block runs that fit
-                alone = wall / (1 + SHARE_PENALTY * done.others_at_start)
-                per_step = alone / done.spec.length() / cost_factor(done.spec)
+                per_step = per_step_s(done.spec, wall, done.others_at_start)
                 measured[done.spec.shape] = max(per_step, measured.get(done.spec.shape, 0.0))
             elif done.spec.name not in stopped:
                 failed.setdefault(done.spec.shape, []).append(done.spec.name)

@@ -114,7 +114,16 @@ def test_budget_decision() -> None:
     spec = rr.RunSpec(shape="8b-4l", mode="bf16", steps=100)
     assumed = rr.estimate_s(spec, {})
     assert assumed == pytest.approx(rr.SHAPES["8b-4l"].startup_s + 100 * rr.SHAPES["8b-4l"].step_s)
-    assert rr.estimate_s(spec, {"8b-4l": 2.0}) == pytest.approx(200.0)  # measured wins
+    startup = rr.SHAPES["8b-4l"].startup_s
+    assert rr.estimate_s(spec, {"8b-4l": 2.0}) == pytest.approx(startup + 200.0)  # measured wins
+    # session 16: a 134 s hifp8_scaled run of 320 steps; nvfp4_paper then estimated from it
+    scaled = rr.RunSpec(shape="8b-4l", mode="FA_linear_hifp8", recipe="hifp8_scaled", seed=1236)
+    paper = rr.RunSpec(shape="8b-4l", mode="FA_linear_nvfp4", recipe="nvfp4_paper", seed=1236)
+    step = rr.per_step_s(scaled, 134.0, 0)
+    assert step == pytest.approx((134.0 - startup) / 320 / 1.1)
+    assert rr.estimate_s(paper, {"8b-4l": step}) < 180  # not 195 s: the start-up is not a step cost
+    assert rr.per_step_s(scaled, 134.0, 1) < step  # measured while sharing: counted as if alone
+    assert rr.per_step_s(scaled, 20.0, 0) == pytest.approx(10.0 / 320 / 1.1)  # start-up capped at half
     slow = rr.RunSpec(shape="8b-4l", mode="FA_linear_mxfp4", recipe="mxfp4_tseng", steps=100)
     assert rr.estimate_s(slow, {"8b-4l": 2.0}) > rr.estimate_s(spec, {"8b-4l": 2.0})
     assert rr.can_start(100.0, 200.0, [], 300.0) and not rr.can_start(100.0, 201.0, [], 300.0)
@@ -124,7 +133,7 @@ def test_budget_decision() -> None:
     assert rr.can_start(0.0, 100.0, [(0.0, 300.0)], 540.0)  # 390 and 130 s both fit
     assert not rr.can_start(450.0, 100.0, [], 540.0)
     alone = rr.start_estimate(spec, {"8b-4l": 2.0}, 0)
-    assert alone == pytest.approx(200.0) and rr.start_estimate(spec, {"8b-4l": 2.0}, 1) > alone
+    assert alone == pytest.approx(startup + 200.0) and rr.start_estimate(spec, {"8b-4l": 2.0}, 1) > alone
 
 
 FAKE = r"""
