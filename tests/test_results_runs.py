@@ -177,7 +177,9 @@ if f"{flag('--model')}:{flag('-q')}" in os.environ.get("FAKE_FAIL", "").split(",
     sys.exit(3)
 time.sleep(float(os.environ["FAKE_SLEEP"]))
 steps = int(flag("--steps"))
-metrics = [{"step": i, "loss": 5.0 - i / 10, "step_time_s": 0.1, "peak_mem_bytes": 1} for i in range(1, steps + 1)]
+metrics = [
+    {"step": i, "loss": 5.0 - i / 10, "step_time_s": 0.1, "peak_mem_bytes": 1} for i in range(1, steps + 1)
+]
 (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
 time.sleep(float(os.environ.get("FAKE_FINAL_EVAL_S", "0")))  # trained; evaluating and exiting
 evals = " validation loss at iteration 2 | lm loss value: 4.500000E+00 | lm loss PPL: 9.0E+01 | \n"
@@ -293,7 +295,8 @@ def test_a_run_that_has_trained_its_last_step_finishes_past_the_budget(
     with tarfile.open(tmp_path / "out" / "test.tar.gz") as tar:
         member = tar.extractfile(f"test/{batch[0].name}/manifest.json")
         assert member is not None and json.loads(member.read())["status"] == "succeeded"
-    assert "has trained its last step, letting it finish" in (tmp_path / "out" / "test.driver.log").read_text()
+    driver_log = (tmp_path / "out" / "test.driver.log").read_text()
+    assert "has trained its last step, letting it finish" in driver_log
     monkeypatch.setenv("FAKE_FINAL_EVAL_S", "60")  # a final evaluation longer than the grace is cut
     start = time.monotonic()
     again = tmp_path / "again"  # a fresh --work: the first run is done in the old one
