@@ -128,6 +128,24 @@ SHAPES: dict[str, Shape] = {
             "busy 40 % / 26 % of it (host-bound: run 3 at a time); 14.45 GiB peak per run",
         ),
         Shape(
+            name="dsv2-4l",
+            model="deepseek2_lite",
+            title="DeepSeek-V2-Lite cut to 4 layers (the dense first layer + three MoE layers: 64 experts "
+            "top-6 + the shared expert; MLA), seq 2048, 4 sequences per step",
+            seq=2048,
+            micro_batch=4,
+            global_batch=4,
+            steps=300,
+            layers=4,
+            extra=("--moe-layer-freq", "([0]+[1]*3)"),
+            step_s=0.26,
+            startup_s=130,
+            validation_seed=1234,
+            basis="not measured: twice dsv2-2l's 0.13 s (three MoE layers instead of one, the eager step "
+            "host-bound per layer); ~37 GiB per run predicted (dsv2-2l's 16.9 GiB plus two MoE layers of "
+            "553 M parameters at ~18 bytes each with AdamW), so three fit the H200 at once",
+        ),
+        Shape(
             name="8b-4l",
             model="llama31-8b",
             title="Llama-3.1-8B cut to 4 layers, seq 8192, 2 sequences per step",
@@ -225,7 +243,13 @@ BATCHES: dict[str, tuple[RunSpec, ...]] = {
     "8b-4l": family("8b-4l"),
     "dsv2-2l": family("dsv2-2l"),
     "1b": family("1b"),
+    # the depth check of the DeepSeek cut: the headline cells only (tier 1). In the 2-layer cut
+    # nvfp4_paper's BF16-layer rule keeps the only MoE layer in BF16; at 4 layers it keeps layer 4 and
+    # quantizes two MoE layers, and every format meets three MoE layers instead of one
+    "dsv2-4l": tuple(_cells("dsv2-4l")[: len(SEEDS) * len(HEADLINE)]),
 }
+FULL_FAMILIES = ("8b-4l", "dsv2-2l", "1b")
+"""The batches that cover the issue's whole matrix (ten seed modes, nvfp4, recipes); dsv2-4l is tier 1."""
 """Named batches; a batch too long for one command is run as several commands with `--skip-done` (runs whose
 results are already in the store are left out) or `--only`."""
 

@@ -19,7 +19,7 @@ import results_runs as rr  # noqa: E402
 
 from megaquant.launch.modes import SEED_MODES, get_mode  # noqa: E402
 from megaquant.launch.run import TrainRequest, plan_run  # noqa: E402
-from megaquant.recipes import check_recipe  # noqa: E402
+from megaquant.recipes import bf16_layers_for_args, check_recipe  # noqa: E402
 
 
 def _flag(args: list[str] | tuple[str, ...], flag: str) -> str:
@@ -80,7 +80,16 @@ def test_megaquant_train_gets_the_steps_shape_eval_and_seed_asked_for(shape: str
     assert rr.SHAPES["8b-4l"].validation_seed is None  # 8b-4l keeps its stored protocol
 
 
-@pytest.mark.parametrize("shape", list(rr.SHAPES))
+def test_the_deepseek_depth_check_is_the_headline_cells_with_moe_layers_quantized() -> None:
+    runs = rr.BATCHES["dsv2-4l"]
+    assert {(r.mode, r.recipe) for r in runs} == set(rr.HEADLINE) and len(runs) == 15
+    assert runs[0].mode == "bf16" and {r.seed for r in runs} == set(rr.SEEDS)
+    args = ["--num-layers", str(rr.SHAPES["dsv2-4l"].layers)]
+    assert bf16_layers_for_args("nvfp4_paper", args) == (4,)  # layers 2 and 3, MoE, stay NVFP4
+    assert bf16_layers_for_args("nvfp4_paper", ["--num-layers", "2"]) == (2,)  # dsv2-2l: its only MoE layer
+
+
+@pytest.mark.parametrize("shape", rr.FULL_FAMILIES)
 def test_each_family_covers_the_issue_matrix(shape: str) -> None:
     runs = rr.BATCHES[shape]
     assert len({r.name for r in runs}) == len(runs)
