@@ -44,7 +44,7 @@ import sys
 import tarfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -92,6 +92,25 @@ class Shape:
         return self.steps * self.global_batch * self.seq
 
 
+_DSV2_2L = Shape(
+    name="dsv2-2l",
+    model="deepseek2_lite",
+    title="DeepSeek-V2-Lite cut to 2 layers (the dense first layer + one MoE layer: 64 experts "
+    "top-6 + the shared expert; MLA), seq 2048, 4 sequences per step",
+    seq=2048,
+    micro_batch=4,
+    global_batch=4,
+    steps=300,
+    layers=2,
+    extra=("--moe-layer-freq", "([0]+[1]*1)"),
+    step_s=0.13,
+    startup_s=100,  # 11 evaluations of 10 batches, eager
+    validation_seed=1234,
+    basis="benchmarks.md §6g (D), this very shape through megaquant train on the sample corpus: "
+    "bf16 125.9 ms and FA_linear_mxfp8 214.0 ms (1.70x: cost_factor's 1.7) per step, eager, the GPU "
+    "busy 40 % / 26 % of it (host-bound: run 3 at a time); 14.45 GiB peak per run",
+)
+
 SHAPES: dict[str, Shape] = {
     s.name: s
     for s in (
@@ -109,38 +128,16 @@ SHAPES: dict[str, Shape] = {
             "graph; one microbatch of 4 x 2048 tokens: about half the kernels, plus longer attention",
             validation_seed=1234,
         ),
-        Shape(
-            name="dsv2-2l",
-            model="deepseek2_lite",
-            title="DeepSeek-V2-Lite cut to 2 layers (the dense first layer + one MoE layer: 64 experts "
-            "top-6 + the shared expert; MLA), seq 2048, 4 sequences per step",
-            seq=2048,
-            micro_batch=4,
-            global_batch=4,
-            steps=300,
-            layers=2,
-            extra=("--moe-layer-freq", "([0]+[1]*1)"),
-            step_s=0.13,
-            startup_s=100,  # 11 evaluations of 10 batches, eager
-            validation_seed=1234,
-            basis="benchmarks.md §6g (D), this very shape through megaquant train on the sample corpus: "
-            "bf16 125.9 ms and FA_linear_mxfp8 214.0 ms (1.70x: cost_factor's 1.7) per step, eager, the GPU "
-            "busy 40 % / 26 % of it (host-bound: run 3 at a time); 14.45 GiB peak per run",
-        ),
-        Shape(
+        _DSV2_2L,
+        replace(
+            _DSV2_2L,
             name="dsv2-4l",
-            model="deepseek2_lite",
             title="DeepSeek-V2-Lite cut to 4 layers (the dense first layer + three MoE layers: 64 experts "
             "top-6 + the shared expert; MLA), seq 2048, 4 sequences per step",
-            seq=2048,
-            micro_batch=4,
-            global_batch=4,
-            steps=300,
             layers=4,
             extra=("--moe-layer-freq", "([0]+[1]*3)"),
             step_s=0.26,
             startup_s=130,
-            validation_seed=1234,
             basis="not measured: twice dsv2-2l's 0.13 s (three MoE layers instead of one, the eager step "
             "host-bound per layer); ~37 GiB per run predicted (dsv2-2l's 16.9 GiB plus two MoE layers of "
             "553 M parameters at ~18 bytes each with AdamW), so three fit the H200 at once",
