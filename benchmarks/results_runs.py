@@ -837,7 +837,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument(
         "--finish-grace-s",
         type=float,
-        default=40.0,
+        default=30.0,
         help="at the budget, a run that has logged its last step gets this long to finish its final "
         "evaluation and exit before it is interrupted (keep budget + grace + set-up under the machine's "
         "per-call limit)",
