@@ -1,0 +1,38 @@
+"""benchmarks/recipe_cost.py on the CPU: it runs the hooks' GEMM calls per recipe, finds the Hadamard
+transform exactly where the recipe applies it, and sums a step (its times are CPU wall times: not checked)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import recipe_cost  # noqa: E402
+
+
+def test_smoke_run_on_cpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    variants = "mxfp4+default,mxfp4+mxfp4_tseng,nvfp4+nvfp4_paper"
+    argv = ["--device", "cpu", "--tokens", "64", "--scale", "64", "--layers", "2", "--variants", variants]
+    assert recipe_cost.main([*argv, "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "recipe_cost.json").read_text())
+    rows = result["rows"]
+    assert len(rows) == 3 * 4 * 3  # variants x layers x (fprop, dgrad, wgrad)
+    rht = {(r["recipe"], r["gemm"]) for r in rows if r["rht_us"] is not None}
+    # tseng transforms both backward GEMMs, the NVFP4 paper's recipe wgrad only, plain MXFP4 nothing
+    assert rht == {("mxfp4_tseng", "dgrad"), ("mxfp4_tseng", "wgrad"), ("nvfp4_paper", "wgrad")}
+    steps = {(t["value"], t["recipe"]): t for t in result["step"]}
+    assert steps[("mxfp4", "default")]["rht_ms"] == 0
+    assert steps[("mxfp4", "mxfp4_tseng")]["rht_ms"] > 0
+    assert all(t["gemms_ms"] > 0 and t["bf16_ms"] > 0 for t in steps.values())
+    assert "not a GPU number" in result["device"] and "mxfp4_tseng" in capsys.readouterr().out
+
+
+def test_bad_variants_and_missing_cuda_are_usage_errors(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="VALUE\\+RECIPE"):
+        recipe_cost.main(["--device", "cpu", "--variants", "mxfp4", "--out", str(tmp_path)])
+    if not recipe_cost.torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="no CUDA device"):
+            recipe_cost.main(["--device", "cuda", "--out", str(tmp_path)])
