@@ -4,8 +4,9 @@ The results runs measured the step-state recipes far above their predictions und
 (docs/benchmarks.md §6i: `mxfp4_tseng` 1.73x bf16 at the 8B cut, `nvfp4_paper` 1.58x at the 1B shape,
 where MXFP8 costs 1.02-1.06x). This script splits that cost before anyone writes a kernel for it: for each
 linear layer of a model cut (default: the 8B cut of docs/results, 2 x 8192 tokens per step) it times the
-three GEMMs a hooked linear layer runs (fprop, dgrad, wgrad) through `megaquant.ops.quant_matmul` exactly as
-the hooks call it (value, grad, gemm, recipe), and, for the recipes with a Hadamard transform, the
+three GEMMs a hooked linear layer runs (fprop, dgrad, wgrad) through `megaquant.ops.quant_matmul` as the
+hooks call it (value, grad, gemm, role; the recipe passed as a keyword where training configures it once
+from MEGAQUANT_RECIPE), and, for the recipes with a Hadamard transform, the
 transform alone (`megaquant.ops.operands.hadamard_pair`). Per variant it sums a step: the layer's GEMMs
 times the layers, against the plain bf16 matmuls of the same shapes.
 
@@ -128,7 +129,6 @@ def measure(
                     "role": role,
                 }
                 cfg = quant_config(value, **kw)
-
                 us = time_us(partial(quant_matmul, a, b, value, **kw))
                 rht = None
                 if cfg.grad and cfg.hadamard != "none" and (cfg.hadamard != "wgrad" or gemm == "wgrad"):

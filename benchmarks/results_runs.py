@@ -245,10 +245,10 @@ BATCHES: dict[str, tuple[RunSpec, ...]] = {
     # quantizes two MoE layers, and every format meets three MoE layers instead of one
     "dsv2-4l": tuple(_cells("dsv2-4l")[: len(SEEDS) * len(HEADLINE)]),
 }
-FULL_FAMILIES = ("8b-4l", "dsv2-2l", "1b")
-"""The batches that cover the issue's whole matrix (ten seed modes, nvfp4, recipes); dsv2-4l is tier 1."""
 """Named batches; a batch too long for one command is run as several commands with `--skip-done` (runs whose
 results are already in the store are left out) or `--only`."""
+FULL_FAMILIES = ("8b-4l", "dsv2-2l", "1b")
+"""The batches that cover the issue's whole matrix (ten seed modes, nvfp4, recipes); dsv2-4l is tier 1."""
 
 
 def extra_args(spec: RunSpec, *, cache: Path) -> list[str]:
@@ -563,7 +563,7 @@ def run_batch(ns: argparse.Namespace, selected: Sequence[tuple[str, RunSpec]]) -
     collected: dict[str, dict[str, bytes]] = {}
     pending = [spec for _, spec in selected]
     active: list[Active] = []
-    measured: dict[str, float] = {}  # shape -> wall seconds per step, the slowest finished run
+    measured: dict[str, float] = {}  # shape -> the slowest finished run's per_step_s
     failed: dict[str, list[str]] = {}  # shape -> runs that exited non-zero on their own (not interrupted)
     stopped: set[str] = set()  # runs the driver interrupted at the budget
     granted: set[str] = set()  # runs past the budget given --finish-grace-s to finish
@@ -652,7 +652,6 @@ def run_batch(ns: argparse.Namespace, selected: Sequence[tuple[str, RunSpec]]) -
                 say(f"budget reached: interrupting {', '.join(a.spec.name for a in cut)}")
                 stopped.update(a.spec.name for a in cut)
                 _interrupt(cut)
-            over = not finishing
         for done in list(active):
             if done.proc.poll() is None:
                 continue
