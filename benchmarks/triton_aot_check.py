@@ -1,5 +1,5 @@
-"""Compile every Triton kernel of megaquant.formats (_triton and _triton_nvfp4) ahead of time for a CUDA
-target, on a machine without a GPU: each launch the library would make for the GPU tests' and the
+"""Compile every Triton kernel of megaquant.formats (_triton, _triton_nvfp4, _triton_rht) ahead of time for
+a CUDA target, on a machine without a GPU: each launch the library would make for the GPU tests' and the
 benchmarks' cases (formats, options, dtypes, layouts, block_2d tiles) goes through Triton's own JIT
 binder (so arguments are specialized as on the GPU: constexprs, ints equal to 1, divisibility by 16),
 then through Triton's full pipeline (TTIR, TTGIR, LLVM IR, PTX, cubin via the bundled ptxas), without a
@@ -54,6 +54,10 @@ LAYOUTS: list[tuple[tuple[int, ...], int]] = [
     ((1, 16), -1),
 ]  # fmt: skip
 TILE_SHAPES = [*gpu_tests.TILE_SHAPES, (8192, 2048)]
+RHT_LAYOUTS: list[tuple[tuple[int, int], int, bool]] = [
+    ((16384, 4096), -1, False), ((16384, 4096), -2, False), ((4096, 16384), -1, True), ((64, 1), -2, False),
+]  # fmt: skip
+"""(shape, axis, whether a transposed view): dgrad's dy and W, wgrad's dy.t() and x, a one-column matrix."""
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 UNSUPPORTED = 3
 """Exit status when this Triton cannot be driven this way (no CUDA backend, another JIT interface)."""
@@ -118,6 +122,7 @@ def main() -> None:
     JITFunction.run = compile_only  # type: ignore[method-assign]
     from megaquant.formats import _triton as mx_kernels
     from megaquant.formats import _triton_nvfp4 as nv_kernels
+    from megaquant.formats import _triton_rht as rht_kernels
     from megaquant.formats.registry import resolve_options
 
     layouts = LAYOUTS[:6] if args.quick else LAYOUTS
@@ -152,6 +157,14 @@ def main() -> None:
         calls += 1
         opts = resolve_options(fmt, **d)  # type: ignore[arg-type]
         nv_kernels._run(torch.empty(shape, dtype=dtype, device="meta"), opts, False, None)
+    rht_blocks, rht_dtypes, rht_layouts = (16, 32, 64), DTYPES, RHT_LAYOUTS
+    if args.smoke:  # native (bf16) and IEEE (fp32) dots, both tile orientations
+        rht_blocks, rht_dtypes, rht_layouts = (16, 64), (torch.bfloat16, torch.float32), RHT_LAYOUTS[:3]
+    for block, dtype, (shape, axis, transposed) in itertools.product(rht_blocks, rht_dtypes, rht_layouts):
+        x = torch.empty(shape[::-1] if transposed else shape, dtype=dtype, device="meta")
+        calls += 1  # the recipes' Hadamard transform (formats._triton_rht), both tile orientations
+        m = torch.empty((block, block), device="meta")
+        rht_kernels.transform(x.t() if transposed else x, m, axis, block)
     print(
         f"triton {triton.__version__} ({triton.__file__}), target sm_{args.arch}: {calls} library calls, "
         f"{sum(compiled.values())} launches compiled in {time.perf_counter() - t0:.0f}s: {compiled}"

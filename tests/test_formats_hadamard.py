@@ -74,3 +74,52 @@ def test_errors() -> None:
         random_hadamard(x, block=20)
     with pytest.raises(ValueNameError, match="out of range"):
         random_hadamard(x, axis=2, block=8)
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the one-pass Triton transform)")
+
+
+@CUDA
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("block", [16, 32, 64])
+@pytest.mark.parametrize(
+    ("shape", "axis", "transposed"),
+    [((512, 384), -1, False), ((512, 384), -2, False), ((384, 512), -1, True), ((2, 256, 64), -1, False)],
+)
+def test_cuda_transform_equals_the_torch_form(
+    dtype: torch.dtype, block: int, shape: tuple[int, ...], axis: int, transposed: bool
+) -> None:
+    """random_hadamard on CUDA (formats._triton_rht: the native bf16 / fp16 dot for blocks 16 and 64, IEEE
+    fp32 otherwise) against the torch form on the CPU: the same bits where R's entries are powers of two
+    and the block sums exact in fp32 (data within 8 binades), a rounding apart otherwise; contiguous."""
+    g = torch.Generator().manual_seed(block)
+    full = shape[::-1] if transposed else shape
+    # magnitudes within 2^-4..2^4: every block sum of bf16 / fp16 products fits fp32's 24 bits (8 + 8 + 6)
+    base = torch.exp2(torch.rand(full, generator=g) * 8 - 4) * torch.randn(full, generator=g).sign()
+    x = (base.t() if transposed else base).to(dtype)
+    got = random_hadamard(x.cuda(), axis, block=block, seed=11)
+    want = random_hadamard(x, axis, block=block, seed=11)
+    assert got.is_contiguous() and got.dtype == dtype and got.shape == x.shape
+    if block != 32 and dtype != torch.float32:
+        assert torch.equal(got.cpu(), want)
+    else:
+        torch.testing.assert_close(got.cpu(), want, rtol=2 * torch.finfo(dtype).eps, atol=1e-5)
+
+
+@CUDA
+def test_cuda_transform_inside_a_graph_and_its_inverse() -> None:
+    """The kernel path replays in a CUDA graph with the step word's current signs, and inverts."""
+    x = torch.randn(1024, 256, device="cuda", dtype=torch.bfloat16)
+    word = torch.zeros(1, dtype=torch.int64, device="cuda")
+    eager = random_hadamard(x, -2, block=64, seed=5, device_seed=word)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = random_hadamard(x, -2, block=64, seed=5, device_seed=word)
+    graph.replay()
+    assert torch.equal(out, eager)
+    word.fill_(9)
+    graph.replay()
+    assert torch.equal(out, random_hadamard(x, -2, block=64, seed=5, device_seed=word))
+    assert not torch.equal(out, eager)
+    back = inverse_random_hadamard(out.float(), -2, block=64, seed=5, device_seed=word)
+    torch.testing.assert_close(back, x.float(), rtol=1e-2, atol=1e-2)

@@ -91,6 +91,15 @@ def _kernels() -> ModuleType | None:
         return None
 
 
+@functools.lru_cache(maxsize=1)
+def _transform_kernels() -> ModuleType | None:
+    """The Triton module with the one-pass block transform, or None when Triton is not installed."""
+    try:
+        return importlib.import_module("megaquant.formats._triton_rht")
+    except ImportError:
+        return None
+
+
 def _apply(x: torch.Tensor, m: torch.Tensor, axis: int, block: int) -> torch.Tensor:
     if x.dim() == 0 or not -x.dim() <= axis < x.dim():
         raise ValueNameError(f"axis {axis} is out of range for a tensor of shape {tuple(x.shape)}")
@@ -100,6 +109,12 @@ def _apply(x: torch.Tensor, m: torch.Tensor, axis: int, block: int) -> torch.Ten
             f"the Hadamard transform needs the axis length to be a multiple of block={block}; "
             f"axis {axis} of shape {tuple(x.shape)} has {n}"
         )
+    if x.is_cuda:
+        fast = _transform_kernels()
+        if fast is not None and fast.serves(x, block):
+            out = fast.transform(x, m, axis, block)  # one pass, contiguous (formats._triton_rht)
+            if out is not None:
+                return out
     xt = x.movedim(axis, -1)
     shape = xt.shape
     blocks = xt.reshape(*shape[:-1], n // block, block).to(torch.float32)
@@ -116,7 +131,9 @@ def random_hadamard(
     device_seed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x with every `block` consecutive elements along `axis` replaced by v @ R (R = hadamard_matrix(block,
-    seed)), computed in fp32 and cast back to x.dtype. The axis length must be a multiple of block.
+    seed)), computed in fp32 and cast back to x.dtype. The axis length must be a multiple of block. On
+    CUDA (blocks 16..128) one Triton pass with a contiguous result (formats._triton_rht); elsewhere torch
+    ops, whose result is contiguous along the moved axis (for axis -2 of a matrix: its transpose's layout).
 
     For a GEMM a @ b: random_hadamard(a, -1, seed=s) @ random_hadamard(b, -2, seed=s) equals a @ b up to
     rounding, because R is orthogonal and the -2 axis of b is transformed by the same R (b^T's rows).
