@@ -157,6 +157,13 @@ def main() -> None:
         calls += 1
         opts = resolve_options(fmt, **d)  # type: ignore[arg-type]
         nv_kernels._run(torch.empty(shape, dtype=dtype, device="meta"), opts, False, None)
+    for fmt, (shape, axis), dtype in itertools.product(
+        ("mxfp4_e2m1", "mxfp8_e4m3"), layouts[:2] if args.smoke else layouts, dtypes
+    ):  # the Tseng recipe's pre-scaled stochastic rounding (fake_quant's prescale)
+        d = dict(axis=axis, block_size=None, scale="floor", rounding="stochastic", saturate=True, preset=None)
+        calls += 1
+        opts = resolve_options(fmt, seed=1, **d)  # type: ignore[arg-type]
+        nv_kernels._run(torch.empty(shape, dtype=dtype, device="meta"), opts, False, None, None, 0.75)
     rht_blocks, rht_dtypes, rht_layouts = (16, 32, 64), DTYPES, RHT_LAYOUTS
     if args.smoke:  # native (bf16) and IEEE (fp32) dots, both tile orientations
         rht_blocks, rht_dtypes, rht_layouts = (16, 64), (torch.bfloat16, torch.float32), RHT_LAYOUTS[:3]

@@ -266,10 +266,26 @@ def test_mxfp4_tseng_rounds_both_backward_operands_prescaled_by_three_quarters(r
         mp.setattr(gemm_mod, "hadamard_pair", lambda a, b, cfg: (a, b))  # RHT tested below
         out = quant_matmul(g, w, "mxfp4", grad=True, gemm="dgrad")
     assert _roundings(recorder) == ["stochastic", "stochastic"]
-    (_, _, qa), (_, _, qb) = recorder.calls
-    assert qa.dtype == torch.float32 and torch.equal(qa.reshape(g.shape), g.float() * 0.75)
-    assert torch.equal(qb.reshape(w.shape), w.float() * 0.75)
+    (_, kwa, qa), (_, kwb, qb) = recorder.calls
+    assert kwa["prescale"] == kwb["prescale"] == 0.75  # quantize 3/4 x and divide back (formats.fake_quant)
+    assert qa.dtype == torch.bfloat16 and torch.equal(qa.reshape(g.shape), g)
+    assert torch.equal(qb.reshape(w.shape), w)
     assert out.dtype == torch.bfloat16
+
+
+def test_prescaled_fake_quant_is_the_quantization_of_three_quarters_x_divided_back() -> None:
+    """fake_quant(x, prescale=p) = (fake_quant(p x in fp32) / p in fp32) in x's dtype: the reference (the
+    kernels are compared with it under the interpreter, tests/test_triton_interpret.py)."""
+    x = _rand(16, 64, dtype=torch.bfloat16) * 7
+    kw: dict[str, Any] = dict(rounding="stochastic", seed=3)
+    got = fake_quant(x, "mxfp4_e2m1", prescale=0.75, **kw)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, (fake_quant(x.float() * 0.75, "mxfp4_e2m1", **kw) / 0.75).to(torch.bfloat16))
+    assert not torch.equal(got, fake_quant(x, "mxfp4_e2m1", **kw))
+    assert torch.equal(fake_quant(x, "mxfp4_e2m1", prescale=1.0, **kw), fake_quant(x, "mxfp4_e2m1", **kw))
+    for bad in (0, -0.75, float("inf"), float("nan"), True, "0.75"):
+        with pytest.raises(ValueNameError, match="prescale"):
+            fake_quant(x, "mxfp4_e2m1", prescale=bad, **kw)  # type: ignore[arg-type]
 
 
 def test_ops_own_backward_applies_the_recipe_to_its_gradient_gemms(recorder: Recorder, rht: FakeRHT) -> None:

@@ -100,6 +100,19 @@ def _check_all() -> int:
         want = fake_quant(x, fmt, block_2d=True, **kw)  # type: ignore[arg-type]
         same(kernels._run(x, opts, False, None), want, f"block_2d {fmt} {kw} {shape}")
         n += 1
+    # fake_quant's prescale (the Tseng recipe's 3/4) in the MX stochastic kernels: q(p x) / p, rounded once
+    for fmt, (shape, axis), dtype, p in itertools.product(
+        ("mxfp4_e2m1", "mxfp8_e4m3"), [((6, 64), -1), ((3, 64, 5), -2)],
+        (torch.bfloat16, torch.float16, torch.float32), (0.75, 0.6),
+    ):  # fmt: skip
+        x = torch.randn(shape, generator=g) * torch.exp2(torch.randint(-6, 6, shape, generator=g).float())
+        x.view(-1)[:4] = torch.tensor([0.0, -0.0, 448.0, 3e4])
+        x = x.to(dtype)
+        d = dict(axis=axis, block_size=None, scale="floor", rounding="stochastic", saturate=True, preset=None)
+        opts = resolve_options(fmt, seed=8, **d)  # type: ignore[arg-type]
+        want = fake_quant(x, fmt, axis=axis, rounding="stochastic", seed=8, prescale=p)
+        same(kernels._run(x, opts, False, None, None, p), want, f"prescale {p} {fmt} {dtype} {shape} {axis}")
+        n += 1
     opts = resolve_options(
         "nvfp4", axis=-1, block_size=None, scale="floor", rounding="even", saturate=True, preset=None
     )

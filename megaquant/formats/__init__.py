@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import math
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
@@ -107,11 +108,13 @@ def _prepare(
     backend: str,
     amax: torch.Tensor | float | None,
     device_seed: torch.Tensor | None,
+    prescale: float = 1.0,
     **keywords: Any,
 ) -> tuple[Options, ModuleType | None, dict[str, object]]:
     """The one place fake_quant and encode check their keywords: resolved options, the kernel module
     that serves the call (None: reference) and the keywords to hand it."""
     opts = _checked(x, resolve_options(fmt, **keywords))
+    prescale = _checked_prescale(prescale)
     kw: dict[str, object] = dict(
         axis=opts.axis, block_size=opts.block_size, scale=keywords["scale"], rounding=keywords["rounding"],
         saturate=keywords["saturate"], preset=keywords["preset"],
@@ -131,7 +134,15 @@ def _prepare(
             raise ValueNameError(f"amax= sets a tensor scale: it needs fmt='nvfp4' (or hifp8 with "
                                  f"tensor_scale=True), not {fmt!r}")  # fmt: skip
         kw["amax"] = amax
+    if prescale != 1.0:
+        kw["prescale"] = prescale
     return opts, _triton_module(x, fmt, backend, kw), kw
+
+
+def _checked_prescale(prescale: object) -> float:
+    if isinstance(prescale, bool) or not isinstance(prescale, (int, float)) or not 0 < prescale < math.inf:
+        raise ValueNameError(f"prescale= must be a positive finite number (e.g. 0.75), got {prescale!r}")
+    return float(prescale)
 
 
 def _check_device_seed(x: torch.Tensor, opts: Options, word: torch.Tensor) -> None:
@@ -160,6 +171,7 @@ def fake_quant(
     block_2d: bool = False,
     amax: torch.Tensor | float | None = None,
     device_seed: torch.Tensor | None = None,
+    prescale: float = 1.0,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Quantize then dequantize `x` in format `fmt`; same shape and dtype as `x`.
@@ -175,22 +187,33 @@ def fake_quant(
     HiF8: per element, ties away (or stochastic), optional power-of-two `tensor_scale`; axis/block_size/
     scale ignored. `preset="fork"` reproduces the fork (MX: FLOOR + ties-away; HiF8: clamp to
     [2^-22, 0.95*2^15]). `backend`: "auto" (Triton on CUDA when it covers the call), "reference" or
-    "triton". The result carries no autograd history (megaquant.ops gives straight-through gradients).
+    "triton". `prescale` p != 1: the result is (fake_quant(p * x in fp32) / p in fp32) cast to x.dtype,
+    e.g. Tseng et al.'s 3/4 before stochastic rounding, which keeps the scaled block maximum from
+    rounding up past the format's largest value (in one kernel pass for MX stochastic rounding).
+    The result carries no autograd history (megaquant.ops gives straight-through gradients).
     Exact semantics: docs/formats.md.
     """
     opts, kernels, kw = _prepare(
-        x, fmt, backend, amax, device_seed, axis=axis, block_size=block_size, scale=scale,
+        x, fmt, backend, amax, device_seed, prescale, axis=axis, block_size=block_size, scale=scale,
         rounding=rounding, saturate=saturate, preset=preset, tensor_scale=tensor_scale, seed=seed,
         block_2d=block_2d,
     )  # fmt: skip
     if kernels is not None:
         return _kernel_fake_quant(kernels, fmt, kw, x)
-    return _reference_fake_quant(opts, amax, device_seed, x)
+    return _reference_fake_quant(opts, amax, device_seed, x, kw.get("prescale", 1.0))  # type: ignore[arg-type]
 
 
 def _reference_fake_quant(
-    opts: Options, amax: torch.Tensor | float | None, device_seed: torch.Tensor | None, x: torch.Tensor
+    opts: Options,
+    amax: torch.Tensor | float | None,
+    device_seed: torch.Tensor | None,
+    x: torch.Tensor,
+    prescale: float = 1.0,
 ) -> torch.Tensor:
+    if prescale != 1.0:  # p * x is exact in fp32 for bf16 / fp16 x with p = 3/4; the division rounds once
+        with torch.no_grad():
+            q = _reference_fake_quant(opts, amax, device_seed, x.float() * prescale)
+            return (q / prescale).to(x.dtype)
     with torch.no_grad():
         if opts.fmt.block_scale == "e4m3":
             return fake_quant_nvfp4(x, opts, amax, device_seed)
@@ -212,16 +235,19 @@ def quantizer(
     given = {**_KW_DEFAULTS, **keywords}
     amax = given.pop("amax", None)
     device_seed = given.pop("device_seed", None)
-    opts, kernels, kw = _prepare(x, fmt, "auto", amax, device_seed, **given)
+    prescale = given.pop("prescale", 1.0)
+    opts, kernels, kw = _prepare(x, fmt, "auto", amax, device_seed, prescale, **given)
     if kernels is None:
         reason = (
             f"not a CUDA tensor ({x.device})"
             if not x.is_cuda
             else f"the Triton kernels do not cover fmt={fmt!r} with {kw} on {x.dtype}"
         )
-        return functools.partial(_reference_fake_quant, opts, amax, device_seed), "reference", reason
+        pre = _checked_prescale(kw.get("prescale", 1.0))
+        fn = functools.partial(_reference_fake_quant, opts, amax, device_seed, prescale=pre)
+        return fn, "reference", reason
     bound = getattr(kernels, "fake_quant_fn", None)
-    if bound is not None and "seed" not in kw and "block_2d" not in kw and "amax" not in kw:
+    if bound is not None and not {"seed", "block_2d", "amax", "prescale"} & set(kw):
         return bound(opts), "triton", None
     return functools.partial(_kernel_fake_quant, kernels, fmt, kw), "triton", None
 
@@ -239,7 +265,7 @@ def quantizer_both_axes(
     bit for bit, both contiguous: one read of y. On the reference path (CPU, or options the kernels do
     not cover) it is those two calls. Keywords as fake_quant's; `axis` is ignored."""
     given = {**_KW_DEFAULTS, **keywords, "axis": -1}
-    per_call = any(given.get(k) is not None for k in ("seed", "device_seed", "amax"))
+    per_call = any(given.get(k) is not None for k in ("seed", "device_seed", "amax", "prescale"))
     if x.dim() < 2 or per_call or given["block_2d"] or given["tensor_scale"]:
         return None
     opts, kernels, kw = _prepare(x, fmt, "auto", None, None, **given)

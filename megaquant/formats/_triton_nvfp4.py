@@ -53,6 +53,7 @@ _KEYWORDS = frozenset(
         "amax",
         "block_2d",
         "device_seed",
+        "prescale",
     )
 )
 _E2M1 = dict(EMIN=0, MAN=1, BIAS=1, BITS=4, EXP_BITS=2, SUB_SCALE=2.0)
@@ -229,9 +230,10 @@ def _lastaxis_kernel(
     BIAS: tl.constexpr, BITS: tl.constexpr, EXP_BITS: tl.constexpr, MAXN: tl.constexpr,
     MAX_MANT: tl.constexpr, FILL_BITS: tl.constexpr, HAS_INF: tl.constexpr, HAS_NAN: tl.constexpr,
     NAN_BLOCK_CODE: tl.constexpr, SUB_SCALE: tl.constexpr, SATURATE: tl.constexpr, RCEIL: tl.constexpr,
-    AWAY: tl.constexpr, BF16_BITS: tl.constexpr,
+    AWAY: tl.constexpr, BF16_BITS: tl.constexpr, prescale, PRE: tl.constexpr,
 ):  # fmt: skip
-    """x viewed as (rows, n), blocks of BS along n (the last one may be short); G blocks per program."""
+    """x viewed as (rows, n), blocks of BS along n (the last one may be short); G blocks per program.
+    PRE: fake-quantize prescale * x (fp32) and divide back (IEEE), rounding to x's dtype."""
     if SR:
         key = _stream_key(key, word_ptr, MIX)
     blk = tl.program_id(0).to(tl.int64) * G + tl.arange(0, G)
@@ -241,6 +243,8 @@ def _lastaxis_kernel(
     mask = (blk < total_blocks)[:, None] & (col < n)
     offs = row[:, None] * n + col
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if PRE:
+        x = x * prescale
     q, e, e4m3, ts = _quant(
         x,
         offs,
@@ -272,6 +276,8 @@ def _lastaxis_kernel(
             tl.store(codes_ptr + row[:, None] * n_packed + pcol, (lo | (hi << 4)).to(tl.uint8), mask=pmask)
         else:
             tl.store(codes_ptr + offs, codes.to(tl.uint8), mask=mask)
+    elif PRE:
+        _store_rounded(out_ptr, offs, tl.math.div_rn(_dequant(q, e, e4m3, ts, NV), prescale), mask, BF16_BITS)
     elif NV:
         _store_rounded(out_ptr, offs, _dequant(q, e, e4m3, ts, NV), mask, BF16_BITS)
     else:
@@ -286,10 +292,11 @@ def _inner_kernel(
     BIAS: tl.constexpr, BITS: tl.constexpr, EXP_BITS: tl.constexpr, MAXN: tl.constexpr,
     MAX_MANT: tl.constexpr, FILL_BITS: tl.constexpr, HAS_INF: tl.constexpr, HAS_NAN: tl.constexpr,
     NAN_BLOCK_CODE: tl.constexpr, SUB_SCALE: tl.constexpr, SATURATE: tl.constexpr, RCEIL: tl.constexpr,
-    AWAY: tl.constexpr, BF16_BITS: tl.constexpr,
+    AWAY: tl.constexpr, BF16_BITS: tl.constexpr, prescale, PRE: tl.constexpr,
 ):  # fmt: skip
     """x viewed as (lead, n, inner), blocks of BS along n; one block x BK columns per program, as a
-    (1, BS, BK) tile reduced over axis 1 (the layout of _triton._mx_inner_kernel)."""
+    (1, BS, BK) tile reduced over axis 1 (the layout of _triton._mx_inner_kernel). PRE: as
+    _lastaxis_kernel's."""
     if SR:
         key = _stream_key(key, word_ptr, MIX)
     pid = tl.program_id(0).to(tl.int64)
@@ -301,6 +308,8 @@ def _inner_kernel(
     mask = (i < n)[:, None] & kmask[None, :]
     offs = lead * n * inner + i[:, None] * inner + k[None, :]
     x = tl.expand_dims(tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32), 0)
+    if PRE:
+        x = x * prescale
     q, e, e4m3, ts = _quant(
         x, tl.expand_dims(offs, 0), amax_ptr, NV, SR, key, WIDE, EMAX, EMIN, MAN, MAXN, MAX_MANT, FILL_BITS,
         SATURATE, RCEIL, AWAY,
@@ -320,6 +329,9 @@ def _inner_kernel(
             tl.store(codes_ptr + poffs, (lo | (hi << 4)).to(tl.uint8), mask=pmask)
         else:
             tl.store(codes_ptr + offs, codes.to(tl.uint8), mask=mask)
+    elif PRE:
+        v = tl.math.div_rn(tl.reshape(_dequant(q, e, e4m3, ts, NV), (BS, BK)), prescale)
+        _store_rounded(out_ptr, offs, v, mask, BF16_BITS)
     elif NV:
         _store_rounded(out_ptr, offs, tl.reshape(_dequant(q, e, e4m3, ts, NV), (BS, BK)), mask, BF16_BITS)
     else:
@@ -492,6 +504,10 @@ def _options(x: torch.Tensor, fmt: str, **opts: object) -> Options | None:
         return None  # the reference raises the error
     if "amax" in opts and resolved.fmt.block_scale != "e4m3":
         return None
+    if "prescale" in opts and not (
+        resolved.fmt.block_scale == "e8m0" and resolved.rounding == "stochastic" and not resolved.block_2d
+    ):
+        return None  # the pre-scale is in the MX stochastic 1-d kernels only; the reference serves the rest
     return resolved
 
 
@@ -500,7 +516,8 @@ def supports(x: torch.Tensor, fmt: str, **opts: object) -> bool:
     nvfp4 (round-to-nearest-even or stochastic, tensor amax computed or given) or an MX format with
     rounding="stochastic", power-of-two blocks (2..256) along any axis; block_2d tiles (2..64) for nvfp4
     and every MX rounding (fake_quant in the kernel; encode of tiles falls back to the reference); HiF8
-    with rounding="stochastic" (without tensor_scale)."""
+    with rounding="stochastic" (without tensor_scale); fake_quant's `prescale` with MX stochastic
+    rounding in 1-d blocks."""
     return _options(x, fmt, **opts) is not None
 
 
@@ -527,9 +544,10 @@ def tensor_amax(x: torch.Tensor) -> torch.Tensor:
 
 
 def _run(
-    x: torch.Tensor, opts: Options, encode: bool, amax: object, word: object = None
+    x: torch.Tensor, opts: Options, encode: bool, amax: object, word: object = None, prescale: float = 1.0
 ) -> torch.Tensor | Encoded:
-    """`word`: the device_seed tensor (mixed into the key in the kernels, from its pointer) or None."""
+    """`word`: the device_seed tensor (mixed into the key in the kernels, from its pointer) or None.
+    `prescale` != 1 (MX stochastic fake_quant in 1-d blocks only, _options): quantize prescale * x."""
     spec = opts.fmt
     if not spec.block_scaled:
         return _hif8_sr(x, opts, encode, word)
@@ -556,7 +574,8 @@ def _run(
     sr = opts.rounding == "stochastic"
     key = _key_arg(opts.seed) if sr and opts.seed is not None else 0
     out = codes = scales = x
-    bf16_bits = not encode and x.dtype == torch.bfloat16  # MX: exact values, truncate; NVFP4: round
+    bf16_bits = not encode and x.dtype == torch.bfloat16  # MX: exact values, truncate; NVFP4, PRE: round
+    pre = dict(prescale=float(prescale), PRE=prescale != 1.0)
     if encode:
         codes = torch.empty((*shape[:ax], n_codes, *shape[ax + 1 :]), dtype=torch.uint8, device=x.device)
         scales = torch.empty((*shape[:ax], n_blocks, *shape[ax + 1 :]), dtype=torch.uint8, device=x.device)
@@ -590,8 +609,9 @@ def _run(
         total = lead * n_blocks
         g = max(1, _ELEMS_PER_PROGRAM // bs)
         _lastaxis_kernel[(triton.cdiv(total, g),)](
-            x, out_arg, codes, scales, amax_t, word_arg, total, n, n_blocks, n_codes, BS=bs, G=g, **common
-        )
+            x, out_arg, codes, scales, amax_t, word_arg, total, n, n_blocks, n_codes, BS=bs, G=g, **pre,
+            **common,
+        )  # fmt: skip
     else:
         bk = max(1, min(triton.next_power_of_2(inner), _ELEMS_PER_PROGRAM // bs))
         grid = (lead * n_blocks, triton.cdiv(inner, bk))
@@ -608,6 +628,7 @@ def _run(
             n_codes,
             BS=bs,
             BK=bk,
+            **pre,
             **common,
         )
     if not encode:
@@ -634,7 +655,9 @@ def _resolved(x: torch.Tensor, fmt: str, opts: dict[str, object]) -> Options:
 
 def fake_quant(x: torch.Tensor, fmt: str, **opts: object) -> torch.Tensor:
     """Kernel fake-quant with the contract's keywords; bit-identical to the reference. Needs supports()."""
-    out = _run(x, _resolved(x, fmt, opts), False, opts.get("amax"), opts.get("device_seed"))
+    prescale = opts.get("prescale", 1.0)
+    assert isinstance(prescale, float)
+    out = _run(x, _resolved(x, fmt, opts), False, opts.get("amax"), opts.get("device_seed"), prescale)
     assert isinstance(out, torch.Tensor)
     return out
 
@@ -643,6 +666,8 @@ def encode(x: torch.Tensor, fmt: str, **opts: object) -> Encoded:
     """Kernel encode with the contract's keywords; bit-identical to the reference. Needs supports().
     block_2d tiles are encoded by the reference (the kernels fake-quantize them)."""
     resolved = _resolved(x, fmt, opts)
+    if "prescale" in opts:
+        raise MegaquantError("prescale= is a fake_quant keyword: encode has no way to divide it back out")
     if resolved.block_2d:
         from megaquant.formats import encode as reference_encode
 

@@ -59,10 +59,8 @@ def quantize_op(
             "seed": state.draw_seed(),
             "device_seed": state.step_word(t.device),
         }
-        if cfg.sr_prescale != 1.0:  # quantize p*t (exact in fp32), divide back in fp32
-            p = cfg.sr_prescale
-            q, path = _quant_scaled(t.float() * p, fmt, axis, cfg, operand, role, extra)
-            return (q / p).to(t.dtype), path
+        if cfg.sr_prescale != 1.0:  # quantize p*t (exact in fp32), divide back in fp32: in the kernel
+            extra["prescale"] = cfg.sr_prescale
     return _quant_scaled(t, fmt, axis, cfg, operand, role, extra)
 
 
