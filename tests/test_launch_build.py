@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -63,19 +64,22 @@ def pinned() -> Path:
 def built(pinned: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Built]]:
     work = tmp_path_factory.mktemp("build")
     cases = _cases()
-    results = {
-        "0.19.2": build_models(
-            {**cases, "deepseek2_lite stock spec": cases["deepseek2_lite"]},
-            _instrumented(pinned, work / "0.19.2"),
-            stock_spec=["deepseek2_lite stock spec"],
-        )
-    }
-    installed = installed_megatron()
-    if installed is not None and not (installed / "megatron" / "training").is_dir():
-        results["installed"] = build_models(
-            cases, _instrumented(installed, work / "installed"), parser=pinned
-        )
-    return results
+    # each build is a child process over its own tree: the two versions build side by side
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {
+            "0.19.2": pool.submit(
+                build_models,
+                {**cases, "deepseek2_lite stock spec": cases["deepseek2_lite"]},
+                _instrumented(pinned, work / "0.19.2"),
+                stock_spec=["deepseek2_lite stock spec"],
+            )
+        }
+        installed = installed_megatron()
+        if installed is not None and not (installed / "megatron" / "training").is_dir():
+            futures["installed"] = pool.submit(
+                build_models, cases, _instrumented(installed, work / "installed"), parser=pinned
+            )
+        return {version: future.result() for version, future in futures.items()}
 
 
 def test_every_registry_model_builds(built: dict[str, dict[str, Built]]) -> None:

@@ -204,8 +204,11 @@ def _child() -> int:
         import torch
 
         if has_training:
+            from megaquant.launch.validate import reuse_megatron_parser
+
             with quiet_megatron_import():
                 import megatron.training.arguments as arguments
+            reuse_megatron_parser(arguments)
         if request.get("parse"):
             for case in request["cases"]:
                 sys.argv = ["pretrain_gpt.py", *case["argv"]]
