@@ -172,6 +172,10 @@ def main() -> None:
         calls += 1  # the recipes' Hadamard transform (formats._triton_rht), both tile orientations
         m = torch.empty((block, block), device="meta")
         rht_kernels.transform(x.t() if transposed else x, m, axis, block)
+    for block, mixed in ((16, False), (64, True)):  # the signed matrix, with and without a device word
+        calls += 1
+        word = torch.empty((), dtype=torch.int64, device="meta") if mixed else None
+        rht_kernels.rht_matrix(block, 3, word, torch.device("meta"), 0.25)
     print(
         f"triton {triton.__version__} ({triton.__file__}), target sm_{args.arch}: {calls} library calls, "
         f"{sum(compiled.values())} launches compiled in {time.perf_counter() - t0:.0f}s: {compiled}"

@@ -215,11 +215,12 @@ def _check_kernels() -> int:
         assert torch.equal(kernels._run(x, opts, False, None, word), want), fmt
         n += 1
 
+    from megaquant.formats import _triton_rht
     from megaquant.formats.hadamard import _entry, hadamard_matrix
 
     for block in (2, 16, 32, 64, 256):  # the sign-matrix kernel: the torch form's bits
         for seed, word in ((3, None), (3, torch.tensor(5)), ((1 << 33) + 1, torch.tensor(2**31 - 1))):
-            got = kernels.rht_matrix(block, seed, word, torch.device("cpu"), _entry(block))
+            got = _triton_rht.rht_matrix(block, seed, word, torch.device("cpu"), _entry(block))
             want = hadamard_matrix(block, seed, device_seed=word)
             assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (block, seed, word)
             n += 1
@@ -249,7 +250,7 @@ def _check_kernels() -> int:
             )
             opts = resolve_options(fmt, seed=state_mod.draw_seed(), **d)  # type: ignore[arg-type]
             y.append(kernels._run(x, opts, False, None, word))
-        y.append(kernels.rht_matrix(64, state_mod.draw_seed(), word, x.device, _entry(64)))
+        y.append(_triton_rht.rht_matrix(64, state_mod.draw_seed(), word, x.device, _entry(64)))
         seen.append(list(launches))
         outs.append(y)
     InterpretedFunction.run = original  # type: ignore[method-assign]

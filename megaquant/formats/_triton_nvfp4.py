@@ -35,7 +35,7 @@ from megaquant.formats._triton import (
 )
 from megaquant.formats.registry import Encoded, Options, resolve_options
 
-__all__ = ["encode", "fake_quant", "rht_matrix", "supports", "tensor_amax"]
+__all__ = ["encode", "fake_quant", "supports", "tensor_amax"]
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _ELEMS_PER_PROGRAM = 2048
@@ -418,22 +418,6 @@ def _hif8_sr_kernel(
         _store_values(out_ptr, offs, q, mask, BF16_BITS)
 
 
-@triton.jit(do_not_specialize=["key"])
-def _rht_matrix_kernel(out_ptr, word_ptr, key, scale, BLOCK: tl.constexpr, MIX: tl.constexpr):
-    """R = diag(signs) H / sqrt(BLOCK) (fp32, BLOCK x BLOCK) in one program, as hadamard.hadamard_matrix:
-    sign i = bit 31 of hash32(i ^ stream key) (formats._random.device_key), H[i, j] = (-1)^popcount(i & j)
-    (Sylvester's), `scale` the reference's fp32 1/sqrt(BLOCK); every entry is +-scale, so exact."""
-    k = _stream_key(key, word_ptr, MIX)
-    i = tl.arange(0, BLOCK)
-    flip = (_hash32(i.to(tl.uint32) ^ k) >> 31).to(tl.int32)
-    p = i[:, None] & i[None, :]
-    p = p ^ (p >> 4)
-    p = p ^ (p >> 2)
-    p = p ^ (p >> 1)  # bit 0: the parity of the low 8 bits (BLOCK <= 256)
-    negative = ((p ^ flip[:, None]) & 1) != 0
-    tl.store(out_ptr + i[:, None] * BLOCK + i[None, :], tl.where(negative, -scale, scale))
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Python side
 
@@ -519,19 +503,6 @@ def supports(x: torch.Tensor, fmt: str, **opts: object) -> bool:
     with rounding="stochastic" (without tensor_scale); fake_quant's `prescale` with MX stochastic
     rounding in 1-d blocks."""
     return _options(x, fmt, **opts) is not None
-
-
-def rht_matrix(
-    block: int, seed: int, word: torch.Tensor | None, device: torch.device, scale: float
-) -> torch.Tensor:
-    """hadamard.hadamard_matrix(block, seed, device_seed=word) on `device` in one launch (block a power of
-    two, 2..256; `scale` the fp32 value of H / sqrt(block)'s entries): bit-identical to the torch form."""
-    out = torch.empty((block, block), dtype=torch.float32, device=device)
-    _rht_matrix_kernel[(1,)](
-        out, out if word is None else word, _key_arg(seed), scale, BLOCK=block, MIX=word is not None,
-        num_warps=_NUM_WARPS,
-    )  # fmt: skip
-    return out
 
 
 def tensor_amax(x: torch.Tensor) -> torch.Tensor:

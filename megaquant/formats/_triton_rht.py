@@ -1,4 +1,8 @@
-"""The random Hadamard transform's block product (formats.hadamard) as one Triton pass over memory.
+"""The random Hadamard transform's Triton kernels (formats.hadamard): the signed matrix R in one launch, and
+the block product as one pass over memory.
+
+`rht_matrix(block, seed, word, device, scale)` is hadamard.hadamard_matrix on the device (the signs from
+the seed and the device word, no host-to-device copy, so it can run inside a CUDA graph capture).
 
 `transform(x, m, axis, block)` is hadamard._apply on CUDA: every `block` consecutive elements of x along
 `axis` replaced by v @ m (m = R, block x block fp32, or its transpose), computed with fp32 sums and
@@ -21,9 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
-from megaquant.formats._triton_nvfp4 import _store_rounded
+from megaquant.formats._triton_nvfp4 import _hash32, _key_arg, _store_rounded, _stream_key
 
-__all__ = ["serves", "transform"]
+__all__ = ["rht_matrix", "serves", "transform"]
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _MIN_BLOCK, _MAX_BLOCK = 16, 128
@@ -31,6 +35,22 @@ _MIN_BLOCK, _MAX_BLOCK = 16, 128
 _TILE_ELEMS = 8192
 """Elements of x per program (block x tile), 64 x 128 for the Tseng recipe's blocks: 16 KB of bf16."""
 _NUM_WARPS = 4
+
+
+@triton.jit(do_not_specialize=["key"])
+def _rht_matrix_kernel(out_ptr, word_ptr, key, scale, BLOCK: tl.constexpr, MIX: tl.constexpr):
+    """R = diag(signs) H / sqrt(BLOCK) (fp32, BLOCK x BLOCK) in one program, as hadamard.hadamard_matrix:
+    sign i = bit 31 of hash32(i ^ stream key) (formats._random.device_key), H[i, j] = (-1)^popcount(i & j)
+    (Sylvester's), `scale` the reference's fp32 1/sqrt(BLOCK); every entry is +-scale, so exact."""
+    k = _stream_key(key, word_ptr, MIX)
+    i = tl.arange(0, BLOCK)
+    flip = (_hash32(i.to(tl.uint32) ^ k) >> 31).to(tl.int32)
+    p = i[:, None] & i[None, :]
+    p = p ^ (p >> 4)
+    p = p ^ (p >> 2)
+    p = p ^ (p >> 1)  # bit 0: the parity of the low 8 bits (BLOCK <= 256)
+    negative = ((p ^ flip[:, None]) & 1) != 0
+    tl.store(out_ptr + i[:, None] * BLOCK + i[None, :], tl.where(negative, -scale, scale))
 
 
 @triton.jit
@@ -69,6 +89,19 @@ def _rht_kernel(
         mt = tl.load(m_ptr + k[None, :] * BLOCK + k[:, None])  # mt[i, k] = m[k, i]
         out = tl.dot(mt.to(v.dtype), v) if NATIVE else tl.dot(mt, v.to(tl.float32), input_precision="ieee")
         _store_rounded(out_ptr, ax[:, None] * so_ax + j[None, :] * so_o, out, mask, BF16_RNE)
+
+
+def rht_matrix(
+    block: int, seed: int, word: torch.Tensor | None, device: torch.device, scale: float
+) -> torch.Tensor:
+    """hadamard.hadamard_matrix(block, seed, device_seed=word) on `device` in one launch (block a power of
+    two, 2..256; `scale` the fp32 value of H / sqrt(block)'s entries): bit-identical to the torch form."""
+    out = torch.empty((block, block), dtype=torch.float32, device=device)
+    _rht_matrix_kernel[(1,)](
+        out, out if word is None else word, _key_arg(seed), scale, BLOCK=block, MIX=word is not None,
+        num_warps=_NUM_WARPS,
+    )  # fmt: skip
+    return out
 
 
 def _as_2d(t: torch.Tensor, axis: int) -> torch.Tensor | None:

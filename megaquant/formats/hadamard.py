@@ -84,16 +84,7 @@ def _entry(block: int) -> float:
 
 @functools.lru_cache(maxsize=1)
 def _kernels() -> ModuleType | None:
-    """The Triton module with the sign-matrix kernel, or None when Triton is not installed."""
-    try:
-        return importlib.import_module("megaquant.formats._triton_nvfp4")
-    except ImportError:
-        return None
-
-
-@functools.lru_cache(maxsize=1)
-def _transform_kernels() -> ModuleType | None:
-    """The Triton module with the one-pass block transform, or None when Triton is not installed."""
+    """The Triton module (the sign matrix, the one-pass transform), or None when Triton is not installed."""
     try:
         return importlib.import_module("megaquant.formats._triton_rht")
     except ImportError:
@@ -110,7 +101,7 @@ def _apply(x: torch.Tensor, m: torch.Tensor, axis: int, block: int) -> torch.Ten
             f"axis {axis} of shape {tuple(x.shape)} has {n}"
         )
     if x.is_cuda:
-        fast = _transform_kernels()
+        fast = _kernels()
         if fast is not None and fast.serves(x, block):
             out = fast.transform(x, m, axis, block)  # one pass, contiguous (formats._triton_rht)
             if out is not None:
