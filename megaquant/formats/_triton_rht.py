@@ -75,8 +75,10 @@ def _rht_kernel(
     (fp32 accumulation), else IEEE fp32. BF16_RNE: out is bf16's int16 view, rounded by integer arithmetic
     (the same everywhere, the CPU interpreter included)."""
     k = tl.arange(0, BLOCK)
-    ax = (tl.program_id(0) * BLOCK + k).to(tl.int64)
-    j = tl.program_id(1).to(tl.int64) * TILE + tl.arange(0, TILE)
+    pid = tl.program_id(0).to(tl.int64)  # one grid axis (a 2-D grid's second axis stops at 65535)
+    tiles = tl.cdiv(n_other, TILE)
+    ax = (pid // tiles) * BLOCK + k
+    j = (pid % tiles) * TILE + tl.arange(0, TILE)
     if ROWS:
         mask = j[:, None] < n_other
         v = tl.load(x_ptr + j[:, None] * sx_o + ax[None, :] * sx_ax, mask=mask, other=0.0)
@@ -141,7 +143,7 @@ def transform(
     so_ax, so_o = ov.stride()
     tile = max(16, min(_TILE_ELEMS // block, triton.next_power_of_2(n_other)))
     rows = abs(sx_ax) < abs(sx_o) or n_other == 1
-    grid = (n_ax // block, triton.cdiv(n_other, tile))
+    grid = (n_ax // block * triton.cdiv(n_other, tile),)
     bf16 = x.dtype == torch.bfloat16
     _rht_kernel[grid](
         xv, m.contiguous(), ov.view(torch.int16) if bf16 else ov, n_other, sx_ax, sx_o, so_ax, so_o,
