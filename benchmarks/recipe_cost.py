@@ -2,7 +2,8 @@
 
 The results runs measured the step-state recipes far above their predictions under the CUDA graph
 (docs/benchmarks.md §6i: `mxfp4_tseng` 1.73x bf16 at the 8B cut, `nvfp4_paper` 1.58x at the 1B shape,
-where MXFP8 costs 1.02-1.06x). This script splits that cost before anyone writes a kernel for it: for each
+where MXFP8 costs 1.02-1.06x). This script splits that cost (its session-17 run, §6j, led to the one-pass
+transform and pre-scale kernels; it times whatever the library runs now): for each
 linear layer of a model cut (default: the 8B cut of docs/results, 2 x 8192 tokens per step) it times the
 three GEMMs a hooked linear layer runs (fprop, dgrad, wgrad) through `megaquant.ops.quant_matmul` as the
 hooks call it (value, grad, gemm, role; the recipe passed as a keyword where training configures it once

@@ -7,6 +7,7 @@ Megatron runs in one child process (megaquant.launch.validate) over the pinned m
 from __future__ import annotations
 
 import itertools
+import os
 from pathlib import Path
 
 import pytest
@@ -114,3 +115,35 @@ def test_validate_plan_refuses_what_megatron_rejects(source: Path, tmp_path: Pat
                            extra=("--seq-length", "16384"))  # fmt: skip
     with pytest.raises(MegaquantError, match="rejects the generated arguments.*max_position_embeddings"):
         validate_plan(plan_run(request, require_tree=False))
+
+
+def test_the_reused_parser_gives_each_parse_fresh_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    """reuse_megatron_parser: the parser is built once per environment; a parse that changes a mutable
+    default in place (as validate_args may) does not leak into the next parse."""
+    import argparse
+    import types
+
+    from megaquant.launch.validate import reuse_megatron_parser
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    builds: list[str] = []
+
+    def add_megatron_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        builds.append(os.environ.get("WORLD_SIZE", ""))
+        parser.add_argument("--layers", type=int, default=2)
+        parser.add_argument("--spec", nargs="*", default=["a", "b"])
+        return parser
+
+    arguments = types.SimpleNamespace(add_megatron_arguments=add_megatron_arguments)
+    reuse_megatron_parser(arguments)
+
+    def parse(argv: list[str]) -> argparse.Namespace:
+        return arguments.add_megatron_arguments(argparse.ArgumentParser()).parse_args(argv)
+
+    first = parse([])
+    first.spec.append("changed in place")
+    assert parse(["--layers", "4"]) == argparse.Namespace(layers=4, spec=["a", "b"])
+    assert parse([]).spec == ["a", "b"] and len(builds) == 1
+    monkeypatch.setenv("WORLD_SIZE", "8")  # a default may read the environment: one parser per environment
+    parse([])
+    assert builds == ["", "8"]

@@ -200,7 +200,7 @@ def fake_quant(
     )  # fmt: skip
     if kernels is not None:
         return _kernel_fake_quant(kernels, fmt, kw, x)
-    return _reference_fake_quant(opts, amax, device_seed, x, kw.get("prescale", 1.0))  # type: ignore[arg-type]
+    return _reference_fake_quant(opts, amax, device_seed, x, float(prescale))  # _prepare checked it
 
 
 def _reference_fake_quant(
@@ -243,8 +243,7 @@ def quantizer(
             if not x.is_cuda
             else f"the Triton kernels do not cover fmt={fmt!r} with {kw} on {x.dtype}"
         )
-        pre = _checked_prescale(kw.get("prescale", 1.0))
-        fn = functools.partial(_reference_fake_quant, opts, amax, device_seed, prescale=pre)
+        fn = functools.partial(_reference_fake_quant, opts, amax, device_seed, prescale=float(prescale))
         return fn, "reference", reason
     bound = getattr(kernels, "fake_quant_fn", None)
     if bound is not None and not {"seed", "block_2d", "amax", "prescale"} & set(kw):

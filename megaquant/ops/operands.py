@@ -59,7 +59,7 @@ def quantize_op(
             "seed": state.draw_seed(),
             "device_seed": state.step_word(t.device),
         }
-        if cfg.sr_prescale != 1.0:  # quantize p*t (exact in fp32), divide back in fp32: in the kernel
+        if cfg.sr_prescale != 1.0:  # fake_quant quantizes p*t and divides back (MX on CUDA: in the kernel)
             extra["prescale"] = cfg.sr_prescale
     return _quant_scaled(t, fmt, axis, cfg, operand, role, extra)
 
