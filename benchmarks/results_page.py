@@ -408,19 +408,23 @@ def family_section(family: str, family_cells: Sequence[Cell], figures: dict[str,
         )
     lines += [
         "",
-        "| run | seed | steps | final train loss | final val loss "
+        "| run | seed | steps | final train loss | final val loss | step time (ms) "
         "| GEMMs per step: triton / reference / plain "
         "| attention core | CUDA graph | commit |",
-        "| --- | ---: | ---: | ---: | ---: | --- | --- | --- | --- |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- | --- | --- |",
     ]
     for c in family_cells:
         for r in c.runs:
             core = ", ".join(sorted({a.split(" ", 1)[0] for a in r.attention_core})) or "—"
             seed = r.seed if r.seed is not None else "—"
             graph = "—" if r.cuda_graph is None else ("on" if r.cuda_graph else "off")
+            # per run, so a cell whose runs trained on different code (a faster kernel landed between
+            # its seeds; the commit column says which) shows each run's own time beside the cell's median
+            t = step_time(r.run.step_times_s)
+            ms = _f(None if t is None else t * 1e3, ".1f") + (" (shared)" if r.shared_gpu and t else "")
             lines.append(
                 f"| {r.name} | {seed} | {r.run.steps[-1]} | {r.train_final:.4f} | {_f(r.val_final, '.4f')} | "
-                f"{_paths_per_step(r.path_counts)} | {core} | {graph} | {(r.commit or '—')[:10]} |"
+                f"{ms} | {_paths_per_step(r.path_counts)} | {core} | {graph} | {(r.commit or '—')[:10]} |"
             )
     return "\n".join(lines) + "\n"
 

@@ -194,6 +194,9 @@ def test_page_tables_and_figures(store: Path, tmp_path: Path) -> None:
     assert "| FA_linear_mxfp8 | default | 300.0 (shared) | — | 10.00 | 1.00× | 3 of 3 |" in text
     assert "| FA_linear_hifp8 | hifp8_scaled | 200.0 | 1.00× | 12.00 | 1.20× | 0 of 1 |" in text
     assert "| batch1/bf16-s1234 | 1234 | 20 | " in text and "| 20 / 0 / 2 | fused | on | 0123456789 |" in text
+    # each run's own step time beside the cell's median, a shared run's marked
+    rows = {line.split(" | ")[0][2:]: line for line in text.splitlines() if line.startswith("| batch1/")}
+    assert " | 200.0 | " in rows["batch1/bf16-s1234"] and " | 300.0 (shared) | " in rows["batch1/mx8-s1235"]
     assert "batch1/broken: failed (exit 1); left out" in text
     assert "smoke" not in text  # a sample-dataset run belongs to the smoke page
     # the calibration run: its own table, start-up + evaluation = wall 65 s - 20 steps x 0.25 s
