@@ -312,8 +312,8 @@ def cost_factor(spec: RunSpec) -> float:
     the 8B cut (benchmarks.md §6d), 1.05-1.09x at the 1B single-gpu shape (§6c). The step-state recipes
     under the graph cost more than session 9 predicted (1.15-1.25x): at the 1B shape nvfp4_paper 239.5 ms
     against bf16's 153.0 ms per step (1.57x; docs/results/runs/1b, steps 400-1000 of its s1234 run, alone
-    on the GPU by then), mxfp4_tseng ~2.2x (session 14's run: 410 s against bf16's 214 s, its files lost
-    with that session); sr_gradients not measured, assumed 1.25x. Eager cells of a graphed shape
+    on the GPU by then), mxfp4_tseng 1.25x since session 18's one-pass transform and pre-scale kernels
+    (1B s1236: 193.1 ms against bf16's 154.2; 2.40x before them); sr_gradients not measured, assumed 1.25x. Eager cells of a graphed shape
     (hifp8_delayed, which `auto` keeps eager): 3.7x (mxfp4_tseng) and 2.7x (nvfp4_paper) at the 8B cut when
     they ran eager while sharing the GPU (§6d), assumed 3x. DeepSeek's MoE runs eager in every mode, bf16
     too: 1.7x for quantized modes (§7, host-bound), 1.9x tensor-scaled HiF8, 2.5x the SR / RHT recipes,
@@ -331,7 +331,7 @@ def cost_factor(spec: RunSpec) -> float:
         return 2.5 if step_state else factor
     if not graphed(spec):
         return 3.0
-    graphed_recipe = {"mxfp4_tseng": 2.2, "nvfp4_paper": 1.6, "sr_gradients": 1.25, "hifp8_scaled": 1.1}
+    graphed_recipe = {"mxfp4_tseng": 1.25, "nvfp4_paper": 1.6, "sr_gradients": 1.25, "hifp8_scaled": 1.1}
     return graphed_recipe.get(spec.recipe, 1.05)
 
 
