@@ -8,8 +8,10 @@ linear layer of a model cut (default: the 8B cut of docs/results, 2 x 8192 token
 three GEMMs a hooked linear layer runs (fprop, dgrad, wgrad) through `megaquant.ops.quant_matmul` as the
 hooks call it (value, grad, gemm, role; the recipe passed as a keyword where training configures it once
 from MEGAQUANT_RECIPE), and, for the recipes with a Hadamard transform, the
-transform alone (`megaquant.ops.operands.hadamard_pair`). Per variant it sums a step: the layer's GEMMs
-times the layers, against the plain bf16 matmuls of the same shapes.
+transform alone (`megaquant.ops.operands.hadamard_pair`), and (since session 18) the matmul alone on the
+operands the recipe hands it (`recipe_operands`): what is left is the operands' preparation, so the split
+says whether an extra sits in the quantizers or in the GEMM reading their output. Per variant it sums a
+step: the layer's GEMMs times the layers, against the plain bf16 matmuls of the same shapes.
 
     PYTHONPATH=. python3 benchmarks/recipe_cost.py --out DIR            # GPU: CUDA-graph replay timing
     PYTHONPATH=. python3 benchmarks/recipe_cost.py --device cpu --tokens 64 --scale 64 --out DIR   # smoke
@@ -31,6 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -63,6 +66,10 @@ class Row:
     bf16_us: float
     rht_us: float | None
     """The Hadamard transform of this GEMM's two operands alone (None: the recipe has none here)."""
+    matmul_us: float | None = None
+    """torch.matmul alone on the two operands this recipe hands the GEMM (transformed, quantized, in the
+    layout the kernels left them): `us - matmul_us` is the operands' preparation, `matmul_us - bf16_us`
+    what their values and layout cost the GEMM itself."""
 
 
 def _timer(device: str) -> Callable[[Callable[[], object]], float]:
@@ -104,6 +111,20 @@ def _operands(
     return rand(tokens, n_out).t(), rand(tokens, n_in)
 
 
+def recipe_operands(
+    a: torch.Tensor, b: torch.Tensor, value: str, **kw: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pair quant_matmul(a, b, value, **kw) multiplies, as that call builds it for operands that need no
+    autograd node (the hooks' case, and this script's): megaquant.ops.gemm's own transform-and-quantize
+    step, so the pair has the values and the layout the real GEMM reads (tests/test_recipe_cost.py)."""
+    from megaquant.ops import gemm
+    from megaquant.ops.config import quant_config
+
+    cfg = quant_config(value, **kw)
+    assert cfg.fmt is not None
+    return gemm._quant_pair(a, b, cfg.fmt, -2, cfg, gemm._role("matmul", kw), gemm._operands(cfg))
+
+
 def measure(
     variants: Sequence[tuple[str, str]],
     layers: Sequence[tuple[str, int, int]],
@@ -134,7 +155,9 @@ def measure(
                 rht = None
                 if cfg.grad and cfg.hadamard != "none" and (cfg.hadamard != "wgrad" or gemm == "wgrad"):
                     rht = time_us(partial(hadamard_pair, a, b, cfg))
-                rows.append(Row(value, recipe, name, gemm, us, bf16_us, rht))
+                qa, qb = recipe_operands(a, b, value, **kw)
+                mm = time_us(partial(torch.matmul, qa, qb))
+                rows.append(Row(value, recipe, name, gemm, us, bf16_us, rht, mm))
     return rows
 
 
@@ -146,6 +169,7 @@ def step_table(rows: Sequence[Row], num_layers: int) -> list[dict[str, object]]:
         quant = sum(r.us for r in mine) * num_layers / 1e3
         bf16 = sum(r.bf16_us for r in mine) * num_layers / 1e3
         rht = sum(r.rht_us or 0.0 for r in mine) * num_layers / 1e3
+        matmul = sum(r.matmul_us or 0.0 for r in mine) * num_layers / 1e3
         out.append(
             {
                 "value": value,
@@ -154,6 +178,8 @@ def step_table(rows: Sequence[Row], num_layers: int) -> list[dict[str, object]]:
                 "bf16_ms": round(bf16, 3),
                 "extra_ms": round(quant - bf16, 3),
                 "rht_ms": round(rht, 3),
+                "matmul_ms": round(matmul, 3),
+                "prepare_ms": round(quant - matmul, 3),
             }
         )
     return out
@@ -197,11 +223,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     (ns.out / "recipe_cost.json").write_text(json.dumps(result, indent=1) + "\n")
     print(f"{device}; {ns.tokens} tokens, {ns.layers} layers; linear GEMMs per step (ms)")
-    print(f"{'value':6s} {'recipe':13s} {'quantized':>10s} {'bf16':>8s} {'extra':>8s} {'of it RHT':>10s}")
+    print(
+        f"{'value':6s} {'recipe':13s} {'quantized':>10s} {'bf16':>8s} {'extra':>8s} {'of it RHT':>10s} "
+        f"{'matmul alone':>13s} {'operands':>9s}"
+    )
     for t in table:
         print(
             f"{t['value']!s:6s} {t['recipe']!s:13s} {t['gemms_ms']:10.2f} {t['bf16_ms']:8.2f} "
-            f"{t['extra_ms']:8.2f} {t['rht_ms']:10.2f}"
+            f"{t['extra_ms']:8.2f} {t['rht_ms']:10.2f} {t['matmul_ms']:13.2f} {t['prepare_ms']:9.2f}"
         )
     return 0
 

@@ -26,8 +26,23 @@ def test_smoke_run_on_cpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     steps = {(t["value"], t["recipe"]): t for t in result["step"]}
     assert steps[("mxfp4", "default")]["rht_ms"] == 0
     assert steps[("mxfp4", "mxfp4_tseng")]["rht_ms"] > 0
-    assert all(t["gemms_ms"] > 0 and t["bf16_ms"] > 0 for t in steps.values())
+    assert all(t["gemms_ms"] > 0 and t["bf16_ms"] > 0 and t["matmul_ms"] > 0 for t in steps.values())
+    assert all(r["matmul_us"] > 0 for r in rows)
     assert "not a GPU number" in result["device"] and "mxfp4_tseng" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("gemm", ["fprop", "dgrad", "wgrad"])
+@pytest.mark.parametrize("value, recipe", [("mxfp4", "default"), ("nvfp4", "default"), ("mxfp8", "default")])
+def test_the_timed_operands_are_the_ones_quant_matmul_multiplies(gemm: str, value: str, recipe: str) -> None:
+    """matmul_us times torch.matmul on recipe_operands' pair: that pair must give quant_matmul's result bit
+    for bit (round-to-nearest recipes: a stochastic one draws anew per call), and be quantized at all."""
+    from megaquant.ops import quant_matmul
+
+    a, b = recipe_cost._operands(gemm, 64, 128, 96, "cpu")
+    kw = {"recipe": recipe, "gemm": gemm, "grad": gemm != "fprop", "role": "linear_fwd"}
+    qa, qb = recipe_cost.recipe_operands(a, b, value, **kw)
+    assert qa.shape == a.shape and qb.shape == b.shape and not recipe_cost.torch.equal(qa, a)
+    assert recipe_cost.torch.equal(recipe_cost.torch.matmul(qa, qb), quant_matmul(a, b, value, **kw))
 
 
 def test_bad_variants_and_missing_cuda_are_usage_errors(tmp_path: Path) -> None:
