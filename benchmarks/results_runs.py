@@ -5,6 +5,7 @@ one GPU, a wall-clock budget, and only the small files of each run brought back.
     python benchmarks/results_runs.py run --batch NAME[,NAME...] --tree T --data-root D --work W --out OUT \\
         [--concurrency 2] [--budget-s 480] [--only RUN,...]                 # on the GPU machine
     python benchmarks/results_runs.py unpack OUT/NAME.tar.gz [--into docs/results/runs]   # here, after
+    python benchmarks/results_runs.py phases docs/results/runs/8b-4l     # where runs' wall time went
 
 Every run is one `megaquant train` (argv list, subprocess), as a user would start it: roles set on a git tree,
 torchrun -> megaquant.launch.pretrain, manifest.json + metrics.jsonl, restore. Runs that share the GPU each
@@ -21,7 +22,8 @@ in each of them); other shapes go on. After every run it
 rewrites OUT/<batch>.tar.gz: per run manifest.json, metrics.jsonl, path_counts.rank*.json,
 validation.jsonl (Megatron's evaluations, parsed from train.log), train_tail.log (the log's last lines),
 timing.log (the log's timestamps and timer reports: where the time besides the steps went) and
-results_run.json (this driver's record: slot, concurrency, wall time, which runs overlapped it). The lent
+results_run.json (this driver's record: slot, concurrency, wall time, its UTC start and end since session
+18, which runs overlapped it; `phases` splits the wall time with timing.log's datetimes). The lent
 machine returns at most 8 files, so one tarball carries a whole batch; `unpack` puts it under
 docs/results/runs/<batch>/<run>/, where `python benchmarks/results_page.py` reads it.
 
@@ -34,9 +36,11 @@ host-bound, eager runs of another leave idle (`may_share`).
 from __future__ import annotations
 
 import argparse
+import datetime
 import io
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -464,6 +468,56 @@ def timing_lines(log: str) -> str:
     return "".join(keep)
 
 
+_STAMP = re.compile(r"^\[(?P<mark>[^\]]+)\] datetime: (?P<when>\S+ \S+)")
+PHASES = ("before Megatron's setup", "setup to the first step", "training and evaluations", "after training")
+
+
+def phases(record: dict[str, object], timing: str) -> dict[str, float] | None:
+    """A run's wall time in four parts (seconds), from the driver's start / end times (results_run.json's
+    started_utc, ended_utc; since session 18) and Megatron's own datetimes in timing.log (the machine's
+    local time, UTC on the lent machines): before Megatron's first timestamp (the CLI, torchrun, imports),
+    from there to the first training step (initialize, model, data), training with its evaluations, and
+    after "after training is done" (the final evaluation, exit, the CLI's record and restore). None where
+    a time is missing."""
+    try:
+        start = datetime.datetime.fromisoformat(str(record["started_utc"]))
+        end = datetime.datetime.fromisoformat(str(record["ended_utc"]))
+    except (KeyError, ValueError):
+        return None
+    marks: dict[str, datetime.datetime] = {}
+    first: datetime.datetime | None = None
+    for line in timing.splitlines():
+        m = _STAMP.match(line.strip())
+        if m:
+            when = datetime.datetime.fromisoformat(m["when"]).replace(tzinfo=datetime.UTC)
+            first = first or when
+            marks.setdefault(m["mark"], when)
+    step = marks.get("before the start of training step")
+    done = marks.get("after training is done")
+    if first is None or step is None or done is None:
+        return None
+    parts = (first - start, step - first, done - step, end - done)
+    return dict(zip(PHASES, (round(p.total_seconds(), 1) for p in parts), strict=True))
+
+
+def phases_table(run_dirs: Sequence[Path]) -> str:
+    """`phases` of every run directory that records them, as a markdown table (the `phases` command)."""
+    lines = ["| run | wall (s) | " + " | ".join(f"{p} (s)" for p in PHASES) + " |"]
+    lines.append("| --- | ---: |" + " ---: |" * len(PHASES))
+    for d in run_dirs:
+        try:
+            record = json.loads((d / "results_run.json").read_text())
+            timing = (d / "timing.log").read_text()
+        except (OSError, ValueError):
+            continue
+        split = phases(record, timing)
+        if split is not None:
+            lines.append(
+                f"| {d.name} | {record.get('wall_s')} | " + " | ".join(str(split[p]) for p in PHASES) + " |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def write_tarball(path: Path, batch: str, runs: dict[str, dict[str, bytes]]) -> None:
     """All collected runs as <batch>/<run>/<file>, written atomically (the command may be killed)."""
     tmp = path.with_name(path.name + ".tmp")
@@ -519,8 +573,15 @@ class Active:
     proc: subprocess.Popen[bytes]
     run_dir: Path
     start: float
+    started_utc: str = ""
+    """When the run's `megaquant train` started (UTC, ISO seconds): against timing.log's own datetimes it
+    splits the wall time into what came before Megatron's setup, training, and what came after."""
     overlapped: set[str] = field(default_factory=set)
     others_at_start: int = 0
+
+
+def _utc_now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
 
 
 def trained(run_dir: Path, steps: int) -> bool:
@@ -616,7 +677,7 @@ def run_batch(ns: argparse.Namespace, selected: Sequence[tuple[str, RunSpec]]) -
             run_dir.parent.mkdir(parents=True, exist_ok=True)
             with (work / "runs" / batch_of[spec.name] / f"{spec.name}.out").open("w") as out:
                 proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
-            new = Active(spec, slot, proc, run_dir, time.monotonic(), others_at_start=running)
+            new = Active(spec, slot, proc, run_dir, time.monotonic(), _utc_now(), others_at_start=running)
             for other in active:
                 other.overlapped.add(spec.name)
                 new.overlapped.add(other.spec.name)
@@ -670,6 +731,8 @@ def run_batch(ns: argparse.Namespace, selected: Sequence[tuple[str, RunSpec]]) -
                 "concurrency": ns.concurrency,
                 "overlapped": sorted(done.overlapped),
                 "wall_s": round(wall, 1),
+                "started_utc": done.started_utc,
+                "ended_utc": _utc_now(),
                 "exit_code": code,
             }
             if code == 0:
@@ -861,7 +924,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--into", type=Path, default=Path(__file__).resolve().parents[1] / "docs/results/runs"
     )
     unpack_p.add_argument("--replace", action="store_true")
+    phases_p = sub.add_parser("phases", help="where stored runs' wall time went (runs since session 18)")
+    phases_p.add_argument("run_dirs", type=Path, nargs="+", help="run directories, or a family's directory")
     ns = parser.parse_args(argv)
+    if ns.command == "phases":
+        dirs = [
+            c
+            for d in ns.run_dirs
+            for c in ([d] if (d / "results_run.json").exists() else sorted(d.iterdir()))
+        ]
+        print(phases_table(dirs), end="")
+        return 0
     if ns.command == "pack-data":
         pack_data(ns.data_root, ns.out)
         print(f"wrote {ns.out}")

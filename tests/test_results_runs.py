@@ -257,6 +257,7 @@ def test_runs_share_the_gpu_in_their_own_trees_and_come_back_in_one_tarball(
     assert len((run / "train_tail.log").read_text().splitlines()) == rr.TAIL_LINES
     record = json.loads((run / "results_run.json").read_text())
     assert record["concurrency"] == 2 and batch[1].name in record["overlapped"] and record["exit_code"] == 0
+    assert record["started_utc"] < record["ended_utc"] and record["started_utc"].endswith("+00:00")
     with pytest.raises(SystemExit, match="already in the store, succeeded"):
         rr.unpack(tmp_path / "out" / "test.tar.gz", store)
     for spec in batch:  # a stored run that failed is replaced by the one that ran again
@@ -469,6 +470,35 @@ def test_timing_log_keeps_where_the_time_besides_the_steps_went() -> None:
     ]
     kept = rr.timing_lines("\n".join(rows) + "\n").splitlines()
     assert kept == [rows[1], rows[3], *rows[4:7], *rows[8:13], rows[15], *rows[16:18]]
+
+
+def test_phases_split_a_runs_wall_time_by_the_driver_and_megatron_times(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    timing = (
+        "[after in-process setup and before initialize_megatron] datetime: 2026-12-03 18:00:19.727273 \n"
+        "[after megatron is initialized] datetime: 2026-12-03 18:00:21.822389 \n"
+        "[before the start of training step] datetime: 2026-12-03 18:00:22.160233 \n"
+        "    evaluate .......................................: (697.54, 697.54)\n"
+        "[after training is done] datetime: 2026-12-03 18:01:50.406946 \n"
+    )
+    record = {
+        "wall_s": 120.0,
+        "started_utc": "2026-12-03T17:59:55.000+00:00",
+        "ended_utc": "2026-12-03T18:01:55.000+00:00",
+    }
+    split = rr.phases(record, timing)
+    assert split == dict(zip(rr.PHASES, (24.7, 2.4, 88.2, 4.6), strict=True))
+    assert sum(split.values()) == pytest.approx(120.0, abs=0.15)
+    assert rr.phases({"wall_s": 120.0}, timing) is None  # a run stored before session 18
+    assert rr.phases(record, timing.replace("[after training is done]", "[x]")) is None
+    run = tmp_path / "fam" / "run-a"
+    run.mkdir(parents=True)
+    (run / "results_run.json").write_text(json.dumps(record))
+    (run / "timing.log").write_text(timing)
+    (tmp_path / "fam" / "_driver").mkdir()  # not a run: left out
+    assert rr.main(["phases", str(tmp_path / "fam")]) == 0
+    assert "| run-a | 120.0 | 24.7 | 2.4 | 88.2 | 4.6 |" in capsys.readouterr().out
 
 
 def test_two_batches_share_one_driver_and_each_gets_its_own_tarball(
