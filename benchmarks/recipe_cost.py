@@ -25,6 +25,7 @@ tested. Writes DIR/recipe_cost.json and prints the table.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -33,19 +34,70 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-VARIANTS: tuple[tuple[str, str], ...] = (
-    ("mxfp8", "default"),
-    ("mxfp4", "default"),
-    ("mxfp4", "sr_gradients"),
-    ("mxfp4", "mxfp4_tseng"),
-    ("nvfp4", "default"),
-    ("nvfp4", "nvfp4_paper"),
+if TYPE_CHECKING:
+    from megaquant.ops.config import QuantConfig
+
+VARIANTS: tuple[str, ...] = (
+    "mxfp8+default",
+    "mxfp4+default",
+    "mxfp4+sr_gradients",
+    "mxfp4+mxfp4_tseng",
+    "mxfp4+mxfp4_tseng:sr_prescale=1.0",
+    "mxfp4+mxfp4_tseng:hadamard=none",
+    "mxfp4+mxfp4_tseng:stochastic=none:sr_prescale=1.0",
+    "nvfp4+default",
+    "nvfp4+nvfp4_paper",
 )
-"""(hook value, recipe): the headline MX / NVFP4 cells and their recipes (HiF8's recipes add scaling only)."""
+"""VALUE+RECIPE[:FIELD=X...]: the headline MX / NVFP4 cells and their recipes (HiF8's recipes add scaling
+only), and `mxfp4_tseng` with one part at a time taken out (its pre-scale, its transform, its stochastic
+rounding): an ablation overrides fields of the recipe's resolved QuantConfig, so it splits the recipe's
+cost by part (session 18: ~22 ms of tseng's 35.6 ms extra at the 8B cut sat outside the transform)."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    value: str
+    recipe: str
+    overrides: tuple[tuple[str, object], ...] = ()
+
+    @property
+    def label(self) -> str:
+        """The recipe column: the recipe's name, with its overrides in brackets."""
+        if not self.overrides:
+            return self.recipe
+        return f"{self.recipe}[{','.join(f'{k}={v}' for k, v in self.overrides)}]"
+
+
+def parse_variant(text: str) -> Variant:
+    """VALUE+RECIPE[:FIELD=X...]; X takes the type of the QuantConfig field it overrides."""
+    from megaquant.ops.config import QuantConfig
+
+    head, *fields = text.split(":")
+    pair = head.split("+", 1)
+    if len(pair) != 2 or not all(pair):
+        raise SystemExit(f"--variants: each is VALUE+RECIPE[:FIELD=X...], got {text!r}")
+    defaults = {f.name: f.default for f in dataclasses.fields(QuantConfig)}
+    overrides: list[tuple[str, object]] = []
+    for item in fields:
+        key, eq, raw = item.partition("=")
+        if not eq or key not in defaults or isinstance(defaults[key], bool) or defaults[key] is None:
+            settable = sorted(
+                k for k, v in defaults.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)
+            )
+            raise SystemExit(
+                f"--variants: {item!r} in {text!r} is not FIELD=X with FIELD one of {', '.join(settable)}"
+            )
+        kind = type(defaults[key])
+        try:
+            overrides.append((key, kind(raw)))
+        except ValueError:
+            raise SystemExit(f"--variants: {key} takes a {kind.__name__}, got {raw!r}") from None
+    return Variant(pair[0], pair[1], tuple(overrides))
+
 
 LAYERS_8B: tuple[tuple[str, int, int], ...] = (
     ("qkv", 4096, 6144),  # 32 query heads + 2 x 8 KV heads of 128
@@ -111,28 +163,41 @@ def _operands(
     return rand(tokens, n_out).t(), rand(tokens, n_in)
 
 
-def recipe_operands(
-    a: torch.Tensor, b: torch.Tensor, value: str, **kw: Any
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The pair quant_matmul(a, b, value, **kw) multiplies, as that call builds it for operands that need no
-    autograd node (the hooks' case, and this script's): megaquant.ops.gemm's own transform-and-quantize
-    step, so the pair has the values and the layout the real GEMM reads (tests/test_recipe_cost.py)."""
-    from megaquant.ops import gemm
+def _config(value: str, overrides: Sequence[tuple[str, object]] = (), **kw: Any) -> QuantConfig:
     from megaquant.ops.config import quant_config
 
     cfg = quant_config(value, **kw)
+    return dataclasses.replace(cfg, **dict(overrides)) if overrides else cfg
+
+
+def recipe_operands(
+    a: torch.Tensor, b: torch.Tensor, value: str, overrides: Sequence[tuple[str, object]] = (), **kw: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pair quant_matmul(a, b, value, **kw) multiplies, as that call builds it for operands that need no
+    autograd node (the hooks' case, and this script's): megaquant.ops.gemm's own transform-and-quantize
+    step, so the pair has the values and the layout the real GEMM reads (tests/test_recipe_cost.py).
+    `overrides` replace fields of the resolved config (an ablation)."""
+    from megaquant.ops import gemm
+
+    cfg = _config(value, overrides, **kw)
     assert cfg.fmt is not None
     return gemm._quant_pair(a, b, cfg.fmt, -2, cfg, gemm._role("matmul", kw), gemm._operands(cfg))
 
 
+def _ablated_matmul(
+    a: torch.Tensor, b: torch.Tensor, value: str, overrides: Sequence[tuple[str, object]], **kw: Any
+) -> torch.Tensor:
+    """quant_matmul's path (recipe_operands, then the matmul) under an ablated config."""
+    return torch.matmul(*recipe_operands(a, b, value, overrides, **kw))
+
+
 def measure(
-    variants: Sequence[tuple[str, str]],
+    variants: Sequence[Variant],
     layers: Sequence[tuple[str, int, int]],
     tokens: int,
     device: str,
 ) -> list[Row]:
     from megaquant.ops import quant_matmul, state
-    from megaquant.ops.config import quant_config
     from megaquant.ops.operands import hadamard_pair
 
     state.reset_state(1234)
@@ -142,22 +207,27 @@ def measure(
         for gemm in ("fprop", "dgrad", "wgrad"):
             a, b = _operands(gemm, tokens, n_in, n_out, device)
             bf16_us = time_us(partial(torch.matmul, a, b))
-            for value, recipe in variants:
+            for v in variants:
                 role = "linear_fwd" if gemm == "fprop" else f"linear_{gemm}"
                 kw: dict[str, object] = {
-                    "recipe": recipe,
+                    "recipe": v.recipe,
                     "gemm": gemm,
                     "grad": gemm != "fprop",
                     "role": role,
                 }
-                cfg = quant_config(value, **kw)
-                us = time_us(partial(quant_matmul, a, b, value, **kw))
+                cfg = _config(v.value, v.overrides, **kw)
+                call = (
+                    partial(_ablated_matmul, a, b, v.value, v.overrides, **kw)
+                    if v.overrides
+                    else partial(quant_matmul, a, b, v.value, **kw)
+                )
+                us = time_us(call)
                 rht = None
                 if cfg.grad and cfg.hadamard != "none" and (cfg.hadamard != "wgrad" or gemm == "wgrad"):
                     rht = time_us(partial(hadamard_pair, a, b, cfg))
-                qa, qb = recipe_operands(a, b, value, **kw)
+                qa, qb = recipe_operands(a, b, v.value, v.overrides, **kw)
                 mm = time_us(partial(torch.matmul, qa, qb))
-                rows.append(Row(value, recipe, name, gemm, us, bf16_us, rht, mm))
+                rows.append(Row(v.value, v.label, name, gemm, us, bf16_us, rht, mm))
     return rows
 
 
@@ -198,16 +268,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--variants",
-        default=",".join(f"{v}+{r}" for v, r in VARIANTS),
-        help="VALUE+RECIPE, comma-separated",
+        default=",".join(VARIANTS),
+        help="VALUE+RECIPE[:FIELD=X...], comma-separated (FIELD=X overrides a field of the resolved config)",
     )
     ns = parser.parse_args(argv)
     if ns.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here (use --device cpu for a smoke run)")
-    pairs = [v.split("+", 1) for v in ns.variants.split(",") if v]
-    if any(len(v) != 2 for v in pairs):
-        raise SystemExit(f"--variants: each is VALUE+RECIPE, got {ns.variants!r}")
-    variants = [(v[0], v[1]) for v in pairs]
+    variants = [parse_variant(v) for v in ns.variants.split(",") if v]
     layers = [(n, i // ns.scale, o // ns.scale) for n, i, o in LAYERS_8B]
     rows = measure(variants, layers, ns.tokens, ns.device)
     table = step_table(rows, ns.layers)
@@ -223,13 +290,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     (ns.out / "recipe_cost.json").write_text(json.dumps(result, indent=1) + "\n")
     print(f"{device}; {ns.tokens} tokens, {ns.layers} layers; linear GEMMs per step (ms)")
+    w = max(13, *(len(str(t["recipe"])) for t in table))
     print(
-        f"{'value':6s} {'recipe':13s} {'quantized':>10s} {'bf16':>8s} {'extra':>8s} {'of it RHT':>10s} "
+        f"{'value':6s} {'recipe':{w}s} {'quantized':>10s} {'bf16':>8s} {'extra':>8s} {'of it RHT':>10s} "
         f"{'matmul alone':>13s} {'operands':>9s}"
     )
     for t in table:
         print(
-            f"{t['value']!s:6s} {t['recipe']!s:13s} {t['gemms_ms']:10.2f} {t['bf16_ms']:8.2f} "
+            f"{t['value']!s:6s} {t['recipe']!s:{w}s} {t['gemms_ms']:10.2f} {t['bf16_ms']:8.2f} "
             f"{t['extra_ms']:8.2f} {t['rht_ms']:10.2f} {t['matmul_ms']:13.2f} {t['prepare_ms']:9.2f}"
         )
     return 0

@@ -45,9 +45,39 @@ def test_the_timed_operands_are_the_ones_quant_matmul_multiplies(gemm: str, valu
     assert recipe_cost.torch.equal(recipe_cost.torch.matmul(qa, qb), quant_matmul(a, b, value, **kw))
 
 
+def test_an_ablation_overrides_the_recipes_config(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """tseng with its transform, stochastic rounding and pre-scale all taken out multiplies what plain mxfp4
+    multiplies (bit for bit: round-to-nearest both); with one part out it differs from tseng itself."""
+    v = recipe_cost.parse_variant("mxfp4+mxfp4_tseng:hadamard=none:stochastic=none:sr_prescale=1")
+    assert v.overrides == (("hadamard", "none"), ("stochastic", "none"), ("sr_prescale", 1.0))
+    assert v.label == "mxfp4_tseng[hadamard=none,stochastic=none,sr_prescale=1.0]"
+    torch = recipe_cost.torch
+    for gemm in ("dgrad", "wgrad"):
+        a, b = recipe_cost._operands(gemm, 64, 128, 96, "cpu")
+        kw = {"recipe": "mxfp4_tseng", "gemm": gemm, "grad": True, "role": f"linear_{gemm}"}
+        bare = torch.matmul(*recipe_cost.recipe_operands(a, b, "mxfp4", v.overrides, **kw))
+        plain = torch.matmul(*recipe_cost.recipe_operands(a, b, "mxfp4", **{**kw, "recipe": "default"}))
+        assert torch.equal(bare, plain)
+        no_rht = recipe_cost.parse_variant("mxfp4+mxfp4_tseng:hadamard=none:stochastic=none").overrides
+        rht_only = torch.matmul(*recipe_cost.recipe_operands(a, b, "mxfp4", (("stochastic", "none"),), **kw))
+        assert not torch.equal(rht_only, plain)  # the transform is still there: other roundings
+        assert torch.equal(torch.matmul(*recipe_cost.recipe_operands(a, b, "mxfp4", no_rht, **kw)), plain)
+    argv = ["--device", "cpu", "--tokens", "64", "--scale", "64", "--layers", "1", "--out", str(tmp_path)]
+    assert recipe_cost.main([*argv, "--variants", "mxfp4+mxfp4_tseng,mxfp4+mxfp4_tseng:hadamard=none"]) == 0
+    result = json.loads((tmp_path / "recipe_cost.json").read_text())
+    labels = [t["recipe"] for t in result["step"]]
+    assert labels == ["mxfp4_tseng", "mxfp4_tseng[hadamard=none]"]
+    assert result["step"][1]["rht_ms"] == 0 and result["step"][0]["rht_ms"] > 0
+    assert "mxfp4_tseng[hadamard=none]" in capsys.readouterr().out
+
+
 def test_bad_variants_and_missing_cuda_are_usage_errors(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="VALUE\\+RECIPE"):
         recipe_cost.main(["--device", "cpu", "--variants", "mxfp4", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="not FIELD=X with FIELD one of .*sr_prescale"):
+        recipe_cost.parse_variant("mxfp4+mxfp4_tseng:no_such_field=1")
+    with pytest.raises(SystemExit, match="sr_prescale takes a float, got 'x'"):
+        recipe_cost.parse_variant("mxfp4+mxfp4_tseng:sr_prescale=x")
     if not recipe_cost.torch.cuda.is_available():
         with pytest.raises(SystemExit, match="no CUDA device"):
             recipe_cost.main(["--device", "cuda", "--out", str(tmp_path)])
