@@ -472,26 +472,36 @@ _STAMP = re.compile(r"^\[(?P<mark>[^\]]+)\] datetime: (?P<when>\S+ \S+)")
 PHASES = ("before Megatron's setup", "setup to the first step", "training and evaluations", "after training")
 
 
-def phases(record: dict[str, object], timing: str) -> dict[str, float] | None:
+def phases(
+    record: dict[str, object], timing: str, manifest: dict[str, object] | None = None
+) -> dict[str, float] | None:
     """A run's wall time in four parts (seconds), from the driver's start / end times (results_run.json's
     started_utc, ended_utc; since session 18) and Megatron's own datetimes in timing.log (the machine's
-    local time, UTC on the lent machines): before Megatron's first timestamp (the CLI, torchrun, imports),
-    from there to the first training step (initialize, model, data), training with its evaluations, and
-    after "after training is done" (the final evaluation, exit, the CLI's record and restore). None where
-    a time is missing."""
+    local time, UTC on the lent machines): before the earliest timestamp (the CLI and torchrun; before
+    session 18's entry also the worker's imports), from there to the first training step (imports since
+    then, initialize, model, data), training with its evaluations, and
+    after "after training is done" (the final evaluation, exit, the CLI's record and restore). A run stored
+    before session 18 has no driver times: the manifest's start / end (whole seconds, taken after the
+    roles are set and after the restore) stand in. None where a time is missing."""
     try:
-        start = datetime.datetime.fromisoformat(str(record["started_utc"]))
-        end = datetime.datetime.fromisoformat(str(record["ended_utc"]))
+        if "started_utc" in record:
+            start = datetime.datetime.fromisoformat(str(record["started_utc"]))
+            end = datetime.datetime.fromisoformat(str(record["ended_utc"]))
+        else:
+            start = datetime.datetime.fromisoformat(str((manifest or {})["start"]))
+            end = datetime.datetime.fromisoformat(str((manifest or {})["end"]))
     except (KeyError, ValueError):
         return None
     marks: dict[str, datetime.datetime] = {}
-    first: datetime.datetime | None = None
     for line in timing.splitlines():
         m = _STAMP.match(line.strip())
         if m:
-            when = datetime.datetime.fromisoformat(m["when"]).replace(tzinfo=datetime.UTC)
-            first = first or when
-            marks.setdefault(m["mark"], when)
+            marks.setdefault(
+                m["mark"], datetime.datetime.fromisoformat(m["when"]).replace(tzinfo=datetime.UTC)
+            )
+    # the earliest stamp: Megatron's first before session 18's entry, the worker's start since (Megatron
+    # prints "[before library-setup]" after the others, with an earlier time)
+    first = min(marks.values(), default=None)
     step = marks.get("before the start of training step")
     done = marks.get("after training is done")
     if first is None or step is None or done is None:
@@ -508,9 +518,12 @@ def phases_table(run_dirs: Sequence[Path]) -> str:
         try:
             record = json.loads((d / "results_run.json").read_text())
             timing = (d / "timing.log").read_text()
+            manifest = (
+                json.loads((d / "manifest.json").read_text()) if (d / "manifest.json").exists() else None
+            )
         except (OSError, ValueError):
             continue
-        split = phases(record, timing)
+        split = phases(record, timing, manifest)
         if split is not None:
             lines.append(
                 f"| {d.name} | {record.get('wall_s')} | " + " | ".join(str(split[p]) for p in PHASES) + " |"

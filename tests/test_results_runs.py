@@ -490,7 +490,15 @@ def test_phases_split_a_runs_wall_time_by_the_driver_and_megatron_times(
     split = rr.phases(record, timing)
     assert split == dict(zip(rr.PHASES, (24.7, 2.4, 88.2, 4.6), strict=True))
     assert sum(split.values()) == pytest.approx(120.0, abs=0.15)
-    assert rr.phases({"wall_s": 120.0}, timing) is None  # a run stored before session 18
+    assert rr.phases({"wall_s": 120.0}, timing) is None  # no driver times and no manifest
+    manifest = {"start": "2026-12-03T17:59:56+00:00", "end": "2026-12-03T18:01:55+00:00"}
+    assert rr.phases({"wall_s": 120.0}, timing, manifest) == dict(
+        zip(rr.PHASES, (23.7, 2.4, 88.2, 4.6), strict=True)
+    )
+    # since session 18's entry Megatron also prints the worker's start, after its other stamps: the earliest
+    # stamp, not the first line, ends the first phase
+    early = timing + "[before library-setup] datetime: 2026-12-03 18:00:05.000000\n"
+    assert rr.phases(record, early) == dict(zip(rr.PHASES, (10.0, 17.2, 88.2, 4.6), strict=True))
     assert rr.phases(record, timing.replace("[after training is done]", "[x]")) is None
     run = tmp_path / "fam" / "run-a"
     run.mkdir(parents=True)

@@ -23,6 +23,11 @@ from megaquant.megatron_src import quiet_megatron_import
 if TYPE_CHECKING:
     import torch
 
+_PROGRAM_START = time.time()
+"""When this entry's module was imported: the worker's start as far as megaquant can see it (torchrun
+spawned it; only the interpreter and megaquant's light imports came before). Handed to Megatron's
+startup timers in main()."""
+
 __all__ = [
     "REFUSED_FLAGS",
     "WEIGHT_CACHE_DEFAULT_FRACTION",
@@ -510,6 +515,17 @@ def _use_prebuilt_dataset_helpers() -> None:
     utils.compile_helpers = compile_helpers
 
 
+def _register_startup(training: Any, main_entry: float) -> None:
+    """Give Megatron's startup timers (megatron-core >= 0.17's `set_startup_timestamps`) this worker's
+    start and the end of main()'s imports, so its log splits the start-up into the library imports
+    (torch, Megatron), this entry's own set-up (argument parsing, the weight cache) and Megatron's
+    initialization ("startup-*" timer rows and "[before library-setup] datetime:" lines, which the results
+    driver keeps in timing.log). Older Megatron has no such hook: nothing is registered."""
+    register = getattr(training, "set_startup_timestamps", None)
+    if callable(register):
+        register(program_start=_PROGRAM_START, main_entry=main_entry)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
@@ -524,6 +540,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from megatron.training import training
         from megatron.training.argument_utils import pretrain_cfg_container_from_args
         from megatron.training.arguments import parse_and_validate_args
+    main_entry = time.time()  # the libraries are imported: what follows is this entry's own set-up
 
     args = parse_and_validate_args(extra_args_provider=add_megaquant_args)
     ops.reset_state(seed=args.seed)
@@ -565,6 +582,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     training.evaluate = _counted_evaluate(training.evaluate)
     _use_prebuilt_dataset_helpers()
     torch.backends.cuda.matmul.allow_tf32 = False  # bf16 GEMMs either way; keep fp32 paths exact
+    _register_startup(training, main_entry)
     try:
         training.pretrain(
             cfg,
