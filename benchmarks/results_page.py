@@ -114,6 +114,16 @@ class StoredRun:
     def shared_gpu(self) -> bool:
         return bool(self.record.get("overlapped"))
 
+    @property
+    def step_time_s(self) -> float | None:
+        """The run's step time (megaquant.report.step_time) over the steps it ran alone: a run the driver
+        prestarted the next one beside (results_runs.py --prestart-s) stops at the step where that began."""
+        times = self.run.step_times_s
+        prestart = self.record.get("prestart")
+        if isinstance(prestart, dict) and isinstance(prestart.get("from_step"), int):
+            times = [t for s, t in zip(self.run.steps, times, strict=False) if s < prestart["from_step"]]
+        return step_time(times)
+
 
 def _last_flag(args: Sequence[str], flag: str) -> str | None:
     value = None
@@ -292,7 +302,7 @@ def cells(runs: Sequence[StoredRun]) -> dict[str, list[Cell]]:
             trains = {r.seed: r.train_final for r in members}
             alone = [r for r in members if not r.shared_gpu]
             timed = alone or list(members)
-            times = [t for t in (step_time(r.run.step_times_s) for r in timed) if t is not None]
+            times = [t for t in (r.step_time_s for r in timed) if t is not None]
             peaks = [r.run.peak_mem_bytes for r in members if r.run.peak_mem_bytes is not None]
             if key == BASELINE:
                 known = [v for v in vals.values() if v is not None]
@@ -420,7 +430,7 @@ def family_section(family: str, family_cells: Sequence[Cell], figures: dict[str,
             graph = "—" if r.cuda_graph is None else ("on" if r.cuda_graph else "off")
             # per run, so a cell whose runs trained on different code (a faster kernel landed between
             # its seeds; the commit column says which) shows each run's own time beside the cell's median
-            t = step_time(r.run.step_times_s)
+            t = r.step_time_s
             ms = _f(None if t is None else t * 1e3, ".1f") + (" (shared)" if r.shared_gpu and t else "")
             lines.append(
                 f"| {r.name} | {seed} | {r.run.steps[-1]} | {r.train_final:.4f} | {_f(r.val_final, '.4f')} | "
@@ -440,7 +450,7 @@ def calibration_section(runs: Sequence[StoredRun]) -> str:
         "| --- | --- | --- | ---: | ---: | ---: | --- | ---: |",
     ]
     for r in runs:
-        t = step_time(r.run.step_times_s)
+        t = r.step_time_s
         wall = r.record.get("wall_s")
         rest = None if wall is None else float(wall) - sum(r.run.step_times_s)
         gib = None if r.run.peak_mem_bytes is None else r.run.peak_mem_bytes / 2**30

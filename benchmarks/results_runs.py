@@ -3,7 +3,7 @@ one GPU, a wall-clock budget, and only the small files of each run brought back.
 
     python benchmarks/results_runs.py plan [--batch NAME]                  # the matrix, estimated times
     python benchmarks/results_runs.py run --batch NAME[,NAME...] --tree T --data-root D --work W --out OUT \\
-        [--concurrency 2] [--budget-s 480] [--only RUN,...]                 # on the GPU machine
+        [--concurrency 2] [--budget-s 480] [--only RUN,...] [--prestart-s 15]   # on the GPU machine
     python benchmarks/results_runs.py unpack OUT/NAME.tar.gz [--into docs/results/runs]   # here, after
     python benchmarks/results_runs.py phases docs/results/runs/8b-4l     # where runs' wall time went
 
@@ -27,6 +27,15 @@ results_run.json (this driver's record: slot, concurrency, wall time, its UTC st
 machine returns at most 8 files, so one tarball carries a whole batch; `unpack` puts it under
 docs/results/runs/<batch>/<run>/, where `python benchmarks/results_page.py` reads it.
 
+`--prestart-s S` (session 18) starts the next run in a spare slot (its own tree copy, port and cache) when
+a running run is predicted to end within S seconds (`remaining_s`: its steps to go at its recent step time,
+plus AFTER_TRAINING_S), so the next run's ~25 s of start-up (torchrun, imports; docs/benchmarks.md §6k)
+overlaps the other's last steps and exit instead of following them. That is not counted as sharing: the
+ending run's record says where the overlap began (`prestart.from_step`) and the page takes its step time
+over the steps before; the new run's record names the run it started beside (`prestarted_beside`). If
+the new run logs a training step before the other has ended, both count as sharing the GPU, as with
+--concurrency.
+
 Several batches in one call (`--batch 1b,dsv2-2l`) share one driver, one budget and one set of slots, so
 every run's record names all the runs that overlapped it, whichever batch they came from; each batch still
 gets its own tarball. This is how a graphed, GPU-bound run of one family can use the GPU time that the
@@ -43,6 +52,7 @@ import os
 import re
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -50,6 +60,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _procs import interrupt  # noqa: E402
@@ -591,27 +602,75 @@ class Active:
     splits the wall time into what came before Megatron's setup, training, and what came after."""
     overlapped: set[str] = field(default_factory=set)
     others_at_start: int = 0
+    successor: str | None = None
+    """The run prestarted beside this one's last seconds (--prestart-s): it does not count as sharing
+    while only its start-up overlaps this run's end."""
+    successor_from_step: int | None = None
+    """This run's first step that may have run beside the successor's start-up."""
+    predecessor: Active | None = None
+    """The run this one was prestarted beside, while that run still runs."""
+    prestarted_beside: str = ""
+    """That run's name, once it ended before this run's first step (recorded in results_run.json)."""
 
 
 def _utc_now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
 
 
+def _logged_steps(run_dir: Path) -> list[dict[str, Any]]:
+    try:
+        lines = (run_dir / "metrics.jsonl").read_bytes().splitlines()
+    except OSError:
+        return []
+    rows = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a line being written
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+    return rows
+
+
 def trained(run_dir: Path, steps: int) -> bool:
     """Whether the run's metrics.jsonl has logged step `steps` (its last): it is then in its final
     evaluation or its exit, and interrupting it would throw a finished run away (session 15: DeepSeek's
     hifp8_delayed run was interrupted 7 s after its final validation)."""
-    try:
-        lines = (run_dir / "metrics.jsonl").read_bytes().splitlines()
-    except OSError:
-        return False
-    for line in reversed(lines):
-        try:
-            step = json.loads(line).get("step")
-        except (ValueError, AttributeError):
-            continue  # a line being written
-        return isinstance(step, int) and step >= steps
-    return False
+    rows = _logged_steps(run_dir)
+    return bool(rows) and int(rows[-1]["step"]) >= steps
+
+
+POLL_S = 2.0
+"""How often the driver looks at its runs."""
+
+AFTER_TRAINING_S = 8.0
+"""A run's wall time after its last step: the final evaluation, Megatron's exit, the CLI's record and
+restore (7-9 s measured over the stored runs, docs/benchmarks.md §6k)."""
+
+
+def remaining_s(run_dir: Path, steps: int) -> float:
+    """How long a training run has left: its steps to go at its recent step time, plus AFTER_TRAINING_S;
+    infinite before it has logged a step (its start-up and first steps say nothing yet)."""
+    rows = _logged_steps(run_dir)
+    times = [float(r["step_time_s"]) for r in rows[-5:] if isinstance(r.get("step_time_s"), (int, float))]
+    if not rows or not times:
+        return float("inf")
+    return max(0, steps - int(rows[-1]["step"])) * statistics.median(times) + AFTER_TRAINING_S
+
+
+def prestart_candidate(active: Sequence[Active], concurrency: int, prestart_s: float) -> Active | None:
+    """With every slot busy, the running run whose end is within `prestart_s` (the next run's start-up,
+    ~25 s of CPU work before it touches the GPU, then runs beside its last steps and exit); one such
+    prestart at a time."""
+    if prestart_s <= 0 or any(a.predecessor is not None for a in active):
+        return None
+    counting = [a for a in active if a.successor is None]
+    if len(counting) < concurrency:
+        return None
+    ending = [(remaining_s(a.run_dir, a.spec.length()), a.spec.name, a) for a in counting]
+    left, _, run = min(ending, default=(float("inf"), "", None))
+    return run if run is not None and left <= prestart_s else None
 
 
 def _slot_trees(tree: Path, work: Path, n: int) -> list[Path]:
@@ -632,7 +691,8 @@ def _interrupt(runs: Sequence[Active], wait_s: float = 60.0) -> None:
 def run_batch(ns: argparse.Namespace, selected: Sequence[tuple[str, RunSpec]]) -> dict[str, dict[str, bytes]]:
     """Run the selected (batch, run) pairs; returns the collected small files by run name."""
     work: Path = ns.work
-    trees = _slot_trees(ns.tree, work, ns.concurrency)
+    prestart_s = float(getattr(ns, "prestart_s", 0.0) or 0.0)
+    trees = _slot_trees(ns.tree, work, ns.concurrency + (1 if prestart_s > 0 else 0))
     batch_of = {spec.name: name for name, spec in selected}
     batches = list(dict.fromkeys(batch_of.values())) or _batch_names(ns.batch)
     collected: dict[str, dict[str, bytes]] = {}
@@ -657,16 +717,25 @@ def run_batch(ns: argparse.Namespace, selected: Sequence[tuple[str, RunSpec]]) -
     )
     while pending or active:
         now = time.monotonic() - t0
-        free = sorted(set(range(ns.concurrency)) - {a.slot for a in active})
+        free = sorted(set(range(len(trees))) - {a.slot for a in active})
         while free and pending:
+            counting = [a for a in active if a.successor is None]
+            ending = (
+                None
+                if len(counting) < ns.concurrency
+                else prestart_candidate(active, ns.concurrency, prestart_s)
+            )
+            if len(counting) >= ns.concurrency and ending is None:
+                break
             running = len(active)
-            others = [(a.start - t0, estimate_s(a.spec, measured)) for a in active]
+            beside = [a for a in active if a is not ending]
+            others = [(a.start - t0, estimate_s(a.spec, measured)) for a in beside]
             spec = next(
                 (
                     s
                     for s in pending
                     if not shape_failing(s.shape, failed, measured)
-                    and (ns.share_any or may_share(s, [a.spec for a in active]))
+                    and (ns.share_any or may_share(s, [a.spec for a in beside]))
                     and can_start(now, estimate_s(s, measured), others, ns.budget_s)
                 ),
                 None,
@@ -690,10 +759,17 @@ def run_batch(ns: argparse.Namespace, selected: Sequence[tuple[str, RunSpec]]) -
             run_dir.parent.mkdir(parents=True, exist_ok=True)
             with (work / "runs" / batch_of[spec.name] / f"{spec.name}.out").open("w") as out:
                 proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
-            new = Active(spec, slot, proc, run_dir, time.monotonic(), _utc_now(), others_at_start=running)
-            for other in active:
+            new = Active(spec, slot, proc, run_dir, time.monotonic(), _utc_now(), others_at_start=len(beside))
+            for other in beside:
                 other.overlapped.add(spec.name)
                 new.overlapped.add(other.spec.name)
+            if ending is not None:
+                ending.successor = spec.name
+                logged = _logged_steps(ending.run_dir)
+                ending.successor_from_step = int(logged[-1]["step"]) + 1 if logged else 1
+                new.predecessor = ending
+                left = remaining_s(ending.run_dir, ending.spec.length())
+                say(f"prestart {spec.name} beside the last {left:.0f} s of {ending.spec.name}")
             active.append(new)
             say(
                 f"start {spec.name} (slot {slot}, estimate {start_estimate(spec, measured, running):.0f} s): "
@@ -710,7 +786,7 @@ def run_batch(ns: argparse.Namespace, selected: Sequence[tuple[str, RunSpec]]) -
             if rest:
                 say(f"budget: {now:.0f} s spent; not starting {', '.join(s.name for s in rest)}")
             break
-        time.sleep(2)
+        time.sleep(POLL_S)
         elapsed = time.monotonic() - t0
         over = elapsed >= ns.budget_s
         if over:
@@ -733,6 +809,17 @@ def run_batch(ns: argparse.Namespace, selected: Sequence[tuple[str, RunSpec]]) -
             active.remove(done)
             wall = time.monotonic() - done.start
             code = done.proc.returncode
+            follower = next((a for a in active if a.predecessor is done), None)
+            prestart: dict[str, object] | None = None
+            if follower is not None:
+                follower.predecessor = None
+                if _logged_steps(follower.run_dir):  # its steps ran beside this run: that is sharing
+                    done.overlapped.add(follower.spec.name)
+                    follower.overlapped.add(done.spec.name)
+                    say(f"{follower.spec.name} began training before {done.spec.name} ended: both shared")
+                else:
+                    follower.prestarted_beside = done.spec.name
+                    prestart = {"successor": follower.spec.name, "from_step": done.successor_from_step}
             record = {
                 "batch": batch_of[done.spec.name],
                 "run": done.spec.name,
@@ -748,6 +835,10 @@ def run_batch(ns: argparse.Namespace, selected: Sequence[tuple[str, RunSpec]]) -
                 "ended_utc": _utc_now(),
                 "exit_code": code,
             }
+            if prestart is not None:
+                record["prestart"] = prestart  # the page's step time stops at prestart["from_step"]
+            if done.prestarted_beside:
+                record["prestarted_beside"] = done.prestarted_beside  # only its start-up overlapped
             if code == 0:
                 per_step = per_step_s(done.spec, wall, done.others_at_start)
                 measured[done.spec.shape] = max(per_step, measured.get(done.spec.shape, 0.0))
@@ -917,6 +1008,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="at the budget, a run that has logged its last step gets this long to finish its final "
         "evaluation and exit before it is interrupted (keep budget + grace + set-up under the machine's "
         "per-call limit)",
+    )
+    run.add_argument(
+        "--prestart-s",
+        type=float,
+        default=0.0,
+        help="start the next run this many seconds before a running run is predicted to end, in a spare "
+        "slot, so its ~25 s of start-up overlaps the other's last steps and exit (0: off). The ending "
+        "run's step time then stops where the overlap began; if the new run trains a step before the "
+        "other ends, both count as sharing the GPU",
     )
     run.add_argument(
         "--share-any",

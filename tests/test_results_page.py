@@ -254,3 +254,21 @@ def test_full_validation_runs_form_their_own_family() -> None:
     assert full == plain + ", full validation"
     fixed = rp.family_of({"model": "llama32-1b", "megatron_args": args, "validation_seed": 1234}, 1000)
     assert fixed == plain + ", validation seed 1234"
+
+
+def test_a_prestarted_successor_ends_the_step_time_where_it_began(tmp_path: Path) -> None:
+    """results_runs.py --prestart-s: the ending run's steps from `prestart.from_step` on ran beside the next
+    run's start-up, so its step time is taken over the steps before; a run without the record uses all."""
+    run = write_run(tmp_path, "bf16-s1234", "bf16", "default", 1234, 3.0)
+    rows = [
+        {"step": i, "loss": 4.0, "step_time_s": 0.2 if i < 9 else 0.9, "peak_mem_bytes": 1}
+        for i in range(1, 21)
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (stored,), _ = rp.load_store(tmp_path)
+    assert stored.step_time_s == pytest.approx(0.9)  # the median after warm-up: 12 of 18 steps slow
+    record = json.loads((run / "results_run.json").read_text())
+    record["prestart"] = {"successor": "next", "from_step": 9}
+    (run / "results_run.json").write_text(json.dumps(record))
+    (stored,), _ = rp.load_store(tmp_path)
+    assert stored.step_time_s == pytest.approx(0.2) and not stored.shared_gpu

@@ -9,6 +9,7 @@ import sys
 import tarfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -186,10 +187,18 @@ if f"{flag('--model')}:{flag('-q')}" in os.environ.get("FAKE_FAIL", "").split(",
     sys.exit(3)
 time.sleep(float(os.environ["FAKE_SLEEP"]))
 steps = int(flag("--steps"))
+step_s = float(os.environ.get("FAKE_STEP_S", "0"))  # > 0: one step at a time, as training logs them
 metrics = [
-    {"step": i, "loss": 5.0 - i / 10, "step_time_s": 0.1, "peak_mem_bytes": 1} for i in range(1, steps + 1)
+    {"step": i, "loss": 5.0 - i / 10, "step_time_s": step_s or 0.1, "peak_mem_bytes": 1}
+    for i in range(1, steps + 1)
 ]
-(run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+with (run / "metrics.jsonl").open("w") as out:
+    for m in metrics:
+        time.sleep(step_s)
+        out.write(json.dumps(m) + "\n")
+        out.flush()
+    with open(os.environ["FAKE_LOG"], "a") as log:
+        log.write(json.dumps({"run": run.name, "trained": time.time()}) + "\n")
 time.sleep(float(os.environ.get("FAKE_FINAL_EVAL_S", "0")))  # trained; evaluating and exiting
 evals = " validation loss at iteration 2 | lm loss value: 4.500000E+00 | lm loss PPL: 9.0E+01 | \n"
 evals += " validation loss at iteration 4 on validation set | lm loss value: 4.250000E+00 | \n"
@@ -507,6 +516,74 @@ def test_phases_split_a_runs_wall_time_by_the_driver_and_megatron_times(
     (tmp_path / "fam" / "_driver").mkdir()  # not a run: left out
     assert rr.main(["phases", str(tmp_path / "fam")]) == 0
     assert "| run-a | 120.0 | 24.7 | 2.4 | 88.2 | 4.6 |" in capsys.readouterr().out
+
+
+def _prestart_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, startup_s: float
+) -> list[dict[str, Any]]:
+    """Two graphed 8B-cut runs one at a time with --prestart-s: a fake whose start-up takes `startup_s`,
+    then 12 steps of 0.25 s; the driver looks every 0.1 s. Returns the fake's log lines."""
+    batch = tuple(rr.RunSpec(shape="8b-4l", mode=m, steps=12) for m in ("bf16", "FA_mxfp8"))
+    monkeypatch.setitem(rr.BATCHES, "test", batch)
+    monkeypatch.setattr(rr, "POLL_S", 0.1)
+    monkeypatch.setattr(rr, "AFTER_TRAINING_S", 0.2)
+    monkeypatch.setenv("FAKE_STEP_S", "0.25")
+    monkeypatch.setenv("FAKE_FINAL_EVAL_S", "0.5")
+    megaquant, log = _fake(tmp_path, monkeypatch, sleep=startup_s)
+    assert _run(tmp_path, megaquant, "--prestart-s", "1.5", "--budget-s", "600") == 0
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def _records(tmp_path: Path) -> dict[str, dict[str, Any]]:
+    store = tmp_path / "store"
+    rr.unpack(tmp_path / "out" / "test.tar.gz", store)
+    return {d.name: json.loads((d / "results_run.json").read_text()) for d in (store / "test").iterdir()}
+
+
+def test_a_prestarted_runs_start_up_overlaps_the_last_seconds_of_the_one_before(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events = _prestart_batch(tmp_path, monkeypatch, startup_s=2.5)  # start-up longer than the overlap
+    first, second = rr.BATCHES["test"]
+    starts = {e["run"]: e for e in events if "start" in e}
+    trained = {e["run"]: e["trained"] for e in events if "trained" in e}
+    assert starts[second.name]["start"] < trained[first.name]  # started while the first still trained
+    assert starts[first.name]["tree"] != starts[second.name]["tree"]  # in the spare slot's tree
+    assert starts[first.name]["port"] != starts[second.name]["port"]
+    records = _records(tmp_path)
+    one, two = records[first.name], records[second.name]
+    assert one["overlapped"] == [] and two["overlapped"] == []  # only a start-up overlapped: no sharing
+    assert one["prestart"]["successor"] == second.name and 2 <= one["prestart"]["from_step"] <= 12
+    assert two["prestarted_beside"] == first.name and "prestart" not in two
+
+
+def test_a_prestarted_run_that_trains_before_the_other_ends_shares_the_gpu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _prestart_batch(tmp_path, monkeypatch, startup_s=0.0)  # trains at once, beside the first's last steps
+    first, second = rr.BATCHES["test"]
+    records = _records(tmp_path)
+    assert records[first.name]["overlapped"] == [second.name]
+    assert records[second.name]["overlapped"] == [first.name]
+    assert "prestart" not in records[first.name] and "prestarted_beside" not in records[second.name]
+
+
+def test_remaining_time_and_the_prestart_candidate(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    assert rr.remaining_s(run, 100) == float("inf")  # nothing logged yet
+    rows = [{"step": i, "step_time_s": 0.25} for i in range(1, 91)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 9')
+    assert rr.remaining_s(run, 100) == pytest.approx(10 * 0.25 + rr.AFTER_TRAINING_S)
+    spec = rr.RunSpec(shape="8b-4l", mode="bf16", steps=100)
+    ending = rr.Active(spec, 0, None, run, 0.0)  # type: ignore[arg-type]
+    assert rr.prestart_candidate([ending], 1, 11.0) is ending
+    assert rr.prestart_candidate([ending], 1, 10.0) is None  # 10.5 s left
+    assert rr.prestart_candidate([ending], 1, 0.0) is None  # off
+    assert rr.prestart_candidate([ending], 2, 11.0) is None  # a slot is free: no need
+    follower = rr.Active(spec, 1, None, tmp_path / "other", 0.0, predecessor=ending)  # type: ignore[arg-type]
+    ending.successor = "next"
+    assert rr.prestart_candidate([ending, follower], 1, 11.0) is None  # one prestart at a time
 
 
 def test_two_batches_share_one_driver_and_each_gets_its_own_tarball(
