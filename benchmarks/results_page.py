@@ -46,7 +46,7 @@ BEGIN = "<!-- results:begin -->"
 END = "<!-- results:end -->"
 DATASET = "realtext"
 BASELINE = ("bf16", "default")
-CALIBRATION = frozenset({"calib"})
+CALIBRATION = frozenset({"calib", "calib-recipes"})
 """Batches of short runs, one at a time, for step times: a table of their own, not families with gaps."""
 ROOT = Path(__file__).resolve().parents[1]
 

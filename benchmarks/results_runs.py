@@ -252,6 +252,14 @@ BATCHES: dict[str, tuple[RunSpec, ...]] = {
         RunSpec(shape="dsv2-2l", mode="bf16", steps=16),
         RunSpec(shape="dsv2-2l", mode="FA_linear_mxfp8", steps=16),
     ),
+    # session 18: the two RHT recipes' step time with the session-17 transform and pre-scale kernels,
+    # short and alone (their 8B-cut seeds and 1B nvfp4_paper seeds all ran before the kernels; a run of
+    # a few hundred steps gives the median the page's calibration table shows, without adding a seed)
+    "calib-recipes": (
+        RunSpec(shape="8b-4l", mode="FA_linear_mxfp4", recipe="mxfp4_tseng", steps=96),
+        RunSpec(shape="8b-4l", mode="FA_linear_nvfp4", recipe="nvfp4_paper", steps=96),
+        RunSpec(shape="1b", mode="FA_linear_nvfp4", recipe="nvfp4_paper", steps=200),
+    ),
     "8b-4l": family("8b-4l"),
     "dsv2-2l": family("dsv2-2l"),
     "1b": family("1b"),
