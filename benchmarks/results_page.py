@@ -101,6 +101,9 @@ class StoredRun:
     batch: str = ""
     cuda_graph: bool | None = None
     """Whether the run trained under Megatron's full-iteration CUDA graph (manifest `cuda_graphs`)."""
+    megaquant_source: str | None = None
+    """Which megaquant code trained the run (the manifest environment's `megaquant_source`, a digest of
+    megaquant's files: megaquant.launch.run); None for runs recorded before session 18."""
 
     @property
     def train_final(self) -> float:
@@ -208,6 +211,7 @@ def load_store(root: Path) -> tuple[list[StoredRun], list[str]]:
                 commit=manifest.get("commit"),
                 batch=str(record.get("batch") or Path(name).parts[0]),
                 cuda_graph=(manifest.get("cuda_graphs") or {}).get("enabled"),
+                megaquant_source=(manifest.get("environment") or {}).get("megaquant_source"),
             )
         )
     return runs, notes
@@ -420,8 +424,8 @@ def family_section(family: str, family_cells: Sequence[Cell], figures: dict[str,
         "",
         "| run | seed | steps | final train loss | final val loss | step time (ms) "
         "| GEMMs per step: triton / reference / plain "
-        "| attention core | CUDA graph | commit |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- | --- | --- |",
+        "| attention core | CUDA graph | commit | megaquant source |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- | --- | --- | --- |",
     ]
     for c in family_cells:
         for r in c.runs:
@@ -429,12 +433,15 @@ def family_section(family: str, family_cells: Sequence[Cell], figures: dict[str,
             seed = r.seed if r.seed is not None else "—"
             graph = "—" if r.cuda_graph is None else ("on" if r.cuda_graph else "off")
             # per run, so a cell whose runs trained on different code (a faster kernel landed between
-            # its seeds; the commit column says which) shows each run's own time beside the cell's median
+            # its seeds; since session 18 the megaquant source column says which) shows each run's own
+            # time beside the cell's median
             t = r.step_time_s
             ms = _f(None if t is None else t * 1e3, ".1f") + (" (shared)" if r.shared_gpu and t else "")
+            commit = (r.commit or "—")[:10]
             lines.append(
                 f"| {r.name} | {seed} | {r.run.steps[-1]} | {r.train_final:.4f} | {_f(r.val_final, '.4f')} | "
-                f"{ms} | {_paths_per_step(r.path_counts)} | {core} | {graph} | {(r.commit or '—')[:10]} |"
+                f"{ms} | {_paths_per_step(r.path_counts)} | {core} | {graph} | {commit} | "
+                f"{r.megaquant_source or '—'} |"
             )
     return "\n".join(lines) + "\n"
 

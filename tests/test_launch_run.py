@@ -17,7 +17,7 @@ from megaquant import api
 from megaquant.errors import LaunchError, RoleError
 from megaquant.launch.argv import Parallel
 from megaquant.launch.launcher import train
-from megaquant.launch.run import TRAIN_COMMAND_ENV, TrainRequest, execute, plan_run
+from megaquant.launch.run import TRAIN_COMMAND_ENV, TrainRequest, execute, megaquant_source, plan_run
 
 FAKE_TRAINER = r"""
 import os, sys, time
@@ -91,6 +91,7 @@ def test_run_records_manifest_and_restores(fork_repo: Path, fake_trainer: Path, 
     assert "--transformer-impl" in manifest["argv"] and manifest["log"] == "train.log"
     assert manifest["start"] <= manifest["end"]
     assert manifest["environment"]["python"]
+    assert manifest["environment"]["megaquant_source"] == megaquant_source()  # which megaquant code ran
     assert "restored main" in manifest["restored"]
     # tree restored: back on main, sources unchanged, no throwaway branch left
     repo = git.Repo(fork_repo)
@@ -368,3 +369,21 @@ def test_of_two_runs_taking_the_lease_at_once_one_gets_it(fork_repo: Path, tmp_p
     os.utime(lease, (1.0, 1.0))  # the same empty file, long ago: a leftover, taken over
     release_training_lease(take_training_lease(fork_repo, tmp_path / "a"))
     assert not lease.exists()
+
+
+def test_the_megaquant_source_digest_follows_the_code(tmp_path: Path) -> None:
+    """A digest of the package's .py files: the same files give the same digest, an edited or an added
+    file another; other files do not count."""
+    package = tmp_path / "pkg"
+    (package / "sub").mkdir(parents=True)
+    (package / "a.py").write_text("x = 1\n")
+    (package / "sub" / "b.py").write_text("y = 2\n")
+    first = megaquant_source.__wrapped__(package)
+    assert len(first) == 16 and int(first, 16) >= 0
+    (package / "notes.txt").write_text("not code")
+    assert megaquant_source.__wrapped__(package) == first
+    (package / "sub" / "b.py").write_text("y = 3\n")
+    edited = megaquant_source.__wrapped__(package)
+    (package / "c.py").write_text("")
+    assert len({first, edited, megaquant_source.__wrapped__(package)}) == 3
+    assert megaquant_source() == megaquant_source()  # the installed package's, once per process

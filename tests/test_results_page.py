@@ -65,6 +65,7 @@ def _manifest(
         },
         "megatron_args": args,
         "commit": "0123456789abcdef",
+        "environment": {"python": "3.12.3", "megaquant_source": "feedc0de12345678"},
         "status": status,
         "exit_code": 0 if status == "succeeded" else 1,
         "attention_core": ["fused (sdpa) qk=none pv=none"],
@@ -193,7 +194,8 @@ def test_page_tables_and_figures(store: Path, tmp_path: Path) -> None:
     # no ratio with a shared time: the other runs slowed it by an amount nobody measured
     assert "| FA_linear_mxfp8 | default | 300.0 (shared) | — | 10.00 | 1.00× | 3 of 3 |" in text
     assert "| FA_linear_hifp8 | hifp8_scaled | 200.0 | 1.00× | 12.00 | 1.20× | 0 of 1 |" in text
-    assert "| batch1/bf16-s1234 | 1234 | 20 | " in text and "| 20 / 0 / 2 | fused | on | 0123456789 |" in text
+    assert "| batch1/bf16-s1234 | 1234 | 20 | " in text
+    assert "| 20 / 0 / 2 | fused | on | 0123456789 | feedc0de12345678 |" in text  # which megaquant ran
     # each run's own step time beside the cell's median, a shared run's marked
     rows = {line.split(" | ")[0][2:]: line for line in text.splitlines() if line.startswith("| batch1/")}
     assert " | 200.0 | " in rows["batch1/bf16-s1234"] and " | 300.0 (shared) | " in rows["batch1/mx8-s1235"]

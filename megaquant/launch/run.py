@@ -5,6 +5,8 @@ stream train.log, write manifest.json, restore the tree on success, failure and 
 from __future__ import annotations
 
 import datetime as _dt
+import functools
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -55,6 +57,7 @@ __all__ = [
     "environment_summary",
     "execute",
     "failure_hint",
+    "megaquant_source",
     "plan_run",
     "release_training_lease",
     "srun_prefix",
@@ -321,6 +324,19 @@ def check_roles(sites: Sequence[Site], values: Mapping[str, str]) -> None:
             )
 
 
+@functools.cache
+def megaquant_source(root: Path | None = None) -> str:
+    """The first 16 hex digits of a SHA-256 over megaquant's own Python files (path and bytes, in path
+    order; `root`: the package directory, default this one): which megaquant code a run used, also where
+    megaquant runs from a source tree rather than an installed release (the packages' version is then
+    None). Computed once per process."""
+    root = Path(__file__).resolve().parents[1] if root is None else root
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
 def environment_summary(environ: Mapping[str, str] | None = None) -> dict[str, object]:
     environ = os.environ if environ is None else environ
 
@@ -336,6 +352,7 @@ def environment_summary(environ: Mapping[str, str] | None = None) -> dict[str, o
         "python": platform.python_version(),
         "executable": sys.executable,
         "packages": {d: version(d) for d in ("megaquant", "torch", "megatron-core", "triton")},
+        "megaquant_source": megaquant_source(),
         "cuda_visible_devices": environ.get("CUDA_VISIBLE_DEVICES"),
         "slurm_job_id": environ.get("SLURM_JOB_ID"),
     }
