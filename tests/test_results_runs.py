@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import tarfile
 import time
@@ -616,3 +618,13 @@ def test_two_batches_share_one_driver_and_each_gets_its_own_tarball(
     assert rr._select(argparse.Namespace(batch="test,test2", only="", skip_done=[store], work=None)) == []
     with pytest.raises(SystemExit, match="unknown nope"):
         rr.main(["plan", "--batch", "test,nope"])
+
+
+def test_the_results_call_script_parses_and_refuses_without_out(tmp_path: Path) -> None:
+    """benchmarks/results_call.sh, the one command of a GPU call (docs/results/plan.md): valid bash, and
+    without the device tool's $OUT it stops before installing anything."""
+    script = ROOT / "benchmarks" / "results_call.sh"
+    assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, check=False)
+    assert done.returncode != 0 and "OUT must name the folder" in done.stderr
