@@ -1045,7 +1045,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--into", type=Path, default=Path(__file__).resolve().parents[1] / "docs/results/runs"
     )
     unpack_p.add_argument("--replace", action="store_true")
-    phases_p = sub.add_parser("phases", help="where stored runs' wall time went (runs since session 18)")
+    phases_p = sub.add_parser("phases", help="where stored runs' wall time went (start-up, training, exit)")
     phases_p.add_argument("run_dirs", type=Path, nargs="+", help="run directories, or a family's directory")
     ns = parser.parse_args(argv)
     if ns.command == "phases":
