@@ -214,6 +214,39 @@ def test_delayed_scaling_uses_the_slot_history_and_acts_as_current_before_the_fi
     assert not torch.equal(out, current)
 
 
+def test_evaluation_scales_by_the_current_amax_and_leaves_the_training_histories_alone() -> None:
+    """Inside state.evaluation() delayed scaling is current scaling, and the next training step scales as
+    it would have without the evaluation: the validation batch's amax joins no history."""
+    from megaquant.ops import state
+
+    big, small = _rand(4, 64), _rand(4, 64, scale=1e-3, seed=2)
+    huge = _rand(4, 64, scale=1e3, seed=4)
+    w = _rand(64, 8, seed=3)
+    ops.next_step()
+    quant_matmul(big, w, "hifp8", recipe="hifp8_delayed")  # step 1 records amax(big)
+    ops.next_step()
+    histories = {k: v.clone() for k, v in state._STATE.histories.items()}
+    with state.evaluation():
+        for _ in range(3):  # three validation batches, as Megatron's evaluate runs them
+            got = quant_matmul(huge, w, "hifp8", recipe="hifp8_delayed")
+            assert torch.equal(got, quant_matmul(huge, w, "hifp8", recipe="hifp8_scaled"))
+    assert not state._STATE.evaluating and state._STATE.histories.keys() == histories.keys()
+    assert all(torch.equal(state._STATE.histories[k], v) for k, v in histories.items())
+    out = quant_matmul(small, w, "hifp8", recipe="hifp8_delayed")  # step 2: big's history, not huge's
+    s = 3 - math.floor(math.log2(float(big.abs().max())))
+    expected = (fake_quant(small * 2.0**s, "hifp8") * 2.0**-s) @ fake_quant(w, "hifp8", tensor_scale=True)
+    assert torch.equal(out, expected)
+
+
+def test_megatrons_evaluate_runs_inside_the_evaluation_state() -> None:
+    from megaquant.launch import pretrain
+    from megaquant.ops import state
+
+    seen: list[bool] = []
+    wrapped = pretrain._counted_evaluate(lambda *a, **k: seen.append(state._STATE.evaluating) or "loss")
+    assert wrapped(1, key=2) == "loss" and seen == [True] and not state._STATE.evaluating
+
+
 # ---------------------------------------------------------------- stochastic rounding and seeds
 
 

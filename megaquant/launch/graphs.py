@@ -13,8 +13,9 @@ device word that `next_step()` overwrites outside the graph, and delayed scaling
 with fixed-index device ops (megaquant.ops.state; tests/test_graphsafe.py checks the host arguments,
 tests/test_graphsafe_gpu.py the replay against eager, on an H200). `recipe_blockers` is where a recipe feature
 that does keep such state would be refused. Delayed scaling is left out of `auto` (`recipe_unverified`): its
-training steps replay exactly, but evaluation meets new amax slots every iteration, which a replayed
-validation graph scales as current scaling while eager evaluation reuses earlier evaluations' histories.
+training steps replay exactly, and since session 18 a validation pass uses current scaling and records
+nothing (megaquant.ops.state.evaluation), which should make replayed and eager evaluation agree; that is
+not yet shown on the GPU (benchmarks/eval_graph_check.sh FA_linear_hifp8:hifp8_delayed).
 Dropless MoE reads token counts back to the host (not capturable); multi-GPU and pipeline-parallel graphs
 have not been verified here yet; the fork's own pretrain_gpt.py predates the full-iteration graph. `auto`
 (the default) turns graphs on only where none of this applies, and says why not otherwise. Pure: no torch.
@@ -65,8 +66,8 @@ def recipe_unverified(recipe: Recipe) -> list[str]:
     validation losses (benchmarks/eval_graph_check.sh, docs/benchmarks.md)."""
     if recipe.tensor_scaling == "delayed":
         return [
-            "delayed scaling replays exactly in training steps, but evaluation under the graph scales its "
-            "new amax slots as current scaling where eager evaluation reuses earlier evaluations' histories"
+            "delayed scaling replays exactly in training steps; its evaluation (current scaling, nothing "
+            "recorded, since session 18) has not yet been shown to replay exactly"
         ]
     return []
 

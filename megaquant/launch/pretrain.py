@@ -487,11 +487,13 @@ def _check_graph_recipe() -> None:
 
 
 def _counted_evaluate(original: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap megatron.training.training.evaluate: validation GEMMs are counted apart from the steps'."""
-    from megaquant.ops import counters
+    """Wrap megatron.training.training.evaluate: validation GEMMs are counted apart from the steps', and
+    the pass leaves the recipes' training state alone (megaquant.ops.state.evaluation: delayed scaling
+    scales by the current amax there and records nothing)."""
+    from megaquant.ops import counters, state
 
     def evaluate(*args: Any, **kwargs: Any) -> Any:
-        with counters.evaluation():
+        with counters.evaluation(), state.evaluation():
             return original(*args, **kwargs)
 
     return evaluate

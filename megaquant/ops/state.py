@@ -21,7 +21,9 @@ GEMMs in the same order, so each history follows one tensor (a layer's weight, i
 A history is a device tensor of the last `length` amaxes, newest first (zeros where the slot has fewer), and
 recording shifts it by one: fixed-index ops, no host position. Before the first `next_step()` there is no
 step to remember, and delayed scaling acts as current scaling; so does a slot first met inside a CUDA graph
-capture (its history would be created by the graph, i.e. anew every replay), without being recorded.
+capture (its history would be created by the graph, i.e. anew every replay), without being recorded, and so
+does every operand of a validation pass (`evaluation()`, since session 18: evaluation reads and records no
+history, so it cannot change the training steps after it, and eager and replayed evaluation agree).
 
 A recipe with one fixed Hadamard sign vector (nvfp4_paper) takes it from `fixed_seed()`: the same for every
 GEMM and step of the run, a function of the base seed only (draws nothing, so the other seeds do not move).
@@ -36,6 +38,8 @@ a per-thread flag set by the forward hooks would not reach that thread anyway.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -85,6 +89,8 @@ class _State:
     histories: dict[tuple[object, ...], torch.Tensor] = field(default_factory=dict)
     words: dict[torch.device, torch.Tensor] = field(default_factory=dict)
     """The step word per device (step_word)."""
+    evaluating: bool = False
+    """Inside `evaluation()`: delayed scaling acts as current scaling and records nothing."""
 
 
 _STATE = _State()
@@ -95,6 +101,23 @@ def reset_state(seed: int = 0) -> None:
     global _STATE
     _STATE = _State(seed=seed)
     PLAIN_SCOPE[0] = 0
+
+
+@contextmanager
+def evaluation() -> Iterator[None]:
+    """A validation pass: its forwards leave the training state alone. Delayed scaling scales each operand
+    by its own amax (current scaling) and neither reads nor records a history: an evaluation's batches
+    would otherwise push validation amaxes into the forward slots of the training steps that follow
+    (its first batch meets their slots) and grow slots of its own that only later evaluations read, so a
+    validation loss would depend on the evaluations before it, and a CUDA-graph replay of the pass (which
+    meets those slots as new) would differ from eager. The trainers' evaluation wraps enter it
+    (megaquant.launch.pretrain)."""
+    before = _STATE.evaluating
+    _STATE.evaluating = True
+    try:
+        yield
+    finally:
+        _STATE.evaluating = before
 
 
 def next_step() -> int:
@@ -157,13 +180,14 @@ def history(key: tuple[object, ...], length: int, amax: torch.Tensor) -> torch.T
     tensor on the operand's device; nothing is read back to the host).
 
     Returns the max over the slot's history (the last `length` steps) when it has one, else `amax` itself
-    (the first step, and every call before the first next_step()). Three fixed-index device ops per call
+    (the first step, every call before the first next_step(), and every call inside `evaluation()`, which
+    records nothing). Three fixed-index device ops per call
     (the max, the shifted history, its copy back); amaxes are >= 0, so the zeros of a history shorter than
     `length` never win the max.
     """
     import torch
 
-    if _STATE.step == 0:
+    if _STATE.step == 0 or _STATE.evaluating:
         return amax
     _STATE.seen[key] += 1
     slot = (*key, _STATE.seen[key])
