@@ -106,12 +106,11 @@ def reset_state(seed: int = 0) -> None:
 @contextmanager
 def evaluation() -> Iterator[None]:
     """A validation pass: its forwards leave the training state alone. Delayed scaling scales each operand
-    by its own amax (current scaling) and neither reads nor records a history: an evaluation's batches
-    would otherwise push validation amaxes into the forward slots of the training steps that follow
-    (its first batch meets their slots) and grow slots of its own that only later evaluations read, so a
-    validation loss would depend on the evaluations before it, and a CUDA-graph replay of the pass (which
-    meets those slots as new) would differ from eager. The trainers' evaluation wraps enter it
-    (megaquant.launch.pretrain)."""
+    by its own amax (current scaling) and neither reads nor records a history. Otherwise an evaluation
+    (which runs after a training step, so its calls count on past that step's slots) would grow slots of
+    its own that only later evaluations read: a validation loss would depend on the evaluations before
+    it, and a CUDA-graph replay of the pass (which meets those slots as new, so scales them as current)
+    would differ from eager. The trainers' evaluation wraps enter it (megaquant.launch.pretrain)."""
     before = _STATE.evaluating
     _STATE.evaluating = True
     try:
