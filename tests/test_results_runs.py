@@ -628,3 +628,15 @@ def test_the_results_call_script_parses_and_refuses_without_out(tmp_path: Path) 
     env = {k: v for k, v in os.environ.items() if k != "OUT"}
     done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, check=False)
     assert done.returncode != 0 and "OUT must name the folder" in done.stderr
+
+
+def test_the_recipe_calibration_runs_are_short_and_go_to_the_calibration_table() -> None:
+    """calib-recipes: short runs of the two RHT recipes for their step time with the current kernels; the
+    page puts them in its calibration table, not into the families' seeds and gaps."""
+    import results_page as rp
+
+    batch = rr.BATCHES["calib-recipes"]
+    assert {(s.mode, s.recipe) for s in batch} >= {("FA_linear_mxfp4", "mxfp4_tseng")}
+    assert all(s.steps is not None and s.steps < rr.SHAPES[s.shape].steps for s in batch)
+    assert "calib-recipes" in rp.CALIBRATION and "calib" in rp.CALIBRATION
+    assert not {s.name for s in batch} & {s.name for s in rr.family("8b-4l") + rr.family("1b")}

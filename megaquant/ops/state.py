@@ -23,7 +23,8 @@ recording shifts it by one: fixed-index ops, no host position. Before the first 
 step to remember, and delayed scaling acts as current scaling; so does a slot first met inside a CUDA graph
 capture (its history would be created by the graph, i.e. anew every replay), without being recorded, and so
 does every operand of a validation pass (`evaluation()`, since session 18: evaluation reads and records no
-history, so it cannot change the training steps after it, and eager and replayed evaluation agree).
+history, so a validation loss does not depend on the evaluations before it, and a replayed evaluation
+should equal the eager one; the GPU check of that is benchmarks/eval_graph_check.sh).
 
 A recipe with one fixed Hadamard sign vector (nvfp4_paper) takes it from `fixed_seed()`: the same for every
 GEMM and step of the run, a function of the base seed only (draws nothing, so the other seeds do not move).
