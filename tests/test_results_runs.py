@@ -109,16 +109,19 @@ def test_each_family_covers_the_issue_matrix(shape: str) -> None:
 
 def test_only_eager_runs_share_the_gpu_by_default() -> None:
     graph_run = rr.RunSpec(shape="8b-4l", mode="FA_linear_mxfp8", seed=1234)
-    eager = rr.RunSpec(shape="8b-4l", mode="FA_linear_hifp8", recipe="hifp8_delayed", seed=1234)
+    eager = rr.RunSpec(shape="dsv2-2l", mode="FA_linear_hifp8", recipe="hifp8_delayed", seed=1234)
+    delayed = rr.RunSpec(shape="8b-4l", mode="FA_linear_hifp8", recipe="hifp8_delayed", seed=1234)
     tseng = rr.RunSpec(shape="8b-4l", mode="FA_linear_mxfp4", recipe="mxfp4_tseng", seed=1234)
     moe = rr.RunSpec(shape="dsv2-2l", mode="bf16", seed=1234)  # DeepSeek's MoE is never graphed
     assert rr.graphed(graph_run) and not rr.graphed(eager) and not rr.graphed(moe)
+    assert rr.graphed(delayed) and not rr.may_share(delayed, [graph_run])
     assert rr.may_share(graph_run, [])
     assert not rr.may_share(graph_run, [graph_run])  # two graphed runs: 1.10x, and neither time is clean
     assert rr.may_share(eager, [graph_run]) and rr.may_share(graph_run, [eager])
     assert rr.may_share(moe, [eager])
     assert rr.graphed(tseng) and not rr.may_share(tseng, [graph_run])  # its random streams replay exactly
-    assert rr.cost_factor(eager) == 3.0 and rr.cost_factor(graph_run) == 1.05
+    assert rr.cost_factor(eager) == 4.5 and rr.cost_factor(graph_run) == 1.05
+    assert rr.cost_factor(delayed) == 1.25
     assert rr.cost_factor(tseng) == 1.25  # measured at 1B with the session-17 kernels (session 18)
 
 

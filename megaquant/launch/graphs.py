@@ -12,10 +12,10 @@ stochastic rounding and per-GEMM random Hadamard signs pass the same host seed e
 device word that `next_step()` overwrites outside the graph, and delayed scaling shifts its amax histories
 with fixed-index device ops (megaquant.ops.state; tests/test_graphsafe.py checks the host arguments,
 tests/test_graphsafe_gpu.py the replay against eager, on an H200). `recipe_blockers` is where a recipe feature
-that does keep such state would be refused. Delayed scaling is left out of `auto` (`recipe_unverified`): its
-training steps replay exactly, and since session 18 a validation pass uses current scaling and records
-nothing (megaquant.ops.state.evaluation), which should make replayed and eager evaluation agree; that is
-not yet shown on the GPU (benchmarks/eval_graph_check.sh FA_linear_hifp8:hifp8_delayed).
+that does keep such state would be refused. Delayed scaling's training steps replay exactly, and its
+validation pass uses current scaling and records nothing (megaquant.ops.state.evaluation): `megaquant
+train` of FA_linear_hifp8 + hifp8_delayed under the graph and eagerly gave bit-identical training and
+validation losses on an H200 (benchmarks/eval_graph_check.sh, docs/benchmarks.md §6l).
 Dropless MoE reads token counts back to the host (not capturable); multi-GPU and pipeline-parallel graphs
 have not been verified here yet; the fork's own pretrain_gpt.py predates the full-iteration graph. `auto`
 (the default) turns graphs on only where none of this applies, and says why not otherwise. Pure: no torch.
@@ -36,7 +36,6 @@ __all__ = [
     "GraphDecision",
     "decide_graphs",
     "recipe_blockers",
-    "recipe_unverified",
 ]
 
 GRAPH_CHOICES = ("auto", "on", "off")
@@ -55,20 +54,6 @@ def recipe_blockers(recipe: Recipe) -> list[str]:
     """What in `recipe` a replayed graph would get wrong (empty: nothing). Every recipe feature is graph
     safe now (module docstring), so this is empty for every recipe in the registry."""
     del recipe
-    return []
-
-
-def recipe_unverified(recipe: Recipe) -> list[str]:
-    """Why `auto` leaves graphs off for `recipe` although `on` may use them: what of it a replay is not
-    shown to repeat exactly (empty: nothing). The device-side random streams (stochastic rounding,
-    per-GEMM Hadamard signs) are verified: tests/test_graphsafe_gpu.py, and `megaquant train` of
-    sr_gradients / mxfp4_tseng / nvfp4_paper under the graph and eagerly gave bit-identical training and
-    validation losses (benchmarks/eval_graph_check.sh, docs/benchmarks.md)."""
-    if recipe.tensor_scaling == "delayed":
-        return [
-            "delayed scaling replays exactly in training steps; its evaluation (current scaling, nothing "
-            "recorded, since session 18) has not yet been shown to replay exactly"
-        ]
     return []
 
 
@@ -117,11 +102,6 @@ def decide_graphs(
         return GraphDecision(False, why)
     if choice == "on":
         return GraphDecision(True, "--cuda-graphs on")
-    unverified = recipe_unverified(recipe)
-    if unverified:
-        return GraphDecision(
-            False, f"recipe {recipe.name}: {'; '.join(unverified)} (--cuda-graphs on to use it)"
-        )
     if not own_entry:
         return GraphDecision(False, "the tree's own pretrain_gpt.py trains (graphs need megaquant's entry)")
     if training_root is not None and not _tree_supports(training_root):
