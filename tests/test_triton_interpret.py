@@ -227,3 +227,34 @@ def test_kernels_compile_for_sm90() -> None:
 
 if __name__ == "__main__":
     print(f"{_check_all() + _check_rht()} cases ok")
+
+
+def test_the_prescale_multiply_rounds_as_the_division_for_every_mxfp4_value() -> None:
+    """The kernels take the Tseng recipe's p = 3/4 back out of an MXFP4 value by multiplying by fl(4/3)
+    (formats._triton_nvfp4._unscale): for every value an E2M1 element times an E8M0 scale can take, both
+    signs, the bf16 and fp16 results equal the IEEE division's (and the fp32 ones where q / p is normal);
+    for other formats, factors and an fp32 result the kernels keep the division."""
+    import torch
+
+    from megaquant.formats import _triton_nvfp4 as kernels
+    from megaquant.formats.registry import element_format
+
+    e2m1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+    scales = torch.exp2(torch.arange(-127, 128, dtype=torch.float64)).float()  # 2^127 is finite in fp32
+    q = (e2m1[:, None] * scales[None, :]).flatten()
+    q = torch.cat([q, -q])
+    div = q / 0.75
+    mul = q * torch.tensor(1 / 0.75, dtype=torch.float32)
+    for dtype in (torch.bfloat16, torch.float16):
+        assert torch.equal(div.to(dtype).view(torch.int16), mul.to(dtype).view(torch.int16)), dtype
+    normal = div.abs() >= torch.finfo(torch.float32).tiny
+    assert torch.equal(div[normal].view(torch.int32), mul[normal].view(torch.int32))
+    assert bool(torch.isinf(div).any()) and torch.equal(torch.isinf(div), torch.isinf(mul))
+    assert not torch.equal(div.view(torch.int32), mul.view(torch.int32))  # subnormals: why fp32 divides
+
+    mx4, mx8, nv = element_format("mxfp4_e2m1"), element_format("mxfp8_e4m3"), element_format("nvfp4")
+    assert kernels._unscale(mx4, torch.bfloat16, 0.75) == kernels._unscale(mx4, torch.float16, 0.75) == 2
+    assert kernels._unscale(mx4, torch.float32, 0.75) == 1
+    assert kernels._unscale(mx4, torch.bfloat16, 0.6) == kernels._unscale(mx8, torch.bfloat16, 0.75) == 1
+    assert kernels._unscale(nv, torch.bfloat16, 0.75) == 1
+    assert kernels._unscale(mx4, torch.bfloat16, 1.0) == 0

@@ -33,7 +33,7 @@ from megaquant.formats._triton import (
     _with_sign_of,
     amax_grid,
 )
-from megaquant.formats.registry import Encoded, Options, resolve_options
+from megaquant.formats.registry import ElementFormat, Encoded, Options, resolve_options
 
 __all__ = ["encode", "fake_quant", "supports", "tensor_amax"]
 
@@ -222,6 +222,31 @@ def _quant(
 # kernels
 
 
+@triton.jit
+def _undo_prescale(v, prescale, unscale, PRE: tl.constexpr):
+    """v / prescale in fp32, correctly rounded: the IEEE division (PRE 1) or, where _unscale proved it
+    rounds the same, a multiply by fl(1 / prescale) (PRE 2; the division is a multi-instruction sequence,
+    and these kernels are compute-bound with their per-element hash)."""
+    if PRE == 2:
+        return v * unscale
+    return tl.math.div_rn(v, prescale)
+
+
+def _unscale(spec: ElementFormat, dtype: torch.dtype, prescale: float) -> int:
+    """How the kernels take `prescale` back out of a dequantized value q (the PRE constexpr): 0 no
+    pre-scale, 2 multiply by fl(1/p), 1 divide. 2 only for MXFP4 with p = 3/4 and a bf16 / fp16 result:
+    there every q is 0 or m 2^e with m in {1, 1.5} (an E2M1 value times an E8M0 scale), so the exact q / p
+    is 2^e 4/3 (fl(4/3) 2^e either way: its fraction 1/3 or 2/3 never near a rounding tie) or 2^(e+1)
+    (1.5 fl(4/3) = 2 + 2^-24 rounds to 2), and overflow is inf either way. Where q / p is an fp32
+    subnormal (|q| < 2^-126 4/3) the two fp32 results can differ by one subnormal step, which the final
+    rounding to bf16 or fp16 cannot see (the exact value sits 1/6 of a bf16 step from any tie; fp16 results
+    never come from fp32 subnormals); an fp32 result keeps the division."""
+    if prescale == 1.0:
+        return 0
+    e2m1 = spec.bits == 4 and spec.block_scale == "e8m0"
+    return 2 if e2m1 and prescale == 0.75 and dtype in (torch.bfloat16, torch.float16) else 1
+
+
 @triton.jit(do_not_specialize=["key"])
 def _lastaxis_kernel(
     x_ptr, out_ptr, codes_ptr, scales_ptr, amax_ptr, word_ptr, total_blocks, n, n_blocks, n_packed,
@@ -230,10 +255,11 @@ def _lastaxis_kernel(
     BIAS: tl.constexpr, BITS: tl.constexpr, EXP_BITS: tl.constexpr, MAXN: tl.constexpr,
     MAX_MANT: tl.constexpr, FILL_BITS: tl.constexpr, HAS_INF: tl.constexpr, HAS_NAN: tl.constexpr,
     NAN_BLOCK_CODE: tl.constexpr, SUB_SCALE: tl.constexpr, SATURATE: tl.constexpr, RCEIL: tl.constexpr,
-    AWAY: tl.constexpr, BF16_BITS: tl.constexpr, prescale, PRE: tl.constexpr,
+    AWAY: tl.constexpr, BF16_BITS: tl.constexpr, prescale, unscale, PRE: tl.constexpr,
 ):  # fmt: skip
     """x viewed as (rows, n), blocks of BS along n (the last one may be short); G blocks per program.
-    PRE: fake-quantize prescale * x (fp32) and divide back (IEEE), rounding to x's dtype."""
+    PRE: fake-quantize prescale * x (fp32) and take it back, rounding to x's dtype: 1 divides by prescale
+    (IEEE), 2 multiplies by `unscale` = fl(1 / prescale) where that rounds as the division (_unscale)."""
     if SR:
         key = _stream_key(key, word_ptr, MIX)
     blk = tl.program_id(0).to(tl.int64) * G + tl.arange(0, G)
@@ -277,7 +303,13 @@ def _lastaxis_kernel(
         else:
             tl.store(codes_ptr + offs, codes.to(tl.uint8), mask=mask)
     elif PRE:
-        _store_rounded(out_ptr, offs, tl.math.div_rn(_dequant(q, e, e4m3, ts, NV), prescale), mask, BF16_BITS)
+        _store_rounded(
+            out_ptr,
+            offs,
+            _undo_prescale(_dequant(q, e, e4m3, ts, NV), prescale, unscale, PRE),
+            mask,
+            BF16_BITS,
+        )
     elif NV:
         _store_rounded(out_ptr, offs, _dequant(q, e, e4m3, ts, NV), mask, BF16_BITS)
     else:
@@ -292,7 +324,7 @@ def _inner_kernel(
     BIAS: tl.constexpr, BITS: tl.constexpr, EXP_BITS: tl.constexpr, MAXN: tl.constexpr,
     MAX_MANT: tl.constexpr, FILL_BITS: tl.constexpr, HAS_INF: tl.constexpr, HAS_NAN: tl.constexpr,
     NAN_BLOCK_CODE: tl.constexpr, SUB_SCALE: tl.constexpr, SATURATE: tl.constexpr, RCEIL: tl.constexpr,
-    AWAY: tl.constexpr, BF16_BITS: tl.constexpr, prescale, PRE: tl.constexpr,
+    AWAY: tl.constexpr, BF16_BITS: tl.constexpr, prescale, unscale, PRE: tl.constexpr,
 ):  # fmt: skip
     """x viewed as (lead, n, inner), blocks of BS along n; one block x BK columns per program, as a
     (1, BS, BK) tile reduced over axis 1 (the layout of _triton._mx_inner_kernel). PRE: as
@@ -330,7 +362,7 @@ def _inner_kernel(
         else:
             tl.store(codes_ptr + offs, codes.to(tl.uint8), mask=mask)
     elif PRE:
-        v = tl.math.div_rn(tl.reshape(_dequant(q, e, e4m3, ts, NV), (BS, BK)), prescale)
+        v = _undo_prescale(tl.reshape(_dequant(q, e, e4m3, ts, NV), (BS, BK)), prescale, unscale, PRE)
         _store_rounded(out_ptr, offs, v, mask, BF16_BITS)
     elif NV:
         _store_rounded(out_ptr, offs, tl.reshape(_dequant(q, e, e4m3, ts, NV), (BS, BK)), mask, BF16_BITS)
@@ -546,7 +578,7 @@ def _run(
     key = _key_arg(opts.seed) if sr and opts.seed is not None else 0
     out = codes = scales = x
     bf16_bits = not encode and x.dtype == torch.bfloat16  # MX: exact values, truncate; NVFP4, PRE: round
-    pre = dict(prescale=float(prescale), PRE=prescale != 1.0)
+    pre = dict(prescale=float(prescale), unscale=1.0 / float(prescale), PRE=_unscale(spec, x.dtype, prescale))
     if encode:
         codes = torch.empty((*shape[:ax], n_codes, *shape[ax + 1 :]), dtype=torch.uint8, device=x.device)
         scales = torch.empty((*shape[:ax], n_blocks, *shape[ax + 1 :]), dtype=torch.uint8, device=x.device)
