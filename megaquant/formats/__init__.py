@@ -213,7 +213,9 @@ def _reference_fake_quant(
     if prescale != 1.0:  # p * x is exact in fp32 for bf16 / fp16 x with p = 3/4; the division rounds once
         with torch.no_grad():
             q = _reference_fake_quant(opts, amax, device_seed, x.float() * prescale)
-            return (q / prescale).to(x.dtype)
+            # divided by a tensor: torch's CUDA division by a Python number multiplies by its reciprocal,
+            # which does not always round as the IEEE division (MXFP8 values in fp32, p = 0.6, on an H200)
+            return (q / torch.full((), prescale, dtype=torch.float32, device=q.device)).to(x.dtype)
     with torch.no_grad():
         if opts.fmt.block_scale == "e4m3":
             return fake_quant_nvfp4(x, opts, amax, device_seed)
