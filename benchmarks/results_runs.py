@@ -337,11 +337,12 @@ def cost_factor(spec: RunSpec) -> float:
     against bf16's 153.0 ms per step (1.57x; docs/results/runs/1b, steps 400-1000 of its s1234 run, alone
     on the GPU by then), mxfp4_tseng 1.25x with the session-17 transform and pre-scale kernels (1B
     s1236, session 18: 193.1 ms against bf16's 154.2; 2.40x before them); sr_gradients not measured,
-    assumed 1.25x; hifp8_delayed graphed (since session 19) 1.52x at the 8B cut (386.7 ms, session 19). Eager cells of a graphed shape
-    (none since session 19; `--cuda-graphs off`): 3.7x (mxfp4_tseng) and 2.7x (nvfp4_paper) at the 8B cut
-    when they ran eager while sharing the GPU (§6d), assumed 3x. DeepSeek's MoE runs eager in every mode, bf16
-    too: 1.7x for quantized modes (§7, host-bound), 1.9x tensor-scaled HiF8, 2.5x the SR / RHT recipes,
-    4.5x delayed-scaled HiF8 (session 15: estimated at 2.5x it ran ~1.8x past its estimate)."""
+    assumed 1.25x; hifp8_delayed graphed (since session 19) 1.52x at the 8B cut (386.7 ms, session 19).
+    Eager cells of a graphed shape (none since session 19; `--cuda-graphs off`): 3.7x (mxfp4_tseng) and
+    2.7x (nvfp4_paper) at the 8B cut when they ran eager while sharing the GPU (§6d), assumed 3x.
+    DeepSeek's MoE runs eager in every mode, bf16 too: 1.7x for quantized modes (§7, host-bound), 1.9x
+    tensor-scaled HiF8, 2.5x the SR / RHT recipes, 4.5x delayed-scaled HiF8 (session 15: estimated at
+    2.5x it ran ~1.8x past its estimate)."""
     if spec.mode == "bf16":
         return 1.0
     step_state = spec.recipe in ("sr_gradients", "mxfp4_tseng", "nvfp4_paper", "hifp8_delayed")

@@ -46,7 +46,7 @@ def test_auto_turns_graphs_on_only_where_a_replay_is_exact() -> None:
 def test_auto_graphs_every_recipe(name: str) -> None:
     # stochastic rounding, per-GEMM random signs and delayed scaling keep no per-step host state
     # (tests/test_graphsafe.py); the random streams replay bit for bit on a GPU (tests/test_graphsafe_gpu.py),
-    # and delayed scaling's training and validation losses did too (benchmarks/eval_graph_check.sh, session 19)
+    # and delayed scaling's training and validation losses did too (benchmarks/eval_graph_check.sh, s19)
     recipe = get_recipe(name)
     assert recipe_blockers(recipe) == []
     assert _decide(recipe=name).enabled, _decide(recipe=name).reason
