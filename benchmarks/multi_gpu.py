@@ -461,6 +461,15 @@ def _per_rank(table: Mapping[int, Mapping[str, int]]) -> str:
     return ", ".join(f"r{r} {p['triton']}/{p['reference']}/{p['plain']}" for r, p in sorted(table.items()))
 
 
+def _log_tail(path: Path, lines: int = 3) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    kept = [line.strip() for line in text.splitlines() if line.strip()][-lines:]
+    return " | ".join(kept) or "(empty)"
+
+
 def summarize(out_dir: Path, record: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     """summary.txt's text and the measured values, from the run dirs under out_dir/runs and the driver's
     record (exit codes, wall times, concurrency, rehearsal, worktree checks)."""
@@ -490,6 +499,9 @@ def summarize(out_dir: Path, record: Mapping[str, Any]) -> tuple[str, dict[str, 
             f"{m['steps']} | {step} | {peak} | {m['cuda_graphs']} | {together} | {ranks} | {experts or '—'} |"
         )
         problems += [f"{name}: {p}" for p in run_problems(run, m)]
+        if m["status"] is None:  # refused before training: what megaquant train said is in its log
+            tail = _log_tail(out_dir / "logs" / f"{name}.txt")
+            problems.append(f"{name}: no manifest; its log ends: {tail}")
     lines += ["", "loss against the TP=1 run of the same mode (max |delta| over the steps both have):"]
     gaps: dict[str, Any] = {}
     for name, base in BASELINES.items():

@@ -169,6 +169,24 @@ def _throwaway_base(repo: git.Repo) -> tuple[Base | None, str | None]:
     return (journal.base if journal else _branch.recorded_base(repo, on)), on
 
 
+def _refuse_interrupted(rep: git.Repo, *, locked: bool) -> None:
+    """Raise when a journal says an operation was interrupted. Without the repository lock a journal may be
+    another live process's operation in flight (a worktree run's restore journals the main checkout while
+    it removes its worktree): while a live process holds the lock it is left to the check made under the
+    lock, where a journal can only be one that a killed process left."""
+    journal = _branch.read_journal(rep)
+    if journal is None:
+        return
+    if not locked:
+        holder = _branch.lock_info(rep)
+        if holder is not None and holder.alive:
+            return
+    raise GitStateError(
+        f"an interrupted megaquant {journal.op} (step {journal.step!r}) left {journal.branch} half done; "
+        "run `megaquant restore` first"
+    )
+
+
 def _asked(values: Mapping[str, str] | None, **options: str | None) -> dict[str, str]:
     """Roles and groups asked for: the `values` mapping, then the keyword options given."""
     asked: dict[str, str] = dict(values or {})
@@ -298,12 +316,7 @@ def apply(
         pv=pv,
     )
     spec_obj.targets(asked, spec_obj.roles())  # names and values checked before anything else
-    journal = _branch.read_journal(rep)
-    if journal is not None:
-        raise GitStateError(
-            f"an interrupted megaquant {journal.op} (step {journal.step!r}) left {journal.branch} half done; "
-            "run `megaquant restore` first"
-        )
+    _refuse_interrupted(rep, locked=False)
     base, name = _throwaway_base(rep)
     if base is None or name is None:
         if name is not None:
@@ -329,6 +342,7 @@ def apply(
                 str(root), name, base, None, plan.changes, role_values, plan.warnings, text, absent
             )
         with _branch.repo_lock(rep, "set", wait_s=lock_wait_s):
+            _refuse_interrupted(rep, locked=True)
             done = _branch.commit_files(
                 rep,
                 plan.new_sources,
@@ -341,6 +355,7 @@ def apply(
             done.repo, name, base, done.commit, plan.changes, role_values, plan.warnings, text, absent
         )
     with _branch.repo_lock(rep, "set", wait_s=lock_wait_s):
+        _refuse_interrupted(rep, locked=True)
         wt = _branch.add_worktree(rep, Path(worktree).absolute(), base)
         wt_root = _branch.worktree_root(wt)
         wt_name = _branch.head_branch(wt)

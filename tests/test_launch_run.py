@@ -307,6 +307,53 @@ def test_experiments_started_together_from_worktrees_wait_for_the_lock(
     assert not (Path(git.Repo(fork_repo).common_dir) / "megaquant.lock").exists()
 
 
+def test_a_worktree_set_waits_out_another_runs_restore_in_flight(fork_repo: Path, tmp_path: Path) -> None:
+    # a worktree run restoring (lock held, its "restore-worktree" journal on the main checkout for the
+    # moment between removing the worktree and deleting its branch) while another run starts its set: the
+    # journal of a live lock holder is work in flight, not an interrupted operation (CI saw this race fail
+    # the EP run of the two-GPU kit)
+    import subprocess
+
+    script = (
+        "import os, sys, time, git\n"
+        "from megaquant.branch import Journal, current_base, repo_lock\n"
+        "from megaquant.branch.journal import drop_journal, write_journal\n"
+        "repo = git.Repo(sys.argv[1])\n"
+        "with repo_lock(repo, 'restore'):\n"
+        "    base = current_base(repo)\n"
+        "    write_journal(repo, Journal('restore-worktree', base, 'megaquant/main--x', (), 'restore',"
+        " os.getpid()))\n"
+        "    print('held', flush=True)\n"
+        "    time.sleep(1.5)\n"
+        "    drop_journal(repo)\n"
+    )
+    argv = [sys.executable, "-c", script, str(fork_repo)]
+    holder = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    from megaquant.branch import describe_state
+
+    assert "megaquant restore in progress" in " ".join(describe_state(git.Repo(fork_repo)))
+    applied = api.apply(fork_repo, values={"linear": "mxfp4"}, worktree=tmp_path / "wt", lock_wait_s=60)
+    assert holder.wait(timeout=30) == 0
+    assert applied.commit is not None and Path(applied.repo) == (tmp_path / "wt").resolve()
+    assert api.restore(applied.repo).restored
+    assert git.Repo(fork_repo).active_branch.name == "main"
+
+
+def test_an_interrupted_journal_still_refuses_a_worktree_set(fork_repo: Path, tmp_path: Path) -> None:
+    # the same journal with no live lock holder is what a killed restore leaves: refused, restore first
+    from megaquant.branch import Journal, current_base
+    from megaquant.branch.journal import write_journal
+    from megaquant.errors import GitStateError
+
+    repo = git.Repo(fork_repo)
+    journal = Journal("restore-worktree", current_base(repo), "megaquant/main--x", (), "restore", 1)
+    write_journal(repo, journal)
+    with pytest.raises(GitStateError, match="megaquant restore"):
+        api.apply(fork_repo, values={"linear": "mxfp4"}, worktree=tmp_path / "wt", lock_wait_s=5)
+    assert not (tmp_path / "wt").exists()
+
+
 def test_a_run_refused_at_set_leaves_no_run_directory(
     fork_repo: Path, fake_trainer: Path, tmp_path: Path
 ) -> None:

@@ -168,6 +168,15 @@ def test_comparator_on_synthetic_run_dirs(tmp_path: Path) -> None:
     assert "PROBLEMS:" in text
 
 
+def test_a_run_refused_before_training_shows_its_log(tmp_path: Path) -> None:
+    # no manifest: megaquant train refused before the run; the summary quotes the end of what it printed
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "tp2-bf16.txt").write_text("planning\n\nerror: something refused it\n")
+    record = {"runs": {"tp2-bf16": {"exit_code": 1, "concurrent_with": []}}, "steps": 5}
+    _, values = mg.summarize(tmp_path, record)
+    assert "tp2-bf16: no manifest; its log ends: planning | error: something refused it" in values["problems"]
+
+
 def test_worktree_checks_catch_a_changed_main_checkout(tmp_path: Path) -> None:
     ns = type("NS", (), {"out": tmp_path, "worktrees": tmp_path / "wt"})()
     state = {"head": "h0", "branch": "main", "status": "", "branches": "refs/heads/main\n", "worktrees": "w"}
