@@ -214,6 +214,24 @@ def test_delayed_scaling_uses_the_slot_history_and_acts_as_current_before_the_fi
     assert not torch.equal(out, current)
 
 
+def test_quantizer_amax_takes_the_amax_per_call() -> None:
+    """formats.quantizer_amax (delayed scaling's launch path): the amax an argument of each call, the bits
+    of fake_quant(..., amax=); formats.finite_amax: max |x| over the finite elements."""
+    from megaquant.formats import finite_amax, quantizer_amax
+
+    x = _rand(8, 64, seed=5).to(torch.bfloat16)
+    fn, path, reason = quantizer_amax(x, "hifp8", tensor_scale=True)
+    assert path == "reference" and reason is not None and "CUDA" in reason
+    for a in (0.5, 40.0, 0.0, -3.0, float("inf")):
+        amax = torch.tensor(a)
+        assert torch.equal(fn(x, amax), fake_quant(x, "hifp8", tensor_scale=True, amax=amax))
+    assert not torch.equal(fn(x, torch.tensor(0.5)), fn(x, torch.tensor(40.0)))  # the amax matters
+    with pytest.raises(ValueNameError, match="tensor_scale"):
+        quantizer_amax(x, "hifp8")  # an amax sets a tensor scale: HiF8 needs tensor_scale=True
+    y = torch.tensor([1.0, -7.5, float("inf"), float("nan"), 2.0])
+    assert finite_amax(y).item() == 7.5 and finite_amax(y).shape == () and finite_amax(y[:0]).item() == 0.0
+
+
 def test_evaluation_scales_by_the_current_amax_and_leaves_the_training_histories_alone() -> None:
     """Inside state.evaluation() delayed scaling is current scaling, and the next training step scales as
     it would have without the evaluation: the validation batch's amax joins no history."""

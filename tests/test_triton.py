@@ -186,6 +186,54 @@ def test_tensor_scaled_hif8_equals_reference(dtype: str) -> None:
             assert int(got.tensor_scale_exp) == int(ref.tensor_scale_exp)
 
 
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+def test_hif8_with_a_given_amax_equals_reference(dtype: str) -> None:
+    """Delayed scaling's kernel path: the tensor amax given (a history's: smaller or larger than x's own,
+    zero, non-finite, negative) in one quantize pass, and the finite amax the history records."""
+    from megaquant.formats import finite_amax, quantizer_amax
+
+    x = _inputs((256, 384), DTYPES[dtype], seed=13)
+    fn, path, _ = quantizer_amax(x, "hifp8", tensor_scale=True)
+    assert path == "triton"
+    for a in (0.9, 1e-3, 250.0, 0.0, float("inf"), float("nan"), -2.5, 1e-40, 3e38):
+        amax = torch.tensor(a, device="cuda")
+        _check(x, "hifp8", tensor_scale=True, amax=amax)
+        want = fake_quant(x, "hifp8", backend="reference", tensor_scale=True, amax=amax)
+        _assert_bit_equal(fn(x, amax), want)
+        _assert_bit_equal(fn(x.t(), amax), want.t())  # a transposed view, in its memory order
+    finite = torch.where(torch.isfinite(x), x.abs(), 0).amax().float()
+    _assert_bit_equal(finite_amax(x), finite)
+    _assert_bit_equal(finite_amax(x.t()), finite)
+
+
+def test_delayed_scaling_on_the_kernels_equals_scaling_around_them() -> None:
+    """megaquant.ops' delayed path (the history's amax given to the tensor-scaled kernel) gives the bits
+    of the formula it replaced (t * 2^s, HiF8, * 2^-s in bf16), with the scale from the history."""
+    import math
+
+    from megaquant import ops
+    from megaquant.ops import counters, quant_matmul
+
+    big = _inputs((64, 256), torch.bfloat16, seed=23)
+    small = big * 1e-3
+    w = _inputs((256, 128), torch.bfloat16, seed=24)
+    ops.reset_state()
+    try:
+        ops.next_step()
+        quant_matmul(big, w, "hifp8", recipe="hifp8_delayed", role="linear_fwd")  # records amax(big)
+        ops.next_step()
+        counters.reset()
+        out = quant_matmul(small, w, "hifp8", recipe="hifp8_delayed", role="linear_fwd")
+    finally:
+        ops.reset_state()
+    s = 3 - math.floor(math.log2(float(big.float().abs().amax())))
+    scaled = fake_quant(small * 2.0**s, "hifp8", backend="reference") * 2.0**-s
+    expected = torch.matmul(scaled, fake_quant(w, "hifp8", tensor_scale=True, backend="reference"))
+    _assert_bit_equal(out, expected)
+    snap = counters.snapshot()
+    assert snap["gemms"]["linear_fwd"] == {"triton": 1} and snap["operands"]["linear_fwd"] == {"triton": 2}
+
+
 def test_ops_count_paths_and_log_a_cuda_fallback_once(caplog: pytest.LogCaptureFixture) -> None:
     import logging
 

@@ -101,6 +101,38 @@ for where, value in ((-1, -300.0), (0, 7.0), (4 * 4096 + 1, float("nan"))):
     want = x.abs().amax()
     if not (torch.equal(got.isnan(), want.isnan()) and (want.isnan() or got == want)):
         failures.append(("nvfp4 amax grid-stride", where, float(got), float(want)))
+# delayed scaling's path: the amax given per call (a history's, smaller or larger than x's own, zero,
+# non-finite, negative, subnormal, bf16) in one quantize pass, and the finite amax that the history records
+ts = resolve_options("hifp8", axis=-1, block_size=32, scale="floor", rounding="even", preset=None,
+                     saturate=True, tensor_scale=True)  # fmt: skip
+given_fn = T.fake_quant_amax_fn(ts)
+x32 = torch.cat([torch.randn(3000, generator=g) * 0.7, specials[:5]])
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    xd = x32.to(dtype)
+    for a in (0.9, 1e-3, 250.0, 0.0, float("inf"), float("nan"), -2.5, 1e-40, 3e38):
+        for adtype in (torch.float32, torch.bfloat16):
+            amax = torch.tensor(a, dtype=adtype)
+            want = fake_quant(xd, "hifp8", backend="reference", tensor_scale=True, amax=amax)
+            nan = torch.isnan(want)
+            for how, got in (("fn", given_fn(xd, amax)), ("run", T._run(xd, ts, False, amax))):
+                view = torch.int32 if dtype == torch.float32 else torch.int16
+                same = torch.equal(torch.isnan(got), nan)
+                same = same and torch.equal(got[~nan].view(view), want[~nan].view(view))
+                if not same:
+                    failures.append(("given amax", how, str(dtype), a, str(adtype)))
+    enc = T._run(xd, ts, True, torch.tensor(0.5))
+    ref = encode(xd, "hifp8", backend="reference", tensor_scale=True, amax=torch.tensor(0.5))
+    if not (torch.equal(enc.codes, ref.codes) and torch.equal(enc.tensor_scale_exp, ref.tensor_scale_exp)):
+        failures.append(("given amax encode", str(dtype)))
+    want_amax = torch.where(torch.isfinite(xd), xd.abs(), 0).amax().float()
+    got_amax = T.finite_amax(xd)
+    if not (got_amax.shape == () and got_amax.dtype == torch.float32 and torch.equal(got_amax, want_amax)):
+        failures.append(("finite amax", str(dtype), float(got_amax), float(want_amax)))
+t = x32[:2000].reshape(40, 50).t()  # a transposed matrix: quantized in its memory order, layout kept
+got = given_fn(t, torch.tensor(2.0))
+want = fake_quant(t, "hifp8", backend="reference", tensor_scale=True, amax=torch.tensor(2.0))
+if not (torch.equal(got, want) and got.stride() == t.stride() and T.finite_amax(t) == t.abs().amax()):
+    failures.append(("given amax transposed", got.stride()))
 print("FAILURES", failures)
 assert not failures
 """

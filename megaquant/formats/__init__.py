@@ -46,10 +46,12 @@ __all__ = [
     "element_format",
     "encode",
     "fake_quant",
+    "finite_amax",
     "hadamard_matrix",
     "inverse_random_hadamard",
     "random_hadamard",
     "quantizer",
+    "quantizer_amax",
     "quantizer_both_axes",
 ]
 
@@ -251,6 +253,58 @@ def quantizer(
     if bound is not None and not {"seed", "block_2d", "amax", "prescale"} & set(kw):
         return bound(opts), "triton", None
     return functools.partial(_kernel_fake_quant, kernels, fmt, kw), "triton", None
+
+
+def quantizer_amax(
+    x: torch.Tensor, fmt: str, **keywords: Any
+) -> tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], str, str | None]:
+    """fake_quant(·, fmt, amax=·, **keywords) resolved once for tensors like `x`, with the tensor amax
+    given per call (delayed scaling: an amax from a history): (function of (y, amax), path, reason), as
+    quantizer's. `amax` is a one-element tensor on y's device; keywords as fake_quant's (HiF8 needs
+    tensor_scale=True, NVFP4 takes its amax as is), amax and backend excluded. Bit for bit
+    fake_quant(y, fmt, amax=amax, **keywords)."""
+    given = {**_KW_DEFAULTS, **keywords}
+    device_seed = given.pop("device_seed", None)
+    prescale = given.pop("prescale", 1.0)
+    probe = torch.zeros((), dtype=torch.float32, device=x.device)  # what the kernels are asked to take
+    opts, kernels, kw = _prepare(x, fmt, "auto", probe, device_seed, prescale, **given)
+    if kernels is None:
+        reason = (
+            f"not a CUDA tensor ({x.device})"
+            if not x.is_cuda
+            else f"the Triton kernels do not cover fmt={fmt!r} with {kw} on {x.dtype}"
+        )
+
+        def reference(y: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+            return _reference_fake_quant(opts, amax, device_seed, y, float(prescale))
+
+        return reference, "reference", reason
+    bound = getattr(kernels, "fake_quant_amax_fn", None)
+    if bound is not None and opts.tensor_scale and not {"seed", "block_2d", "prescale"} & set(kw):
+        return bound(opts), "triton", None
+
+    def kernel(y: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+        return _kernel_fake_quant(kernels, fmt, {**kw, "amax": amax}, y)
+
+    return kernel, "triton", None
+
+
+def finite_amax(x: torch.Tensor) -> torch.Tensor:
+    """max |x| over the finite elements of `x` as a 0-d fp32 tensor on x's device (0 when there is none):
+    the amax HiF8 tensor scaling computes its scale from, e.g. to record in a delayed-scaling history. One
+    Triton pass on CUDA (no host synchronisation), torch elsewhere; the same value either way."""
+    if x.is_cuda and x.numel() and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        try:
+            from megaquant.formats import _triton
+        except ImportError:
+            pass
+        else:
+            return _triton.finite_amax(x)
+    with torch.no_grad():
+        a = x.detach().abs()
+        if not x.numel():
+            return a.new_zeros((), dtype=torch.float32)
+        return torch.where(torch.isfinite(a), a, 0).amax().float()
 
 
 def quantizer_both_axes(

@@ -19,7 +19,16 @@ from megaquant.errors import MegaquantError
 from megaquant.formats._launch import Launcher
 from megaquant.formats.registry import ElementFormat, Encoded, Options, resolve_options
 
-__all__ = ["encode", "fake_quant", "fake_quant_dual_fn", "fake_quant_fn", "fake_quant_resolved", "supports"]
+__all__ = [
+    "encode",
+    "fake_quant",
+    "fake_quant_amax_fn",
+    "fake_quant_dual_fn",
+    "fake_quant_fn",
+    "fake_quant_resolved",
+    "finite_amax",
+    "supports",
+]
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _ELEMS_PER_PROGRAM = 2048
@@ -455,14 +464,17 @@ def _hif8_scaled_kernel(x_ptr, out_ptr, amax_ptr, s_ptr, numel, nparts, BLOCK: t
                         NPARTS: tl.constexpr, ENCODE: tl.constexpr, SATURATE: tl.constexpr,
                         FORK: tl.constexpr, MB_TABLE: tl.constexpr):  # fmt: skip
     """hif8 fake-quant/encode with tensor scaling, as hif8._quantize + fake_quant_hif8: amax = the max of
-    the amax pass's `nparts` partial maxima (amax_ptr[0:nparts], int32 bits), s = clamp(3 - floor(log2
-    amax), -127, 127) (0 for amax 0), x * 2^s rounded to the grid, times 2^-s in fp32, then cast to the
-    output dtype with round-to-nearest-even (not truncated: x 2^-s can be inexact in bf16)."""
+    the amax pass's `nparts` partial maxima (amax_ptr[0:nparts], int32 bits), or a given amax (its fp32
+    bits, nparts 1: |amax|, a non-finite one counting as 0, as hif8._tensor_scale_exp), s = clamp(3 -
+    floor(log2 amax), -127, 127) (0 for amax 0), x * 2^s rounded to the grid, times 2^-s in fp32, then cast
+    to the output dtype with round-to-nearest-even (not truncated: x 2^-s can be inexact in bf16)."""
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     parts = tl.arange(0, NPARTS)
-    amax_bits = tl.max(tl.load(amax_ptr + parts, mask=parts < nparts, other=0), axis=0)
+    abits = tl.load(amax_ptr + parts, mask=parts < nparts, other=0) & 0x7FFFFFFF
+    abits = tl.where(abits < 0x7F800000, abits, 0)  # (the partial maxima are finite and >= 0 already)
+    amax_bits = tl.max(abits, axis=0)
     s = tl.minimum(tl.maximum(3 - ((amax_bits >> 23) - 127), -127), 127)
     s = tl.where(amax_bits > 0, s, 0)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -491,7 +503,22 @@ def _options(x: torch.Tensor, fmt: str, **opts: object) -> Options | None:
     in_range = x.dim() > 0 and -x.dim() <= (resolved.axis if resolved else 0) < x.dim()
     if resolved is not None and resolved.fmt.block_scaled and not in_range:
         return None
+    if resolved is not None and "amax" in opts and not _given_amax_ok(x, resolved, opts["amax"]):
+        return None
     return resolved
+
+
+def _given_amax_ok(x: torch.Tensor, opts: Options, amax: object) -> bool:
+    """A given amax the HiF8 tensor-scaled kernel reads on the device: one floating-point element on x's
+    device (delayed scaling's amax from a history); anything else is the reference's to interpret."""
+    return (
+        opts.tensor_scale
+        and not opts.fmt.block_scaled
+        and isinstance(amax, torch.Tensor)
+        and amax.numel() == 1
+        and amax.device == x.device
+        and amax.dtype in _DTYPES
+    )
 
 
 _DEFAULTS = (("axis", -1), ("block_size", 32), ("scale", "floor"), ("rounding", "even"), ("saturate", True),
@@ -527,14 +554,16 @@ def _resolve(
     return resolved
 
 
-_KEYWORDS = frozenset(("axis", "block_size", "scale", "rounding", "saturate", "preset", "tensor_scale"))
+_KEYWORDS = frozenset(
+    ("axis", "block_size", "scale", "rounding", "saturate", "preset", "tensor_scale", "amax")
+)
 
 
 def supports(x: torch.Tensor, fmt: str, **opts: object) -> bool:
     """True when the kernels serve fake_quant/encode(x, fmt, **opts) (same keywords as the contract):
     a CUDA bf16/fp16/fp32 tensor, any format, both scale rules and roundings, saturating or not, the fork
-    preset, MX blocks of a power of two (2..256) along any axis, HiF8 tensor_scale (MX ignores it).
-    Not covered: float64."""
+    preset, MX blocks of a power of two (2..256) along any axis, HiF8 tensor_scale (MX ignores it) with
+    the amax computed or given (a one-element tensor on x's device). Not covered: float64."""
     return _options(x, fmt, **opts) is not None
 
 
@@ -687,11 +716,20 @@ def _hif8_scaled_into(x: torch.Tensor, out: torch.Tensor, launcher: Launcher) ->
     launcher((-(-numel // _ELEMS_PER_PROGRAM), 1, 1), (x, out, parts, parts), (numel, nparts))
 
 
-def _hif8_scaled(x: torch.Tensor, opts: Options, encode: bool) -> torch.Tensor | Encoded:
-    """HiF8 with tensor scaling: the amax pass, then the quantize pass (no host synchronisation)."""
+def _given_amax_bits(amax: torch.Tensor) -> torch.Tensor:
+    """A given amax as the quantize pass's one "partial maximum": its fp32 bits (a view when it is fp32
+    already; the kernel takes |amax| and counts a non-finite one as 0)."""
+    return amax.detach().to(torch.float32).reshape(1).view(torch.int32)
+
+
+def _hif8_scaled(
+    x: torch.Tensor, opts: Options, encode: bool, amax: torch.Tensor | None = None
+) -> torch.Tensor | Encoded:
+    """HiF8 with tensor scaling: the amax pass (none when the amax is given), then the quantize pass (no
+    host synchronisation)."""
     xc = x.contiguous()
     numel = xc.numel()
-    parts, nparts = _hif8_amax_parts(xc)
+    parts, nparts = _hif8_amax_parts(xc) if amax is None else (_given_amax_bits(amax), 1)
     out = torch.empty(xc.shape, dtype=torch.uint8 if encode else x.dtype, device=x.device)
     s = torch.empty((), dtype=torch.int32, device=x.device) if encode else parts
     grid = (-(-numel // _ELEMS_PER_PROGRAM), 1, 1)
@@ -832,10 +870,44 @@ def _hif8_fn(opts: Options) -> Callable[[torch.Tensor], torch.Tensor]:
     return hif8
 
 
-def _run(x: torch.Tensor, opts: Options, encode: bool) -> torch.Tensor | Encoded:
+def fake_quant_amax_fn(opts: Options) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """HiF8 tensor-scaled fake_quant with the amax given per call, as a function of (tensor, amax): one
+    quantize pass (no amax pass), the same kernel and compiled variant as fake_quant(x, "hifp8",
+    tensor_scale=True, amax=amax). Delayed scaling's path: the amax is a history's (megaquant.ops), a
+    one-element tensor on x's device. Any dense layout is quantized in its memory order (`keeps_layout`)."""
+    if opts.fmt.block_scaled or not opts.tensor_scale:
+        raise MegaquantError("fake_quant_amax_fn needs hifp8 with tensor_scale=True")
+    scaled = _hif8_scaled_launcher(opts, False)
+
+    def hif8_given(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+        if not _dense(x):
+            x = x.contiguous()
+        out = torch.empty_like(x)
+        bits = _given_amax_bits(amax)
+        scaled((-(-x.numel() // _ELEMS_PER_PROGRAM), 1, 1), (x, out, bits, bits), (x.numel(), 1))
+        return out
+
+    hif8_given.keeps_layout = True  # type: ignore[attr-defined]
+    return hif8_given
+
+
+def finite_amax(x: torch.Tensor) -> torch.Tensor:
+    """max |x| over x's finite elements as a 0-d fp32 tensor (0 when there is none), from the HiF8 amax
+    pass (one read of a dense x in its memory order, no host synchronisation): what tensor scaling's scale
+    is computed from, for delayed scaling's history (megaquant.ops.state.history)."""
+    if not _dense(x):
+        x = x.contiguous()
+    parts, nparts = _hif8_amax_parts(x)
+    return parts[:nparts].amax().view(torch.float32)
+
+
+def _run(x: torch.Tensor, opts: Options, encode: bool, amax: object = None) -> torch.Tensor | Encoded:
+    """`amax`: a given tensor amax (HiF8 tensor scaling; _options checked it) or None."""
     if opts.fmt.block_scaled:
         return _mx(x, opts, encode)
-    return _hif8_scaled(x, opts, encode) if opts.tensor_scale else _hif8(x, opts, encode)
+    if not opts.tensor_scale:
+        return _hif8(x, opts, encode)
+    return _hif8_scaled(x, opts, encode, amax if isinstance(amax, torch.Tensor) else None)
 
 
 def fake_quant_resolved(x: torch.Tensor, opts: Options) -> torch.Tensor:
@@ -859,13 +931,13 @@ def _resolved(x: torch.Tensor, fmt: str, opts: dict[str, object]) -> Options:
 
 def fake_quant(x: torch.Tensor, fmt: str, **opts: object) -> torch.Tensor:
     """Kernel fake-quant with the contract's keywords; bit-identical to the reference. Needs supports()."""
-    out = _run(x, _resolved(x, fmt, opts), False)
+    out = _run(x, _resolved(x, fmt, opts), False, opts.get("amax"))
     assert isinstance(out, torch.Tensor)
     return out
 
 
 def encode(x: torch.Tensor, fmt: str, **opts: object) -> Encoded:
     """Kernel encode with the contract's keywords; bit-identical to the reference. Needs supports()."""
-    enc = _run(x, _resolved(x, fmt, opts), True)
+    enc = _run(x, _resolved(x, fmt, opts), True, opts.get("amax"))
     assert isinstance(enc, Encoded)
     return enc

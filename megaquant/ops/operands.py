@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from megaquant.errors import ValueNameError
-from megaquant.formats import fake_quant, quantizer, quantizer_both_axes
+from megaquant.formats import fake_quant, finite_amax, quantizer, quantizer_amax, quantizer_both_axes
 from megaquant.formats._bits import binade, pow2  # exact power-of-two scale of HiF8 tensor scaling
 from megaquant.ops import counters, shared, state, weights
 from megaquant.ops.config import QuantConfig
@@ -98,13 +98,39 @@ def _quant_scaled(
         ):
             return _shared_gradient(t, fmt, axis, cfg, role, extra)
         return _quant_path(t, fmt, axis, cfg, role, extra)
-    # delayed: t * 2^s, HiF8, * 2^-s, both scalings exact in fp32 and bf16 (the same exponent range), so
-    # the result equals fake_quant(t, "hifp8", tensor_scale=True) when the amax is the current one (tested)
+    # delayed: the scale from the operand slot's amax history (megaquant.ops.state), which records t's amax
     key = (cfg.role, cfg.gemm, cfg.grad, operand, axis % max(t.dim(), 1), t.dtype, tuple(t.shape))
+    if "seed" not in extra and t.numel():
+        # one amax pass and one quantize pass reading the history's amax on the device, as current
+        # scaling's two: fake_quant(t, "hifp8", tensor_scale=True, amax=<the history's>)
+        with torch.no_grad():
+            amax = state.history(key, cfg.amax_history, finite_amax(t))
+        return _quant_given_amax(t, fmt, cfg, role, amax)
+    # stochastic rounding (no tensor-scaled kernel draws): t * 2^s, HiF8, * 2^-s, both scalings exact in
+    # fp32 and bf16 (the same exponent range), so the result equals fake_quant(t, "hifp8",
+    # tensor_scale=True, amax=...) with the same amax (tested)
     scale = _hif8_scale(t, cfg, key)
     work = t if t.dtype in (torch.float32, torch.bfloat16) else t.float()
     q, path = _quant_path(work * scale.to(work.dtype), fmt, axis, cfg, role, extra)
     return (q * (1.0 / scale).to(work.dtype)).to(t.dtype), path
+
+
+_AMAX_QUANTIZERS: dict[tuple[object, ...], tuple[QuantConfig, Any]] = {}
+
+
+def _quant_given_amax(
+    t: torch.Tensor, fmt: str, cfg: QuantConfig, role: str, amax: torch.Tensor
+) -> tuple[torch.Tensor, str]:
+    """fake_quant(t, fmt, tensor_scale=True, amax=amax) through formats.quantizer_amax, resolved once per
+    option set and kind of tensor (the amax changes every call, so it is an argument, not a key)."""
+    key = (fmt, id(cfg), t.dim(), t.dtype, t.is_cuda)
+    found = _AMAX_QUANTIZERS.get(key)
+    if found is None or found[0] is not cfg:
+        made = quantizer_amax(t, fmt, **_fq_keywords(cfg), tensor_scale=True)
+        found = _remember(_AMAX_QUANTIZERS, key, cfg, made, 1024)
+    fn, path, reason = found[1]
+    _count(role, path, reason, t, fmt)
+    return fn(t, amax), path
 
 
 def _shared_gradient(
@@ -172,12 +198,7 @@ def _hif8_scale(t: torch.Tensor, cfg: QuantConfig, key: tuple[object, ...]) -> t
     """2^s (fp32, 0-d, on t's device) moving the amax over finite |t| into binade 3; 1 for an all-zero
     tensor. Delayed scaling takes the amax from the operand slot's history (megaquant.ops.state)."""
     with torch.no_grad():
-        a = t.detach().abs()
-        amax = (
-            torch.where(torch.isfinite(a), a, 0).amax().float()
-            if t.numel()
-            else a.new_zeros((), dtype=torch.float32)
-        )
+        amax = finite_amax(t)
         if cfg.tensor_scaling == "delayed":
             amax = state.history(key, cfg.amax_history, amax)
         s = (_HIF8_SCALE_TARGET - binade(amax)).clamp(-127, 127)
