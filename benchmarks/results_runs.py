@@ -3,7 +3,7 @@ one GPU, a wall-clock budget, and only the small files of each run brought back.
 
     python benchmarks/results_runs.py plan [--batch NAME]                  # the matrix, estimated times
     python benchmarks/results_runs.py run --batch NAME[,NAME...] --tree T --data-root D --work W --out OUT \\
-        [--concurrency 2] [--budget-s 480] [--only RUN,...] [--prestart-s 15]   # on the GPU machine
+        [--concurrency 2] [--budget-s 480] [--only|--skip RUN,...] [--prestart-s 15]   # on the GPU machine
     python benchmarks/results_runs.py unpack OUT/NAME.tar.gz [--into docs/results/runs]   # here, after
     python benchmarks/results_runs.py phases docs/results/runs/8b-4l     # where runs' wall time went
 
@@ -962,14 +962,18 @@ def _batch_names(text: str) -> list[str]:
 
 
 def _select(ns: argparse.Namespace) -> list[tuple[str, RunSpec]]:
-    """The (batch, run) pairs to run, in the batches' order: --only's names, less the stored successes."""
+    """The (batch, run) pairs to run, in the batches' order: --only's names, less --skip's, less the stored
+    successes."""
     selected = [(name, spec) for name in _batch_names(ns.batch) for spec in BATCHES[name]]
-    if ns.only:
-        names = set(ns.only.split(","))
+    for option, keep in (("only", True), ("skip", False)):
+        given = getattr(ns, option, "") or ""
+        if not given:
+            continue
+        names = set(given.split(","))
         unknown = names - {s.name for _, s in selected}
         if unknown:
-            raise SystemExit(f"--only: not in batch {ns.batch}: {', '.join(sorted(unknown))}")
-        selected = [(b, s) for b, s in selected if s.name in names]
+            raise SystemExit(f"--{option}: not in batch {ns.batch}: {', '.join(sorted(unknown))}")
+        selected = [(b, s) for b, s in selected if (s.name in names) == keep]
     stores = list(ns.skip_done or [])
     if getattr(ns, "work", None) is not None:
         stores.append(ns.work / "runs")  # a warm machine keeps the runs of its previous call there
@@ -1003,6 +1007,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "--batch", default="calib", help=f"one of {', '.join(BATCHES)}, or several, comma-separated"
         )
         p.add_argument("--only", default="", help="run names, comma-separated")
+        p.add_argument("--skip", default="", help="run names to leave out, comma-separated")
         p.add_argument(
             "--skip-done",
             type=Path,

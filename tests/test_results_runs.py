@@ -391,6 +391,17 @@ def test_skip_done_leaves_out_succeeded_runs_only(tmp_path: Path, capsys: pytest
     assert [s.name for _, s in rr._select(ns)] == [s.name for s in batch if s is not batch[3]]
 
 
+def test_skip_leaves_out_named_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    batch = rr.BATCHES["1b"]
+    names = f"{batch[0].name},{batch[2].name}"
+    assert rr.main(["plan", "--batch", "1b", "--skip", names]) == 0
+    table = capsys.readouterr().out
+    assert f"| {batch[0].name} |" not in table and f"| {batch[1].name} |" in table
+    assert f"{len(batch) - 2} runs" in table
+    with pytest.raises(SystemExit, match="--skip: not in batch 1b: nope"):
+        rr.main(["plan", "--batch", "1b", "--skip", "nope"])
+
+
 TRAINER = r"""
 import os, sys, time
 steps = 6
