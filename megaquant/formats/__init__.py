@@ -226,6 +226,13 @@ def _reference_fake_quant(
         return fake_quant_hif8(x, opts, amax, device_seed)
 
 
+def _no_kernel_reason(x: torch.Tensor, fmt: str, kw: dict[str, object]) -> str:
+    """Why the reference, not a kernel, serves a quantizer's calls (its `reason`)."""
+    if not x.is_cuda:
+        return f"not a CUDA tensor ({x.device})"
+    return f"the Triton kernels do not cover fmt={fmt!r} with {kw} on {x.dtype}"
+
+
 def quantizer(
     x: torch.Tensor, fmt: str, **keywords: Any
 ) -> tuple[Callable[[torch.Tensor], torch.Tensor], str, str | None]:
@@ -242,11 +249,7 @@ def quantizer(
     prescale = given.pop("prescale", 1.0)
     opts, kernels, kw = _prepare(x, fmt, "auto", amax, device_seed, prescale, **given)
     if kernels is None:
-        reason = (
-            f"not a CUDA tensor ({x.device})"
-            if not x.is_cuda
-            else f"the Triton kernels do not cover fmt={fmt!r} with {kw} on {x.dtype}"
-        )
+        reason = _no_kernel_reason(x, fmt, kw)
         fn = functools.partial(_reference_fake_quant, opts, amax, device_seed, prescale=float(prescale))
         return fn, "reference", reason
     bound = getattr(kernels, "fake_quant_fn", None)
@@ -269,11 +272,7 @@ def quantizer_amax(
     probe = torch.zeros((), dtype=torch.float32, device=x.device)  # what the kernels are asked to take
     opts, kernels, kw = _prepare(x, fmt, "auto", probe, device_seed, prescale, **given)
     if kernels is None:
-        reason = (
-            f"not a CUDA tensor ({x.device})"
-            if not x.is_cuda
-            else f"the Triton kernels do not cover fmt={fmt!r} with {kw} on {x.dtype}"
-        )
+        reason = _no_kernel_reason(x, fmt, kw)
 
         def reference(y: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
             return _reference_fake_quant(opts, amax, device_seed, y, float(prescale))
