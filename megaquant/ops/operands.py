@@ -107,8 +107,7 @@ def _quant_scaled(
             amax = state.history(key, cfg.amax_history, finite_amax(t))
         return _quant_given_amax(t, fmt, cfg, role, amax)
     # stochastic rounding (no tensor-scaled kernel draws): t * 2^s, HiF8, * 2^-s, both scalings exact in
-    # fp32 and bf16 (the same exponent range), so the result equals fake_quant(t, "hifp8",
-    # tensor_scale=True, amax=...) with the same amax (tested)
+    # fp32 and bf16 (the same exponent range): the formula tests/test_triton.py holds the path above to
     scale = _hif8_scale(t, cfg, key)
     work = t if t.dtype in (torch.float32, torch.bfloat16) else t.float()
     q, path = _quant_path(work * scale.to(work.dtype), fmt, axis, cfg, role, extra)
