@@ -314,6 +314,8 @@ def test_a_worktree_set_waits_out_another_runs_restore_in_flight(fork_repo: Path
     # the EP run of the two-GPU kit)
     import subprocess
 
+    from megaquant.branch import describe_state
+
     script = (
         "import os, sys, time, git\n"
         "from megaquant.branch import Journal, current_base, repo_lock\n"
@@ -330,8 +332,6 @@ def test_a_worktree_set_waits_out_another_runs_restore_in_flight(fork_repo: Path
     argv = [sys.executable, "-c", script, str(fork_repo)]
     holder = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
     assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
-    from megaquant.branch import describe_state
-
     assert "megaquant restore in progress" in " ".join(describe_state(git.Repo(fork_repo)))
     applied = api.apply(fork_repo, values={"linear": "mxfp4"}, worktree=tmp_path / "wt", lock_wait_s=60)
     assert holder.wait(timeout=30) == 0

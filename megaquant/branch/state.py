@@ -95,11 +95,10 @@ def describe_state(repo: git.Repo) -> list[str]:
         else:
             notes.append(f"stale repository lock: {info.describe()}; `megaquant restore` breaks it")
     journal = read_journal(repo)
+    what = "set" if journal is not None and journal.op == "set" else "restore"
     if journal is not None and info is not None and info.alive and info.pid == journal.pid:
-        what = "set" if journal.op == "set" else "restore"
         notes.append(f"megaquant {what} in progress (pid {journal.pid}, step {journal.step!r})")
     elif journal is not None:
-        what = "set" if journal.op == "set" else "restore"
         notes.append(
             f"interrupted megaquant {what} (pid {journal.pid}, last step {journal.step!r}, base "
             f"{journal.base.label()}, branch {journal.branch}); run `megaquant restore` to return to the base"

@@ -20,6 +20,7 @@ import torch
 from megaquant.errors import ValueNameError
 from megaquant.formats.hadamard import hadamard_matrix, inverse_random_hadamard, random_hadamard
 from megaquant.formats.hif8 import decode_hif8, encode_hif8, fake_quant_hif8
+from megaquant.formats.hif8 import finite_amax as hif8_finite_amax
 from megaquant.formats.mx import decode_mx, encode_mx, fake_quant_mx
 from megaquant.formats.nvfp4 import decode_nvfp4, encode_nvfp4, fake_quant_nvfp4
 from megaquant.formats.registry import (
@@ -300,10 +301,7 @@ def finite_amax(x: torch.Tensor) -> torch.Tensor:
         else:
             return _triton.finite_amax(x)
     with torch.no_grad():
-        a = x.detach().abs()
-        if not x.numel():
-            return a.new_zeros((), dtype=torch.float32)
-        return torch.where(torch.isfinite(a), a, 0).amax().float()
+        return hif8_finite_amax(x.detach().to(torch.float32))
 
 
 def quantizer_both_axes(

@@ -708,18 +708,13 @@ def _hif8_scaled_launcher(opts: Options, encode: bool) -> Launcher:
     )  # fmt: skip
 
 
-def _hif8_scaled_into(x: torch.Tensor, out: torch.Tensor, launcher: Launcher) -> None:
-    """The amax pass (partial maxima), then the quantize pass of `launcher` reducing them on the device
-    (no host synchronisation); x and out dense in the same memory order (elementwise)."""
-    numel = x.numel()
-    parts, nparts = _hif8_amax_parts(x)
-    launcher((-(-numel // _ELEMS_PER_PROGRAM), 1, 1), (x, out, parts, parts), (numel, nparts))
-
-
-def _given_amax_bits(amax: torch.Tensor) -> torch.Tensor:
-    """A given amax as the quantize pass's one "partial maximum": its fp32 bits (a view when it is fp32
-    already; the kernel takes |amax| and counts a non-finite one as 0)."""
-    return amax.detach().to(torch.float32).reshape(1).view(torch.int32)
+def _hif8_parts(x: torch.Tensor, amax: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    """What the quantize pass reduces: the amax pass's partial maxima over x, or a given amax as its one
+    "partial maximum" (its fp32 bits, a view when it is fp32 already; the kernel takes |amax| and counts a
+    non-finite one as 0)."""
+    if amax is None:
+        return _hif8_amax_parts(x)
+    return amax.detach().to(torch.float32).reshape(1).view(torch.int32), 1
 
 
 def _hif8_scaled(
@@ -729,7 +724,7 @@ def _hif8_scaled(
     host synchronisation)."""
     xc = x.contiguous()
     numel = xc.numel()
-    parts, nparts = _hif8_amax_parts(xc) if amax is None else (_given_amax_bits(amax), 1)
+    parts, nparts = _hif8_parts(xc, amax)
     out = torch.empty(xc.shape, dtype=torch.uint8 if encode else x.dtype, device=x.device)
     s = torch.empty((), dtype=torch.int32, device=x.device) if encode else parts
     grid = (-(-numel // _ELEMS_PER_PROGRAM), 1, 1)
@@ -842,17 +837,7 @@ def _dense(x: torch.Tensor) -> bool:
 def _hif8_fn(opts: Options) -> Callable[[torch.Tensor], torch.Tensor]:
     """fake_quant_fn for HiF8 (elementwise: any dense layout is quantized in its memory order)."""
     if opts.tensor_scale:
-        scaled = _hif8_scaled_launcher(opts, False)
-
-        def hif8_scaled(x: torch.Tensor) -> torch.Tensor:
-            if not _dense(x):
-                x = x.contiguous()
-            out = torch.empty_like(x)
-            _hif8_scaled_into(x, out, scaled)
-            return out
-
-        hif8_scaled.keeps_layout = True  # type: ignore[attr-defined]
-        return hif8_scaled
+        return _hif8_scaled_fn(opts)
     entries: dict[torch.dtype, Launcher] = {}
 
     def hif8(x: torch.Tensor) -> torch.Tensor:
@@ -877,18 +862,25 @@ def fake_quant_amax_fn(opts: Options) -> Callable[[torch.Tensor, torch.Tensor], 
     one-element tensor on x's device. Any dense layout is quantized in its memory order (`keeps_layout`)."""
     if opts.fmt.block_scaled or not opts.tensor_scale:
         raise MegaquantError("fake_quant_amax_fn needs hifp8 with tensor_scale=True")
-    scaled = _hif8_scaled_launcher(opts, False)
+    return _hif8_scaled_fn(opts)
 
-    def hif8_given(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+
+def _hif8_scaled_fn(opts: Options) -> Callable[..., torch.Tensor]:
+    """HiF8 tensor-scaled fake_quant of (x, amax=None) for fake_quant_fn (the amax pass, then the quantize
+    pass reducing its partial maxima on the device) and fake_quant_amax_fn (the quantize pass alone, with
+    the amax given); no host synchronisation, any dense layout in its memory order."""
+    launcher = _hif8_scaled_launcher(opts, False)
+
+    def hif8_scaled(x: torch.Tensor, amax: torch.Tensor | None = None) -> torch.Tensor:
         if not _dense(x):
             x = x.contiguous()
         out = torch.empty_like(x)
-        bits = _given_amax_bits(amax)
-        scaled((-(-x.numel() // _ELEMS_PER_PROGRAM), 1, 1), (x, out, bits, bits), (x.numel(), 1))
+        parts, nparts = _hif8_parts(x, amax)
+        launcher((-(-x.numel() // _ELEMS_PER_PROGRAM), 1, 1), (x, out, parts, parts), (x.numel(), nparts))
         return out
 
-    hif8_given.keeps_layout = True  # type: ignore[attr-defined]
-    return hif8_given
+    hif8_scaled.keeps_layout = True  # type: ignore[attr-defined]
+    return hif8_scaled
 
 
 def finite_amax(x: torch.Tensor) -> torch.Tensor:

@@ -36,16 +36,21 @@ def _step_exponent(e: torch.Tensor) -> torch.Tensor:
     return torch.where(e < -22, -22, e - man_bits)
 
 
+def finite_amax(x32: torch.Tensor) -> torch.Tensor:
+    """max |x| over the finite elements of an fp32 tensor, 0-d fp32 (0 for none or an empty tensor)."""
+    if not x32.numel():
+        return x32.new_zeros((), dtype=torch.float32)
+    return torch.where(torch.isfinite(x32), x32.abs(), 0.0).amax()
+
+
 def _tensor_scale_exp(x32: torch.Tensor, amax: torch.Tensor | float | None = None) -> torch.Tensor:
     """s with amax * 2^s in [2^3, 2^4): s = 3 - floor(log2 amax) over finite |x| (or the `amax` given,
     e.g. from an amax history), clamped to [-127, 127]; 0 for a tensor with no finite non-zero value."""
     if amax is not None:
         given = torch.as_tensor(amax, device=x32.device).to(torch.float32).reshape(())
         a = torch.where(torch.isfinite(given), given.abs(), 0.0)
-    elif x32.numel():
-        a = torch.where(torch.isfinite(x32), x32.abs(), 0.0).amax()
     else:
-        a = x32.new_zeros(())
+        a = finite_amax(x32)
     s = (TENSOR_SCALE_TARGET - binade(a)).clamp(-127, 127)
     return torch.where(a > 0, s, 0).to(torch.int32)
 

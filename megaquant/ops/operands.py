@@ -100,15 +100,15 @@ def _quant_scaled(
         return _quant_path(t, fmt, axis, cfg, role, extra)
     # delayed: the scale from the operand slot's amax history (megaquant.ops.state), which records t's amax
     key = (cfg.role, cfg.gemm, cfg.grad, operand, axis % max(t.dim(), 1), t.dtype, tuple(t.shape))
+    with torch.no_grad():
+        amax = state.history(key, cfg.amax_history, finite_amax(t))
     if "seed" not in extra and t.numel():
         # one amax pass and one quantize pass reading the history's amax on the device, as current
         # scaling's two: fake_quant(t, "hifp8", tensor_scale=True, amax=<the history's>)
-        with torch.no_grad():
-            amax = state.history(key, cfg.amax_history, finite_amax(t))
         return _quant_given_amax(t, fmt, cfg, role, amax)
     # stochastic rounding (no tensor-scaled kernel draws): t * 2^s, HiF8, * 2^-s, both scalings exact in
     # fp32 and bf16 (the same exponent range): the formula tests/test_triton.py holds the path above to
-    scale = _hif8_scale(t, cfg, key)
+    scale = _hif8_scale(amax)
     work = t if t.dtype in (torch.float32, torch.bfloat16) else t.float()
     q, path = _quant_path(work * scale.to(work.dtype), fmt, axis, cfg, role, extra)
     return (q * (1.0 / scale).to(work.dtype)).to(t.dtype), path
@@ -193,13 +193,9 @@ def gradient_both_axes(
     return last, path
 
 
-def _hif8_scale(t: torch.Tensor, cfg: QuantConfig, key: tuple[object, ...]) -> torch.Tensor:
-    """2^s (fp32, 0-d, on t's device) moving the amax over finite |t| into binade 3; 1 for an all-zero
-    tensor. Delayed scaling takes the amax from the operand slot's history (megaquant.ops.state)."""
+def _hif8_scale(amax: torch.Tensor) -> torch.Tensor:
+    """2^s (fp32, 0-d, on amax's device) moving `amax` (>= 0, finite) into binade 3; 1 for amax 0."""
     with torch.no_grad():
-        amax = finite_amax(t)
-        if cfg.tensor_scaling == "delayed":
-            amax = state.history(key, cfg.amax_history, amax)
         s = (_HIF8_SCALE_TARGET - binade(amax)).clamp(-127, 127)
         return pow2(torch.where(amax > 0, s, 0))
 
