@@ -228,6 +228,11 @@ def test_quantizer_amax_takes_the_amax_per_call() -> None:
     assert not torch.equal(fn(x, torch.tensor(0.5)), fn(x, torch.tensor(40.0)))  # the amax matters
     with pytest.raises(ValueNameError, match="tensor_scale"):
         quantizer_amax(x, "hifp8")  # an amax sets a tensor scale: HiF8 needs tensor_scale=True
+    nv = _rand(4, 64, seed=6)
+    nv_fn, _, _ = quantizer_amax(nv, "nvfp4")  # NVFP4 takes its amax as is (no tensor_scale needed)
+    for a in (0.5, 9.0):
+        assert torch.equal(nv_fn(nv, torch.tensor(a)), fake_quant(nv, "nvfp4", amax=torch.tensor(a)))
+    assert not torch.equal(nv_fn(nv, torch.tensor(0.5)), nv_fn(nv, torch.tensor(9.0)))
     y = torch.tensor([1.0, -7.5, float("inf"), float("nan"), 2.0])
     assert finite_amax(y).item() == 7.5 and finite_amax(y).shape == () and finite_amax(y[:0]).item() == 0.0
 
