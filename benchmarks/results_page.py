@@ -19,7 +19,10 @@ Definitions (the page states them too):
   seeds), the scale of the noise between unpaired runs;
 - step time: `megaquant.report.step_time` (median after warm-up) per run, the median over the cell's runs
   that had the GPU to themselves (results_run.json `overlapped` empty), else over all its runs, marked
-  "shared"; peak memory the largest `peak_mem_bytes` (another run on the GPU does not change it).
+  "shared"; peak memory the largest `peak_mem_bytes` (another run on the GPU does not change it). Times
+  compare on one card only: a family's card is its bf16 runs' (the manifest's `gpus`; the lent H200 for
+  runs stored before manifests named it), a cell's time comes from its runs on that card, and a cell with
+  none shows its own card's time, named, with no ratio to bf16.
 
 Everything between `<!-- results:begin -->` and `<!-- results:end -->` in the page is generated; the rest is
 written by hand. Figures are PNGs next to the page (matplotlib, the `plot` extra).
@@ -28,6 +31,7 @@ written by hand. Figures are PNGs next to the page (matplotlib, the `plot` extra
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import math
 import re
@@ -85,6 +89,11 @@ def final_validation(points: Sequence[ValPoint]) -> float | None:
     return None if chosen is None else chosen.loss
 
 
+GPU_BEFORE_RECORDING = "NVIDIA H200"
+"""The card of the runs stored before manifests named it (sessions 13–21): each of their calls ran on the
+one lent NVIDIA H200 (docs/benchmarks.md §6h–§6l)."""
+
+
 @dataclass(frozen=True)
 class StoredRun:
     name: str
@@ -104,6 +113,14 @@ class StoredRun:
     megaquant_source: str | None = None
     """Which megaquant code trained the run (the manifest environment's `megaquant_source`, a digest of
     megaquant's files: megaquant.launch.run); None for runs recorded before session 18."""
+    gpus: tuple[str, ...] | None = None
+    """The host's GPUs as the manifest environment's `gpus` names them (since session 22); None before."""
+
+    @property
+    def gpu(self) -> str:
+        """The card the run trained on: the first the manifest names (these are one-GPU runs), else the
+        lent H200 that every run recorded before the manifest had the field trained on."""
+        return self.gpus[0] if self.gpus else GPU_BEFORE_RECORDING
 
     @property
     def train_final(self) -> float:
@@ -160,6 +177,10 @@ def family_of(manifest: dict[str, Any], steps: int) -> str:
     )
 
 
+def _gpus(value: object) -> tuple[str, ...] | None:
+    return tuple(str(v) for v in value) if isinstance(value, list) and value else None
+
+
 def load_store(root: Path) -> tuple[list[StoredRun], list[str]]:
     """Every realtext run under `root` (any depth), and notes on the run directories left out and why."""
     runs: list[StoredRun] = []
@@ -212,6 +233,7 @@ def load_store(root: Path) -> tuple[list[StoredRun], list[str]]:
                 batch=str(record.get("batch") or Path(name).parts[0]),
                 cuda_graph=(manifest.get("cuda_graphs") or {}).get("enabled"),
                 megaquant_source=(manifest.get("environment") or {}).get("megaquant_source"),
+                gpus=_gpus((manifest.get("environment") or {}).get("gpus")),
             )
         )
     return runs, notes
@@ -268,6 +290,9 @@ class Cell:
     peak_mem_bytes: int | None
     time_shared: bool = False
     """step_time_s comes from runs that shared the GPU (the cell has no run that had it alone)."""
+    time_gpu: str | None = None
+    """The card step_time_s was measured on, where it is not the family's (its bf16 runs' card): the cell
+    has no run on that one. None: the family's card."""
 
     @property
     def seeds(self) -> tuple[int | None, ...]:
@@ -296,6 +321,8 @@ def cells(runs: Sequence[StoredRun]) -> dict[str, list[Cell]]:
     out: dict[str, list[Cell]] = {}
     for family, groups in families.items():
         base = groups.get(BASELINE, [])
+        cards = collections.Counter(r.gpu for r in (base or [r for g in groups.values() for r in g]))
+        family_gpu = cards.most_common(1)[0][0]
         base_val = {r.seed: r.val_final for r in base}
         base_train = {r.seed: r.train_final for r in base}
         keys = sorted(groups, key=_cell_order)
@@ -304,8 +331,13 @@ def cells(runs: Sequence[StoredRun]) -> dict[str, list[Cell]]:
             members = tuple(sorted(groups[key], key=lambda r: (r.seed is None, r.seed or 0, r.name)))
             vals = {r.seed: r.val_final for r in members}
             trains = {r.seed: r.train_final for r in members}
-            alone = [r for r in members if not r.shared_gpu]
-            timed = alone or list(members)
+            # step times compare only on one card: a cell's time comes from its runs on the family's card,
+            # and only where it has none from another card's runs (then named, and no ratio)
+            on_card = [r for r in members if r.gpu == family_gpu]
+            time_gpu = None if on_card else members[0].gpu
+            candidates = on_card or [r for r in members if r.gpu == time_gpu]
+            alone = [r for r in candidates if not r.shared_gpu]
+            timed = alone or candidates
             times = [t for t in (r.step_time_s for r in timed) if t is not None]
             peaks = [r.run.peak_mem_bytes for r in members if r.run.peak_mem_bytes is not None]
             if key == BASELINE:
@@ -333,6 +365,7 @@ def cells(runs: Sequence[StoredRun]) -> dict[str, list[Cell]]:
                     step_time_s=statistics.median(times) if times else None,
                     peak_mem_bytes=max(peaks) if peaks else None,
                     time_shared=not alone,
+                    time_gpu=time_gpu,
                 )
             )
         out[family] = built
@@ -409,13 +442,15 @@ def family_section(family: str, family_cells: Sequence[Cell], figures: dict[str,
     for c in family_cells:
         # a ratio only between times of runs that had the GPU alone: a shared run's step is slowed by the
         # others by an amount nobody measured, so a ratio with one would be an invented number
-        clean = base is not None and not base.time_shared and not c.time_shared
+        clean = base is not None and not base.time_shared and not c.time_shared and c.time_gpu is None
         t_ratio = c.step_time_s / base_time if clean and c.step_time_s and base_time else None
         m_ratio = c.peak_mem_bytes / base_mem if c.peak_mem_bytes and base_mem else None
         shared = sum(r.shared_gpu for r in c.runs)
         ms = None if c.step_time_s is None else c.step_time_s * 1e3
         gib = None if c.peak_mem_bytes is None else c.peak_mem_bytes / 2**30
-        mark = " (shared)" if c.time_shared and ms else ""
+        mark = (" (shared)" if c.time_shared and ms else "") + (
+            f" (on {c.time_gpu})" if c.time_gpu and ms else ""
+        )
         lines.append(
             f"| {c.mode} | {c.recipe} | {_f(ms, '.1f')}{mark} | {_f(t_ratio, '.2f', '×')} | "
             f"{_f(gib, '.2f')} | {_f(m_ratio, '.2f', '×')} | {shared} of {len(c.runs)} |"
@@ -424,8 +459,8 @@ def family_section(family: str, family_cells: Sequence[Cell], figures: dict[str,
         "",
         "| run | seed | steps | final train loss | final val loss | step time (ms) "
         "| GEMMs per step: triton / reference / plain "
-        "| attention core | CUDA graph | commit | megaquant source |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- | --- | --- | --- |",
+        "| attention core | CUDA graph | GPU | commit | megaquant source |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- | --- | --- | --- | --- |",
     ]
     for c in family_cells:
         for r in c.runs:
@@ -440,7 +475,7 @@ def family_section(family: str, family_cells: Sequence[Cell], figures: dict[str,
             commit = (r.commit or "—")[:10]
             lines.append(
                 f"| {r.name} | {seed} | {r.run.steps[-1]} | {r.train_final:.4f} | {_f(r.val_final, '.4f')} | "
-                f"{ms} | {_paths_per_step(r.path_counts)} | {core} | {graph} | {commit} | "
+                f"{ms} | {_paths_per_step(r.path_counts)} | {core} | {graph} | {r.gpu} | {commit} | "
                 f"{r.megaquant_source or '—'} |"
             )
     return "\n".join(lines) + "\n"

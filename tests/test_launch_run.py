@@ -17,7 +17,14 @@ from megaquant import api
 from megaquant.errors import LaunchError, RoleError
 from megaquant.launch.argv import Parallel
 from megaquant.launch.launcher import train
-from megaquant.launch.run import TRAIN_COMMAND_ENV, TrainRequest, execute, megaquant_source, plan_run
+from megaquant.launch.run import (
+    TRAIN_COMMAND_ENV,
+    TrainRequest,
+    execute,
+    host_gpus,
+    megaquant_source,
+    plan_run,
+)
 
 FAKE_TRAINER = r"""
 import os, sys, time
@@ -434,3 +441,21 @@ def test_the_megaquant_source_digest_follows_the_code(tmp_path: Path) -> None:
     (package / "c.py").write_text("")
     assert len({first, edited, megaquant_source.__wrapped__(package)}) == 3
     assert megaquant_source() == megaquant_source()  # the installed package's, once per process
+
+
+def test_host_gpus_lists_what_nvidia_smi_names_and_none_without_it(tmp_path: Path) -> None:
+    """The manifest records the card a run's step times come from: nvidia-smi's names, one per GPU; None
+    where nvidia-smi is missing, fails, or lists nothing (never an exception)."""
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text(
+        "#!/bin/sh\n"
+        '[ "$1 $2" = "--query-gpu=name --format=csv,noheader" ] || exit 9\n'
+        "printf 'NVIDIA H200\\nNVIDIA H200 \\n\\n'\n"
+    )
+    smi.chmod(0o755)
+    assert host_gpus(str(smi)) == ["NVIDIA H200", "NVIDIA H200"]
+    smi.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed'; exit 9\n")
+    assert host_gpus(str(smi)) is None
+    smi.write_text("#!/bin/sh\nexit 0\n")
+    assert host_gpus(str(smi)) is None
+    assert host_gpus(str(tmp_path / "absent")) is None

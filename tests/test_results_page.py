@@ -96,12 +96,14 @@ def write_run(
     overlapped: bool = False,
     batch: str = "batch1",
     wall_s: float = 30.0,
+    gpus: list[str] | None = None,
 ) -> Path:
     run = root / batch / name
     run.mkdir(parents=True)
-    (run / "manifest.json").write_text(
-        json.dumps(_manifest(mode, recipe, seed, dataset=dataset, status=status))
-    )
+    manifest = _manifest(mode, recipe, seed, dataset=dataset, status=status)
+    if gpus is not None:
+        manifest["environment"]["gpus"] = gpus
+    (run / "manifest.json").write_text(json.dumps(manifest))
     lines = [
         json.dumps({"step": i, "loss": train_loss + 1.0 / i, "step_time_s": step_s, "peak_mem_bytes": peak})
         for i in range(1, 21)
@@ -181,6 +183,31 @@ def test_gaps_are_paired_by_seed_and_bf16_shows_its_seed_spread(store: Path) -> 
     assert hif8.peak_mem_bytes == 12 * 2**30
 
 
+def test_step_times_compare_on_one_card(tmp_path: Path) -> None:
+    """A family's card is its bf16 runs'; a cell's time comes from its runs on that card; a cell with
+    runs on another card only shows that card's time, named, and no ratio to bf16 (an H100 step is not
+    an H200 step). Runs without the manifest field count as the lent H200."""
+    root = tmp_path / "runs"
+    write_run(root, "bf16-s1234", "bf16", "default", 1234, 3.0, step_s=0.2)  # unrecorded: the H200
+    write_run(root, "bf16-s1235", "bf16", "default", 1235, 3.0, step_s=0.2, gpus=["NVIDIA H200"])
+    h100 = ["NVIDIA H100 80GB HBM3"]
+    write_run(root, "mx8-s1234", "FA_linear_mxfp8", "default", 1234, 3.1, step_s=0.3, gpus=["NVIDIA H200"])
+    write_run(root, "mx8-s1235", "FA_linear_mxfp8", "default", 1235, 3.1, step_s=0.5, gpus=h100)
+    write_run(root, "mx4-s1234", "FA_linear_mxfp4", "default", 1234, 3.2, step_s=0.4, gpus=h100)
+    runs, _ = rp.load_store(root)
+    grouped = rp.cells(runs)
+    mx8, mx4 = _cell(grouped, "FA_linear_mxfp8"), _cell(grouped, "FA_linear_mxfp4")
+    assert mx8.step_time_s == pytest.approx(0.3) and mx8.time_gpu is None  # the H100 run left out
+    assert mx4.step_time_s == pytest.approx(0.4) and mx4.time_gpu == h100[0]
+    assert mx4.val is not None and mx4.val.gap == pytest.approx(0.2)  # losses still compare
+    (family,) = grouped
+    text = rp.family_section(family, grouped[family], {})
+    assert "| FA_linear_mxfp8 | default | 300.0 | 1.50× |" in text
+    assert f"| FA_linear_mxfp4 | default | 400.0 (on {h100[0]}) | — |" in text
+    rows = {line.split(" | ")[0][2:]: line for line in text.splitlines() if line.startswith("| batch1/")}
+    assert f" | {h100[0]} | " in rows["batch1/mx8-s1235"] and " | NVIDIA H200 | " in rows["batch1/bf16-s1234"]
+
+
 def test_page_tables_and_figures(store: Path, tmp_path: Path) -> None:
     page = tmp_path / "README.md"
     page.write_text(f"# Results\n\nhand-written intro\n\n{rp.BEGIN}\nold\n{rp.END}\n\nhand-written end\n")
@@ -195,7 +222,8 @@ def test_page_tables_and_figures(store: Path, tmp_path: Path) -> None:
     assert "| FA_linear_mxfp8 | default | 300.0 (shared) | — | 10.00 | 1.00× | 3 of 3 |" in text
     assert "| FA_linear_hifp8 | hifp8_scaled | 200.0 | 1.00× | 12.00 | 1.20× | 0 of 1 |" in text
     assert "| batch1/bf16-s1234 | 1234 | 20 | " in text
-    assert "| 20 / 0 / 2 | fused | on | 0123456789 | feedc0de12345678 |" in text  # which megaquant ran
+    # which card and which megaquant ran (runs stored before manifests named the card: the lent H200)
+    assert "| 20 / 0 / 2 | fused | on | NVIDIA H200 | 0123456789 | feedc0de12345678 |" in text
     # each run's own step time beside the cell's median, a shared run's marked
     rows = {line.split(" | ")[0][2:]: line for line in text.splitlines() if line.startswith("| batch1/")}
     assert " | 200.0 | " in rows["batch1/bf16-s1234"] and " | 300.0 (shared) | " in rows["batch1/mx8-s1235"]

@@ -55,6 +55,7 @@ __all__ = [
     "default_run_dir",
     "detect_spec",
     "environment_summary",
+    "host_gpus",
     "execute",
     "failure_hint",
     "megaquant_source",
@@ -337,6 +338,24 @@ def megaquant_source(root: Path | None = None) -> str:
     return digest.hexdigest()[:16]
 
 
+def host_gpus(nvidia_smi: str = "nvidia-smi") -> list[str] | None:
+    """The names of the host's GPUs as `nvidia-smi` lists them (all of them, whatever CUDA_VISIBLE_DEVICES
+    selects: the manifest records that beside it), or None where nvidia-smi is missing or fails. A run's
+    step time means little without the card it ran on."""
+    try:
+        done = subprocess.run(
+            [nvidia_smi, "--query-gpu=name", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    names = [line.strip() for line in done.stdout.splitlines() if line.strip()]
+    return names if done.returncode == 0 and names else None
+
+
 def environment_summary(environ: Mapping[str, str] | None = None) -> dict[str, object]:
     environ = os.environ if environ is None else environ
 
@@ -353,6 +372,7 @@ def environment_summary(environ: Mapping[str, str] | None = None) -> dict[str, o
         "executable": sys.executable,
         "packages": {d: version(d) for d in ("megaquant", "torch", "megatron-core", "triton")},
         "megaquant_source": megaquant_source(),
+        "gpus": host_gpus(),
         "cuda_visible_devices": environ.get("CUDA_VISIBLE_DEVICES"),
         "slurm_job_id": environ.get("SLURM_JOB_ID"),
     }
