@@ -99,6 +99,7 @@ def test_run_records_manifest_and_restores(fork_repo: Path, fake_trainer: Path, 
     assert manifest["start"] <= manifest["end"]
     assert manifest["environment"]["python"]
     assert manifest["environment"]["megaquant_source"] == megaquant_source()  # which megaquant code ran
+    assert manifest["environment"]["gpus"] == host_gpus()  # which cards (None here without nvidia-smi)
     assert "restored main" in manifest["restored"]
     # tree restored: back on main, sources unchanged, no throwaway branch left
     repo = git.Repo(fork_repo)

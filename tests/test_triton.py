@@ -60,6 +60,12 @@ def _inputs(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tens
     return x.reshape(shape).to(dtype).cuda()
 
 
+def _finite_amax(x: torch.Tensor) -> torch.Tensor:
+    """The largest finite |x| as a 0-d fp32, in plain torch (what formats.finite_amax and the delayed
+    histories are held to; _inputs holds inf and NaN, as real gradients can)."""
+    return torch.where(torch.isfinite(x), x.abs(), 0).amax().float()
+
+
 def _assert_bit_equal(got: torch.Tensor, want: torch.Tensor) -> None:
     """Same dtype and shape, same NaN positions, identical bits everywhere else (-0.0 included)."""
     assert got.dtype == want.dtype and got.shape == want.shape
@@ -201,7 +207,7 @@ def test_hif8_with_a_given_amax_equals_reference(dtype: str) -> None:
         want = fake_quant(x, "hifp8", backend="reference", tensor_scale=True, amax=amax)
         _assert_bit_equal(fn(x, amax), want)
         _assert_bit_equal(fn(x.t(), amax), want.t())  # a transposed view, in its memory order
-    finite = torch.where(torch.isfinite(x), x.abs(), 0).amax().float()
+    finite = _finite_amax(x)
     _assert_bit_equal(finite_amax(x), finite)
     _assert_bit_equal(finite_amax(x.t()), finite)
 
@@ -226,9 +232,7 @@ def test_delayed_scaling_on_the_kernels_equals_scaling_around_them() -> None:
         out = quant_matmul(small, w, "hifp8", recipe="hifp8_delayed", role="linear_fwd")
     finally:
         ops.reset_state()
-    # the history records the finite amax (_inputs holds inf and NaN, as real gradients can)
-    recorded = torch.where(torch.isfinite(big), big.abs(), 0).amax().float()
-    s = 3 - math.floor(math.log2(float(recorded)))
+    s = 3 - math.floor(math.log2(float(_finite_amax(big))))  # the history records the finite amax
     scaled = fake_quant(small * 2.0**s, "hifp8", backend="reference") * 2.0**-s
     expected = torch.matmul(scaled, fake_quant(w, "hifp8", tensor_scale=True, backend="reference"))
     _assert_bit_equal(out, expected)
